@@ -1,0 +1,157 @@
+//! Loads prober's eBPF object, attaches its XDP program to the director's
+//! interface and pins its maps under the pin directory; undoes all of it on
+//! [`Datapath::detach`] (or on drop, if the daemon unwinds).
+
+use std::{
+    fs::{self, File},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    Ebpf,
+};
+use prober_common::{map_names, program_names};
+use tracing::{info, warn};
+
+use crate::preflight;
+
+/// The eBPF object built by `cargo xtask build-ebpf` (see build.rs).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PROBER_EBPF_OBJECT"));
+
+/// Maps pinned for `prober stats`, `bpftool` and later restarts.
+const PINNED_MAPS: &[&str] = &[map_names::INTERFACE_COUNTERS];
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    interface: String,
+    link: Option<XdpLinkId>,
+    pinned: Vec<PathBuf>,
+    // Held for the daemon's lifetime: one prober per pin directory.
+    _pin_dir_lock: File,
+}
+
+impl Datapath {
+    /// Loads the programs, attaches the XDP program to `interface` and pins
+    /// the maps in `pin_dir` (which must be on a bpffs).
+    pub fn attach(interface: &str, pin_dir: &Path) -> Result<Self> {
+        preflight::check_privileges()?;
+        let bpffs_root = pin_dir.parent().unwrap_or(pin_dir);
+        preflight::check_bpffs(bpffs_root)?;
+        preflight::interface_index(interface)?;
+        let pin_dir_lock = lock_pin_dir(pin_dir)?;
+
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading prober's eBPF object")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(program_names::XDP_INGRESS)
+            .ok_or_else(|| {
+                anyhow!(
+                    "the eBPF object has no program {}",
+                    program_names::XDP_INGRESS
+                )
+            })?
+            .try_into()?;
+        program.load().with_context(|| {
+            format!(
+                "the kernel rejected XDP program {}",
+                program_names::XDP_INGRESS
+            )
+        })?;
+        let link = program
+            .attach(interface, XdpMode::Default)
+            .with_context(|| {
+                format!(
+                    "attaching XDP program {} to interface '{interface}' \
+                 (does it already carry another XDP program? `ip link show {interface}`)",
+                    program_names::XDP_INGRESS
+                )
+            })?;
+        info!(
+            interface,
+            program = program_names::XDP_INGRESS,
+            "XDP program attached"
+        );
+
+        let mut datapath = Self {
+            ebpf,
+            interface: interface.to_string(),
+            pin_dir: pin_dir.to_path_buf(),
+            link: Some(link),
+            pinned: Vec::new(),
+            _pin_dir_lock: pin_dir_lock,
+        };
+        for &name in PINNED_MAPS {
+            datapath.pin_map(name, pin_dir)?;
+        }
+        Ok(datapath)
+    }
+
+    fn pin_map(&mut self, name: &str, pin_dir: &Path) -> Result<()> {
+        let path = pin_dir.join(name);
+        // The directory lock proves no other prober owns this pin: it was
+        // left by a daemon that was killed.
+        if path.exists() {
+            warn!(path = %path.display(), "replacing a pinned map left by an earlier prober");
+            fs::remove_file(&path)
+                .with_context(|| format!("removing stale pin {}", path.display()))?;
+        }
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
+        map.pin(&path)
+            .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+        info!(path = %path.display(), "map pinned");
+        self.pinned.push(path);
+        Ok(())
+    }
+
+    /// Detaches the XDP program and removes the pins. Idempotent.
+    pub fn detach(&mut self) -> Result<()> {
+        if let Some(link) = self.link.take() {
+            let program: &mut Xdp = self
+                .ebpf
+                .program_mut(program_names::XDP_INGRESS)
+                .expect("the program was loaded by attach")
+                .try_into()?;
+            program
+                .detach(link)
+                .with_context(|| format!("detaching XDP from '{}'", self.interface))?;
+            info!(interface = %self.interface, "XDP program detached");
+        }
+        for path in self.pinned.drain(..) {
+            fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            info!(path = %path.display(), "map unpinned");
+        }
+        // Only succeeds when empty: pins of other tools stay.
+        let _ = fs::remove_dir(&self.pin_dir);
+        Ok(())
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if let Err(e) = self.detach() {
+            warn!("cleanup on exit: {e:#}");
+        }
+    }
+}
+
+/// Creates the pin directory and takes an exclusive lock on it, so a second
+/// prober fails clearly instead of stealing the first one's maps.
+fn lock_pin_dir(pin_dir: &Path) -> Result<File> {
+    fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+    let dir = File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "another prober is already running with pin directory {} \
+             (only one daemon may own it)",
+            pin_dir.display()
+        );
+    }
+    Ok(dir)
+}

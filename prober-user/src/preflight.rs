@@ -1,0 +1,102 @@
+//! Checks made before touching the kernel, so that a missing privilege,
+//! filesystem or interface is reported as such rather than as a raw errno.
+
+use std::{ffi::CString, path::Path};
+
+use thiserror::Error;
+
+/// bpffs's magic number in statfs(2)'s f_type.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+#[derive(Debug, Error)]
+pub enum PreflightError {
+    #[error(
+        "prober needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN, to load eBPF \
+         programs and attach them (effective capabilities here: {0:#x}); run it as root"
+    )]
+    NotPrivileged(u64),
+    #[error(
+        "no BPF filesystem is mounted at {0}; prober pins its maps there. \
+         Mount it with: mount -t bpf bpf {0}"
+    )]
+    NoBpffs(String),
+    #[error("no network interface named '{0}' (`ip link` lists the interfaces)")]
+    UnknownInterface(String),
+}
+
+/// Fails unless this process may load and attach eBPF programs.
+pub fn check_privileges() -> Result<(), PreflightError> {
+    let caps = effective_capabilities();
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    if has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
+        Ok(())
+    } else {
+        Err(PreflightError::NotPrivileged(caps))
+    }
+}
+
+fn effective_capabilities() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Fails unless `dir` (or the nearest existing parent) is on a bpffs.
+pub fn check_bpffs(bpffs_root: &Path) -> Result<(), PreflightError> {
+    let path = CString::new(bpffs_root.as_os_str().as_encoded_bytes())
+        .map_err(|_| PreflightError::NoBpffs(bpffs_root.display().to_string()))?;
+    // SAFETY: statfs only writes into the zeroed struct we pass.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
+    if rc == 0 && stat.f_type as i64 == BPF_FS_MAGIC {
+        Ok(())
+    } else {
+        Err(PreflightError::NoBpffs(bpffs_root.display().to_string()))
+    }
+}
+
+/// Returns the interface's index, or an error naming it.
+pub fn interface_index(name: &str) -> Result<u32, PreflightError> {
+    let unknown = || PreflightError::UnknownInterface(name.to_string());
+    let c_name = CString::new(name).map_err(|_| unknown())?;
+    // SAFETY: a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
+        0 => Err(unknown()),
+        index => Ok(index),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_interface_is_named_in_the_error() {
+        let err = interface_index("no-such-if0").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no network interface named 'no-such-if0' (`ip link` lists the interfaces)"
+        );
+    }
+
+    #[test]
+    fn loopback_has_an_index() {
+        assert!(interface_index("lo").unwrap() > 0);
+    }
+
+    #[test]
+    fn a_plain_directory_is_not_bpffs() {
+        let err = check_bpffs(Path::new("/tmp")).unwrap_err();
+        assert!(err.to_string().contains("mount -t bpf bpf /tmp"), "{err}");
+    }
+}

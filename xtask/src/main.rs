@@ -1,0 +1,66 @@
+//! Project commands: `cargo xtask <command>`. Every command that needs tools
+//! installs them first (see `setup`), so a fresh machine needs nothing else.
+
+mod build_ebpf;
+mod demo;
+mod setup;
+mod test;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "prober's build, test and demo commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what this machine lacks: Debian packages, nightly rust-src,
+    /// bpf-linker (built against nightly's LLVM), a mounted bpffs.
+    Setup,
+    /// Build the eBPF object (nightly, -Z build-std=core, bpf-linker, BTF).
+    BuildEbpf,
+    /// Run every check: formatting, clippy (userspace and eBPF), unit and
+    /// integration tests (root needed).
+    Test,
+    /// Build everything and show prober at work on a throwaway topology.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run().map(|_| ()),
+        Command::BuildEbpf => {
+            let tools = setup::run()?;
+            build_ebpf::run(&tools)
+        }
+        Command::Test => test::run(),
+        Command::Demo => demo::run(),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command, echoing it, and fails with the command line if it fails.
+pub fn run_command(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    println!("$ {shown}");
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot start `{shown}`: {e}"))?;
+    if !status.success() {
+        anyhow::bail!("`{shown}` failed with {status}");
+    }
+    Ok(())
+}
