@@ -1,1 +1,321 @@
+//! Test bed shared by prober's integration tests and `cargo xtask demo`:
+//! network namespaces joined by veth, traffic sent from inside them, and the
+//! `prober` binary run against them. Everything created here is removed on
+//! drop, and every wait is bounded.
 
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Ethernet + IPv4 + UDP headers, as counted by XDP (no FCS).
+pub const UDP_FRAME_OVERHEAD: usize = 14 + 20 + 8;
+
+/// A name unique to this process and call, short enough for an interface
+/// or namespace name.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}{}-{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs a command and fails with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out)
+}
+
+/// A network namespace, deleted (with its interfaces) on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = unique_name(prefix);
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        // No IPv6 autoconfiguration chatter: a test counts every frame.
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name, "sysctl", "-qw"])
+            .arg(format!("{key}={value}")))?;
+        Ok(())
+    }
+
+    /// A command that runs `program` in this network namespace but keeps the
+    /// caller's mount namespace (unlike `ip netns exec`, which remounts /sys
+    /// and so hides bpffs).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        cmd
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it opens
+    /// belong to the namespace.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let ns_file = File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
+        thread::spawn(move || {
+            // SAFETY: setns on a thread changes only this thread's netns.
+            if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }
+
+    /// The MAC address of `interface` in this namespace.
+    pub fn mac(&self, interface: &str) -> Result<String> {
+        let out = self.ip(&["-br", "link", "show", "dev", interface])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .nth(2)
+            .map(str::to_string)
+            .with_context(|| format!("no MAC in `{text}`"))
+    }
+
+    /// The XDP program id attached to `interface`, if any.
+    pub fn xdp_program_id(&self, interface: &str) -> Result<Option<u32>> {
+        let out = self.ip(&["-d", "-j", "link", "show", "dev", interface])?;
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(links[0]["xdp"]["prog"]["id"].as_u64().map(|id| id as u32))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Two namespaces joined by a veth pair, each end called `veth0`, with
+/// IPv4 addresses and permanent neighbour entries (no ARP): the only frames
+/// on the wire are the ones a test sends.
+pub struct VethPair {
+    pub client: NetNs,
+    pub server: NetNs,
+    pub client_addr: Ipv4Addr,
+    pub server_addr: Ipv4Addr,
+}
+
+pub const VETH: &str = "veth0";
+
+impl VethPair {
+    pub fn new() -> Result<Self> {
+        let client = NetNs::new("prbc")?;
+        let server = NetNs::new("prbs")?;
+        // TEST-NET-1: exists only inside these namespaces.
+        let client_addr = Ipv4Addr::new(192, 0, 2, 1);
+        let server_addr = Ipv4Addr::new(192, 0, 2, 2);
+        client.ip(&["link", "add", VETH, "type", "veth", "peer", "name", VETH, "netns", &server.name])?;
+        for (ns, addr) in [(&client, client_addr), (&server, server_addr)] {
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", VETH])?;
+            ns.ip(&["link", "set", VETH, "up"])?;
+        }
+        let client_mac = client.mac(VETH)?;
+        let server_mac = server.mac(VETH)?;
+        client.ip(&["neigh", "replace", &server_addr.to_string(), "lladdr", &server_mac, "dev", VETH, "nud", "permanent"])?;
+        server.ip(&["neigh", "replace", &client_addr.to_string(), "lladdr", &client_mac, "dev", VETH, "nud", "permanent"])?;
+        Ok(Self { client, server, client_addr, server_addr })
+    }
+
+    /// Sends one UDP datagram of each payload size from client to server and
+    /// waits for the server's echo before the next, so no queue can drop one.
+    /// Returns how many echoes came back.
+    pub fn udp_echo(&self, payload_sizes: Vec<usize>) -> Result<usize> {
+        const PORT: u16 = 7007;
+        let server_addr = self.server_addr;
+        let server = self.server.enter(move || -> Result<UdpSocket> {
+            let socket = UdpSocket::bind(SocketAddrV4::new(server_addr, PORT))?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            Ok(socket)
+        })??;
+        let count = payload_sizes.len();
+        let echo = thread::spawn(move || -> Result<()> {
+            let mut buf = vec![0u8; 65536];
+            for _ in 0..count {
+                let (len, from) = server.recv_from(&mut buf).context("server: no datagram")?;
+                server.send_to(&buf[..len], from)?;
+            }
+            Ok(())
+        });
+        let echoed = self.client.enter(move || -> Result<usize> {
+            let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.connect(SocketAddrV4::new(server_addr, PORT))?;
+            let mut buf = vec![0u8; 65536];
+            let mut echoed = 0;
+            for size in payload_sizes {
+                let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
+                socket.send(&payload)?;
+                let len = socket.recv(&mut buf).context("client: no echo")?;
+                if buf[..len] == payload[..] {
+                    echoed += 1;
+                }
+            }
+            Ok(echoed)
+        })??;
+        echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+        Ok(echoed)
+    }
+
+    /// A TCP connection from client to server that sends `request_len`
+    /// bytes and reads a reply of the same length. Returns the bytes read.
+    pub fn tcp_exchange(&self, request_len: usize) -> Result<usize> {
+        const PORT: u16 = 8008;
+        let server_addr = self.server_addr;
+        let listener = self
+            .server
+            .enter(move || TcpListener::bind(SocketAddrV4::new(server_addr, PORT)))??;
+        let server = thread::spawn(move || -> Result<()> {
+            let (mut conn, _) = listener.accept()?;
+            conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut request = vec![0u8; request_len];
+            conn.read_exact(&mut request)?;
+            conn.write_all(&request)?;
+            Ok(())
+        });
+        let read = self.client.enter(move || -> Result<usize> {
+            let mut conn = TcpStream::connect_timeout(
+                &SocketAddrV4::new(server_addr, PORT).into(),
+                Duration::from_secs(2),
+            )?;
+            conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+            conn.write_all(&vec![b'x'; request_len])?;
+            let mut reply = vec![0u8; request_len];
+            conn.read_exact(&mut reply)?;
+            Ok(reply.len())
+        })??;
+        server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+        Ok(read)
+    }
+}
+
+/// The `prober` binary of this workspace (`PROBER_BIN` overrides).
+pub fn prober_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("PROBER_BIN") {
+        return PathBuf::from(path);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/prober");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo xtask test`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// A pin directory of its own for one test, so tests can run in parallel.
+pub fn unique_pin_dir() -> PathBuf {
+    Path::new("/sys/fs/bpf").join(unique_name("prober-test-"))
+}
+
+/// What `prober run` logs once attached and pinned.
+pub const READY_LINE: &str = "running; stop with SIGINT or SIGTERM";
+
+/// A running `prober run` daemon, stopped with SIGTERM on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub pin_dir: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `prober run --iface <interface>` inside `netns` and waits (at
+    /// most 10 s) until it says it is running (maps pinned, XDP attached).
+    pub fn start(netns: &NetNs, interface: &str, pin_dir: &Path) -> Result<Self> {
+        let stderr_path = std::env::temp_dir().join(format!("{}.log", unique_name("prober-daemon-")));
+        let child = netns
+            .command(prober_bin())
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .args(["run", "--iface", interface])
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr_path)?)
+            .spawn()
+            .context("starting prober")?;
+        let mut daemon = Self { child, pin_dir: pin_dir.to_path_buf(), stderr_path };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !daemon.log().contains(READY_LINE) {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("prober exited with {status}: {}", daemon.log());
+            }
+            if Instant::now() > deadline {
+                bail!("prober was not ready within 10 s: {}", daemon.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(daemon)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits (at most 10 s) for the daemon to exit.
+    pub fn stop(&mut self, signal: i32) -> Result<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("prober did not exit within 10 s of signal {signal}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `prober stats --json` against this daemon's pins.
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        let out = run(Command::new(prober_bin())
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["stats", "--json"]))?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop(libc::SIGTERM);
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
