@@ -24,14 +24,22 @@ pub const UDP_FRAME_OVERHEAD: usize = 14 + 20 + 8;
 /// or namespace name.
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}{}-{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}-{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command and fails with its stderr when it fails.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(out)
 }
@@ -74,18 +82,24 @@ impl NetNs {
     /// and so hides bpffs).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
         cmd
     }
 
     /// Runs `f` on a thread that has entered this namespace; sockets it opens
     /// belong to the namespace.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let ns_file = File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
+        let ns_file =
+            File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
         thread::spawn(move || {
             // SAFETY: setns on a thread changes only this thread's netns.
             if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
+                return Err(anyhow::anyhow!(
+                    "setns: {}",
+                    std::io::Error::last_os_error()
+                ));
             }
             Ok(f())
         })
@@ -113,7 +127,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -136,16 +152,52 @@ impl VethPair {
         // TEST-NET-1: exists only inside these namespaces.
         let client_addr = Ipv4Addr::new(192, 0, 2, 1);
         let server_addr = Ipv4Addr::new(192, 0, 2, 2);
-        client.ip(&["link", "add", VETH, "type", "veth", "peer", "name", VETH, "netns", &server.name])?;
+        client.ip(&[
+            "link",
+            "add",
+            VETH,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            VETH,
+            "netns",
+            &server.name,
+        ])?;
         for (ns, addr) in [(&client, client_addr), (&server, server_addr)] {
             ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", VETH])?;
             ns.ip(&["link", "set", VETH, "up"])?;
         }
         let client_mac = client.mac(VETH)?;
         let server_mac = server.mac(VETH)?;
-        client.ip(&["neigh", "replace", &server_addr.to_string(), "lladdr", &server_mac, "dev", VETH, "nud", "permanent"])?;
-        server.ip(&["neigh", "replace", &client_addr.to_string(), "lladdr", &client_mac, "dev", VETH, "nud", "permanent"])?;
-        Ok(Self { client, server, client_addr, server_addr })
+        client.ip(&[
+            "neigh",
+            "replace",
+            &server_addr.to_string(),
+            "lladdr",
+            &server_mac,
+            "dev",
+            VETH,
+            "nud",
+            "permanent",
+        ])?;
+        server.ip(&[
+            "neigh",
+            "replace",
+            &client_addr.to_string(),
+            "lladdr",
+            &client_mac,
+            "dev",
+            VETH,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(Self {
+            client,
+            server,
+            client_addr,
+            server_addr,
+        })
     }
 
     /// Sends one UDP datagram of each payload size from client to server and
@@ -184,7 +236,8 @@ impl VethPair {
             }
             Ok(echoed)
         })??;
-        echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+        echo.join()
+            .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
         Ok(echoed)
     }
 
@@ -215,7 +268,9 @@ impl VethPair {
             conn.read_exact(&mut reply)?;
             Ok(reply.len())
         })??;
-        server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
         Ok(read)
     }
 }
@@ -237,9 +292,39 @@ pub fn prober_bin() -> PathBuf {
     bin
 }
 
-/// A pin directory of its own for one test, so tests can run in parallel.
-pub fn unique_pin_dir() -> PathBuf {
-    Path::new("/sys/fs/bpf").join(unique_name("prober-test-"))
+/// A pin directory of its own for one test, so tests can run in parallel;
+/// removed with whatever a failed test left in it.
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    pub fn new() -> Self {
+        Self(Path::new("/sys/fs/bpf").join(unique_name("prober-test-")))
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::ops::Deref for PinDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for PinDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// What `prober run` logs once attached and pinned.
@@ -256,7 +341,8 @@ impl Daemon {
     /// Starts `prober run --iface <interface>` inside `netns` and waits (at
     /// most 10 s) until it says it is running (maps pinned, XDP attached).
     pub fn start(netns: &NetNs, interface: &str, pin_dir: &Path) -> Result<Self> {
-        let stderr_path = std::env::temp_dir().join(format!("{}.log", unique_name("prober-daemon-")));
+        let stderr_path =
+            std::env::temp_dir().join(format!("{}.log", unique_name("prober-daemon-")));
         let child = netns
             .command(prober_bin())
             .arg("--pin-dir")
@@ -266,7 +352,11 @@ impl Daemon {
             .stderr(File::create(&stderr_path)?)
             .spawn()
             .context("starting prober")?;
-        let mut daemon = Self { child, pin_dir: pin_dir.to_path_buf(), stderr_path };
+        let mut daemon = Self {
+            child,
+            pin_dir: pin_dir.to_path_buf(),
+            stderr_path,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !daemon.log().contains(READY_LINE) {
             if let Some(status) = daemon.child.try_wait()? {

@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use prober_tests::{prober_bin, unique_pin_dir, VethPair, VETH};
+use prober_tests::{prober_bin, PinDir, VethPair, VETH};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -13,12 +13,16 @@ fn stderr(out: &Output) -> String {
 fn unknown_interface_is_named() {
     let out = Command::new(prober_bin())
         .arg("--pin-dir")
-        .arg(unique_pin_dir())
+        .arg(PinDir::new())
         .args(["run", "--iface", "nosuchif0"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("no network interface named 'nosuchif0'"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no network interface named 'nosuchif0'"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -27,13 +31,22 @@ fn without_root_it_says_so() {
     let out = pair
         .server
         .command("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(prober_bin())
         .args(["run", "--iface", VETH])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("prober needs root"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("prober needs root"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(pair.server.xdp_program_id(VETH).unwrap(), None);
 }
 
@@ -41,7 +54,10 @@ fn without_root_it_says_so() {
 fn without_bpffs_it_says_how_to_mount_it() {
     let pair = VethPair::new().unwrap();
     // A private mount namespace with bpffs unmounted: the host's stays.
-    let script = format!("umount /sys/fs/bpf && exec {} run --iface {VETH}", prober_bin().display());
+    let script = format!(
+        "umount /sys/fs/bpf && exec {} run --iface {VETH}",
+        prober_bin().display()
+    );
     let out = pair
         .server
         .command("unshare")
@@ -49,7 +65,11 @@ fn without_bpffs_it_says_how_to_mount_it() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("mount -t bpf bpf /sys/fs/bpf"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("mount -t bpf bpf /sys/fs/bpf"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(pair.server.xdp_program_id(VETH).unwrap(), None);
 }
 
@@ -57,10 +77,14 @@ fn without_bpffs_it_says_how_to_mount_it() {
 fn stats_without_a_daemon_says_it_is_not_running() {
     let out = Command::new(prober_bin())
         .arg("--pin-dir")
-        .arg(unique_pin_dir())
+        .arg(PinDir::new())
         .arg("stats")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("prober is not running"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("prober is not running"),
+        "{}",
+        stderr(&out)
+    );
 }

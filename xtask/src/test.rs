@@ -1,3 +1,81 @@
-pub fn run() -> anyhow::Result<()> {
+//! `cargo xtask test`: every check CI runs, in order, each one named.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{build_ebpf, run_command, setup, workspace_root};
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    require_root()?;
+    let tools = setup::run()?;
+    build_ebpf::run(&tools)?;
+
+    step("formatting", cargo().args(["fmt", "--all", "--check"]))?;
+    step(
+        "clippy, userspace crates",
+        cargo()
+            .args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "prober-ebpf",
+                "--all-targets",
+            ])
+            .args(["--", "-D", "warnings"]),
+    )?;
+    step(
+        "clippy, eBPF crate",
+        build_ebpf::nightly_cargo(&tools)?
+            .args(["clippy", "--package", "prober-ebpf", "--release"])
+            .args(["--target", build_ebpf::EBPF_TARGET, "-Z", "build-std=core"])
+            .args(["--", "-D", "warnings"]),
+    )?;
+    // The integration tests run the daemon binary itself.
+    step(
+        "build prober",
+        cargo().args(["build", "--package", "prober-user"]),
+    )?;
+    step(
+        "unit and integration tests",
+        cargo().args(["test", "--workspace", "--exclude", "prober-ebpf"]),
+    )?;
+    println!(
+        "[test] all checks passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn step(name: &str, cmd: &mut Command) -> Result<()> {
+    let started = Instant::now();
+    println!("[test] {name}");
+    run_command(cmd).with_context(|| format!("step failed: {name}"))?;
+    println!(
+        "[test] {name}: ok ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The integration tests create namespaces and load eBPF programs.
+pub fn require_root() -> Result<()> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .unwrap_or("?");
+    if euid != "0" {
+        bail!("this command needs root (it installs packages, loads eBPF programs and creates network namespaces); run it as root");
+    }
     Ok(())
 }
