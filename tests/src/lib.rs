@@ -409,3 +409,4 @@ impl Drop for Daemon {
         let _ = std::fs::remove_file(&self.stderr_path);
     }
 }
+pub mod packets;

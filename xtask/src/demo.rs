@@ -58,12 +58,12 @@ pub fn run() -> Result<()> {
     println!("[demo] {read} bytes came back over TCP");
     show_stats("after TCP")?;
 
-    println!("\n[demo] bpftool map dump pinned {PIN_DIR}/IFACE_COUNTERS");
+    println!("\n[demo] bpftool map dump pinned {PIN_DIR}/COUNTERS");
     let out = run_checked(Command::new("bpftool").args([
         "map",
         "dump",
         "pinned",
-        &format!("{PIN_DIR}/IFACE_COUNTERS"),
+        &format!("{PIN_DIR}/COUNTERS"),
     ]))?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
