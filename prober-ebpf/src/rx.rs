@@ -116,7 +116,7 @@ fn tcp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
         _pad: [0; 2],
     };
     // SAFETY: the value is copied out at once.
-    let Some(&target_id) = (unsafe { REPLY_INDEX.get(&key) }) else {
+    let Some(&target_id) = (unsafe { REPLY_INDEX.get(key) }) else {
         return Ok(xdp_action::XDP_PASS);
     };
     // Our SYN carried seq = cookie: the answer acknowledges cookie + 1.
@@ -225,7 +225,7 @@ fn echo_reply(ctx: &XdpContext, ip: &Ipv4Hdr, icmp: &IcmpHdr) -> Result<u32, ()>
         _pad: [0; 2],
     };
     // SAFETY: the value is copied out at once.
-    let Some(&target_id) = (unsafe { REPLY_INDEX.get(&key) }) else {
+    let Some(&target_id) = (unsafe { REPLY_INDEX.get(key) }) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let cookie: [u8; 4] = read_at(ctx, L4 + size_of::<IcmpHdr>())?;
@@ -298,7 +298,7 @@ fn unreachable(ctx: &XdpContext) -> Result<u32, ()> {
         _pad: [0; 2],
     };
     // SAFETY: the value is copied out at once.
-    let target_id = match unsafe { REPLY_INDEX.get(&key) } {
+    let target_id = match unsafe { REPLY_INDEX.get(key) } {
         Some(&id) => id,
         None => return Ok(xdp_action::XDP_PASS),
     };

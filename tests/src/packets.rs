@@ -26,7 +26,14 @@ pub fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> 
 }
 
 /// An IPv4 packet; `options` (a multiple of 4 bytes) go after the header.
-pub fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, frag_off: u16, options: &[u8], payload: &[u8]) -> Vec<u8> {
+pub fn ipv4(
+    src: [u8; 4],
+    dst: [u8; 4],
+    protocol: u8,
+    frag_off: u16,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     let ihl = 5 + options.len() / 4;
     let total = ihl * 4 + payload.len();
     let mut h = vec![(4 << 4) | ihl as u8, 0];
@@ -92,7 +99,12 @@ pub fn icmp(icmp_type: u8, code: u8, rest: [u8; 4], data: &[u8]) -> Vec<u8> {
 
 /// A whole Ethernet/IPv4/TCP frame.
 pub fn tcp_frame(src: [u8; 4], dst: [u8; 4], t: &Tcp) -> Vec<u8> {
-    ethernet(MAC_B, MAC_A, 0x0800, &ipv4(src, dst, 6, 0, &[], &tcp(src, dst, t)))
+    ethernet(
+        MAC_B,
+        MAC_A,
+        0x0800,
+        &ipv4(src, dst, 6, 0, &[], &tcp(src, dst, t)),
+    )
 }
 
 /// Reads a big-endian u16 / u32 at `at`.

@@ -121,10 +121,7 @@ fn restart_after_sigkill_replaces_the_stale_pin() {
     let pin_dir = PinDir::new();
     let mut killed = Daemon::start(&pair.server, VETH, &pin_dir).unwrap();
     killed.stop(libc::SIGKILL).unwrap();
-    assert!(
-        pin_dir.join("COUNTERS").exists(),
-        "SIGKILL cannot unpin"
-    );
+    assert!(pin_dir.join("COUNTERS").exists(), "SIGKILL cannot unpin");
     let daemon = Daemon::start(&pair.server, VETH, &pin_dir).unwrap();
     assert!(
         daemon.log().contains("replacing a pinned map"),
