@@ -5,7 +5,7 @@ use std::{
     io::IsTerminal,
     path::{Path, PathBuf},
     process::ExitCode,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Result;
@@ -81,9 +81,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Neighbour and route changes are picked up at least this often.
-const PATH_REFRESH: Duration = Duration::from_secs(1);
-
 fn run(
     interface: &str,
     pin_dir: &Path,
@@ -112,19 +109,13 @@ fn run(
         );
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_refresh = Instant::now();
         let name = loop {
             tokio::select! {
                 _ = interrupt.recv() => break "SIGINT",
                 _ = terminate.recv() => break "SIGTERM",
                 _ = ticker.tick(), if !probes.is_empty() => {
-                    if last_refresh.elapsed() >= PATH_REFRESH
-                        || prober.targets().iter().any(|t| t.entry.is_none())
-                    {
-                        if let Err(e) = prober.refresh_paths() {
-                            warn!("refreshing probe paths: {e:#}");
-                        }
-                        last_refresh = Instant::now();
+                    if let Err(e) = prober.follow_kernel() {
+                        warn!("following route and neighbour changes: {e:#}");
                     }
                     if let Err(e) = prober.send_round() {
                         warn!("sending probes: {e:#}");

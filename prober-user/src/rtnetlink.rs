@@ -10,10 +10,16 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
 const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
 const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
 const RTM_GETNEIGH: u16 = 30;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -241,6 +247,81 @@ impl RouteSocket {
             }
         }
         bail!("netlink answer did not end")
+    }
+}
+
+/// What changed since the last look, as far as probe paths care.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    /// Routes, addresses or links: every path must be looked up again.
+    pub routes: bool,
+    /// Neighbour entries: MACs must be read again.
+    pub neighbours: bool,
+}
+
+/// A non-blocking rtnetlink socket subscribed to neighbour, route, address
+/// and link notifications, so paths follow the kernel without polling it.
+pub struct ChangeWatch {
+    socket: Socket,
+}
+
+impl ChangeWatch {
+    const RTNLGRP_LINK: u32 = 1;
+    const RTNLGRP_NEIGH: u32 = 3;
+    const RTNLGRP_IPV4_IFADDR: u32 = 5;
+    const RTNLGRP_IPV4_ROUTE: u32 = 7;
+
+    pub fn open() -> Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
+        socket.bind_auto().context("binding the rtnetlink socket")?;
+        for group in [
+            Self::RTNLGRP_LINK,
+            Self::RTNLGRP_NEIGH,
+            Self::RTNLGRP_IPV4_IFADDR,
+            Self::RTNLGRP_IPV4_ROUTE,
+        ] {
+            socket
+                .add_membership(group)
+                .with_context(|| format!("joining rtnetlink group {group}"))?;
+        }
+        socket.set_non_blocking(true)?;
+        Ok(Self { socket })
+    }
+
+    /// Drains the pending notifications. A lost notification (ENOBUFS)
+    /// reports everything as changed.
+    pub fn poll(&self) -> Changes {
+        let mut changes = Changes::default();
+        // Bounded: the queue drains; 10k reads is far more than one tick's.
+        for _ in 0..10_000 {
+            let mut buf = Vec::with_capacity(64 * 1024);
+            match self.socket.recv(&mut buf, 0) {
+                Ok(_) => {
+                    let mut rest = &buf[..];
+                    while rest.len() >= 16 {
+                        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                        if len < 16 || len > rest.len() {
+                            break;
+                        }
+                        match u16::from_ne_bytes([rest[4], rest[5]]) {
+                            RTM_NEWNEIGH | RTM_DELNEIGH => changes.neighbours = true,
+                            RTM_NEWLINK | RTM_DELLINK | RTM_NEWADDR | RTM_DELADDR
+                            | RTM_NEWROUTE | RTM_DELROUTE => changes.routes = true,
+                            _ => {}
+                        }
+                        rest = &rest[align4(len).min(rest.len())..];
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    return Changes {
+                        routes: true,
+                        neighbours: true,
+                    };
+                }
+            }
+        }
+        changes
     }
 }
 

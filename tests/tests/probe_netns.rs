@@ -189,3 +189,84 @@ fn direct_routing_probe_reaches_the_vip_on_the_real_server() {
     assert!(field(&stats, probes[2], "refused") >= 3, "{stats:#}");
     assert_eq!(field(&stats, probes[2], "answered"), 0);
 }
+
+#[test]
+fn a_real_server_mac_change_is_followed_and_an_unresolved_neighbour_reported() {
+    let pair = VethPair::new().unwrap();
+    let _peer = PeerXdp::attach(&pair.server, VETH).unwrap();
+    let _listener = pair
+        .server
+        .listen(SocketAddrV4::new(pair.server_addr, 8080))
+        .unwrap();
+    let pin_dir = PinDir::new();
+    let probes = ["tcp:192.0.2.2:8080"];
+    // 192.0.2.99 is on the link but nobody holds it.
+    let daemon = Daemon::start_with(
+        &pair.client,
+        VETH,
+        &pin_dir,
+        &[
+            "--interval",
+            "50ms",
+            "--probe",
+            probes[0],
+            "--probe",
+            "tcp:192.0.2.99:80",
+        ],
+    )
+    .unwrap();
+    wait_rounds(&daemon, &probes, 3);
+    assert!(
+        daemon
+            .log()
+            .contains("neighbour 192.0.2.99 on veth0 is not resolved yet"),
+        "{}",
+        daemon.log()
+    );
+    let stats = daemon.stats().unwrap();
+    assert!(
+        stats["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["probe"] != "tcp:192.0.2.99:80"),
+        "a probe without a next-hop MAC must not be sent: {stats:#}"
+    );
+
+    // The real server gets a new MAC (a replaced NIC, a failover); the
+    // director's entry for it goes and ARP learns the new one.
+    let new_mac = "02:00:00:00:00:99";
+    pair.server
+        .ip(&["link", "set", "dev", VETH, "address", new_mac])
+        .unwrap();
+    pair.client
+        .ip(&["neigh", "del", "192.0.2.2", "dev", VETH])
+        .unwrap();
+    let before = field(&daemon.stats().unwrap(), probes[0], "answered");
+    let entry = wait_for(Duration::from_secs(10), || {
+        let out = prober_tests::run(
+            std::process::Command::new("bpftool")
+                .args(["-j", "map", "lookup", "pinned"])
+                .arg(pin_dir.join("PROBE_TARGETS"))
+                .args(["key", "0", "0", "0", "0"]),
+        )?;
+        let entry: Value = serde_json::from_slice(&out.stdout)?;
+        let mac: Vec<String> = entry["formatted"]["value"]["dst_mac"]
+            .as_array()
+            .map(|b| {
+                b.iter()
+                    .map(|x| format!("{:02x}", x.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((mac.join(":") == new_mac).then_some(entry))
+    })
+    .unwrap();
+    assert_eq!(entry["formatted"]["value"]["kind"], 2);
+    let answered_after = wait_for(Duration::from_secs(10), || {
+        let answered = field(&daemon.stats()?, probes[0], "answered");
+        Ok((answered >= before + 3).then_some(answered))
+    })
+    .unwrap();
+    assert!(answered_after >= before + 3);
+}

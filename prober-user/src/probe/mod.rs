@@ -25,7 +25,11 @@ use tracing::{info, warn};
 
 pub use spec::{Forwarding, ProbeKind, ProbeSpec};
 
-use crate::rtnetlink::RouteSocket;
+use crate::rtnetlink::{ChangeWatch, RouteSocket};
+
+/// Routes are looked up again at least this often, in case a change
+/// notification was lost.
+pub const ROUTE_REFRESH: Duration = Duration::from_secs(30);
 
 /// Local ports for probes by default: above Linux's ephemeral range
 /// (32768-60999), so no local connection shares a probe's 4-tuple.
@@ -49,10 +53,22 @@ pub struct ProbeMaps {
 pub struct Target {
     pub spec: ProbeSpec,
     pub local_port: u16,
+    /// The kernel's route to the real server, or why there is none usable.
+    pub path: Result<Path, String>,
     /// The entry written to `PROBE_TARGETS`, once its path is known.
     pub entry: Option<ProbeTarget>,
     /// Why the probe cannot be sent (route, neighbour), if it cannot.
     pub problem: Option<String>,
+}
+
+/// The part of a route a probe frame needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    pub ifindex: u32,
+    /// The real server itself, or the gateway to it.
+    pub next_hop: IpAddr,
+    /// The director's address the kernel would use.
+    pub source: IpAddr,
 }
 
 pub struct Prober {
@@ -64,6 +80,8 @@ pub struct Prober {
     config: ProbeConfig,
     last_rotation: Instant,
     routes: RouteSocket,
+    changes: ChangeWatch,
+    last_route_lookup: Instant,
     frame: Vec<u8>,
 }
 
@@ -92,6 +110,8 @@ impl Prober {
             config,
             last_rotation: Instant::now(),
             routes: RouteSocket::open()?,
+            changes: ChangeWatch::open()?,
+            last_route_lookup: Instant::now(),
             frame: vec![0u8; PROBE_FRAME_MAX],
         };
         prober
@@ -141,36 +161,98 @@ impl Prober {
             self.targets.push(Target {
                 spec: *spec,
                 local_port,
+                path: Err("not looked up yet".into()),
                 entry: None,
                 problem: None,
             });
         }
-        self.refresh_paths()
+        self.look_up_routes();
+        self.refresh_neighbours()
     }
 
-    /// Re-reads routes and neighbours and rewrites the entries whose path
-    /// changed (a new MAC after failover, a neighbour that resolved).
-    pub fn refresh_paths(&mut self) -> Result<()> {
-        let neighbours: HashMap<(u32, IpAddr), Option<[u8; 6]>> = self
+    /// Follows the kernel: routes again after route, address or link
+    /// changes (and every `ROUTE_REFRESH` in case a notification was
+    /// missed), MACs again after neighbour changes or while some are
+    /// unresolved. Cheap when nothing changed: one non-blocking read.
+    pub fn follow_kernel(&mut self) -> Result<()> {
+        let changes = self.changes.poll();
+        let stale = self.last_route_lookup.elapsed() >= ROUTE_REFRESH;
+        if changes.routes || stale {
+            self.look_up_routes();
+        }
+        if changes.routes
+            || changes.neighbours
+            || stale
+            || self.targets.iter().any(|t| t.entry.is_none())
+        {
+            self.refresh_neighbours()?;
+        }
+        Ok(())
+    }
+
+    /// One route lookup per distinct real server.
+    fn look_up_routes(&mut self) {
+        let mut by_server: HashMap<IpAddr, Result<Path, String>> = HashMap::new();
+        for target in &mut self.targets {
+            let server = target.spec.real_server();
+            let path = by_server
+                .entry(server)
+                .or_insert_with(|| {
+                    route_for(&mut self.routes, server, self.ifindex, &self.interface)
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .clone();
+            target.path = match (path, target.spec.forwarding) {
+                (Ok(path), Forwarding::DirectRouting { .. }) if path.next_hop != server => {
+                    Err(format!(
+                        "direct-routing real server {server} is not on-link (route via {})",
+                        path.next_hop
+                    ))
+                }
+                (path, _) => path,
+            };
+        }
+        self.last_route_lookup = Instant::now();
+    }
+
+    /// Reads the neighbour table once and rewrites the entries whose MAC
+    /// (or path) changed; asks the kernel to resolve missing next hops.
+    pub fn refresh_neighbours(&mut self) -> Result<()> {
+        let neighbours: HashMap<(u32, IpAddr), [u8; 6]> = self
             .routes
             .neighbours(false)?
             .into_iter()
-            .map(|n| ((n.ifindex, n.addr), n.mac))
+            .filter_map(|n| Some(((n.ifindex, n.addr), n.mac?)))
             .collect();
         let src_mac = self.routes.link_mac(self.ifindex)?;
+        let mut resolution_requested = std::collections::HashSet::new();
         for id in 0..self.targets.len() {
             let target = &self.targets[id];
-            let resolved = resolve(
-                &mut self.routes,
-                &neighbours,
-                target,
-                self.ifindex,
-                &self.interface,
-                src_mac,
-            );
+            let resolved = match &target.path {
+                Err(problem) => Err(problem.clone()),
+                Ok(path) => match neighbours.get(&(path.ifindex, path.next_hop)) {
+                    Some(mac) => Ok(probe_entry(
+                        &target.spec,
+                        target.local_port,
+                        path,
+                        src_mac,
+                        *mac,
+                    )),
+                    None => {
+                        if resolution_requested.insert(path.next_hop) {
+                            self.routes
+                                .request_resolution(path.ifindex, path.next_hop)?;
+                        }
+                        Err(format!(
+                            "neighbour {} on {} is not resolved yet (resolution requested)",
+                            path.next_hop, self.interface
+                        ))
+                    }
+                },
+            };
             let (entry, problem) = match resolved {
                 Ok(entry) => (Some(entry), None),
-                Err(e) => (None, Some(format!("{e:#}"))),
+                Err(problem) => (None, Some(problem)),
             };
             let target = &mut self.targets[id];
             if target.problem != problem {
@@ -253,39 +335,44 @@ pub fn reply_key(spec: &ProbeSpec, local_port: u16) -> ReplyKey {
     }
 }
 
-fn resolve(
+/// The kernel's route to `real_server`, checked to leave by the probed
+/// interface (replies are matched there) and to have a source address.
+fn route_for(
     routes: &mut RouteSocket,
-    neighbours: &HashMap<(u32, IpAddr), Option<[u8; 6]>>,
-    target: &Target,
+    real_server: IpAddr,
     probe_ifindex: u32,
     interface: &str,
-    src_mac: [u8; 6],
-) -> Result<ProbeTarget> {
-    let spec = &target.spec;
-    let real_server = spec.real_server();
+) -> Result<Path> {
     let route = routes.route_to(real_server)?;
     if route.ifindex != probe_ifindex {
-        bail!("the route to {real_server} leaves by interface index {}, not by {interface}, where replies are matched", route.ifindex);
-    }
-    if let (Forwarding::DirectRouting { .. }, Some(gateway)) = (spec.forwarding, route.gateway) {
-        bail!("direct-routing real server {real_server} is not on-link (route via {gateway})");
+        bail!(
+            "the route to {real_server} leaves by interface index {}, not by {interface}, where replies are matched",
+            route.ifindex
+        );
     }
     let source = route
         .source
         .with_context(|| format!("no source address on the route to {real_server}"))?;
-    let next_hop = route.next_hop(real_server);
-    let dst_mac = match neighbours.get(&(route.ifindex, next_hop)) {
-        Some(Some(mac)) => *mac,
-        _ => {
-            routes.request_resolution(route.ifindex, next_hop)?;
-            bail!("neighbour {next_hop} on {interface} is not resolved yet (resolution requested)");
-        }
-    };
+    Ok(Path {
+        ifindex: route.ifindex,
+        next_hop: route.next_hop(real_server),
+        source,
+    })
+}
+
+/// The `PROBE_TARGETS` entry of a probe whose path and next-hop MAC are known.
+pub fn probe_entry(
+    spec: &ProbeSpec,
+    local_port: u16,
+    path: &Path,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> ProbeTarget {
     let (kind, dst_port) = match spec.kind {
         ProbeKind::TcpSyn { port } => (probe_kind::TCP_SYN, port.to_be()),
         ProbeKind::IcmpEcho => (probe_kind::ICMP_ECHO, 0),
     };
-    Ok(ProbeTarget {
+    ProbeTarget {
         dst_mac,
         src_mac,
         kind,
@@ -296,13 +383,13 @@ fn resolve(
         },
         _pad0: 0,
         dst_port,
-        src_port: target.local_port.to_be(),
-        ifindex: route.ifindex,
-        src_addr: addr16(source),
+        src_port: local_port.to_be(),
+        ifindex: path.ifindex,
+        src_addr: addr16(path.source),
         dst_addr: addr16(spec.destination),
-        outer_src: addr16(source),
-        real_server: addr16(real_server),
-    })
+        outer_src: addr16(path.source),
+        real_server: addr16(spec.real_server()),
+    }
 }
 
 pub fn addr16(addr: IpAddr) -> [u8; 16] {
