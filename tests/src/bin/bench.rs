@@ -103,7 +103,7 @@ fn bench_probe() -> Result<()> {
     let client_ifindex = pair.client.enter(|| interface_index(VETH))??;
     let client_mac = mac_bytes(&pair.client.mac(VETH)?)?;
     let server_mac = mac_bytes(&pair.server.mac(VETH)?)?;
-    let secret = [0x5eed_5eed, 0xc0ff_ee];
+    let secret = [0x5eed_5eed, 0x00c0_ffee];
     director.maps.config.set(
         0,
         ProbeConfig {
