@@ -1,8 +1,10 @@
 //! The daemon's parts, one module per concern; `main.rs` is the CLI.
 
 pub mod datapath;
+pub mod health;
 pub mod preflight;
 pub mod probe;
 pub mod rtnetlink;
 pub mod stats;
 pub mod test_run;
+pub mod weights;

@@ -1,0 +1,270 @@
+//! Response-time weights for one pool (the real servers of one virtual
+//! service): peak-EWMA latency per server (Finagle's and Linkerd's
+//! estimator), weight proportional to speed relative to the pool's fastest,
+//! damped so IPVS sees few, bounded changes.
+
+use std::time::{Duration, Instant};
+
+/// Finagle's peak-EWMA: a sample above the estimate replaces it at once (a
+/// slowing server is noticed now), a lower one decays into it with time
+/// constant `decay` (a recovering server earns its speed back gradually).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeakEwma {
+    value_ns: f64,
+    updated: Instant,
+}
+
+impl PeakEwma {
+    pub fn new(sample_ns: f64, now: Instant) -> Self {
+        Self {
+            value_ns: sample_ns,
+            updated: now,
+        }
+    }
+
+    pub fn value_ns(&self) -> f64 {
+        self.value_ns
+    }
+
+    pub fn observe(&mut self, sample_ns: f64, now: Instant, decay: Duration) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.updated = now;
+        if sample_ns > self.value_ns {
+            self.value_ns = sample_ns;
+        } else {
+            let keep = (-elapsed / decay.as_secs_f64().max(1e-9)).exp();
+            self.value_ns = self.value_ns * keep + sample_ns * (1.0 - keep);
+        }
+    }
+}
+
+/// The knobs of the weight policy; every one is a config setting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WeightPolicy {
+    /// Time constant of the latency estimate.
+    pub decay: Duration,
+    /// Lowest weight of a healthy server, as a share of its configured one.
+    pub floor: f64,
+    /// Changes smaller than this share of the configured weight are not
+    /// written (hysteresis).
+    pub hysteresis: f64,
+    /// Largest change per interval, as a share of the configured weight
+    /// (going to 0 on failure is never held back).
+    pub max_step: f64,
+    /// After recovery a server ramps from its floor to its weight over this.
+    pub slow_start: Duration,
+    /// When more than this share of a pool is down, keep the last weights
+    /// (fail open) instead of emptying the pool (Envoy's panic threshold).
+    pub panic_threshold: f64,
+}
+
+impl Default for WeightPolicy {
+    fn default() -> Self {
+        Self {
+            decay: Duration::from_secs(10),
+            floor: 0.1,
+            hysteresis: 0.05,
+            max_step: 0.25,
+            slow_start: Duration::from_secs(30),
+            panic_threshold: 0.5,
+        }
+    }
+}
+
+/// One real server of a pool as the policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Member {
+    /// The weight the operator gave it (the most it gets).
+    pub configured: u32,
+    pub up: bool,
+    /// When it last came up (for slow start); None if up since start.
+    pub up_since: Option<Instant>,
+    /// Its latency estimate, if there is one yet.
+    pub latency_ns: Option<f64>,
+    /// The weight IPVS has now.
+    pub current: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolWeights {
+    pub weights: Vec<u32>,
+    /// More than `panic_threshold` of the pool is down: weights were kept.
+    pub panic: bool,
+}
+
+/// The weights a pool should have now.
+pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> PoolWeights {
+    let down = members.iter().filter(|m| !m.up).count();
+    if !members.is_empty() && down as f64 / members.len() as f64 > policy.panic_threshold {
+        return PoolWeights {
+            weights: members.iter().map(|m| m.current).collect(),
+            panic: true,
+        };
+    }
+    let fastest = members
+        .iter()
+        .filter(|m| m.up)
+        .filter_map(|m| m.latency_ns)
+        .filter(|l| *l > 0.0)
+        .fold(f64::INFINITY, f64::min);
+    let weights = members
+        .iter()
+        .map(|m| {
+            if !m.up {
+                return 0;
+            }
+            let configured = m.configured as f64;
+            let speed = match m.latency_ns {
+                Some(l) if l > 0.0 && fastest.is_finite() => (fastest / l).clamp(policy.floor, 1.0),
+                _ => 1.0, // no evidence yet: full weight
+            };
+            let mut target = configured * speed;
+            if let Some(since) = m.up_since {
+                let ramp = now.saturating_duration_since(since).as_secs_f64()
+                    / policy.slow_start.as_secs_f64().max(1e-9);
+                target = target.min(configured * ramp.clamp(policy.floor, 1.0));
+            }
+            damp(m.current, target, configured, policy)
+        })
+        .collect();
+    PoolWeights {
+        weights,
+        panic: false,
+    }
+}
+
+/// Moves from `current` toward `target` by at most `max_step`, and not at
+/// all for a change under `hysteresis`.
+fn damp(current: u32, target: f64, configured: f64, policy: &WeightPolicy) -> u32 {
+    let target = target
+        .round()
+        .clamp(if configured >= 1.0 { 1.0 } else { 0.0 }, configured);
+    let current_f = current as f64;
+    let change = target - current_f;
+    if change.abs() < (policy.hysteresis * configured).max(1.0) && current != 0 {
+        return current;
+    }
+    let step = (policy.max_step * configured).max(1.0);
+    (current_f + change.clamp(-step, step)).round() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(latency_ms: f64, current: u32) -> Member {
+        Member {
+            configured: 100,
+            up: true,
+            up_since: None,
+            latency_ns: Some(latency_ms * 1e6),
+            current,
+        }
+    }
+
+    /// Runs the policy `n` intervals, feeding its output back as IPVS.
+    fn settle(mut members: Vec<Member>, policy: &WeightPolicy, now: Instant, n: usize) -> Vec<u32> {
+        for _ in 0..n {
+            let out = pool_weights(&members, policy, now);
+            for (m, w) in members.iter_mut().zip(out.weights) {
+                m.current = w;
+            }
+        }
+        members.iter().map(|m| m.current).collect()
+    }
+
+    #[test]
+    fn slower_servers_get_proportionally_less_down_to_the_floor() {
+        let now = Instant::now();
+        let policy = WeightPolicy::default();
+        let weights = settle(
+            vec![member(1.0, 100), member(2.0, 100), member(30.0, 100)],
+            &policy,
+            now,
+            10,
+        );
+        assert_eq!(weights, vec![100, 50, 10]);
+    }
+
+    #[test]
+    fn steps_are_bounded_and_small_changes_are_not_written() {
+        let now = Instant::now();
+        let policy = WeightPolicy::default();
+        let out = pool_weights(&[member(1.0, 100), member(10.0, 100)], &policy, now);
+        assert_eq!(
+            out.weights,
+            vec![100, 75],
+            "at most 25 % of the configured weight per interval"
+        );
+        let out = pool_weights(&[member(1.0, 100), member(1.04, 100)], &policy, now);
+        assert_eq!(out.weights, vec![100, 100], "a 4 % difference is noise");
+    }
+
+    #[test]
+    fn a_down_server_goes_to_zero_at_once_and_ramps_back_with_slow_start() {
+        let start = Instant::now();
+        let policy = WeightPolicy::default();
+        let mut down = member(1.0, 100);
+        down.up = false;
+        let out = pool_weights(&[member(1.0, 100), member(1.0, 100), down], &policy, start);
+        assert_eq!(out.weights[2], 0);
+
+        let mut back = member(1.0, 0);
+        back.up_since = Some(start);
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let w0 = pool_weights(&[member(1.0, 100), back], &policy, at(0)).weights[1];
+        assert_eq!(w0, 10, "slow start begins at the floor");
+        back.current = w0;
+        let w15 = pool_weights(&[member(1.0, 100), back], &policy, at(15)).weights[1];
+        assert_eq!(
+            w15, 35,
+            "halfway through slow start: 50, reached by steps of 25"
+        );
+        back.current = 50;
+        let w30 = pool_weights(&[member(1.0, 100), back], &policy, at(30)).weights[1];
+        assert_eq!(w30, 75);
+    }
+
+    #[test]
+    fn more_than_the_panic_threshold_down_keeps_the_last_weights() {
+        let now = Instant::now();
+        let policy = WeightPolicy::default();
+        let mut pool = vec![member(1.0, 100), member(1.0, 80), member(1.0, 60)];
+        pool[0].up = false;
+        pool[1].up = false;
+        let out = pool_weights(&pool, &policy, now);
+        assert!(out.panic);
+        assert_eq!(out.weights, vec![100, 80, 60]);
+        // Exactly half down is not above a 50 % threshold.
+        let mut pool = vec![member(1.0, 100), member(1.0, 100)];
+        pool[0].up = false;
+        assert_eq!(
+            pool_weights(&pool, &policy, now),
+            PoolWeights {
+                weights: vec![0, 100],
+                panic: false
+            }
+        );
+    }
+
+    #[test]
+    fn stable_latencies_give_stable_weights() {
+        let now = Instant::now();
+        let policy = WeightPolicy::default();
+        let pool = vec![member(1.0, 100), member(3.0, 33)];
+        assert_eq!(pool_weights(&pool, &policy, now).weights, vec![100, 33]);
+    }
+
+    #[test]
+    fn peak_ewma_jumps_up_and_decays_down() {
+        let t0 = Instant::now();
+        let decay = Duration::from_secs(10);
+        let mut e = PeakEwma::new(1e6, t0);
+        e.observe(5e6, t0 + Duration::from_secs(1), decay);
+        assert_eq!(e.value_ns(), 5e6, "a peak is taken at once");
+        e.observe(1e6, t0 + Duration::from_secs(11), decay);
+        // After one time constant 1/e of the gap remains.
+        let expected = 1e6 + 4e6 * (-1.0f64).exp();
+        assert!((e.value_ns() - expected).abs() < 1.0, "{}", e.value_ns());
+    }
+}
