@@ -133,7 +133,7 @@ impl IpvsClient {
             OPERATION,
             None,
             |seq| netlink::dump_services_request(family, seq),
-            |attributes| netlink::parse_service(attributes),
+            netlink::parse_service,
         )
     }
 

@@ -2,6 +2,7 @@
 //! probing done in eBPF.
 
 mod datapath;
+mod ipvs_list;
 mod preflight;
 mod stats;
 
@@ -41,6 +42,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read the kernel's IPVS table (needs CAP_NET_ADMIN).
+    Ipvs {
+        #[command(subcommand)]
+        command: IpvsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum IpvsCommand {
+    /// Every virtual service and real server with forwarding, weight,
+    /// connections, counters, thresholds and tunnel settings (like
+    /// `ipvsadm -Ln --stats`).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +74,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { iface } => run(&iface, &cli.pin_dir),
         Command::Stats { json } => print_stats(&cli.pin_dir, json),
+        Command::Ipvs {
+            command: IpvsCommand::List { json },
+        } => ipvs_list::run(json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
