@@ -183,7 +183,8 @@ pub struct Service {
     pub flags: u32,
     /// Persistence timeout in seconds (0 when not persistent).
     pub timeout: u32,
-    /// Persistence netmask (a prefix length for IPv6 services).
+    /// Persistence granularity: for IPv4 the mask as a number
+    /// (0xffff_ff00 is 255.255.255.0), for IPv6 a prefix length.
     pub netmask: u32,
     /// Persistence engine (`sip`), if any.
     pub persistence_engine: Option<String>,

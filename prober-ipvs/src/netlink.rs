@@ -495,6 +495,12 @@ impl<'a> AttributeTable<'a> {
             .transpose()
     }
 
+    fn be32(&self, kind: u16, name: &str) -> Result<Option<u32>, ParseError> {
+        self.get(kind)
+            .map(|v| self.fixed::<4>(v, name).map(u32::from_be_bytes))
+            .transpose()
+    }
+
     fn u64(&self, kind: u16, name: &str) -> Result<Option<u64>, ParseError> {
         self.get(kind)
             .map(|v| self.fixed::<8>(v, name).map(u64::from_ne_bytes))
@@ -562,7 +568,12 @@ pub fn parse_service(attributes: &[u8]) -> Result<Service, ParseError> {
             .unwrap_or_default(),
         flags,
         timeout: table.u32(IPVS_SVC_ATTR_TIMEOUT, "TIMEOUT")?.unwrap_or(0),
-        netmask: table.u32(IPVS_SVC_ATTR_NETMASK, "NETMASK")?.unwrap_or(0),
+        // An IPv4 mask travels in network order, an IPv6 prefix length in
+        // host order (libipvs, ip_vs_ctl.c).
+        netmask: match key.family() {
+            Family::Ipv4 => table.be32(IPVS_SVC_ATTR_NETMASK, "NETMASK")?.unwrap_or(0),
+            Family::Ipv6 => table.u32(IPVS_SVC_ATTR_NETMASK, "NETMASK")?.unwrap_or(0),
+        },
         persistence_engine: table
             .string(IPVS_SVC_ATTR_PE_NAME, "PE_NAME")?
             .filter(|name| !name.is_empty()),
@@ -844,7 +855,7 @@ mod tests {
             .string(IPVS_SVC_ATTR_SCHED_NAME, "wrr")
             .bytes(IPVS_SVC_ATTR_FLAGS, &hex("03000000 ffffffff"))
             .u32(IPVS_SVC_ATTR_TIMEOUT, 300)
-            .u32(IPVS_SVC_ATTR_NETMASK, 0xffff_ffff);
+            .bytes(IPVS_SVC_ATTR_NETMASK, &[255, 255, 255, 0]);
         msg.begin_nest(IPVS_SVC_ATTR_STATS);
         for kind in 1..=10 {
             msg.u32(kind, kind as u32);
@@ -866,7 +877,7 @@ mod tests {
         assert_eq!(service.scheduler, "wrr");
         assert_eq!(service.flags, 3);
         assert_eq!(service.timeout, 300);
-        assert_eq!(service.netmask, 0xffff_ffff);
+        assert_eq!(service.netmask, 0xffff_ff00);
         assert_eq!(service.persistence_engine, None);
         assert_eq!(service.stats.conns, 1 << 33);
         assert_eq!(service.stats.out_bps, 10 << 33);

@@ -23,7 +23,12 @@ struct Listing<'a> {
 pub fn run(json: bool) -> Result<()> {
     let mut client = IpvsClient::connect()?;
     let info = client.info()?;
-    let services = client.dump()?;
+    let mut services = client.dump()?;
+    // The kernel dumps in hash order; operators read sorted lists.
+    services.sort_by_key(|s| s.service.key);
+    for service in &mut services {
+        service.destinations.sort_by_key(|d| d.key());
+    }
     if json {
         let listing = Listing {
             version: info.version_string(),
@@ -117,11 +122,7 @@ fn service_line(service: &Service) -> String {
         if service.netmask != full_mask {
             match service.key.family() {
                 prober_ipvs::Family::Ipv4 => {
-                    let _ = write!(
-                        line,
-                        " mask {}",
-                        std::net::Ipv4Addr::from(service.netmask.to_be())
-                    );
+                    let _ = write!(line, " mask {}", std::net::Ipv4Addr::from(service.netmask));
                 }
                 prober_ipvs::Family::Ipv6 => {
                     let _ = write!(line, " mask {}", service.netmask);
