@@ -42,9 +42,33 @@ pub struct WeightFailure {
     pub error: IpvsError,
 }
 
+/// Where requests go and replies come from: the kernel's netlink socket,
+/// or in unit tests a scripted stand-in.
+pub(crate) trait Transport: Send {
+    fn send(&mut self, datagram: &[u8]) -> std::io::Result<()>;
+    /// Receives one datagram into `buffer` (emptied first, filled up to its
+    /// capacity) and returns its full length, which exceeds what `buffer`
+    /// holds when the datagram was truncated.
+    fn receive(&mut self, buffer: &mut Vec<u8>) -> std::io::Result<usize>;
+}
+
+struct KernelSocket(Socket);
+
+impl Transport for KernelSocket {
+    fn send(&mut self, datagram: &[u8]) -> std::io::Result<()> {
+        self.0.send(datagram, 0).map(|_| ())
+    }
+
+    fn receive(&mut self, buffer: &mut Vec<u8>) -> std::io::Result<usize> {
+        buffer.clear();
+        // MSG_TRUNC: the return value is the datagram's real length.
+        self.0.recv(buffer, libc::MSG_TRUNC)
+    }
+}
+
 /// A connection to the kernel's IPVS over generic netlink.
 pub struct IpvsClient {
-    socket: Socket,
+    transport: Box<dyn Transport>,
     family: u16,
     next_seq: u32,
     buffer: Vec<u8>,
@@ -72,14 +96,18 @@ impl IpvsClient {
         enlarge_receive_queue(&socket);
         set_receive_timeout(&socket, REPLY_TIMEOUT)
             .map_err(socket_error("setting the netlink receive timeout"))?;
-        let mut client = Self {
-            socket,
-            family: 0,
-            next_seq: 1,
-            buffer: Vec::with_capacity(RECEIVE_BUFFER),
-        };
+        let mut client = Self::with_transport(Box::new(KernelSocket(socket)), 0);
         client.family = client.resolve_family()?;
         Ok(client)
+    }
+
+    pub(crate) fn with_transport(transport: Box<dyn Transport>, family: u16) -> Self {
+        Self {
+            transport,
+            family,
+            next_seq: 1,
+            buffer: Vec::with_capacity(RECEIVE_BUFFER),
+        }
     }
 
     /// The generic netlink id of the IPVS family.
@@ -313,9 +341,8 @@ impl IpvsClient {
     }
 
     fn send(&mut self, datagram: &[u8], operation: &str) -> Result<(), IpvsError> {
-        self.socket
-            .send(datagram, 0)
-            .map(|_| ())
+        self.transport
+            .send(datagram)
             .map_err(|source| IpvsError::Socket {
                 operation: operation.to_string(),
                 source,
@@ -397,33 +424,30 @@ impl IpvsClient {
         mut on_message: impl FnMut(&netlink::Message<'_>) -> Result<Flow, netlink::ParseError>,
     ) -> Result<(), IpvsError> {
         loop {
-            self.buffer.clear();
-            let len = self
-                .socket
-                .recv(&mut self.buffer, libc::MSG_TRUNC)
-                .map_err(|source| {
-                    if matches!(
-                        source.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) {
-                        IpvsError::Socket {
-                            operation: operation.to_string(),
-                            source: std::io::Error::new(
-                                source.kind(),
-                                format!(
-                                    "no reply from the kernel within {} s",
-                                    REPLY_TIMEOUT.as_secs()
-                                ),
+            let len = self.transport.receive(&mut self.buffer).map_err(|source| {
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) {
+                    IpvsError::Socket {
+                        operation: operation.to_string(),
+                        source: std::io::Error::new(
+                            source.kind(),
+                            format!(
+                                "no reply from the kernel within {} s",
+                                REPLY_TIMEOUT.as_secs()
                             ),
-                        }
-                    } else {
-                        IpvsError::Socket {
-                            operation: operation.to_string(),
-                            source,
-                        }
+                        ),
                     }
-                })?;
+                } else {
+                    IpvsError::Socket {
+                        operation: operation.to_string(),
+                        source,
+                    }
+                }
+            })?;
             if len > self.buffer.len() {
+                // The rest of the datagram is lost: the reply cannot be trusted.
                 return Err(malformed(
                     operation,
                     &format!("a {len}-byte datagram exceeds the {RECEIVE_BUFFER}-byte buffer"),
@@ -536,5 +560,267 @@ fn set_receive_timeout(socket: &Socket, timeout: Duration) -> std::io::Result<()
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::VecDeque,
+        net::{IpAddr, Ipv4Addr},
+        sync::{Arc, Mutex},
+    };
+
+    use super::*;
+    use crate::{
+        netlink::{fixtures, NLM_F_MULTI},
+        Forwarding, Protocol, Stats, Tunnel,
+    };
+
+    const FAMILY: u16 = 0x22;
+
+    type Responder = Box<dyn FnMut(&netlink::Message<'_>) -> Vec<Vec<u8>> + Send>;
+
+    /// Answers each request with the datagrams `respond` returns; records
+    /// the requests. An empty queue reads as a receive timeout.
+    struct ScriptedKernel {
+        respond: Responder,
+        /// Answer the requests of one send in reverse order.
+        reverse: bool,
+        queue: VecDeque<Vec<u8>>,
+        requests: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl Transport for ScriptedKernel {
+        fn send(&mut self, datagram: &[u8]) -> std::io::Result<()> {
+            let mut replies = Vec::new();
+            for message in netlink::messages(datagram) {
+                let message = message.expect("the client sent a malformed request");
+                self.requests.lock().unwrap().push(message.payload.to_vec());
+                replies.push((self.respond)(&message));
+            }
+            if self.reverse {
+                replies.reverse();
+            }
+            self.queue.extend(replies.into_iter().flatten());
+            Ok(())
+        }
+
+        fn receive(&mut self, buffer: &mut Vec<u8>) -> std::io::Result<usize> {
+            buffer.clear();
+            let datagram = self
+                .queue
+                .pop_front()
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::WouldBlock))?;
+            let fits = datagram.len().min(buffer.capacity());
+            buffer.extend_from_slice(&datagram[..fits]);
+            Ok(datagram.len())
+        }
+    }
+
+    fn client(respond: Responder) -> (IpvsClient, Arc<Mutex<Vec<Vec<u8>>>>) {
+        scripted(respond, false)
+    }
+
+    fn scripted(respond: Responder, reverse: bool) -> (IpvsClient, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let kernel = ScriptedKernel {
+            respond,
+            reverse,
+            queue: VecDeque::new(),
+            requests: requests.clone(),
+        };
+        (
+            IpvsClient::with_transport(Box::new(kernel), FAMILY),
+            requests,
+        )
+    }
+
+    fn service_key(i: u16) -> ServiceKey {
+        ServiceKey::Address {
+            protocol: Protocol::Tcp,
+            addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            port: 1000 + i,
+        }
+    }
+
+    /// A service dump answered in `chunks` datagrams of `per_chunk`
+    /// services each, then DONE in a datagram of its own.
+    fn services_in_chunks(seq: u32, chunks: u16, per_chunk: u16, flags: u16) -> Vec<Vec<u8>> {
+        let mut datagrams: Vec<Vec<u8>> = (0..chunks)
+            .map(|c| {
+                (0..per_chunk)
+                    .flat_map(|i| {
+                        fixtures::service_message(
+                            FAMILY,
+                            seq,
+                            NLM_F_MULTI | flags,
+                            &service_key(c * per_chunk + i),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        datagrams.push(fixtures::done(seq));
+        datagrams
+    }
+
+    #[test]
+    fn a_dump_over_many_datagrams_is_read_to_done() {
+        let (mut client, requests) = client(Box::new(|m| services_in_chunks(m.seq, 40, 100, 0)));
+        let services = client.services().unwrap();
+        assert_eq!(services.len(), 4000);
+        assert_eq!(services[3999].key, service_key(3999));
+        assert_eq!(services[0].scheduler, "rr");
+        assert_eq!(requests.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_interrupted_dump_is_restarted_and_its_partial_result_dropped() {
+        let mut attempt = 0;
+        let (mut client, requests) = client(Box::new(move |m| {
+            attempt += 1;
+            // The first attempt is marked interrupted in its second chunk.
+            if attempt == 1 {
+                let mut datagrams = services_in_chunks(m.seq, 1, 3, 0);
+                datagrams.insert(
+                    1,
+                    services_in_chunks(m.seq, 1, 3, NLM_F_DUMP_INTR)[0].clone(),
+                );
+                datagrams
+            } else {
+                services_in_chunks(m.seq, 1, 5, 0)
+            }
+        }));
+        let services = client.services().unwrap();
+        assert_eq!(services.len(), 5, "only the second, whole dump counts");
+        assert_eq!(requests.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_dump_interrupted_every_time_gives_up_with_a_clear_error() {
+        let (mut client, requests) = client(Box::new(|m| {
+            services_in_chunks(m.seq, 2, 2, NLM_F_DUMP_INTR)
+        }));
+        let err = client.services().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "listing virtual services: the dump was interrupted by concurrent changes 5 times \
+             in a row"
+        );
+        assert_eq!(requests.lock().unwrap().len(), DUMP_ATTEMPTS as usize);
+    }
+
+    #[test]
+    fn replies_to_earlier_requests_are_skipped() {
+        let (mut client, _) = client(Box::new(|m| {
+            let mut datagrams = vec![fixtures::ack(m.seq.wrapping_sub(1), libc::ENOENT)];
+            datagrams.extend(services_in_chunks(m.seq.wrapping_sub(1), 1, 2, 0));
+            datagrams.extend(services_in_chunks(m.seq, 1, 1, 0));
+            datagrams
+        }));
+        assert_eq!(client.services().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_error_in_done_is_the_dumps_error() {
+        let (mut client, _) = client(Box::new(|m| {
+            let mut done = fixtures::done(m.seq);
+            done[16..20].copy_from_slice(&(-libc::EPERM).to_ne_bytes());
+            vec![done]
+        }));
+        let err = client.services().unwrap_err();
+        assert!(matches!(err, IpvsError::PermissionDenied { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_truncated_datagram_is_an_error_not_a_short_dump() {
+        let (mut client, _) = client(Box::new(|m| {
+            let mut big = services_in_chunks(m.seq, 1, 1000, 0);
+            assert!(big[0].len() > RECEIVE_BUFFER);
+            big.truncate(1);
+            big
+        }));
+        let err = client.services().unwrap_err();
+        assert!(
+            err.to_string().contains("exceeds the 65536-byte buffer"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_reply_is_a_bounded_wait_with_a_clear_error() {
+        let (mut client, _) = client(Box::new(|_| Vec::new()));
+        let err = client.info().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "reading IPVS info: netlink socket error: no reply from the kernel within 10 s"
+        );
+    }
+
+    fn update(i: u32, weight: u32) -> WeightUpdate {
+        WeightUpdate {
+            service: service_key(0),
+            destination: Destination {
+                addr: IpAddr::V4(Ipv4Addr::new(198, 51, 100, (i % 250) as u8 + 1)),
+                port: 8000 + (i / 250) as u16,
+                forwarding: Forwarding::Masquerade,
+                weight: 1,
+                upper_threshold: 0,
+                lower_threshold: 0,
+                tunnel: Tunnel::default(),
+                active_conns: 0,
+                inactive_conns: 0,
+                persistent_conns: 0,
+                stats: Stats::default(),
+            },
+            weight,
+        }
+    }
+
+    /// 300 updates in three windows; the kernel refuses every 7th with
+    /// ENOENT and acks each window in reverse order.
+    #[test]
+    fn a_batch_reports_each_failure_by_destination() {
+        let mut first_seq = None;
+        let (mut client, requests) = scripted(
+            Box::new(move |m| {
+                let first = *first_seq.get_or_insert(m.seq);
+                let errno = if (m.seq - first) % 7 == 3 {
+                    libc::ENOENT
+                } else {
+                    0
+                };
+                vec![fixtures::ack(m.seq, errno)]
+            }),
+            true,
+        );
+        let mut updates: Vec<WeightUpdate> = (0..300).map(|i| update(i, 5)).collect();
+        updates[150].weight = MAX_WEIGHT + 1; // never sent
+        let failures = client.set_weights(&updates).unwrap();
+        assert_eq!(requests.lock().unwrap().len(), 299);
+
+        // Requests are numbered in sending order, which skips index 150.
+        let sent_index = |n: usize| if n < 150 { n } else { n + 1 };
+        let mut expected: Vec<usize> = (0..299).filter(|n| n % 7 == 3).map(sent_index).collect();
+        expected.push(150);
+        expected.sort();
+        let indexes: Vec<usize> = failures.iter().map(|f| f.index).collect();
+        assert_eq!(indexes, expected);
+        for failure in &failures {
+            assert_eq!(
+                failure.destination,
+                updates[failure.index].destination.key()
+            );
+            if failure.index == 150 {
+                assert!(matches!(failure.error, IpvsError::WeightOutOfRange { .. }));
+            } else {
+                assert!(
+                    matches!(failure.error, IpvsError::NoSuchDestination { .. }),
+                    "{}",
+                    failure.error
+                );
+            }
+        }
     }
 }

@@ -38,7 +38,7 @@ enum Command {
         #[arg(long = "test", value_name = "NAME")]
         tests: Vec<String>,
         /// Kill the guest after this many seconds.
-        #[arg(long, default_value_t = 900, value_name = "SECONDS")]
+        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
         timeout: u64,
         /// Arguments for each test binary, e.g. a test name filter.
         #[arg(last = true)]

@@ -55,7 +55,7 @@ impl Default for VmTestOptions {
         Self {
             tests: Vec::new(),
             test_args: Vec::new(),
-            timeout: Duration::from_secs(900),
+            timeout: Duration::from_secs(600),
         }
     }
 }
