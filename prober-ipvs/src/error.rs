@@ -79,22 +79,22 @@ impl IpvsError {
         weight: Option<u32>,
     ) -> Self {
         let operation = operation.to_string();
-        match (errno, service, destination) {
-            (libc::EPERM, ..) | (libc::EACCES, ..) => IpvsError::PermissionDenied { operation },
-            (libc::ESRCH, Some(service), _) => IpvsError::NoSuchService {
+        match (errno, service, destination, weight) {
+            (libc::EPERM | libc::EACCES, ..) => IpvsError::PermissionDenied { operation },
+            (libc::ESRCH, Some(service), ..) => IpvsError::NoSuchService {
                 operation,
                 service: *service,
             },
-            (libc::ENOENT, Some(service), Some(destination)) => IpvsError::NoSuchDestination {
+            (libc::ENOENT, Some(service), Some(destination), _) => IpvsError::NoSuchDestination {
                 operation,
                 service: *service,
                 destination: *destination,
             },
-            (libc::ERANGE, Some(service), Some(destination)) if weight.is_some() => {
+            (libc::ERANGE, Some(service), Some(destination), Some(weight)) => {
                 IpvsError::WeightOutOfRange {
                     service: *service,
                     destination: *destination,
-                    weight: weight.unwrap_or_default(),
+                    weight,
                 }
             }
             _ => {
@@ -107,18 +107,6 @@ impl IpvsError {
                 }
             }
         }
-    }
-
-    /// True when the error is about one destination (the rest of a batch
-    /// may still have gone through), false when IPVS as a whole failed.
-    pub fn is_per_destination(&self) -> bool {
-        matches!(
-            self,
-            IpvsError::NoSuchService { .. }
-                | IpvsError::NoSuchDestination { .. }
-                | IpvsError::WeightOutOfRange { .. }
-                | IpvsError::Kernel { .. }
-        )
     }
 }
 

@@ -9,11 +9,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write,
-    net::IpAddr,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
     process::{Command, Stdio},
     sync::{Mutex, MutexGuard},
-    time::Instant,
+    thread,
+    time::{Duration, Instant},
 };
 
 use prober_ipvs::{
@@ -711,5 +712,120 @@ fn without_cap_net_admin_ipvs_list_says_so() {
         stderr.trim(),
         "prober: error: reading IPVS info: permission denied: IPVS needs CAP_NET_ADMIN, for \
          reading as well as for changes (run as root)"
+    );
+}
+
+/// `ipvsadm -Ln --stats --exact` as line label -> [conns, inpkts, outpkts,
+/// inbytes, outbytes]; labels are "TCP 127.0.0.1:7000" and "-> 127.0.0.1:7000".
+fn ipvsadm_exact_stats() -> BTreeMap<String, [u64; 5]> {
+    ipvsadm(&["-Ln", "--stats", "--exact"])
+        .lines()
+        .skip(3)
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let numbers: Vec<u64> = words[2..].iter().filter_map(|w| w.parse().ok()).collect();
+            let counters: [u64; 5] = numbers.try_into().ok()?;
+            Some((format!("{} {}", words[0], words[1]), counters))
+        })
+        .collect()
+}
+
+fn counters(stats: &Stats) -> [u64; 5] {
+    [
+        stats.conns,
+        stats.in_packets,
+        stats.out_packets,
+        stats.in_bytes,
+        stats.out_bytes,
+    ]
+}
+
+/// Real connections through IPVS, all on the guest's loopback: the
+/// client reads the same 64-bit counters and connection counts as ipvsadm.
+#[test]
+fn counters_and_connections_of_real_traffic_read_back() {
+    const PORT: u16 = 7000;
+    const CONNECTIONS: usize = 3;
+    let _table = empty_table();
+    let vip = format!("127.0.0.1:{PORT}");
+    ipvsadm(&["-A", "-t", &vip, "-s", "rr"]);
+    ipvsadm(&["-a", "-t", &vip, "-r", &vip, "-m", "-w", "1"]);
+
+    let listener = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT)).unwrap();
+    let server = thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut request = [0u8; 100];
+            conn.read_exact(&mut request).unwrap();
+            conn.write_all(&[request, request].concat()).unwrap();
+        }
+    });
+    for _ in 0..CONNECTIONS {
+        let mut conn = TcpStream::connect_timeout(
+            &SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT).into(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        conn.write_all(&[b'x'; 100]).unwrap();
+        let mut reply = [0u8; 200];
+        conn.read_exact(&mut reply).unwrap();
+    }
+    server.join().unwrap();
+
+    // The kernel folds its per-CPU counters into the totals every 2 s: wait
+    // for all connections to show, then compare with a reading of ipvsadm
+    // that did not change around the client's.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let service_label = format!("TCP {vip}");
+    let mut client = IpvsClient::connect().unwrap();
+    let (shown, dumped) = loop {
+        let before = ipvsadm_exact_stats();
+        let dumped = client.dump().unwrap();
+        let after = ipvsadm_exact_stats();
+        let all_counted = after.get(&service_label).map(|c| c[0]) == Some(CONNECTIONS as u64);
+        if before == after && all_counted {
+            break (after, dumped);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "IPVS counters not settled after 30 s: {after:?}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(dumped.len(), 1);
+    let dest = &dumped[0].destinations[0];
+    println!(
+        "after {CONNECTIONS} connections: service {:?}, real server {:?}, active {}, inactive {}",
+        dumped[0].service.stats, dest.stats, dest.active_conns, dest.inactive_conns
+    );
+    assert_eq!(counters(&dumped[0].service.stats), shown[&service_label]);
+    assert_eq!(counters(&dest.stats), shown[&format!("-> {vip}")]);
+    assert!(
+        dest.stats.in_bytes >= 300 && dest.stats.out_bytes >= 600,
+        "{dest:?}"
+    );
+    // Closed connections linger in TIME_WAIT: inactive, as ipvsadm says.
+    let listing = ipvsadm(&["-Ln"]);
+    let dest_line = listing
+        .lines()
+        .skip(3)
+        .find(|l| l.starts_with("  -> "))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert_eq!(
+        dest_line,
+        format!(
+            "-> {vip} Masq 1 {} {}",
+            dest.active_conns, dest.inactive_conns
+        )
+    );
+    assert_eq!(
+        dest.active_conns + dest.inactive_conns,
+        CONNECTIONS as u32,
+        "{listing}"
     );
 }

@@ -217,7 +217,8 @@ fn current_release() -> Result<String> {
 fn install_kernel(kernels: &Path, release: &str) -> Result<()> {
     let package = format!("linux-image-{release}");
     println!("[vm] guest kernel {release}: downloading {package} (about 70 MB, one time)");
-    let download = kernels.join("download");
+    // Per process: two first runs at once must not share a folder.
+    let download = kernels.join(format!("download-{}", std::process::id()));
     let _ = fs::remove_dir_all(&download);
     fs::create_dir_all(&download)?;
     // The download folder belongs to root, not to apt's sandbox user.
