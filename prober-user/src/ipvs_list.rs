@@ -180,3 +180,66 @@ fn stats_columns(stats: &Stats) -> String {
         stats.conns, stats.in_packets, stats.out_packets, stats.in_bytes, stats.out_bytes
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use prober_ipvs::{Protocol, Tunnel, TunnelType};
+
+    use super::*;
+
+    #[test]
+    fn table_lines_start_as_ipvsadm_prints_them() {
+        let info = IpvsInfo {
+            version: 0x010201,
+            connection_table_size: 4096,
+        };
+        let services = vec![VirtualService {
+            service: Service {
+                key: ServiceKey::Address {
+                    protocol: Protocol::Tcp,
+                    addr: "192.0.2.1".parse().unwrap(),
+                    port: 80,
+                },
+                scheduler: "wrr".into(),
+                flags: 0x3,
+                timeout: 300,
+                netmask: 0xffff_ff00,
+                persistence_engine: None,
+                stats: Stats {
+                    conns: 12,
+                    ..Stats::default()
+                },
+            },
+            destinations: vec![Destination {
+                addr: "192.0.2.10".parse().unwrap(),
+                port: 80,
+                forwarding: Forwarding::Tunnel,
+                weight: 3,
+                upper_threshold: 100,
+                lower_threshold: 10,
+                tunnel: Tunnel {
+                    kind: TunnelType::Gue,
+                    port: 6080,
+                    flags: 1,
+                },
+                active_conns: 2,
+                inactive_conns: 5,
+                persistent_conns: 0,
+                stats: Stats::default(),
+            }],
+        }];
+        let text = table(&info, &services);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "IP Virtual Server version 1.2.1 (size=4096)");
+        assert!(lines[3].starts_with("TCP  192.0.2.1:80 wrr persistent 300 mask 255.255.255.0 "));
+        assert!(lines[3].contains("        12 "), "{}", lines[3]);
+        assert!(lines[4].starts_with(
+            "  -> 192.0.2.10:80                Tunnel  3      2          5          "
+        ));
+        assert!(
+            lines[4].ends_with("thresholds upper 100 lower 10, tunnel gue port 6080 csum"),
+            "{}",
+            lines[4]
+        );
+    }
+}
