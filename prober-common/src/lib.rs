@@ -1,53 +1,267 @@
 //! Types shared by the eBPF programs and the userspace daemon.
 //!
 //! Rules for map keys and values: `#[repr(C)]`, fixed-size integer fields
-//! only (no bool, Option or enum), explicit padding fields so that no byte is
-//! left uninitialised (the verifier and `bpftool` see every byte), and
-//! `aya::Pod` implemented behind the `user` feature.
+//! only (no bool, Option or enum: small integer codes instead), explicit
+//! padding fields so that no byte is left uninitialised (the verifier and
+//! `bpftool` see every byte), and `aya::Pod` implemented behind the `user`
+//! feature. Addresses are 16 bytes everywhere (IPv4 in the first 4) so IPv6
+//! needs no new layouts.
 #![no_std]
+
+pub mod cookie;
 
 /// Directory under bpffs where prober pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/prober";
 
 /// Names of the maps in the eBPF object; a pinned map's file has the same name.
 pub mod map_names {
-    /// Per-CPU [`InterfaceCounters`](crate::InterfaceCounters) of every frame
-    /// the XDP program saw on the interface it is attached to.
-    pub const INTERFACE_COUNTERS: &str = "IFACE_COUNTERS";
+    /// Per-CPU [`DatapathCounters`](crate::DatapathCounters).
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Target id -> [`ProbeTarget`](crate::ProbeTarget): how to build its probe.
+    pub const PROBE_TARGETS: &str = "PROBE_TARGETS";
+    /// [`ReplyKey`](crate::ReplyKey) -> target id: which target a reply answers.
+    pub const REPLY_INDEX: &str = "REPLY_INDEX";
+    /// Target id -> [`ProbeState`](crate::ProbeState): send times and counts.
+    pub const PROBE_STATE: &str = "PROBE_STATE";
+    /// Target id -> per-CPU [`ProbeResults`](crate::ProbeResults).
+    pub const PROBE_RESULTS: &str = "PROBE_RESULTS";
+    /// Slot 0: [`ProbeConfig`](crate::ProbeConfig) (secrets, local port range).
+    pub const PROBE_CONFIG: &str = "PROBE_CONFIG";
+    /// Index -> target id: the targets of the batch being sent.
+    pub const PROBE_BATCH: &str = "PROBE_BATCH";
+    /// Slot 0: [`BatchCursor`](crate::BatchCursor) of the batch being sent.
+    pub const BATCH_CURSOR: &str = "BATCH_CURSOR";
 }
 
 /// Names of the programs in the eBPF object.
 pub mod program_names {
-    /// The XDP program attached to the director's interface.
+    /// Ingress XDP program of the director's interface: counts, matches probe
+    /// replies, passes everything else.
     pub const XDP_INGRESS: &str = "prober_xdp";
+    /// XDP program run by the daemon through BPF_PROG_TEST_RUN (live frames):
+    /// writes one probe frame per run and redirects it out.
+    pub const PROBE_TX: &str = "probe_tx";
 }
 
-/// Frames and bytes the XDP program saw, one value per CPU (a
-/// `BPF_MAP_TYPE_PERCPU_ARRAY` slot, so updates need no atomics).
+/// Capacity of the per-target maps (target ids are 0..MAX_TARGETS).
+pub const MAX_TARGETS: u32 = 65_536;
+
+/// Number of log2 RTT buckets: bucket i counts RTTs in [2^i, 2^(i+1)) µs,
+/// bucket 0 also counts RTTs under 1 µs, the last one everything above.
+pub const RTT_BUCKETS: usize = 24;
+
+/// Length of the frame the daemon hands to `probe_tx`: the largest probe
+/// (IPIP + IPv4 + TCP SYN with MSS). The program shrinks it per probe.
+pub const PROBE_FRAME_MAX: usize = 14 + 20 + 20 + 24;
+
+/// `ProbeTarget::kind`.
+pub mod probe_kind {
+    /// L3: ICMP echo request to the real server's address.
+    pub const ICMP_ECHO: u8 = 1;
+    /// L4: TCP SYN to the service port; SYN-ACK = up, RST = refused.
+    pub const TCP_SYN: u8 = 2;
+}
+
+/// `ProbeTarget::encap`.
+pub mod encap {
+    /// The probe packet goes on the wire as it is.
+    pub const NONE: u8 = 0;
+    /// IPIP: an outer IPv4 header to the real server wraps the probe packet
+    /// (for IPVS tunnel-mode real servers).
+    pub const IPIP: u8 = 1;
+}
+
+/// Address family codes in map entries.
+pub mod family {
+    pub const IPV4: u8 = 4;
+    pub const IPV6: u8 = 6;
+}
+
+/// Counters of the datapath as a whole, one value per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct InterfaceCounters {
-    /// Frames seen.
+pub struct DatapathCounters {
+    /// Frames seen by the ingress program.
     pub packets: u64,
-    /// Sum of frame lengths from the Ethernet header on, as XDP sees them.
+    /// Sum of their lengths from the Ethernet header on.
     pub bytes: u64,
+    /// Replies matched to a probe with a valid cookie.
+    pub replies_matched: u64,
+    /// Replies to a probe port whose cookie did not match: forged or stale.
+    pub replies_rejected: u64,
+    /// RSTs sent back for SYN-ACKs (no half-open connection left behind).
+    pub resets_sent: u64,
+    /// Probe frames written by `probe_tx`.
+    pub probes_built: u64,
+    /// `probe_tx` runs that sent nothing (bad target entry, batch overrun).
+    pub probe_errors: u64,
 }
 
-impl InterfaceCounters {
+impl DatapathCounters {
     /// Adds another CPU's counters (userspace sums the per-CPU slots).
-    pub fn saturating_add(self, other: Self) -> Self {
+    pub fn saturating_add(self, o: Self) -> Self {
         Self {
-            packets: self.packets.saturating_add(other.packets),
-            bytes: self.bytes.saturating_add(other.bytes),
+            packets: self.packets.saturating_add(o.packets),
+            bytes: self.bytes.saturating_add(o.bytes),
+            replies_matched: self.replies_matched.saturating_add(o.replies_matched),
+            replies_rejected: self.replies_rejected.saturating_add(o.replies_rejected),
+            resets_sent: self.resets_sent.saturating_add(o.resets_sent),
+            probes_built: self.probes_built.saturating_add(o.probes_built),
+            probe_errors: self.probe_errors.saturating_add(o.probe_errors),
         }
     }
 }
 
+/// Everything `probe_tx` needs to write one target's probe frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeTarget {
+    /// Next hop: the real server's MAC for direct routing, else the MAC of
+    /// the real server or gateway the route points at.
+    pub dst_mac: [u8; 6],
+    /// The director interface's MAC.
+    pub src_mac: [u8; 6],
+    /// [`probe_kind`]; 0 = slot unused.
+    pub kind: u8,
+    /// [`family`] of the addresses.
+    pub family: u8,
+    /// [`encap`].
+    pub encap: u8,
+    pub _pad0: u8,
+    /// Destination port, network byte order (TCP).
+    pub dst_port: u16,
+    /// Source port (TCP) or echo identifier (ICMP), network byte order:
+    /// unique per target so replies find their target.
+    pub src_port: u16,
+    /// Interface the probe leaves by.
+    pub ifindex: u32,
+    /// The director's address: source of the probe.
+    pub src_addr: [u8; 16],
+    /// Destination of the probe packet: the real server (NAT, L3 checks) or
+    /// the VIP (direct routing, tunnel).
+    pub dst_addr: [u8; 16],
+    /// Outer IPIP header source (tunnel only).
+    pub outer_src: [u8; 16],
+    /// The real server: the outer IPIP destination in tunnel mode; in the
+    /// other modes not written on the wire, kept so tools can name the target.
+    pub real_server: [u8; 16],
+}
+
+/// Key of the reply index: what a reply's headers say about the probe it
+/// answers. Ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReplyKey {
+    /// The reply's source: the probe's destination.
+    pub remote_addr: [u8; 16],
+    /// The reply's source port (TCP); 0 for ICMP.
+    pub remote_port: u16,
+    /// The reply's destination port (TCP) or echo identifier (ICMP).
+    pub local_port: u16,
+    /// [`family`].
+    pub family: u8,
+    /// IP protocol of the probe: 6 TCP, 1 ICMP.
+    pub protocol: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Per-target send state. Written by `probe_tx` (sent, timed_out,
+/// last_sent_ns) and by the ingress program (last_reply_ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeState {
+    /// Probes sent.
+    pub sent: u64,
+    /// Probes that got no reply before the next one was sent.
+    pub timed_out: u64,
+    /// When the last probe was sent (bpf_ktime_get_ns, CLOCK_MONOTONIC).
+    pub last_sent_ns: u64,
+    /// When the last valid reply arrived (CLOCK_MONOTONIC).
+    pub last_reply_ns: u64,
+}
+
+/// Per-target reply results, one value per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeResults {
+    /// Positive replies: SYN-ACK (L4 up) or echo reply (L3 up).
+    pub answered: u64,
+    /// RSTs: the host is up, nothing listens on the port.
+    pub refused: u64,
+    /// ICMP destination-unreachable quoting one of our probes.
+    pub unreachable: u64,
+    /// RTT of this CPU's last positive reply, ns.
+    pub last_rtt_ns: u64,
+    /// When this CPU saw that reply (CLOCK_MONOTONIC), to pick the newest.
+    pub last_reply_ns: u64,
+    /// Log2 histogram of positive-reply RTTs in µs (see [`RTT_BUCKETS`]).
+    pub rtt_log2_us: [u64; RTT_BUCKETS],
+}
+
+impl Default for ProbeResults {
+    fn default() -> Self {
+        Self {
+            answered: 0,
+            refused: 0,
+            unreachable: 0,
+            last_rtt_ns: 0,
+            last_reply_ns: 0,
+            rtt_log2_us: [0; RTT_BUCKETS],
+        }
+    }
+}
+
+/// The RTT histogram bucket of an RTT in nanoseconds.
+#[inline(always)]
+pub fn rtt_bucket(rtt_ns: u64) -> usize {
+    let us = rtt_ns / 1000;
+    if us == 0 {
+        return 0;
+    }
+    let log2 = 63 - us.leading_zeros() as usize;
+    if log2 >= RTT_BUCKETS {
+        RTT_BUCKETS - 1
+    } else {
+        log2
+    }
+}
+
+/// Probe-wide settings, written by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// SipHash key of the cookies put in probes now.
+    pub secret: [u64; 2],
+    /// The key before the last rotation: replies to probes sent just before
+    /// a rotation still match.
+    pub previous_secret: [u64; 2],
+    /// Local ports (TCP source ports and echo identifiers) used by probes,
+    /// host byte order, inclusive: replies to other ports are not looked at.
+    pub local_port_min: u16,
+    pub local_port_max: u16,
+    pub _pad: [u8; 4],
+}
+
+/// Progress of the batch `probe_tx` is sending: run i sends the target at
+/// `PROBE_BATCH[next]` and advances `next` while it is below `len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchCursor {
+    pub next: u32,
+    pub len: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain old data: #[repr(C)], integers only, no padding (checked
-    // by the layout tests below).
-    unsafe impl aya::Pod for super::InterfaceCounters {}
+    // SAFETY (all): plain old data: #[repr(C)], integers and integer arrays
+    // only, no implicit padding (checked by the layout tests below).
+    unsafe impl aya::Pod for super::DatapathCounters {}
+    unsafe impl aya::Pod for super::ProbeTarget {}
+    unsafe impl aya::Pod for super::ReplyKey {}
+    unsafe impl aya::Pod for super::ProbeState {}
+    unsafe impl aya::Pod for super::ProbeResults {}
+    unsafe impl aya::Pod for super::ProbeConfig {}
+    unsafe impl aya::Pod for super::BatchCursor {}
 }
 
 #[cfg(test)]
@@ -56,40 +270,95 @@ mod tests {
 
     use super::*;
 
+    /// Sums the sizes of the listed fields: equal to the struct size means
+    /// there is no hidden padding.
+    macro_rules! assert_no_holes {
+        ($t:ty, $size:expr, { $($field:ident: $ft:ty),* $(,)? }) => {{
+            let fields = 0 $(+ size_of::<$ft>())*;
+            assert_eq!(size_of::<$t>(), $size, "size of {}", stringify!($t));
+            assert_eq!(fields, size_of::<$t>(), "{} has padding holes", stringify!($t));
+            let mut end = 0;
+            $(
+                assert_eq!(offset_of!($t, $field), end, "offset of {}::{}", stringify!($t), stringify!($field));
+                end += size_of::<$ft>();
+            )*
+            let _ = end;
+        }};
+    }
+
     #[test]
-    fn interface_counters_layout_has_no_holes() {
-        assert_eq!(size_of::<InterfaceCounters>(), 16);
-        assert_eq!(align_of::<InterfaceCounters>(), 8);
-        assert_eq!(offset_of!(InterfaceCounters, packets), 0);
-        assert_eq!(offset_of!(InterfaceCounters, bytes), 8);
-        // The fields fill the struct exactly: no padding byte anywhere.
-        assert_eq!(size_of::<u64>() * 2, size_of::<InterfaceCounters>());
+    fn layouts_have_no_holes() {
+        assert_no_holes!(DatapathCounters, 56, {
+            packets: u64, bytes: u64, replies_matched: u64, replies_rejected: u64,
+            resets_sent: u64, probes_built: u64, probe_errors: u64,
+        });
+        assert_no_holes!(ProbeTarget, 88, {
+            dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, _pad0: u8,
+            dst_port: u16, src_port: u16, ifindex: u32, src_addr: [u8; 16], dst_addr: [u8; 16],
+            outer_src: [u8; 16], real_server: [u8; 16],
+        });
+        assert_no_holes!(ReplyKey, 24, {
+            remote_addr: [u8; 16], remote_port: u16, local_port: u16, family: u8, protocol: u8,
+            _pad: [u8; 2],
+        });
+        assert_no_holes!(ProbeState, 32, {
+            sent: u64, timed_out: u64, last_sent_ns: u64, last_reply_ns: u64,
+        });
+        assert_no_holes!(ProbeResults, 40 + 8 * RTT_BUCKETS, {
+            answered: u64, refused: u64, unreachable: u64, last_rtt_ns: u64, last_reply_ns: u64,
+            rtt_log2_us: [u64; RTT_BUCKETS],
+        });
+        assert_no_holes!(ProbeConfig, 40, {
+            secret: [u64; 2], previous_secret: [u64; 2], local_port_min: u16, local_port_max: u16,
+            _pad: [u8; 4],
+        });
+        assert_no_holes!(BatchCursor, 8, { next: u32, len: u32 });
+        // Per-CPU values are placed at 8-byte alignment by the kernel.
+        assert!(align_of::<ProbeResults>() <= 8 && align_of::<DatapathCounters>() <= 8);
     }
 
     #[test]
     fn bpf_object_names_fit_the_kernel_limit() {
         // BPF_OBJ_NAME_LEN is 16 including the NUL: longer names are cut.
-        for name in [map_names::INTERFACE_COUNTERS, program_names::XDP_INGRESS] {
+        for name in [
+            map_names::COUNTERS,
+            map_names::PROBE_TARGETS,
+            map_names::REPLY_INDEX,
+            map_names::PROBE_STATE,
+            map_names::PROBE_RESULTS,
+            map_names::PROBE_CONFIG,
+            map_names::PROBE_BATCH,
+            map_names::BATCH_CURSOR,
+            program_names::XDP_INGRESS,
+            program_names::PROBE_TX,
+        ] {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
         }
     }
 
     #[test]
+    fn rtt_buckets_are_log2_microseconds() {
+        assert_eq!(rtt_bucket(0), 0);
+        assert_eq!(rtt_bucket(999), 0);
+        assert_eq!(rtt_bucket(1_000), 0);
+        assert_eq!(rtt_bucket(2_000), 1);
+        assert_eq!(rtt_bucket(20_000_000), 14); // 20 ms = 20000 µs, 2^14 = 16384
+        assert_eq!(rtt_bucket(u64::MAX), RTT_BUCKETS - 1);
+    }
+
+    #[test]
     fn per_cpu_sum_saturates() {
-        let a = InterfaceCounters {
+        let a = DatapathCounters {
             packets: u64::MAX - 1,
             bytes: 10,
+            ..Default::default()
         };
-        let b = InterfaceCounters {
+        let b = DatapathCounters {
             packets: 5,
             bytes: 20,
+            ..Default::default()
         };
-        assert_eq!(
-            a.saturating_add(b),
-            InterfaceCounters {
-                packets: u64::MAX,
-                bytes: 30
-            }
-        );
+        let sum = a.saturating_add(b);
+        assert_eq!((sum.packets, sum.bytes), (u64::MAX, 30));
     }
 }

@@ -1,43 +1,76 @@
 //! prober's eBPF programs.
 //!
-//! Every entry point calls a `try_*` function and turns any error into the
-//! pass-through verdict: the datapath never drops traffic it does not own.
+//! - `prober_xdp` (XDP, ingress of the director's interface): counts frames,
+//!   matches probe replies by their cookie, answers SYN-ACKs with a RST, and
+//!   passes every other frame untouched.
+//! - `probe_tx` (XDP, never attached): run by the daemon through
+//!   BPF_PROG_TEST_RUN with live frames; each run writes one target's probe
+//!   into the frame and redirects it out.
+//!
+//! Every entry point calls a `try_*` function; on error `prober_xdp` passes
+//! the frame (the datapath never drops traffic it does not own) and
+//! `probe_tx` drops its own scratch frame.
 #![no_std]
 #![no_main]
 
+mod packet;
+mod rx;
+mod tx;
+
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::PerCpuArray,
+    btf_maps::{Array, HashMap, PerCpuArray},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use prober_common::InterfaceCounters;
+use prober_common::{
+    BatchCursor, DatapathCounters, ProbeConfig, ProbeResults, ProbeState, ProbeTarget, ReplyKey,
+    MAX_TARGETS,
+};
 
-/// Frames and bytes seen on the attached interface (one slot, per CPU).
+const TARGETS: usize = MAX_TARGETS as usize;
+
 #[btf_map]
-static IFACE_COUNTERS: PerCpuArray<InterfaceCounters, 1> = PerCpuArray::new();
+static COUNTERS: PerCpuArray<DatapathCounters, 1> = PerCpuArray::new();
+#[btf_map]
+static PROBE_TARGETS: Array<ProbeTarget, TARGETS> = Array::new();
+#[btf_map]
+static REPLY_INDEX: HashMap<ReplyKey, u32, TARGETS> = HashMap::new();
+#[btf_map]
+static PROBE_STATE: Array<ProbeState, TARGETS> = Array::new();
+#[btf_map]
+static PROBE_RESULTS: PerCpuArray<ProbeResults, TARGETS> = PerCpuArray::new();
+#[btf_map]
+static PROBE_CONFIG: Array<ProbeConfig, 1> = Array::new();
+#[btf_map]
+static PROBE_BATCH: Array<u32, TARGETS> = Array::new();
+#[btf_map]
+static BATCH_CURSOR: Array<BatchCursor, 1> = Array::new();
 
-/// Ingress XDP program of the director's interface. For now it counts every
-/// frame and passes it on unchanged.
-#[xdp]
-pub fn prober_xdp(ctx: XdpContext) -> u32 {
-    match try_prober_xdp(&ctx) {
-        Ok(action) => action,
-        Err(()) => xdp_action::XDP_PASS,
-    }
+/// This CPU's datapath counters.
+#[inline(always)]
+fn counters() -> Option<&'static mut DatapathCounters> {
+    // SAFETY: the current CPU's slot of a per-CPU array, valid for the run;
+    // no other CPU writes it.
+    COUNTERS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-#[inline(always)]
-fn try_prober_xdp(ctx: &XdpContext) -> Result<u32, ()> {
-    let counters = IFACE_COUNTERS.get_ptr_mut(0).ok_or(())?;
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    // SAFETY: the pointer is the current CPU's slot of a per-CPU array:
-    // valid for the program's run, and no other CPU writes it.
-    unsafe {
-        (*counters).packets += 1;
-        (*counters).bytes += frame_len;
+#[xdp]
+pub fn prober_xdp(ctx: XdpContext) -> u32 {
+    rx::try_prober_xdp(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[xdp]
+pub fn probe_tx(ctx: XdpContext) -> u32 {
+    match tx::try_probe_tx(&ctx) {
+        Ok(action) => action,
+        Err(()) => {
+            if let Some(c) = counters() {
+                c.probe_errors += 1;
+            }
+            xdp_action::XDP_DROP
+        }
     }
-    Ok(xdp_action::XDP_PASS)
 }
 
 #[cfg(not(test))]

@@ -1,6 +1,7 @@
-//! Loads prober's eBPF object, attaches its XDP program to the director's
-//! interface and pins its maps under the pin directory; undoes all of it on
-//! [`Datapath::detach`] (or on drop, if the daemon unwinds).
+//! Loads prober's eBPF object, attaches its ingress XDP program to the
+//! director's interface, loads the probe transmitter and pins the maps under
+//! the pin directory; undoes all of it on [`Datapath::detach`] (or on drop,
+//! if the daemon unwinds).
 
 use std::{
     fs::{self, File},
@@ -10,7 +11,8 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    maps::{Array, HashMap},
+    programs::{xdp::XdpLinkId, ProgramFd, Xdp, XdpMode},
     Ebpf,
 };
 use prober_common::{map_names, program_names};
@@ -22,7 +24,54 @@ use crate::preflight;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PROBER_EBPF_OBJECT"));
 
 /// Maps pinned for `prober stats`, `bpftool` and later restarts.
-const PINNED_MAPS: &[&str] = &[map_names::INTERFACE_COUNTERS];
+const PINNED_MAPS: &[&str] = &[
+    map_names::COUNTERS,
+    map_names::PROBE_TARGETS,
+    map_names::REPLY_INDEX,
+    map_names::PROBE_STATE,
+    map_names::PROBE_RESULTS,
+    map_names::PROBE_CONFIG,
+];
+
+/// Loads the eBPF object and both programs into the kernel, attaching
+/// nothing (tests run the programs through BPF_PROG_TEST_RUN).
+pub fn load_programs() -> Result<Ebpf> {
+    let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading prober's eBPF object")?;
+    for name in [program_names::XDP_INGRESS, program_names::PROBE_TX] {
+        let program: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("the kernel rejected XDP program {name}"))?;
+    }
+    Ok(ebpf)
+}
+
+/// A loaded program's fd, by name.
+pub fn program_fd(ebpf: &Ebpf, name: &str) -> Result<ProgramFd> {
+    let program: &Xdp = ebpf
+        .program(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+        .try_into()?;
+    Ok(program.fd()?.try_clone()?)
+}
+
+/// Takes the maps the prober writes out of the object.
+pub fn take_probe_maps(ebpf: &mut Ebpf) -> Result<crate::probe::ProbeMaps> {
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| anyhow!("the eBPF object has no map {name} (or it was taken)"))
+    };
+    Ok(crate::probe::ProbeMaps {
+        targets: Array::try_from(take(map_names::PROBE_TARGETS)?)?,
+        reply_index: HashMap::try_from(take(map_names::REPLY_INDEX)?)?,
+        config: Array::try_from(take(map_names::PROBE_CONFIG)?)?,
+        batch: Array::try_from(take(map_names::PROBE_BATCH)?)?,
+        cursor: Array::try_from(take(map_names::BATCH_CURSOR)?)?,
+    })
+}
 
 pub struct Datapath {
     ebpf: Ebpf,
@@ -44,22 +93,11 @@ impl Datapath {
         preflight::interface_index(interface)?;
         let pin_dir_lock = lock_pin_dir(pin_dir)?;
 
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading prober's eBPF object")?;
+        let mut ebpf = load_programs()?;
         let program: &mut Xdp = ebpf
             .program_mut(program_names::XDP_INGRESS)
-            .ok_or_else(|| {
-                anyhow!(
-                    "the eBPF object has no program {}",
-                    program_names::XDP_INGRESS
-                )
-            })?
+            .expect("loaded by load_programs")
             .try_into()?;
-        program.load().with_context(|| {
-            format!(
-                "the kernel rejected XDP program {}",
-                program_names::XDP_INGRESS
-            )
-        })?;
         let link = program
             .attach(interface, XdpMode::Default)
             .with_context(|| {
@@ -107,6 +145,12 @@ impl Datapath {
         info!(path = %path.display(), "map pinned");
         self.pinned.push(path);
         Ok(())
+    }
+
+    /// The probe transmitter and the maps it uses (call once).
+    pub fn prober_parts(&mut self) -> Result<(crate::probe::ProbeMaps, ProgramFd)> {
+        let fd = program_fd(&self.ebpf, program_names::PROBE_TX)?;
+        Ok((take_probe_maps(&mut self.ebpf)?, fd))
     }
 
     /// Detaches the XDP program and removes the pins. Idempotent.

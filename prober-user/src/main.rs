@@ -1,17 +1,20 @@
 //! `prober`: health checks and response-time weights for IPVS, with the
 //! probing done in eBPF.
 
-mod datapath;
 mod ipvs_list;
-mod preflight;
-mod stats;
 
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use prober_user::{datapath, preflight, probe, stats};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -29,14 +32,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the datapath to an interface and run until SIGINT or SIGTERM,
-    /// then detach and unpin.
+    /// Attach the datapath to an interface, send the given probes every
+    /// interval, and run until SIGINT or SIGTERM; then detach and unpin.
     Run {
-        /// The director's interface that carries real-server traffic.
+        /// The director's interface: probes leave by it, replies are matched
+        /// on it.
         #[arg(long, value_name = "INTERFACE")]
         iface: String,
+        /// A probe: icmp:ADDR, tcp:ADDR:PORT, tcp:VIP:PORT,dr=RS or
+        /// tcp:VIP:PORT,tun=RS. Repeat for more.
+        #[arg(long = "probe", value_name = "SPEC")]
+        probes: Vec<probe::ProbeSpec>,
+        /// Time between two probes of a target (e.g. 200ms, 1s).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
     },
-    /// Print the counters of the running daemon (from its pinned maps).
+    /// Print the running daemon's counters and per-probe results (from its
+    /// pinned maps).
     Stats {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -72,7 +84,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { iface } => run(&iface, &cli.pin_dir),
+        Command::Run {
+            iface,
+            probes,
+            interval,
+        } => run(&iface, &cli.pin_dir, &probes, interval),
         Command::Stats { json } => print_stats(&cli.pin_dir, json),
         Command::Ipvs {
             command: IpvsCommand::List { json },
@@ -87,7 +103,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(interface: &str, pin_dir: &std::path::Path) -> Result<()> {
+fn run(
+    interface: &str,
+    pin_dir: &Path,
+    probes: &[probe::ProbeSpec],
+    interval: Duration,
+) -> Result<()> {
+    if interval < Duration::from_millis(10) {
+        anyhow::bail!("--interval {interval:?} is below the 10ms minimum");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -97,24 +121,67 @@ fn run(interface: &str, pin_dir: &std::path::Path) -> Result<()> {
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
         let mut datapath = datapath::Datapath::attach(interface, pin_dir)?;
-        info!("running; stop with SIGINT or SIGTERM");
-        let name = tokio::select! {
-            _ = interrupt.recv() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
+        let (maps, probe_tx) = datapath.prober_parts()?;
+        let ifindex = preflight::interface_index(interface)?;
+        let mut prober = probe::Prober::new(maps, probe_tx, interface, ifindex, probes)?;
+        info!(
+            probes = probes.len(),
+            ?interval,
+            "running; stop with SIGINT or SIGTERM"
+        );
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let name = loop {
+            tokio::select! {
+                _ = interrupt.recv() => break "SIGINT",
+                _ = terminate.recv() => break "SIGTERM",
+                _ = ticker.tick(), if !probes.is_empty() => {
+                    if let Err(e) = prober.follow_kernel() {
+                        warn!("following route and neighbour changes: {e:#}");
+                    }
+                    if let Err(e) = prober.send_round() {
+                        warn!("sending probes: {e:#}");
+                    }
+                }
+            }
         };
         info!(signal = name, "stopping");
         datapath.detach()
     })
 }
 
-fn print_stats(pin_dir: &std::path::Path, json: bool) -> Result<()> {
-    let stats = stats::read_interface_stats(pin_dir)?;
+fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
+    let stats = stats::read(pin_dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&stats)?);
-    } else {
-        println!("XDP ingress counters (all CPUs)");
-        println!("  packets  {}", stats.packets);
-        println!("  bytes    {}", stats.bytes);
+        return Ok(());
+    }
+    println!(
+        "ingress: {} frames, {} bytes; replies matched {}, rejected {}; resets sent {}; probes built {}, errors {}",
+        stats.packets,
+        stats.bytes,
+        stats.replies_matched,
+        stats.replies_rejected,
+        stats.resets_sent,
+        stats.probes_built,
+        stats.probe_errors
+    );
+    if !stats.targets.is_empty() {
+        println!(
+            "{:>5}  {:<40} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
+            "id", "probe", "sent", "answered", "refused", "unreach", "timeout", "last rtt"
+        );
+        for t in &stats.targets {
+            let rtt = if t.last_rtt_ns == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.3} ms", t.last_rtt_ns as f64 / 1e6)
+            };
+            println!(
+                "{:>5}  {:<40} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
+                t.id, t.probe, t.sent, t.answered, t.refused, t.unreachable, t.timed_out, rtt
+            );
+        }
     }
     Ok(())
 }

@@ -1,28 +1,32 @@
-//! Reads the counters that the running daemon pinned.
+//! Reads what the running daemon pinned: datapath counters and per-target
+//! probe results.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use aya::maps::{Map, MapData, PerCpuArray};
-use prober_common::{map_names, InterfaceCounters};
+use prober_common::{map_names, DatapathCounters};
 use serde::Serialize;
 
-#[derive(Debug, Serialize)]
-pub struct InterfaceStats {
-    pub packets: u64,
-    pub bytes: u64,
-    /// One entry per possible CPU, in CPU order.
-    pub per_cpu: Vec<CpuCounters>,
-}
+use crate::probe::report::{self, TargetReport};
 
 #[derive(Debug, Serialize)]
-pub struct CpuCounters {
+pub struct Stats {
+    /// Ingress frames and bytes, summed over CPUs.
     pub packets: u64,
     pub bytes: u64,
+    pub replies_matched: u64,
+    pub replies_rejected: u64,
+    pub resets_sent: u64,
+    pub probes_built: u64,
+    pub probe_errors: u64,
+    /// Ingress frames per CPU, in CPU order.
+    pub packets_per_cpu: Vec<u64>,
+    pub targets: Vec<TargetReport>,
 }
 
-pub fn read_interface_stats(pin_dir: &Path) -> Result<InterfaceStats> {
-    let path = pin_dir.join(map_names::INTERFACE_COUNTERS);
+pub fn read(pin_dir: &Path) -> Result<Stats> {
+    let path = pin_dir.join(map_names::COUNTERS);
     if !path.exists() {
         anyhow::bail!(
             "prober is not running: there is no pinned map at {} \
@@ -32,23 +36,22 @@ pub fn read_interface_stats(pin_dir: &Path) -> Result<InterfaceStats> {
     }
     let map_data = MapData::from_pin(&path)
         .with_context(|| format!("opening pinned map {}", path.display()))?;
-    let map = Map::from_map_data(map_data)?;
-    let array: PerCpuArray<_, InterfaceCounters> = PerCpuArray::try_from(map)
-        .with_context(|| format!("{} is not prober's per-CPU counter array", path.display()))?;
+    let array: PerCpuArray<_, DatapathCounters> =
+        PerCpuArray::try_from(Map::from_map_data(map_data)?)
+            .with_context(|| format!("{} is not prober's per-CPU counter array", path.display()))?;
     let slots = array.get(&0, 0)?;
-    let total = slots.iter().fold(InterfaceCounters::default(), |sum, c| {
-        sum.saturating_add(*c)
-    });
-    let per_cpu = slots
+    let total = slots
         .iter()
-        .map(|c| CpuCounters {
-            packets: c.packets,
-            bytes: c.bytes,
-        })
-        .collect();
-    Ok(InterfaceStats {
+        .fold(DatapathCounters::default(), |sum, c| sum.saturating_add(*c));
+    Ok(Stats {
         packets: total.packets,
         bytes: total.bytes,
-        per_cpu,
+        replies_matched: total.replies_matched,
+        replies_rejected: total.replies_rejected,
+        resets_sent: total.resets_sent,
+        probes_built: total.probes_built,
+        probe_errors: total.probe_errors,
+        packets_per_cpu: slots.iter().map(|c| c.packets).collect(),
+        targets: report::read_pinned(pin_dir)?,
     })
 }

@@ -341,6 +341,16 @@ impl Daemon {
     /// Starts `prober run --iface <interface>` inside `netns` and waits (at
     /// most 10 s) until it says it is running (maps pinned, XDP attached).
     pub fn start(netns: &NetNs, interface: &str, pin_dir: &Path) -> Result<Self> {
+        Self::start_with(netns, interface, pin_dir, &[])
+    }
+
+    /// Like [`Daemon::start`], with more `prober run` arguments (probes...).
+    pub fn start_with(
+        netns: &NetNs,
+        interface: &str,
+        pin_dir: &Path,
+        args: &[&str],
+    ) -> Result<Self> {
         let stderr_path =
             std::env::temp_dir().join(format!("{}.log", unique_name("prober-daemon-")));
         let child = netns
@@ -348,6 +358,7 @@ impl Daemon {
             .arg("--pin-dir")
             .arg(pin_dir)
             .args(["run", "--iface", interface])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(File::create(&stderr_path)?)
             .spawn()
@@ -407,5 +418,75 @@ impl Drop for Daemon {
             let _ = self.stop(libc::SIGTERM);
         }
         let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+pub mod packets;
+
+/// prober's ingress XDP program attached to an interface in a namespace by
+/// this process, for as long as the value lives. On veth, frames that XDP
+/// redirects or transmits into a peer are delivered only when the peer runs
+/// an XDP program itself: the real-server side of a test needs one (a
+/// physical NIC does not).
+pub struct PeerXdp {
+    _ebpf: aya::Ebpf,
+}
+
+impl PeerXdp {
+    pub fn attach(netns: &NetNs, interface: &str) -> Result<Self> {
+        let interface = interface.to_string();
+        let ebpf = netns.enter(move || -> Result<aya::Ebpf> {
+            let mut ebpf = prober_user::datapath::load_programs()?;
+            let program: &mut aya::programs::Xdp = ebpf
+                .program_mut(prober_common::program_names::XDP_INGRESS)
+                .context("no ingress program")?
+                .try_into()?;
+            program.attach(&interface, aya::programs::XdpMode::Default)?;
+            Ok(ebpf)
+        })??;
+        Ok(Self { _ebpf: ebpf })
+    }
+}
+
+impl NetNs {
+    /// `tc qdisc add dev <interface> root netem <args>` in this namespace.
+    pub fn netem(&self, interface: &str, args: &[&str]) -> Result<()> {
+        run(Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "tc", "qdisc", "add", "dev", interface, "root",
+                "netem",
+            ])
+            .args(args))?;
+        Ok(())
+    }
+
+    /// A TCP listener inside this namespace (held open by the caller).
+    pub fn listen(&self, addr: SocketAddrV4) -> Result<TcpListener> {
+        self.enter(move || TcpListener::bind(addr))?
+            .with_context(|| format!("listening on {addr}"))
+    }
+
+    /// Connections in SYN-RECV state (half-open) in this namespace.
+    pub fn half_open_connections(&self) -> Result<usize> {
+        let out = run(Command::new("ip").args([
+            "netns", "exec", &self.name, "ss", "-Htn", "state", "syn-recv",
+        ]))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count())
+    }
+}
+
+/// Polls `check` every 20 ms until it returns Some, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
     }
 }

@@ -31,11 +31,11 @@ fn counts_exactly_the_frames_sent_and_passes_them_all() {
     let stats = daemon.stats().unwrap();
     assert_eq!(stats["packets"], sizes.len() as u64, "{stats}");
     assert_eq!(stats["bytes"], expected_bytes as u64, "{stats}");
-    let per_cpu_sum: u64 = stats["per_cpu"]
+    let per_cpu_sum: u64 = stats["packets_per_cpu"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| c["packets"].as_u64().unwrap())
+        .map(|c| c.as_u64().unwrap())
         .sum();
     assert_eq!(
         per_cpu_sum,
@@ -66,7 +66,7 @@ fn bpftool_shows_the_pinned_map_with_field_names() {
     pair.udp_echo(vec![100; 3]).unwrap();
     let out = run(Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
-        .arg(daemon.pin_dir.join("IFACE_COUNTERS")))
+        .arg(daemon.pin_dir.join("COUNTERS")))
     .unwrap();
     let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // With BTF, bpftool's JSON carries a "formatted" copy with field names.
@@ -121,10 +121,7 @@ fn restart_after_sigkill_replaces_the_stale_pin() {
     let pin_dir = PinDir::new();
     let mut killed = Daemon::start(&pair.server, VETH, &pin_dir).unwrap();
     killed.stop(libc::SIGKILL).unwrap();
-    assert!(
-        pin_dir.join("IFACE_COUNTERS").exists(),
-        "SIGKILL cannot unpin"
-    );
+    assert!(pin_dir.join("COUNTERS").exists(), "SIGKILL cannot unpin");
     let daemon = Daemon::start(&pair.server, VETH, &pin_dir).unwrap();
     assert!(
         daemon.log().contains("replacing a pinned map"),
@@ -160,5 +157,5 @@ fn a_second_daemon_on_the_same_pin_dir_is_refused() {
     );
     // The first daemon's program and pins are untouched.
     assert!(pair.server.xdp_program_id(VETH).unwrap().is_some());
-    assert!(pin_dir.join("IFACE_COUNTERS").exists());
+    assert!(pin_dir.join("COUNTERS").exists());
 }

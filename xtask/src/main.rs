@@ -1,6 +1,7 @@
 //! Project commands: `cargo xtask <command>`. Every command that needs tools
 //! installs them first (see `setup`), so a fresh machine needs nothing else.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod setup;
@@ -30,6 +31,11 @@ enum Command {
     Test,
     /// Build everything and show prober at work on a throwaway topology.
     Demo,
+    /// Run a benchmark and print its figures (medians of several runs).
+    Bench {
+        /// Which one: probe.
+        name: String,
+    },
     /// Run the guest test binaries (real IPVS) inside a qemu guest booted
     /// from Debian's 6.1 kernel; installs what the guest needs first.
     VmTest {
@@ -56,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Test => test::run(),
         Command::Demo => demo::run(),
+        Command::Bench { name } => bench::run(&name),
         Command::VmTest {
             tests,
             timeout,

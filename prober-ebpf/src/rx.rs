@@ -1,0 +1,350 @@
+//! `prober_xdp`: the ingress program. Its fast path rejects everything that
+//! cannot be a probe reply (not IPv4, not TCP/ICMP, not to a probe port) after
+//! a few header reads and passes it untouched.
+//!
+//! A reply counts only if its cookie matches (current or previous secret).
+//! Matched replies are ours and do not reach the stack: a SYN-ACK is turned
+//! into a RST and sent back (XDP_TX), so the real server keeps no half-open
+//! connection; RSTs, echo replies and ICMP errors are dropped once recorded.
+//! Not matched here, and so passed: IPv6, VLAN-tagged frames, IPv4 with
+//! options, fragments (probes never carry them).
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use prober_common::{cookie::probe_cookie, family, rtt_bucket, ProbeConfig, ReplyKey};
+
+use crate::{counters, packet::*, PROBE_CONFIG, PROBE_RESULTS, PROBE_STATE, REPLY_INDEX};
+
+const L4: usize = ETH_HLEN + IPV4_HLEN;
+
+/// What a matched reply says about its target.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Answered,
+    Refused,
+    Unreachable,
+}
+
+pub fn try_prober_xdp(ctx: &XdpContext) -> Result<u32, ()> {
+    if let Some(c) = counters() {
+        c.packets += 1;
+        c.bytes += (ctx.data_end() - ctx.data()) as u64;
+    }
+    let eth: EthHdr = read_at(ctx, 0)?;
+    if eth.ether_type != ETH_P_IP.to_be() {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let ip: Ipv4Hdr = read_at(ctx, ETH_HLEN)?;
+    if ip.version_ihl != IPV4_VERSION_IHL_PLAIN
+        || u16::from_be(ip.frag_off) & IPV4_FRAGMENT_MASK != 0
+    {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    match ip.protocol {
+        IPPROTO_TCP => tcp_reply(ctx, &ip),
+        IPPROTO_ICMP => icmp_reply(ctx, &ip),
+        _ => Ok(xdp_action::XDP_PASS),
+    }
+}
+
+#[inline(always)]
+fn config() -> Result<&'static ProbeConfig, ()> {
+    PROBE_CONFIG.get(0).ok_or(())
+}
+
+#[inline(always)]
+fn is_probe_port(config: &ProbeConfig, port_be: u16) -> bool {
+    let port = u16::from_be(port_be);
+    port >= config.local_port_min && port <= config.local_port_max && config.local_port_max != 0
+}
+
+/// True if `value` is the cookie under the current or the previous secret.
+#[inline(always)]
+fn cookie_matches(
+    config: &ProbeConfig,
+    value: u32,
+    local: &[u8; 16],
+    remote: &[u8; 16],
+    local_port: u16,
+    remote_port: u16,
+    protocol: u8,
+) -> bool {
+    value
+        == probe_cookie(
+            config.secret,
+            local,
+            remote,
+            local_port,
+            remote_port,
+            protocol,
+        )
+        || value
+            == probe_cookie(
+                config.previous_secret,
+                local,
+                remote,
+                local_port,
+                remote_port,
+                protocol,
+            )
+}
+
+fn tcp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
+    let tcp: TcpHdr = read_at(ctx, L4)?;
+    let config = config()?;
+    if !is_probe_port(config, tcp.dest) {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let is_syn_ack = tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN | TCP_ACK;
+    let is_reset = tcp.flags & (TCP_RST | TCP_ACK) == TCP_RST | TCP_ACK;
+    if !is_syn_ack && !is_reset {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let remote = v4_to_16(ip.saddr);
+    let local = v4_to_16(ip.daddr);
+    let key = ReplyKey {
+        remote_addr: remote,
+        remote_port: tcp.source,
+        local_port: tcp.dest,
+        family: family::IPV4,
+        protocol: IPPROTO_TCP,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(&target_id) = (unsafe { REPLY_INDEX.get(key) }) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    // Our SYN carried seq = cookie: the answer acknowledges cookie + 1.
+    let acked = u32::from_be_bytes(tcp.ack_seq).wrapping_sub(1);
+    if !cookie_matches(
+        config,
+        acked,
+        &local,
+        &remote,
+        tcp.dest,
+        tcp.source,
+        IPPROTO_TCP,
+    ) {
+        if let Some(c) = counters() {
+            c.replies_rejected += 1;
+        }
+        return Ok(xdp_action::XDP_PASS);
+    }
+    if is_syn_ack {
+        record(target_id, Outcome::Answered);
+        reset_in_place(ctx, &eth_of(ctx)?, ip, &tcp)?;
+        if let Some(c) = counters() {
+            c.resets_sent += 1;
+        }
+        Ok(xdp_action::XDP_TX)
+    } else {
+        record(target_id, Outcome::Refused);
+        Ok(xdp_action::XDP_DROP)
+    }
+}
+
+#[inline(always)]
+fn eth_of(ctx: &XdpContext) -> Result<EthHdr, ()> {
+    read_at(ctx, 0)
+}
+
+/// Rewrites the SYN-ACK in the frame into the RST that aborts the half-open
+/// connection: addresses and ports swapped, seq = the SYN-ACK's ack, no
+/// options, no payload.
+#[inline(always)]
+fn reset_in_place(
+    ctx: &XdpContext,
+    eth: &EthHdr,
+    ip: &Ipv4Hdr,
+    syn_ack: &TcpHdr,
+) -> Result<(), ()> {
+    let mut rst = TcpHdr {
+        source: syn_ack.dest,
+        dest: syn_ack.source,
+        seq: syn_ack.ack_seq,
+        ack_seq: [0; 4],
+        doff: ((TCP_HLEN / 4) as u8) << 4,
+        flags: TCP_RST,
+        window: 0,
+        check: 0,
+        urg_ptr: 0,
+    };
+    rst.check = tcp_checksum(ip.daddr, ip.saddr, &rst);
+    let len = L4 + TCP_HLEN;
+    let delta = len as i32 - (ctx.data_end() - ctx.data()) as i32;
+    if delta != 0 {
+        // SAFETY: the helper validates ctx and delta.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+            return Err(());
+        }
+    }
+    write_at(
+        ctx,
+        0,
+        EthHdr {
+            dst: eth.src,
+            src: eth.dst,
+            ether_type: eth.ether_type,
+        },
+    )?;
+    write_at(
+        ctx,
+        ETH_HLEN,
+        ipv4_header(ip.daddr, ip.saddr, IPPROTO_TCP, TCP_HLEN),
+    )?;
+    write_at(ctx, L4, rst)
+}
+
+fn icmp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
+    let icmp: IcmpHdr = read_at(ctx, L4)?;
+    match icmp.icmp_type {
+        ICMP_ECHO_REPLY => echo_reply(ctx, ip, &icmp),
+        ICMP_DEST_UNREACH => unreachable(ctx),
+        _ => Ok(xdp_action::XDP_PASS),
+    }
+}
+
+fn echo_reply(ctx: &XdpContext, ip: &Ipv4Hdr, icmp: &IcmpHdr) -> Result<u32, ()> {
+    let config = config()?;
+    if !is_probe_port(config, icmp.id) {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let remote = v4_to_16(ip.saddr);
+    let local = v4_to_16(ip.daddr);
+    let key = ReplyKey {
+        remote_addr: remote,
+        remote_port: 0,
+        local_port: icmp.id,
+        family: family::IPV4,
+        protocol: IPPROTO_ICMP,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(&target_id) = (unsafe { REPLY_INDEX.get(key) }) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let cookie: [u8; 4] = read_at(ctx, L4 + size_of::<IcmpHdr>())?;
+    if !cookie_matches(
+        config,
+        u32::from_be_bytes(cookie),
+        &local,
+        &remote,
+        icmp.id,
+        0,
+        IPPROTO_ICMP,
+    ) {
+        if let Some(c) = counters() {
+            c.replies_rejected += 1;
+        }
+        return Ok(xdp_action::XDP_PASS);
+    }
+    record(target_id, Outcome::Answered);
+    Ok(xdp_action::XDP_DROP)
+}
+
+/// An ICMP destination-unreachable quoting one of our probes: the quoted
+/// IPv4 header and first 8 bytes carry the probe's ports and cookie.
+fn unreachable(ctx: &XdpContext) -> Result<u32, ()> {
+    const QUOTED_IP: usize = L4 + size_of::<IcmpHdr>();
+    const QUOTED_L4: usize = QUOTED_IP + IPV4_HLEN;
+    let quoted: Ipv4Hdr = read_at(ctx, QUOTED_IP)?;
+    if quoted.version_ihl != IPV4_VERSION_IHL_PLAIN {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let config = config()?;
+    let local = v4_to_16(quoted.saddr);
+    let remote = v4_to_16(quoted.daddr);
+    let (remote_port, local_port, matches) = match quoted.protocol {
+        IPPROTO_TCP => {
+            // source port, destination port, sequence number
+            let head: [u16; 4] = read_at(ctx, QUOTED_L4)?;
+            let seq = (u16::from_be(head[2]) as u32) << 16 | u16::from_be(head[3]) as u32;
+            let ok = is_probe_port(config, head[0])
+                && cookie_matches(config, seq, &local, &remote, head[0], head[1], IPPROTO_TCP);
+            (head[1], head[0], ok)
+        }
+        IPPROTO_ICMP => {
+            // Only the echo identifier and the cookie's low 16 bits are quoted.
+            let echo: IcmpHdr = read_at(ctx, QUOTED_L4)?;
+            let current =
+                probe_cookie(config.secret, &local, &remote, echo.id, 0, IPPROTO_ICMP) as u16;
+            let previous = probe_cookie(
+                config.previous_secret,
+                &local,
+                &remote,
+                echo.id,
+                0,
+                IPPROTO_ICMP,
+            ) as u16;
+            let seq = u16::from_be(echo.seq);
+            let ok = echo.icmp_type == ICMP_ECHO_REQUEST
+                && is_probe_port(config, echo.id)
+                && (seq == current || seq == previous);
+            (0, echo.id, ok)
+        }
+        _ => return Ok(xdp_action::XDP_PASS),
+    };
+    let key = ReplyKey {
+        remote_addr: remote,
+        remote_port,
+        local_port,
+        family: family::IPV4,
+        protocol: quoted.protocol,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once.
+    let target_id = match unsafe { REPLY_INDEX.get(key) } {
+        Some(&id) => id,
+        None => return Ok(xdp_action::XDP_PASS),
+    };
+    if !matches {
+        if let Some(c) = counters() {
+            c.replies_rejected += 1;
+        }
+        return Ok(xdp_action::XDP_PASS);
+    }
+    record(target_id, Outcome::Unreachable);
+    Ok(xdp_action::XDP_DROP)
+}
+
+/// Records a matched reply. Only the first reply to a probe counts and
+/// gives an RTT; a retransmitted SYN-ACK still gets its RST.
+#[inline(always)]
+fn record(target_id: u32, outcome: Outcome) {
+    if let Some(c) = counters() {
+        c.replies_matched += 1;
+    }
+    let Some(state) = PROBE_STATE.get_ptr_mut(target_id) else {
+        return;
+    };
+    let Some(results) = PROBE_RESULTS.get_ptr_mut(target_id) else {
+        return;
+    };
+    // SAFETY: map slots valid for the run; `results` is this CPU's own.
+    let (state, results) = unsafe { (&mut *state, &mut *results) };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let sent = state.last_sent_ns;
+    if sent == 0 || state.last_reply_ns >= sent {
+        return; // duplicate, or no probe outstanding
+    }
+    state.last_reply_ns = now;
+    match outcome {
+        Outcome::Answered => {
+            let rtt = now.saturating_sub(sent);
+            results.answered += 1;
+            results.last_rtt_ns = rtt;
+            results.last_reply_ns = now;
+            if let Some(bucket) = results.rtt_log2_us.get_mut(rtt_bucket(rtt)) {
+                *bucket += 1;
+            }
+        }
+        Outcome::Refused => results.refused += 1,
+        Outcome::Unreachable => results.unreachable += 1,
+    }
+}

@@ -1,0 +1,205 @@
+//! `probe_tx`: one run writes one probe frame. The daemon fills
+//! `PROBE_BATCH` with the target ids due, resets `BATCH_CURSOR` and runs the
+//! program `len` times in one BPF_PROG_TEST_RUN call (live frames), each run
+//! on the same scratch frame of `PROBE_FRAME_MAX` bytes.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use prober_common::{cookie::probe_cookie, encap, family, probe_kind, ProbeTarget};
+
+use crate::{
+    counters, packet::*, BATCH_CURSOR, PROBE_BATCH, PROBE_CONFIG, PROBE_STATE, PROBE_TARGETS,
+};
+
+/// A TCP SYN with one option, MSS 1460, so it looks like any client's SYN.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpSyn {
+    tcp: TcpHdr,
+    mss_option: [u8; 4],
+}
+
+/// An ICMP echo request whose payload carries the full 32-bit cookie.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IcmpEcho {
+    icmp: IcmpHdr,
+    cookie: [u8; 4],
+    zero: [u8; 4],
+}
+
+pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
+    // SAFETY: single-slot arrays; BPF_PROG_TEST_RUN runs the batch serially
+    // on one CPU, so nothing else writes the cursor meanwhile.
+    let cursor = unsafe { &mut *BATCH_CURSOR.get_ptr_mut(0).ok_or(())? };
+    let index = cursor.next;
+    if index >= cursor.len {
+        return Err(());
+    }
+    cursor.next = index + 1;
+    let target_id = *PROBE_BATCH.get(index).ok_or(())?;
+    let target = PROBE_TARGETS.get(target_id).ok_or(())?;
+    let config = PROBE_CONFIG.get(0).ok_or(())?;
+    if target.family != family::IPV4 {
+        return Err(()); // IPv6 probes: the layouts are ready, the writer is not
+    }
+
+    match (target.kind, target.encap) {
+        (probe_kind::TCP_SYN, encap::NONE) => {
+            resize(ctx, ETH_HLEN + IPV4_HLEN + size_of::<TcpSyn>())?;
+            write_eth(ctx, target)?;
+            write_tcp_syn::<ETH_HLEN>(ctx, target, config.secret)?;
+        }
+        (probe_kind::TCP_SYN, encap::IPIP) => {
+            resize(ctx, ETH_HLEN + 2 * IPV4_HLEN + size_of::<TcpSyn>())?;
+            write_eth(ctx, target)?;
+            write_outer_ipip(ctx, target, IPV4_HLEN + size_of::<TcpSyn>())?;
+            write_tcp_syn::<{ ETH_HLEN + IPV4_HLEN }>(ctx, target, config.secret)?;
+        }
+        (probe_kind::ICMP_ECHO, encap::NONE) => {
+            resize(ctx, ETH_HLEN + IPV4_HLEN + size_of::<IcmpEcho>())?;
+            write_eth(ctx, target)?;
+            write_icmp_echo::<ETH_HLEN>(ctx, target, config.secret)?;
+        }
+        (probe_kind::ICMP_ECHO, encap::IPIP) => {
+            resize(ctx, ETH_HLEN + 2 * IPV4_HLEN + size_of::<IcmpEcho>())?;
+            write_eth(ctx, target)?;
+            write_outer_ipip(ctx, target, IPV4_HLEN + size_of::<IcmpEcho>())?;
+            write_icmp_echo::<{ ETH_HLEN + IPV4_HLEN }>(ctx, target, config.secret)?;
+        }
+        _ => return Err(()),
+    }
+
+    // SAFETY: an array slot, shared with the ingress program, which only
+    // stores last_reply_ns; 8-byte stores are atomic.
+    let state = unsafe { &mut *PROBE_STATE.get_ptr_mut(target_id).ok_or(())? };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if state.last_sent_ns != 0 && state.last_reply_ns < state.last_sent_ns {
+        state.timed_out += 1;
+    }
+    state.sent += 1;
+    state.last_sent_ns = now;
+    if let Some(c) = counters() {
+        c.probes_built += 1;
+    }
+    // SAFETY: a helper taking plain integers. XDP_REDIRECT on success,
+    // XDP_ABORTED for a bad ifindex.
+    let action = unsafe { bpf_redirect(target.ifindex, 0) };
+    Ok(action as u32)
+}
+
+/// Grows or shrinks the scratch frame to `len` bytes.
+#[inline(always)]
+fn resize(ctx: &XdpContext, len: usize) -> Result<(), ()> {
+    let delta = len as i32 - (ctx.data_end() - ctx.data()) as i32;
+    if delta != 0 {
+        // SAFETY: the helper validates ctx and delta.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn write_eth(ctx: &XdpContext, target: &ProbeTarget) -> Result<(), ()> {
+    write_at(
+        ctx,
+        0,
+        EthHdr {
+            dst: target.dst_mac,
+            src: target.src_mac,
+            ether_type: ETH_P_IP.to_be(),
+        },
+    )
+}
+
+#[inline(always)]
+fn write_outer_ipip(ctx: &XdpContext, target: &ProbeTarget, inner_len: usize) -> Result<(), ()> {
+    let outer = ipv4_header(
+        v4(&target.outer_src),
+        v4(&target.real_server),
+        IPPROTO_IPIP,
+        inner_len,
+    );
+    write_at(ctx, ETH_HLEN, outer)
+}
+
+#[inline(always)]
+fn write_tcp_syn<const IP: usize>(
+    ctx: &XdpContext,
+    target: &ProbeTarget,
+    secret: [u64; 2],
+) -> Result<(), ()> {
+    let (saddr, daddr) = (v4(&target.src_addr), v4(&target.dst_addr));
+    let cookie = probe_cookie(
+        secret,
+        &target.src_addr,
+        &target.dst_addr,
+        target.src_port,
+        target.dst_port,
+        IPPROTO_TCP,
+    );
+    let mut syn = TcpSyn {
+        tcp: TcpHdr {
+            source: target.src_port,
+            dest: target.dst_port,
+            seq: cookie.to_be_bytes(),
+            ack_seq: [0; 4],
+            doff: ((size_of::<TcpSyn>() / 4) as u8) << 4,
+            flags: TCP_SYN,
+            window: 64240u16.to_be(),
+            check: 0,
+            urg_ptr: 0,
+        },
+        mss_option: [2, 4, 0x05, 0xb4],
+    };
+    syn.tcp.check = tcp_checksum(saddr, daddr, &syn);
+    write_at(
+        ctx,
+        IP,
+        ipv4_header(saddr, daddr, IPPROTO_TCP, size_of::<TcpSyn>()),
+    )?;
+    write_at(ctx, IP + IPV4_HLEN, syn)
+}
+
+#[inline(always)]
+fn write_icmp_echo<const IP: usize>(
+    ctx: &XdpContext,
+    target: &ProbeTarget,
+    secret: [u64; 2],
+) -> Result<(), ()> {
+    let (saddr, daddr) = (v4(&target.src_addr), v4(&target.dst_addr));
+    let cookie = probe_cookie(
+        secret,
+        &target.src_addr,
+        &target.dst_addr,
+        target.src_port,
+        0,
+        IPPROTO_ICMP,
+    );
+    let mut echo = IcmpEcho {
+        icmp: IcmpHdr {
+            icmp_type: ICMP_ECHO_REQUEST,
+            code: 0,
+            check: 0,
+            id: target.src_port,
+            // Lets an ICMP error quoting only 8 bytes still be checked.
+            seq: (cookie as u16).to_be(),
+        },
+        cookie: cookie.to_be_bytes(),
+        zero: [0; 4],
+    };
+    echo.icmp.check = fold(sum16(&echo));
+    write_at(
+        ctx,
+        IP,
+        ipv4_header(saddr, daddr, IPPROTO_ICMP, size_of::<IcmpEcho>()),
+    )?;
+    write_at(ctx, IP + IPV4_HLEN, echo)
+}

@@ -1,0 +1,425 @@
+//! Active probing: turns probe specs into `PROBE_TARGETS` entries (with
+//! addresses and MACs from the kernel), sends each round as one
+//! BPF_PROG_TEST_RUN batch of `probe_tx`, rotates the cookie secret, and
+//! reads back what the ingress program recorded.
+
+pub mod report;
+pub mod spec;
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    os::fd::AsFd,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData},
+    programs::ProgramFd,
+};
+use prober_common::{
+    encap, family, probe_kind, BatchCursor, ProbeConfig, ProbeTarget, ReplyKey, PROBE_FRAME_MAX,
+};
+use tracing::{info, warn};
+
+pub use spec::{Forwarding, ProbeKind, ProbeSpec};
+
+use crate::rtnetlink::{ChangeWatch, RouteSocket};
+
+/// Routes are looked up again at least this often, in case a change
+/// notification was lost.
+pub const ROUTE_REFRESH: Duration = Duration::from_secs(30);
+
+/// Local ports for probes by default: above Linux's ephemeral range
+/// (32768-60999), so no local connection shares a probe's 4-tuple.
+pub const DEFAULT_LOCAL_PORTS: (u16, u16) = (61000, 65535);
+
+/// How often the cookie secret changes; replies to the previous secret's
+/// probes are still accepted, older ones are not.
+pub const SECRET_ROTATION: Duration = Duration::from_secs(60);
+
+/// The maps the prober writes, taken out of the loaded object.
+pub struct ProbeMaps {
+    pub targets: Array<MapData, ProbeTarget>,
+    pub reply_index: BpfHashMap<MapData, ReplyKey, u32>,
+    pub config: Array<MapData, ProbeConfig>,
+    pub batch: Array<MapData, u32>,
+    pub cursor: Array<MapData, BatchCursor>,
+}
+
+/// One configured probe and what the kernel told us about its path.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub spec: ProbeSpec,
+    pub local_port: u16,
+    /// The kernel's route to the real server, or why there is none usable.
+    pub path: Result<Path, String>,
+    /// The entry written to `PROBE_TARGETS`, once its path is known.
+    pub entry: Option<ProbeTarget>,
+    /// Why the probe cannot be sent (route, neighbour), if it cannot.
+    pub problem: Option<String>,
+}
+
+/// The part of a route a probe frame needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    pub ifindex: u32,
+    /// The real server itself, or the gateway to it.
+    pub next_hop: IpAddr,
+    /// The director's address the kernel would use.
+    pub source: IpAddr,
+}
+
+pub struct Prober {
+    maps: ProbeMaps,
+    probe_tx: ProgramFd,
+    ifindex: u32,
+    interface: String,
+    targets: Vec<Target>,
+    config: ProbeConfig,
+    last_rotation: Instant,
+    routes: RouteSocket,
+    changes: ChangeWatch,
+    last_route_lookup: Instant,
+    frame: Vec<u8>,
+}
+
+impl Prober {
+    pub fn new(
+        maps: ProbeMaps,
+        probe_tx: ProgramFd,
+        interface: &str,
+        ifindex: u32,
+        specs: &[ProbeSpec],
+    ) -> Result<Self> {
+        let (local_port_min, local_port_max) = DEFAULT_LOCAL_PORTS;
+        let config = ProbeConfig {
+            secret: random_secret()?,
+            previous_secret: random_secret()?,
+            local_port_min,
+            local_port_max,
+            _pad: [0; 4],
+        };
+        let mut prober = Self {
+            maps,
+            probe_tx,
+            ifindex,
+            interface: interface.to_string(),
+            targets: Vec::new(),
+            config,
+            last_rotation: Instant::now(),
+            routes: RouteSocket::open()?,
+            changes: ChangeWatch::open()?,
+            last_route_lookup: Instant::now(),
+            frame: vec![0u8; PROBE_FRAME_MAX],
+        };
+        prober
+            .maps
+            .config
+            .set(0, prober.config, 0)
+            .context("writing PROBE_CONFIG")?;
+        prober.set_targets(specs)?;
+        Ok(prober)
+    }
+
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// Assigns ids (positions) and local ports, resolves every path and
+    /// writes the map entries.
+    fn set_targets(&mut self, specs: &[ProbeSpec]) -> Result<()> {
+        if specs.len() > prober_common::MAX_TARGETS as usize {
+            bail!(
+                "{} probes configured; the datapath holds at most {}",
+                specs.len(),
+                prober_common::MAX_TARGETS
+            );
+        }
+        // Local ports must differ only among probes to the same remote
+        // address and port (e.g. one VIP behind many DR real servers).
+        let mut next_port: HashMap<(IpAddr, Option<u16>), u32> = HashMap::new();
+        let range = (self.config.local_port_max - self.config.local_port_min) as u32 + 1;
+        self.targets.clear();
+        for spec in specs {
+            let remote_port = match spec.kind {
+                ProbeKind::TcpSyn { port } => Some(port),
+                ProbeKind::IcmpEcho => None,
+            };
+            let used = next_port
+                .entry((spec.destination, remote_port))
+                .or_insert(0);
+            if *used >= range {
+                bail!(
+                    "probe '{spec}': more than {range} probes share {}; widen the local port range",
+                    spec.destination
+                );
+            }
+            let local_port = self.config.local_port_min + *used as u16;
+            *used += 1;
+            self.targets.push(Target {
+                spec: *spec,
+                local_port,
+                path: Err("not looked up yet".into()),
+                entry: None,
+                problem: None,
+            });
+        }
+        self.look_up_routes();
+        self.refresh_neighbours()
+    }
+
+    /// Follows the kernel: routes again after route, address or link
+    /// changes (and every `ROUTE_REFRESH` in case a notification was
+    /// missed), MACs again after neighbour changes or while some are
+    /// unresolved. Cheap when nothing changed: one non-blocking read.
+    pub fn follow_kernel(&mut self) -> Result<()> {
+        let changes = self.changes.poll();
+        let stale = self.last_route_lookup.elapsed() >= ROUTE_REFRESH;
+        if changes.routes || stale {
+            self.look_up_routes();
+        }
+        if changes.routes
+            || changes.neighbours
+            || stale
+            || self.targets.iter().any(|t| t.entry.is_none())
+        {
+            self.refresh_neighbours()?;
+        }
+        Ok(())
+    }
+
+    /// One route lookup per distinct real server.
+    fn look_up_routes(&mut self) {
+        let mut by_server: HashMap<IpAddr, Result<Path, String>> = HashMap::new();
+        for target in &mut self.targets {
+            let server = target.spec.real_server();
+            let path = by_server
+                .entry(server)
+                .or_insert_with(|| {
+                    route_for(&mut self.routes, server, self.ifindex, &self.interface)
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .clone();
+            target.path = match (path, target.spec.forwarding) {
+                (Ok(path), Forwarding::DirectRouting { .. }) if path.next_hop != server => {
+                    Err(format!(
+                        "direct-routing real server {server} is not on-link (route via {})",
+                        path.next_hop
+                    ))
+                }
+                (path, _) => path,
+            };
+        }
+        self.last_route_lookup = Instant::now();
+    }
+
+    /// Reads the neighbour table once and rewrites the entries whose MAC
+    /// (or path) changed; asks the kernel to resolve missing next hops.
+    pub fn refresh_neighbours(&mut self) -> Result<()> {
+        let neighbours: HashMap<(u32, IpAddr), [u8; 6]> = self
+            .routes
+            .neighbours(false)?
+            .into_iter()
+            .filter_map(|n| Some(((n.ifindex, n.addr), n.mac?)))
+            .collect();
+        let src_mac = self.routes.link_mac(self.ifindex)?;
+        let mut resolution_requested = std::collections::HashSet::new();
+        for id in 0..self.targets.len() {
+            let target = &self.targets[id];
+            let resolved = match &target.path {
+                Err(problem) => Err(problem.clone()),
+                Ok(path) => match neighbours.get(&(path.ifindex, path.next_hop)) {
+                    Some(mac) => Ok(probe_entry(
+                        &target.spec,
+                        target.local_port,
+                        path,
+                        src_mac,
+                        *mac,
+                    )),
+                    None => {
+                        if resolution_requested.insert(path.next_hop) {
+                            self.routes
+                                .request_resolution(path.ifindex, path.next_hop)?;
+                        }
+                        Err(format!(
+                            "neighbour {} on {} is not resolved yet (resolution requested)",
+                            path.next_hop, self.interface
+                        ))
+                    }
+                },
+            };
+            let (entry, problem) = match resolved {
+                Ok(entry) => (Some(entry), None),
+                Err(problem) => (None, Some(problem)),
+            };
+            let target = &mut self.targets[id];
+            if target.problem != problem {
+                match &problem {
+                    Some(p) => warn!(probe = %target.spec, "cannot probe: {p}"),
+                    None => info!(probe = %target.spec, "path resolved"),
+                }
+            }
+            if entry != target.entry {
+                let written = entry.unwrap_or_default(); // kind 0: slot unused
+                self.maps
+                    .targets
+                    .set(id as u32, written, 0)
+                    .context("writing PROBE_TARGETS")?;
+                let key = reply_key(&target.spec, target.local_port);
+                if entry.is_some() {
+                    self.maps
+                        .reply_index
+                        .insert(key, id as u32, 0)
+                        .context("writing REPLY_INDEX")?;
+                } else if target.entry.is_some() {
+                    let _ = self.maps.reply_index.remove(&key);
+                }
+                target.entry = entry;
+            }
+            target.problem = problem;
+        }
+        Ok(())
+    }
+
+    /// Sends one probe to every target with a known path, in one syscall.
+    /// Returns how many were handed to the kernel.
+    pub fn send_round(&mut self) -> Result<u32> {
+        if self.last_rotation.elapsed() >= SECRET_ROTATION {
+            self.rotate_secret()?;
+        }
+        let mut len = 0u32;
+        for (id, target) in self.targets.iter().enumerate() {
+            if target.entry.is_some() {
+                self.maps
+                    .batch
+                    .set(len, id as u32, 0)
+                    .context("writing PROBE_BATCH")?;
+                len += 1;
+            }
+        }
+        self.maps
+            .cursor
+            .set(0, BatchCursor { next: 0, len }, 0)
+            .context("writing BATCH_CURSOR")?;
+        crate::test_run::run_xdp_live(self.probe_tx.as_fd(), &self.frame, len)?;
+        Ok(len)
+    }
+
+    pub fn rotate_secret(&mut self) -> Result<()> {
+        self.config.previous_secret = self.config.secret;
+        self.config.secret = random_secret()?;
+        self.maps
+            .config
+            .set(0, self.config, 0)
+            .context("writing PROBE_CONFIG")?;
+        self.last_rotation = Instant::now();
+        Ok(())
+    }
+}
+
+/// The reply index key of a probe: what its replies carry.
+pub fn reply_key(spec: &ProbeSpec, local_port: u16) -> ReplyKey {
+    let (remote_port, protocol) = match spec.kind {
+        ProbeKind::TcpSyn { port } => (port.to_be(), libc::IPPROTO_TCP as u8),
+        ProbeKind::IcmpEcho => (0, libc::IPPROTO_ICMP as u8),
+    };
+    ReplyKey {
+        remote_addr: addr16(spec.destination),
+        remote_port,
+        local_port: local_port.to_be(),
+        family: family_code(spec.destination),
+        protocol,
+        _pad: [0; 2],
+    }
+}
+
+/// The kernel's route to `real_server`, checked to leave by the probed
+/// interface (replies are matched there) and to have a source address.
+fn route_for(
+    routes: &mut RouteSocket,
+    real_server: IpAddr,
+    probe_ifindex: u32,
+    interface: &str,
+) -> Result<Path> {
+    let route = routes.route_to(real_server)?;
+    if route.ifindex != probe_ifindex {
+        bail!(
+            "the route to {real_server} leaves by interface index {}, not by {interface}, where replies are matched",
+            route.ifindex
+        );
+    }
+    let source = route
+        .source
+        .with_context(|| format!("no source address on the route to {real_server}"))?;
+    Ok(Path {
+        ifindex: route.ifindex,
+        next_hop: route.next_hop(real_server),
+        source,
+    })
+}
+
+/// The `PROBE_TARGETS` entry of a probe whose path and next-hop MAC are known.
+pub fn probe_entry(
+    spec: &ProbeSpec,
+    local_port: u16,
+    path: &Path,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> ProbeTarget {
+    let (kind, dst_port) = match spec.kind {
+        ProbeKind::TcpSyn { port } => (probe_kind::TCP_SYN, port.to_be()),
+        ProbeKind::IcmpEcho => (probe_kind::ICMP_ECHO, 0),
+    };
+    ProbeTarget {
+        dst_mac,
+        src_mac,
+        kind,
+        family: family_code(spec.destination),
+        encap: match spec.forwarding {
+            Forwarding::Tunnel { .. } => encap::IPIP,
+            _ => encap::NONE,
+        },
+        _pad0: 0,
+        dst_port,
+        src_port: local_port.to_be(),
+        ifindex: path.ifindex,
+        src_addr: addr16(path.source),
+        dst_addr: addr16(spec.destination),
+        outer_src: addr16(path.source),
+        real_server: addr16(spec.real_server()),
+    }
+}
+
+pub fn addr16(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => {
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&a.octets());
+            out
+        }
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn family_code(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        family::IPV4
+    } else {
+        family::IPV6
+    }
+}
+
+fn random_secret() -> Result<[u64; 2]> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom fills at most bytes.len() bytes of our buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        bail!("getrandom: {}", std::io::Error::last_os_error());
+    }
+    Ok([
+        u64::from_ne_bytes(bytes[..8].try_into()?),
+        u64::from_ne_bytes(bytes[8..].try_into()?),
+    ])
+}

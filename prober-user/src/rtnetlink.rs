@@ -1,0 +1,402 @@
+//! Just enough rtnetlink to address probe frames: the route (and so the
+//! interface, next hop and source address) to a real server, the next hop's
+//! MAC from the kernel's neighbour table, and an interface's own MAC. The
+//! kernel is the authority: an unresolved neighbour is reported, not guessed.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{bail, Context, Result};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const RTM_GETROUTE: u16 = 26;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
+const RTM_GETNEIGH: u16 = 30;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_CREATE: u16 = 0x400;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RTA_PREFSRC: u16 = 7;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const IFLA_ADDRESS: u16 = 1;
+const NTF_USE: u8 = 0x01;
+const RTN_UNICAST: u8 = 1;
+const RTN_LOCAL: u8 = 2;
+/// Neighbour states whose MAC can be used (REACHABLE, STALE, DELAY, PROBE,
+/// NOARP, PERMANENT).
+const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+
+/// Where the kernel would send a packet to an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub ifindex: u32,
+    /// The next hop when it is not the destination itself.
+    pub gateway: Option<IpAddr>,
+    /// The source address the kernel would pick.
+    pub source: Option<IpAddr>,
+}
+
+impl Route {
+    pub fn next_hop(&self, destination: IpAddr) -> IpAddr {
+        self.gateway.unwrap_or(destination)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub addr: IpAddr,
+    /// Present only when the entry is usable.
+    pub mac: Option<[u8; 6]>,
+    pub state: u16,
+}
+
+pub struct RouteSocket {
+    socket: Socket,
+    seq: u32,
+}
+
+impl RouteSocket {
+    pub fn open() -> Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
+        socket.bind_auto().context("binding the rtnetlink socket")?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .context("connecting the rtnetlink socket")?;
+        Ok(Self { socket, seq: 0 })
+    }
+
+    /// The kernel's route to `destination` (`ip route get`).
+    pub fn route_to(&mut self, destination: IpAddr) -> Result<Route> {
+        let (family, addr) = family_and_bytes(destination);
+        let mut body = vec![family, (addr.len() * 8) as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        push_attr(&mut body, RTA_DST, &addr);
+        let replies = self
+            .request(RTM_GETROUTE, NLM_F_REQUEST, &body)
+            .with_context(|| format!("looking up the route to {destination}"))?;
+        for (kind, payload) in replies {
+            if kind != RTM_NEWROUTE || payload.len() < 12 {
+                continue;
+            }
+            let route_type = payload[7];
+            if route_type == RTN_LOCAL {
+                bail!("{destination} is an address of this host, not a real server");
+            }
+            if route_type != RTN_UNICAST {
+                bail!("no unicast route to {destination} (route type {route_type})");
+            }
+            let mut route = Route {
+                ifindex: 0,
+                gateway: None,
+                source: None,
+            };
+            for (attr, data) in attrs(&payload[12..]) {
+                match attr {
+                    RTA_OIF if data.len() == 4 => {
+                        route.ifindex = u32::from_ne_bytes(data.try_into()?)
+                    }
+                    RTA_GATEWAY => route.gateway = ip_from_bytes(data),
+                    RTA_PREFSRC => route.source = ip_from_bytes(data),
+                    _ => {}
+                }
+            }
+            return Ok(route);
+        }
+        bail!("the kernel returned no route to {destination}")
+    }
+
+    /// Every neighbour entry of the family of `sample` (`ip neigh show`).
+    pub fn neighbours(&mut self, ipv6: bool) -> Result<Vec<Neighbour>> {
+        let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET } as u8;
+        let body = [family, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let replies = self
+            .request(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, &body)
+            .context("dumping the neighbour table")?;
+        let mut out = Vec::new();
+        for (kind, payload) in replies {
+            if kind != RTM_NEWNEIGH || payload.len() < 12 {
+                continue;
+            }
+            let ifindex = i32::from_ne_bytes(payload[4..8].try_into()?) as u32;
+            let state = u16::from_ne_bytes(payload[8..10].try_into()?);
+            let mut addr = None;
+            let mut mac = None;
+            for (attr, data) in attrs(&payload[12..]) {
+                match attr {
+                    NDA_DST => addr = ip_from_bytes(data),
+                    NDA_LLADDR if data.len() == 6 => mac = Some(<[u8; 6]>::try_from(data)?),
+                    _ => {}
+                }
+            }
+            if let Some(addr) = addr {
+                let mac = mac.filter(|_| state & NUD_USABLE != 0);
+                out.push(Neighbour {
+                    ifindex,
+                    addr,
+                    mac,
+                    state,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Asks the kernel to resolve `addr` on `ifindex` (NTF_USE: it sends an
+    /// ARP request or neighbour solicitation as it would for traffic).
+    pub fn request_resolution(&mut self, ifindex: u32, addr: IpAddr) -> Result<()> {
+        let (family, bytes) = family_and_bytes(addr);
+        let mut body = vec![family, 0, 0, 0];
+        body.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+        body.extend_from_slice(&0u16.to_ne_bytes()); // state: left to the kernel
+        body.extend_from_slice(&[NTF_USE, 0]);
+        push_attr(&mut body, NDA_DST, &bytes);
+        self.request(
+            RTM_NEWNEIGH,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+            &body,
+        )
+        .with_context(|| format!("asking the kernel to resolve {addr} on interface {ifindex}"))?;
+        Ok(())
+    }
+
+    /// An interface's MAC address (`ip link show`).
+    pub fn link_mac(&mut self, ifindex: u32) -> Result<[u8; 6]> {
+        let mut body = vec![0u8; 16];
+        body[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+        let replies = self
+            .request(RTM_GETLINK, NLM_F_REQUEST, &body)
+            .with_context(|| format!("reading interface {ifindex}"))?;
+        for (_, payload) in replies {
+            if payload.len() < 16 {
+                continue;
+            }
+            for (attr, data) in attrs(&payload[16..]) {
+                if attr == IFLA_ADDRESS && data.len() == 6 {
+                    return Ok(data.try_into()?);
+                }
+            }
+        }
+        bail!("interface {ifindex} has no Ethernet address")
+    }
+
+    /// Sends one request and collects the replies' (type, payload) until the
+    /// answer is complete: one message, an ACK, or NLMSG_DONE for dumps.
+    fn request(&mut self, kind: u16, flags: u16, body: &[u8]) -> Result<Vec<(u16, Vec<u8>)>> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut msg = Vec::with_capacity(16 + body.len());
+        msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&flags.to_ne_bytes());
+        msg.extend_from_slice(&seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(body);
+        self.socket.send(&msg, 0)?;
+
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut out = Vec::new();
+        // Bounded: a dump of any size ends with NLMSG_DONE; 100k chunks is
+        // far beyond any neighbour table.
+        for _ in 0..100_000 {
+            let mut buf = Vec::with_capacity(64 * 1024);
+            self.socket.recv(&mut buf, 0)?;
+            let mut rest = &buf[..];
+            while rest.len() >= 16 {
+                let len = u32::from_ne_bytes(rest[0..4].try_into()?) as usize;
+                if len < 16 || len > rest.len() {
+                    bail!("malformed netlink message (length {len})");
+                }
+                let msg_kind = u16::from_ne_bytes(rest[4..6].try_into()?);
+                let msg_seq = u32::from_ne_bytes(rest[8..12].try_into()?);
+                let payload = &rest[16..len];
+                rest = &rest[align4(len).min(rest.len())..];
+                if msg_seq != seq {
+                    continue;
+                }
+                match msg_kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let errno = i32::from_ne_bytes(
+                            payload.get(0..4).context("short NLMSG_ERROR")?.try_into()?,
+                        );
+                        if errno == 0 {
+                            return Ok(out); // ACK
+                        }
+                        return Err(std::io::Error::from_raw_os_error(-errno).into());
+                    }
+                    _ => {
+                        out.push((msg_kind, payload.to_vec()));
+                        if !dump && flags & NLM_F_ACK == 0 {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+        }
+        bail!("netlink answer did not end")
+    }
+}
+
+/// What changed since the last look, as far as probe paths care.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    /// Routes, addresses or links: every path must be looked up again.
+    pub routes: bool,
+    /// Neighbour entries: MACs must be read again.
+    pub neighbours: bool,
+}
+
+/// A non-blocking rtnetlink socket subscribed to neighbour, route, address
+/// and link notifications, so paths follow the kernel without polling it.
+pub struct ChangeWatch {
+    socket: Socket,
+}
+
+impl ChangeWatch {
+    const RTNLGRP_LINK: u32 = 1;
+    const RTNLGRP_NEIGH: u32 = 3;
+    const RTNLGRP_IPV4_IFADDR: u32 = 5;
+    const RTNLGRP_IPV4_ROUTE: u32 = 7;
+
+    pub fn open() -> Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
+        socket.bind_auto().context("binding the rtnetlink socket")?;
+        for group in [
+            Self::RTNLGRP_LINK,
+            Self::RTNLGRP_NEIGH,
+            Self::RTNLGRP_IPV4_IFADDR,
+            Self::RTNLGRP_IPV4_ROUTE,
+        ] {
+            socket
+                .add_membership(group)
+                .with_context(|| format!("joining rtnetlink group {group}"))?;
+        }
+        socket.set_non_blocking(true)?;
+        Ok(Self { socket })
+    }
+
+    /// Drains the pending notifications. A lost notification (ENOBUFS)
+    /// reports everything as changed.
+    pub fn poll(&self) -> Changes {
+        let mut changes = Changes::default();
+        // Bounded: the queue drains; 10k reads is far more than one tick's.
+        for _ in 0..10_000 {
+            let mut buf = Vec::with_capacity(64 * 1024);
+            match self.socket.recv(&mut buf, 0) {
+                Ok(_) => {
+                    let mut rest = &buf[..];
+                    while rest.len() >= 16 {
+                        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                        if len < 16 || len > rest.len() {
+                            break;
+                        }
+                        match u16::from_ne_bytes([rest[4], rest[5]]) {
+                            RTM_NEWNEIGH | RTM_DELNEIGH => changes.neighbours = true,
+                            RTM_NEWLINK | RTM_DELLINK | RTM_NEWADDR | RTM_DELADDR
+                            | RTM_NEWROUTE | RTM_DELROUTE => changes.routes = true,
+                            _ => {}
+                        }
+                        rest = &rest[align4(len).min(rest.len())..];
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    return Changes {
+                        routes: true,
+                        neighbours: true,
+                    };
+                }
+            }
+        }
+        changes
+    }
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    buf.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(data);
+    buf.resize(align4(buf.len()), 0);
+}
+
+/// Iterates over (type, data) of netlink attributes; stops at the first
+/// malformed one instead of reading past the buffer.
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff; // no NLA_F_NESTED/NET_BYTEORDER
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let data = &buf[4..len];
+        buf = &buf[align4(len).min(buf.len())..];
+        Some((kind, data))
+    })
+}
+
+fn family_and_bytes(addr: IpAddr) -> (u8, Vec<u8>) {
+    match addr {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    }
+}
+
+fn ip_from_bytes(data: &[u8]) -> Option<IpAddr> {
+    match data.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(data).ok()?))),
+        16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(data).ok()?))),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_parser_stops_at_malformed_input() {
+        let mut buf = Vec::new();
+        push_attr(&mut buf, RTA_OIF, &7u32.to_ne_bytes());
+        push_attr(&mut buf, RTA_DST, &[192, 0, 2, 1]);
+        let parsed: Vec<_> = attrs(&buf).collect();
+        assert_eq!(
+            parsed,
+            vec![
+                (RTA_OIF, &7u32.to_ne_bytes()[..]),
+                (RTA_DST, &[192, 0, 2, 1][..])
+            ]
+        );
+        // A length pointing past the end yields nothing, never a panic.
+        let mut bad = buf.clone();
+        bad[0] = 200;
+        assert_eq!(attrs(&bad).count(), 0);
+        assert_eq!(attrs(&buf[..3]).count(), 0);
+    }
+
+    #[test]
+    fn loopback_route_is_local() {
+        let mut socket = RouteSocket::open().unwrap();
+        let err = socket.route_to("127.0.0.1".parse().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("address of this host"), "{err}");
+    }
+}

@@ -1,0 +1,603 @@
+//! Both XDP programs run in the real kernel through BPF_PROG_TEST_RUN on
+//! frames built here: verdicts, output frames and map contents.
+
+use std::os::fd::AsFd;
+
+use aya::{
+    maps::{Array, MapData, PerCpuArray},
+    programs::ProgramFd,
+    Ebpf,
+};
+use prober_common::{
+    cookie::probe_cookie, encap, family, map_names, probe_kind, program_names, BatchCursor,
+    DatapathCounters, ProbeConfig, ProbeResults, ProbeState, ProbeTarget,
+};
+use prober_tests::packets::*;
+use prober_user::{
+    datapath::{load_programs, program_fd, take_probe_maps},
+    probe::{addr16, reply_key, ProbeMaps, ProbeSpec},
+    test_run::run_xdp,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const SECRET: [u64; 2] = [0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321];
+const PREVIOUS_SECRET: [u64; 2] = [7, 9];
+const DIRECTOR: [u8; 4] = [192, 0, 2, 1];
+const RS: [u8; 4] = [192, 0, 2, 2];
+const VIP: [u8; 4] = [203, 0, 113, 10];
+const TCP_LOCAL_PORT: u16 = 61000;
+const ICMP_ID: u16 = 61001;
+const SERVICE_PORT: u16 = 80;
+/// Target ids in the fixture.
+const TCP_TARGET: u32 = 0;
+const ICMP_TARGET: u32 = 1;
+
+struct Fixture {
+    _ebpf: Ebpf,
+    maps: ProbeMaps,
+    state: Array<MapData, ProbeState>,
+    results: PerCpuArray<MapData, ProbeResults>,
+    counters: PerCpuArray<MapData, DatapathCounters>,
+    rx: ProgramFd,
+    tx: ProgramFd,
+}
+
+fn fixture() -> Fixture {
+    let mut ebpf = load_programs().unwrap();
+    let rx = program_fd(&ebpf, program_names::XDP_INGRESS).unwrap();
+    let tx = program_fd(&ebpf, program_names::PROBE_TX).unwrap();
+    let mut maps = take_probe_maps(&mut ebpf).unwrap();
+    let mut state: Array<MapData, ProbeState> =
+        Array::try_from(ebpf.take_map(map_names::PROBE_STATE).unwrap()).unwrap();
+    let results = PerCpuArray::try_from(ebpf.take_map(map_names::PROBE_RESULTS).unwrap()).unwrap();
+    let counters = PerCpuArray::try_from(ebpf.take_map(map_names::COUNTERS).unwrap()).unwrap();
+    let config = ProbeConfig {
+        secret: SECRET,
+        previous_secret: PREVIOUS_SECRET,
+        local_port_min: 61000,
+        local_port_max: 65535,
+        _pad: [0; 4],
+    };
+    maps.config.set(0, config, 0).unwrap();
+    let tcp_spec: ProbeSpec = "tcp:192.0.2.2:80".parse().unwrap();
+    let icmp_spec: ProbeSpec = "icmp:192.0.2.2".parse().unwrap();
+    maps.reply_index
+        .insert(reply_key(&tcp_spec, TCP_LOCAL_PORT), TCP_TARGET, 0)
+        .unwrap();
+    maps.reply_index
+        .insert(reply_key(&icmp_spec, ICMP_ID), ICMP_TARGET, 0)
+        .unwrap();
+    // A probe is outstanding for both targets.
+    for id in [TCP_TARGET, ICMP_TARGET] {
+        state
+            .set(
+                id,
+                ProbeState {
+                    sent: 1,
+                    timed_out: 0,
+                    last_sent_ns: 1,
+                    last_reply_ns: 0,
+                },
+                0,
+            )
+            .unwrap();
+    }
+    Fixture {
+        _ebpf: ebpf,
+        maps,
+        state,
+        results,
+        counters,
+        rx,
+        tx,
+    }
+}
+
+impl Fixture {
+    fn rx(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let run = run_xdp(self.rx.as_fd(), frame, 1).unwrap();
+        (run.action, run.frame)
+    }
+
+    fn results(&self, id: u32) -> ProbeResults {
+        let per_cpu = self.results.get(&id, 0).unwrap();
+        per_cpu.iter().fold(ProbeResults::default(), |mut sum, r| {
+            sum.answered += r.answered;
+            sum.refused += r.refused;
+            sum.unreachable += r.unreachable;
+            sum
+        })
+    }
+
+    fn counters(&self) -> DatapathCounters {
+        self.counters
+            .get(&0, 0)
+            .unwrap()
+            .iter()
+            .fold(DatapathCounters::default(), |s, c| s.saturating_add(*c))
+    }
+}
+
+fn cookie(secret: [u64; 2], local_port: u16, remote_port: u16, protocol: u8) -> u32 {
+    probe_cookie(
+        secret,
+        &addr16(DIRECTOR.into()),
+        &addr16(RS.into()),
+        local_port.to_be(),
+        remote_port.to_be(),
+        protocol,
+    )
+}
+
+fn syn_ack(ack: u32) -> Vec<u8> {
+    tcp_frame(
+        RS,
+        DIRECTOR,
+        &Tcp {
+            src_port: SERVICE_PORT,
+            dst_port: TCP_LOCAL_PORT,
+            seq: 777,
+            ack,
+            flags: SYN | ACK,
+            options: &[2, 4, 5, 0xb4],
+        },
+    )
+}
+
+fn valid_syn_ack() -> Vec<u8> {
+    syn_ack(cookie(SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6).wrapping_add(1))
+}
+
+#[test]
+fn valid_syn_ack_is_answered_and_turned_into_a_reset() {
+    let f = fixture();
+    let (action, out) = f.rx(&valid_syn_ack());
+    assert_eq!(action, XDP_TX);
+    assert_eq!(out.len(), 14 + 20 + 20, "RST without options or padding");
+    assert_eq!(&out[0..6], &MAC_A, "back to the sender's MAC");
+    assert_eq!(&out[6..12], &MAC_B);
+    assert_eq!(checksum(&out[14..34]), 0, "IPv4 header checksum");
+    assert_eq!(be16(&out, 16), 40, "IPv4 total length");
+    assert_eq!((&out[26..30], &out[30..34]), (&DIRECTOR[..], &RS[..]));
+    let tcp = &out[34..];
+    assert_eq!((be16(tcp, 0), be16(tcp, 2)), (TCP_LOCAL_PORT, SERVICE_PORT));
+    assert_eq!(
+        be32(tcp, 4),
+        cookie(SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6).wrapping_add(1),
+        "seq = the SYN-ACK's ack"
+    );
+    assert_eq!(tcp[13], RST);
+    assert_eq!(tcp_checksum(DIRECTOR, RS, tcp), 0, "TCP checksum");
+    assert_eq!(f.results(TCP_TARGET).answered, 1);
+    let state = f.state.get(&TCP_TARGET, 0).unwrap();
+    assert!(state.last_reply_ns > state.last_sent_ns);
+    let c = f.counters();
+    assert_eq!(
+        (c.replies_matched, c.resets_sent, c.replies_rejected),
+        (1, 1, 0)
+    );
+
+    // A retransmitted SYN-ACK still gets its RST but is not counted twice.
+    let (action, _) = f.rx(&valid_syn_ack());
+    assert_eq!(action, XDP_TX);
+    assert_eq!(f.results(TCP_TARGET).answered, 1);
+}
+
+#[test]
+fn previous_secret_matches_older_ones_do_not() {
+    let f = fixture();
+    let (action, _) = f.rx(&syn_ack(
+        cookie(PREVIOUS_SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6).wrapping_add(1),
+    ));
+    assert_eq!(action, XDP_TX);
+    let f = fixture();
+    let (action, out) = f.rx(&syn_ack(
+        cookie([1, 1], TCP_LOCAL_PORT, SERVICE_PORT, 6).wrapping_add(1),
+    ));
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(
+        out,
+        syn_ack(cookie([1, 1], TCP_LOCAL_PORT, SERVICE_PORT, 6).wrapping_add(1))
+    );
+}
+
+#[test]
+fn forged_ack_is_rejected_passed_untouched_and_counted() {
+    let f = fixture();
+    let forged = syn_ack(cookie(SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6).wrapping_add(2));
+    let (action, out) = f.rx(&forged);
+    assert_eq!((action, &out), (XDP_PASS, &forged));
+    assert_eq!(f.results(TCP_TARGET).answered, 0);
+    assert_eq!(f.counters().replies_rejected, 1);
+}
+
+#[test]
+fn reset_from_a_closed_port_is_refused_and_dropped() {
+    let f = fixture();
+    let rst = tcp_frame(
+        RS,
+        DIRECTOR,
+        &Tcp {
+            src_port: SERVICE_PORT,
+            dst_port: TCP_LOCAL_PORT,
+            seq: 0,
+            ack: cookie(SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6).wrapping_add(1),
+            flags: RST | ACK,
+            options: &[],
+        },
+    );
+    assert_eq!(f.rx(&rst).0, XDP_DROP);
+    let r = f.results(TCP_TARGET);
+    assert_eq!((r.answered, r.refused), (0, 1));
+}
+
+#[test]
+fn frames_that_are_not_probe_replies_pass_untouched() {
+    let f = fixture();
+    let ack = cookie(SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6).wrapping_add(1);
+    let segment = tcp(
+        RS,
+        DIRECTOR,
+        &Tcp {
+            src_port: SERVICE_PORT,
+            dst_port: TCP_LOCAL_PORT,
+            seq: 1,
+            ack,
+            flags: SYN | ACK,
+            options: &[],
+        },
+    );
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "wrong port",
+            tcp_frame(
+                RS,
+                DIRECTOR,
+                &Tcp {
+                    src_port: SERVICE_PORT,
+                    dst_port: 40000,
+                    seq: 1,
+                    ack,
+                    flags: SYN | ACK,
+                    options: &[],
+                },
+            ),
+        ),
+        (
+            "unknown target",
+            tcp_frame(
+                VIP,
+                DIRECTOR,
+                &Tcp {
+                    src_port: SERVICE_PORT,
+                    dst_port: TCP_LOCAL_PORT,
+                    seq: 1,
+                    ack,
+                    flags: SYN | ACK,
+                    options: &[],
+                },
+            ),
+        ),
+        (
+            "plain ACK",
+            tcp_frame(
+                RS,
+                DIRECTOR,
+                &Tcp {
+                    src_port: SERVICE_PORT,
+                    dst_port: TCP_LOCAL_PORT,
+                    seq: 1,
+                    ack,
+                    flags: ACK,
+                    options: &[],
+                },
+            ),
+        ),
+        (
+            "IP options",
+            ethernet(
+                MAC_B,
+                MAC_A,
+                0x0800,
+                &ipv4(RS, DIRECTOR, 6, 0, &[1, 1, 1, 0], &segment),
+            ),
+        ),
+        (
+            "fragment",
+            ethernet(
+                MAC_B,
+                MAC_A,
+                0x0800,
+                &ipv4(RS, DIRECTOR, 6, 0x2000, &[], &segment),
+            ),
+        ),
+        (
+            "UDP",
+            ethernet(
+                MAC_B,
+                MAC_A,
+                0x0800,
+                &ipv4(RS, DIRECTOR, 17, 0, &[], &[0xee, 0x48, 0, 80, 0, 8, 0, 0]),
+            ),
+        ),
+        ("ARP", ethernet(MAC_B, MAC_A, 0x0806, &[0u8; 28])),
+        ("IPv6", ethernet(MAC_B, MAC_A, 0x86dd, &[0x60; 60])),
+    ];
+    let mut vlan = vec![0x00, 0x64, 0x08, 0x00];
+    vlan.extend_from_slice(&ipv4(RS, DIRECTOR, 6, 0, &[], &segment));
+    cases.push(("VLAN-tagged", ethernet(MAC_B, MAC_A, 0x8100, &vlan)));
+    for (name, frame) in cases {
+        let (action, out) = f.rx(&frame);
+        assert_eq!(action, XDP_PASS, "{name}");
+        assert_eq!(out, frame, "{name}: frame changed");
+    }
+    assert_eq!(f.results(TCP_TARGET).answered, 0);
+    assert_eq!(f.counters().replies_matched, 0);
+}
+
+#[test]
+fn truncated_replies_pass_untouched_at_every_length() {
+    let f = fixture();
+    let full = valid_syn_ack();
+    // BPF_PROG_TEST_RUN refuses XDP frames shorter than an Ethernet header.
+    for len in 14..full.len() - 4 {
+        let frame = &full[..len];
+        let (action, out) = f.rx(frame);
+        assert_eq!(action, XDP_PASS, "cut at {len}");
+        assert_eq!(out, frame, "cut at {len}");
+    }
+    assert_eq!(f.results(TCP_TARGET).answered, 0);
+}
+
+#[test]
+fn echo_reply_with_the_cookie_is_answered() {
+    let f = fixture();
+    let good = cookie(SECRET, ICMP_ID, 0, 1);
+    let mut payload = good.to_be_bytes().to_vec();
+    payload.extend_from_slice(&[0; 4]);
+    let mut rest = ICMP_ID.to_be_bytes().to_vec();
+    rest.extend_from_slice(&(good as u16).to_be_bytes());
+    let reply = ethernet(
+        MAC_B,
+        MAC_A,
+        0x0800,
+        &ipv4(
+            RS,
+            DIRECTOR,
+            1,
+            0,
+            &[],
+            &icmp(0, 0, rest.clone().try_into().unwrap(), &payload),
+        ),
+    );
+    let forged_payload = [0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0];
+    let forged = ethernet(
+        MAC_B,
+        MAC_A,
+        0x0800,
+        &ipv4(
+            RS,
+            DIRECTOR,
+            1,
+            0,
+            &[],
+            &icmp(0, 0, rest.try_into().unwrap(), &forged_payload),
+        ),
+    );
+    assert_eq!(f.rx(&forged), (XDP_PASS, forged.clone()));
+    assert_eq!(f.rx(&reply).0, XDP_DROP);
+    assert_eq!(f.results(ICMP_TARGET).answered, 1);
+    assert_eq!(f.counters().replies_rejected, 1);
+}
+
+#[test]
+fn icmp_unreachable_quoting_a_probe_is_recorded() {
+    let f = fixture();
+    let seq = cookie(SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6);
+    let probe = tcp(
+        DIRECTOR,
+        RS,
+        &Tcp {
+            src_port: TCP_LOCAL_PORT,
+            dst_port: SERVICE_PORT,
+            seq,
+            ack: 0,
+            flags: SYN,
+            options: &[],
+        },
+    );
+    let quoted_ip = ipv4(DIRECTOR, RS, 6, 0, &[], &probe);
+    let quote = &quoted_ip[..28]; // IPv4 header + first 8 bytes, as routers send
+    let router = [198, 51, 100, 1];
+    let unreachable = ethernet(
+        MAC_B,
+        MAC_A,
+        0x0800,
+        &ipv4(router, DIRECTOR, 1, 0, &[], &icmp(3, 1, [0; 4], quote)),
+    );
+    assert_eq!(f.rx(&unreachable).0, XDP_DROP);
+    assert_eq!(f.results(TCP_TARGET).unreachable, 1);
+
+    // One quoting a segment with another sequence number is not ours.
+    let f = fixture();
+    let other = tcp(
+        DIRECTOR,
+        RS,
+        &Tcp {
+            src_port: TCP_LOCAL_PORT,
+            dst_port: SERVICE_PORT,
+            seq: seq ^ 1,
+            ack: 0,
+            flags: SYN,
+            options: &[],
+        },
+    );
+    let quoted = ipv4(DIRECTOR, RS, 6, 0, &[], &other);
+    let frame = ethernet(
+        MAC_B,
+        MAC_A,
+        0x0800,
+        &ipv4(
+            router,
+            DIRECTOR,
+            1,
+            0,
+            &[],
+            &icmp(3, 1, [0; 4], &quoted[..28]),
+        ),
+    );
+    assert_eq!(f.rx(&frame), (XDP_PASS, frame.clone()));
+    assert_eq!(f.results(TCP_TARGET).unreachable, 0);
+}
+
+fn tx_target(kind: u8, encapsulation: u8, dst: [u8; 4], port: u16, local_port: u16) -> ProbeTarget {
+    ProbeTarget {
+        dst_mac: MAC_B,
+        src_mac: MAC_A,
+        kind,
+        family: family::IPV4,
+        encap: encapsulation,
+        _pad0: 0,
+        dst_port: port.to_be(),
+        src_port: local_port.to_be(),
+        ifindex: 1,
+        src_addr: addr16(DIRECTOR.into()),
+        dst_addr: addr16(dst.into()),
+        outer_src: addr16(DIRECTOR.into()),
+        real_server: addr16(RS.into()),
+    }
+}
+
+/// Runs probe_tx once for `target` and returns verdict and frame.
+fn transmit(f: &mut Fixture, target: ProbeTarget) -> (u32, Vec<u8>) {
+    f.maps.targets.set(5, target, 0).unwrap();
+    f.maps.batch.set(0, 5, 0).unwrap();
+    f.maps
+        .cursor
+        .set(0, BatchCursor { next: 0, len: 1 }, 0)
+        .unwrap();
+    let run = run_xdp(f.tx.as_fd(), &[0u8; prober_common::PROBE_FRAME_MAX], 1).unwrap();
+    (run.action, run.frame)
+}
+
+#[test]
+fn probe_tx_writes_a_syn_with_the_cookie() {
+    let mut f = fixture();
+    let (action, frame) = transmit(
+        &mut f,
+        tx_target(probe_kind::TCP_SYN, encap::NONE, RS, 8080, 61234),
+    );
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(frame.len(), 14 + 20 + 24);
+    assert_eq!(
+        (&frame[0..6], &frame[6..12], be16(&frame, 12)),
+        (&MAC_B[..], &MAC_A[..], 0x0800)
+    );
+    assert_eq!(checksum(&frame[14..34]), 0);
+    assert_eq!(
+        (frame[23], &frame[26..30], &frame[30..34]),
+        (6, &DIRECTOR[..], &RS[..])
+    );
+    let tcp = &frame[34..];
+    assert_eq!((be16(tcp, 0), be16(tcp, 2), tcp[13]), (61234, 8080, SYN));
+    assert_eq!(
+        be32(tcp, 4),
+        probe_cookie(
+            SECRET,
+            &addr16(DIRECTOR.into()),
+            &addr16(RS.into()),
+            61234u16.to_be(),
+            8080u16.to_be(),
+            6
+        )
+    );
+    assert_eq!(tcp_checksum(DIRECTOR, RS, tcp), 0);
+    let state = f.state.get(&5, 0).unwrap();
+    assert_eq!(state.sent, 1);
+    assert!(state.last_sent_ns > 0);
+    // The next probe of an unanswered target counts a time-out.
+    transmit(
+        &mut f,
+        tx_target(probe_kind::TCP_SYN, encap::NONE, RS, 8080, 61234),
+    );
+    let state = f.state.get(&5, 0).unwrap();
+    assert_eq!((state.sent, state.timed_out), (2, 1));
+}
+
+#[test]
+fn probe_tx_direct_routing_keeps_the_vip_and_tunnel_wraps_it() {
+    let mut f = fixture();
+    let (_, dr) = transmit(
+        &mut f,
+        tx_target(probe_kind::TCP_SYN, encap::NONE, VIP, 80, 61000),
+    );
+    assert_eq!(
+        &dr[30..34],
+        &VIP,
+        "direct routing: destination VIP, real server's MAC"
+    );
+    assert_eq!(&dr[0..6], &MAC_B);
+
+    let (action, tun) = transmit(
+        &mut f,
+        tx_target(probe_kind::TCP_SYN, encap::IPIP, VIP, 80, 61000),
+    );
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(tun.len(), 14 + 20 + 20 + 24);
+    assert_eq!(
+        (tun[23], &tun[26..30], &tun[30..34]),
+        (4, &DIRECTOR[..], &RS[..]),
+        "outer IPIP header to the real server"
+    );
+    assert_eq!(checksum(&tun[14..34]), 0);
+    assert_eq!(be16(&tun, 16), 20 + 20 + 24);
+    assert_eq!(
+        (tun[43], &tun[50..54]),
+        (6, &VIP[..]),
+        "inner TCP to the VIP"
+    );
+    assert_eq!(checksum(&tun[34..54]), 0);
+    assert_eq!(tcp_checksum(DIRECTOR, VIP, &tun[54..]), 0);
+}
+
+#[test]
+fn probe_tx_writes_an_echo_request_carrying_the_cookie() {
+    let mut f = fixture();
+    let (action, frame) = transmit(
+        &mut f,
+        tx_target(probe_kind::ICMP_ECHO, encap::NONE, RS, 0, 61001),
+    );
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(frame.len(), 14 + 20 + 16);
+    assert_eq!(frame[23], 1);
+    let icmp = &frame[34..];
+    assert_eq!((icmp[0], be16(icmp, 4)), (8, 61001));
+    assert_eq!(checksum(icmp), 0);
+    assert_eq!(
+        be32(icmp, 8),
+        probe_cookie(
+            SECRET,
+            &addr16(DIRECTOR.into()),
+            &addr16(RS.into()),
+            61001u16.to_be(),
+            0,
+            1
+        )
+    );
+}
+
+#[test]
+fn probe_tx_past_the_end_of_the_batch_sends_nothing() {
+    let mut f = fixture();
+    f.maps
+        .cursor
+        .set(0, BatchCursor { next: 1, len: 1 }, 0)
+        .unwrap();
+    let run = run_xdp(f.tx.as_fd(), &[0u8; prober_common::PROBE_FRAME_MAX], 1).unwrap();
+    assert_eq!(run.action, XDP_DROP);
+    assert_eq!(f.counters().probe_errors, 1);
+}

@@ -1,0 +1,272 @@
+//! Active probes end to end: `prober run` in a director namespace probes
+//! real listeners in a real-server namespace across veth, with delay and
+//! loss imposed by netem.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use prober_tests::{wait_for, Daemon, PeerXdp, PinDir, VethPair, VETH};
+use serde_json::Value;
+
+/// The target of `stats` whose probe reads `probe`.
+fn target<'a>(stats: &'a Value, probe: &str) -> &'a Value {
+    stats["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["probe"] == probe)
+        .unwrap_or_else(|| panic!("no target {probe} in {stats:#}"))
+}
+
+fn field(stats: &Value, probe: &str, name: &str) -> u64 {
+    target(stats, probe)[name].as_u64().unwrap()
+}
+
+/// Waits until every listed probe has had `n` probes sent and settled.
+fn wait_rounds(daemon: &Daemon, probes: &[&str], n: u64) -> Value {
+    wait_for(Duration::from_secs(15), || {
+        let stats = daemon.stats()?;
+        let done = probes.iter().all(|p| {
+            let t = target(&stats, p);
+            let settled = ["answered", "refused", "unreachable", "timed_out"]
+                .iter()
+                .map(|f| t[f].as_u64().unwrap())
+                .sum::<u64>();
+            settled >= n
+        });
+        Ok(done.then_some(stats))
+    })
+    .unwrap()
+}
+
+/// This host's kernel has no netem (nor any delaying qdisc), so here the
+/// RTT is veth's own; the 20 ms netem check runs with real IPVS in the guest.
+#[test]
+fn open_port_answers_closed_port_refuses_and_nothing_stays_half_open() {
+    let pair = VethPair::new().unwrap();
+    let _peer = PeerXdp::attach(&pair.server, VETH).unwrap();
+    let _listener = pair
+        .server
+        .listen(SocketAddrV4::new(pair.server_addr, 8080))
+        .unwrap();
+    let pin_dir = PinDir::new();
+    let probes = ["tcp:192.0.2.2:8080", "tcp:192.0.2.2:8081", "icmp:192.0.2.2"];
+    let mut args = vec!["--interval", "100ms"];
+    for p in &probes {
+        args.extend(["--probe", p]);
+    }
+    let mut daemon = Daemon::start_with(&pair.client, VETH, &pin_dir, &args).unwrap();
+    let stats = wait_rounds(&daemon, &probes, 5);
+
+    let open = target(&stats, "tcp:192.0.2.2:8080");
+    assert!(open["answered"].as_u64().unwrap() >= 5, "{open}");
+    assert_eq!(
+        (open["refused"].as_u64(), open["unreachable"].as_u64()),
+        (Some(0), Some(0)),
+        "{open}"
+    );
+    let rtt_ms = open["last_rtt_ns"].as_u64().unwrap() as f64 / 1e6;
+    assert!(
+        rtt_ms > 0.0 && rtt_ms < 10.0,
+        "SYN-ACK RTT {rtt_ms} ms across one veth"
+    );
+    // Every answer is in the histogram, in a bucket below 16 ms.
+    let histogram: Vec<u64> = open["rtt_log2_us"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        histogram[..14].iter().sum::<u64>(),
+        open["answered"].as_u64().unwrap(),
+        "{histogram:?}"
+    );
+
+    let closed = target(&stats, "tcp:192.0.2.2:8081");
+    assert!(closed["refused"].as_u64().unwrap() >= 5, "{closed}");
+    assert_eq!(closed["answered"].as_u64(), Some(0), "{closed}");
+
+    let icmp = target(&stats, "icmp:192.0.2.2");
+    assert!(icmp["answered"].as_u64().unwrap() >= 5, "{icmp}");
+    let icmp_ms = icmp["last_rtt_ns"].as_u64().unwrap() as f64 / 1e6;
+    assert!(icmp_ms > 0.0 && icmp_ms < 10.0, "echo RTT {icmp_ms} ms");
+    for p in probes {
+        assert_eq!(
+            field(&stats, p, "timed_out"),
+            0,
+            "{p} timed out with a 100 ms interval"
+        );
+    }
+    assert!(stats["resets_sent"].as_u64().unwrap() >= 5);
+    assert_eq!(stats["replies_rejected"].as_u64(), Some(0));
+
+    daemon.stop(libc::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        pair.server.half_open_connections().unwrap(),
+        0,
+        "half-open connections left on the real server"
+    );
+}
+
+#[test]
+fn a_dropped_path_times_out() {
+    let pair = VethPair::new().unwrap();
+    let _peer = PeerXdp::attach(&pair.server, VETH).unwrap();
+    let _listener = pair
+        .server
+        .listen(SocketAddrV4::new(pair.server_addr, 8080))
+        .unwrap();
+    // The real server's replies to the director go nowhere.
+    pair.server
+        .ip(&["route", "add", "blackhole", "192.0.2.1/32"])
+        .unwrap();
+    let pin_dir = PinDir::new();
+    let probes = ["tcp:192.0.2.2:8080", "icmp:192.0.2.2"];
+    let daemon = Daemon::start_with(
+        &pair.client,
+        VETH,
+        &pin_dir,
+        &[
+            "--interval",
+            "50ms",
+            "--probe",
+            probes[0],
+            "--probe",
+            probes[1],
+        ],
+    )
+    .unwrap();
+    let stats = wait_rounds(&daemon, &probes, 5);
+    for p in probes {
+        let t = target(&stats, p);
+        assert_eq!(t["answered"].as_u64(), Some(0), "{t}");
+        assert!(t["timed_out"].as_u64().unwrap() >= 5, "{t}");
+        assert!(
+            t["timed_out"].as_u64().unwrap() + 1 >= t["sent"].as_u64().unwrap(),
+            "{t}"
+        );
+    }
+}
+
+#[test]
+fn direct_routing_probe_reaches_the_vip_on_the_real_server() {
+    let pair = VethPair::new().unwrap();
+    let _peer = PeerXdp::attach(&pair.server, VETH).unwrap();
+    let vip = Ipv4Addr::new(203, 0, 113, 10);
+    // As with IPVS-DR: the real server holds the VIP on lo and answers only
+    // there; the director holds it too.
+    for ns in [&pair.server, &pair.client] {
+        ns.ip(&["addr", "add", "203.0.113.10/32", "dev", "lo"])
+            .unwrap();
+    }
+    let _listener = pair.server.listen(SocketAddrV4::new(vip, 80)).unwrap();
+    let pin_dir = PinDir::new();
+    let probes = [
+        "tcp:203.0.113.10:80,dr=192.0.2.2",
+        "tcp:203.0.113.10:81,dr=192.0.2.2",
+        "tcp:192.0.2.2:80",
+    ];
+    let mut args = vec!["--interval", "50ms"];
+    for p in &probes {
+        args.extend(["--probe", p]);
+    }
+    let daemon = Daemon::start_with(&pair.client, VETH, &pin_dir, &args).unwrap();
+    let stats = wait_rounds(&daemon, &probes, 3);
+    assert!(
+        field(&stats, probes[0], "answered") >= 3,
+        "VIP:80 on the real server: {stats:#}"
+    );
+    assert!(
+        field(&stats, probes[1], "refused") >= 3,
+        "VIP:81 is closed: {stats:#}"
+    );
+    // The same port on the real server's own address is closed: the answer
+    // above came from the VIP.
+    assert!(field(&stats, probes[2], "refused") >= 3, "{stats:#}");
+    assert_eq!(field(&stats, probes[2], "answered"), 0);
+}
+
+#[test]
+fn a_real_server_mac_change_is_followed_and_an_unresolved_neighbour_reported() {
+    let pair = VethPair::new().unwrap();
+    let _peer = PeerXdp::attach(&pair.server, VETH).unwrap();
+    let _listener = pair
+        .server
+        .listen(SocketAddrV4::new(pair.server_addr, 8080))
+        .unwrap();
+    let pin_dir = PinDir::new();
+    let probes = ["tcp:192.0.2.2:8080"];
+    // 192.0.2.99 is on the link but nobody holds it.
+    let daemon = Daemon::start_with(
+        &pair.client,
+        VETH,
+        &pin_dir,
+        &[
+            "--interval",
+            "50ms",
+            "--probe",
+            probes[0],
+            "--probe",
+            "tcp:192.0.2.99:80",
+        ],
+    )
+    .unwrap();
+    wait_rounds(&daemon, &probes, 3);
+    assert!(
+        daemon
+            .log()
+            .contains("neighbour 192.0.2.99 on veth0 is not resolved yet"),
+        "{}",
+        daemon.log()
+    );
+    let stats = daemon.stats().unwrap();
+    assert!(
+        stats["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["probe"] != "tcp:192.0.2.99:80"),
+        "a probe without a next-hop MAC must not be sent: {stats:#}"
+    );
+
+    // The real server gets a new MAC (a replaced NIC, a failover); the
+    // director's entry for it goes and ARP learns the new one.
+    let new_mac = "02:00:00:00:00:99";
+    pair.server
+        .ip(&["link", "set", "dev", VETH, "address", new_mac])
+        .unwrap();
+    pair.client
+        .ip(&["neigh", "del", "192.0.2.2", "dev", VETH])
+        .unwrap();
+    let before = field(&daemon.stats().unwrap(), probes[0], "answered");
+    let entry = wait_for(Duration::from_secs(10), || {
+        let out = prober_tests::run(
+            std::process::Command::new("bpftool")
+                .args(["-j", "map", "lookup", "pinned"])
+                .arg(pin_dir.join("PROBE_TARGETS"))
+                .args(["key", "0", "0", "0", "0"]),
+        )?;
+        let entry: Value = serde_json::from_slice(&out.stdout)?;
+        let mac: Vec<String> = entry["formatted"]["value"]["dst_mac"]
+            .as_array()
+            .map(|b| {
+                b.iter()
+                    .map(|x| format!("{:02x}", x.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((mac.join(":") == new_mac).then_some(entry))
+    })
+    .unwrap();
+    assert_eq!(entry["formatted"]["value"]["kind"], 2);
+    let answered_after = wait_for(Duration::from_secs(10), || {
+        let answered = field(&daemon.stats()?, probes[0], "answered");
+        Ok((answered >= before + 3).then_some(answered))
+    })
+    .unwrap();
+    assert!(answered_after >= before + 3);
+}
