@@ -1,6 +1,8 @@
 //! `prober`: health checks and response-time weights for IPVS, with the
 //! probing done in eBPF.
 
+mod ipvs_list;
+
 use std::{
     io::IsTerminal,
     path::{Path, PathBuf},
@@ -52,6 +54,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read the kernel's IPVS table (needs CAP_NET_ADMIN).
+    Ipvs {
+        #[command(subcommand)]
+        command: IpvsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum IpvsCommand {
+    /// Every virtual service and real server with forwarding, weight,
+    /// connections, counters, thresholds and tunnel settings (like
+    /// `ipvsadm -Ln --stats`).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,6 +90,9 @@ fn main() -> ExitCode {
             interval,
         } => run(&iface, &cli.pin_dir, &probes, interval),
         Command::Stats { json } => print_stats(&cli.pin_dir, json),
+        Command::Ipvs {
+            command: IpvsCommand::List { json },
+        } => ipvs_list::run(json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

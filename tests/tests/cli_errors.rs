@@ -88,3 +88,26 @@ fn stats_without_a_daemon_says_it_is_not_running() {
         stderr(&out)
     );
 }
+
+/// This machine's kernel has no IPVS (shared/docs/toolchain.md): the
+/// operator gets the reason, not a panic or a raw errno. The same client
+/// against a kernel with IPVS is tested in the guest (guest_ipvs.rs).
+#[test]
+fn ipvs_list_on_a_kernel_without_ipvs_says_so() {
+    let out = Command::new(prober_bin())
+        .args(["ipvs", "list"])
+        .output()
+        .unwrap();
+    if std::path::Path::new("/proc/net/ip_vs").exists() {
+        eprintln!("skipped: this host kernel has IPVS, so the absent-module error cannot occur");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).trim(),
+        "prober: error: this kernel has no IPVS: the generic netlink family \"IPVS\" does not \
+         exist and could not be loaded (try `modprobe ip_vs`; the kernel may be built without \
+         CONFIG_IP_VS)"
+    );
+    assert!(out.stdout.is_empty());
+}

@@ -6,6 +6,7 @@ mod build_ebpf;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use std::path::PathBuf;
 
@@ -35,6 +36,20 @@ enum Command {
         /// Which one: probe.
         name: String,
     },
+    /// Run the guest test binaries (real IPVS) inside a qemu guest booted
+    /// from Debian's 6.1 kernel; installs what the guest needs first.
+    VmTest {
+        /// A test target of prober-tests to run (repeatable); default: all
+        /// guest tests.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
+        /// Kill the guest after this many seconds.
+        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+        timeout: u64,
+        /// Arguments for each test binary, e.g. a test name filter.
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +63,15 @@ fn main() -> anyhow::Result<()> {
         Command::Test => test::run(),
         Command::Demo => demo::run(),
         Command::Bench { name } => bench::run(&name),
+        Command::VmTest {
+            tests,
+            timeout,
+            test_args,
+        } => vm::run(&vm::VmTestOptions {
+            tests,
+            test_args,
+            timeout: std::time::Duration::from_secs(timeout),
+        }),
     }
 }
 

@@ -26,7 +26,7 @@ pub struct Tools {
 
 pub fn run() -> Result<Tools> {
     let started = Instant::now();
-    install_debian_packages()?;
+    install_debian_packages("[setup]", DEBIAN_PACKAGES)?;
     install_rust_src()?;
     let bpf_linker_bin_dir = install_bpf_linker()?;
     mount_bpffs()?;
@@ -34,20 +34,21 @@ pub fn run() -> Result<Tools> {
     Ok(Tools { bpf_linker_bin_dir })
 }
 
-fn install_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// Installs those of `packages` that are missing; `tag` prefixes progress lines.
+pub fn install_debian_packages(tag: &str, packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !debian_package_installed(p))
         .collect();
     if missing.is_empty() {
         println!(
-            "[setup] Debian packages: all present ({})",
-            DEBIAN_PACKAGES.join(", ")
+            "{tag} Debian packages: all present ({})",
+            packages.join(", ")
         );
         return Ok(());
     }
-    println!("[setup] Debian packages: installing {}", missing.join(", "));
+    println!("{tag} Debian packages: installing {}", missing.join(", "));
     run_command(Command::new("apt-get").args(["update", "-q"]))
         .context("apt-get update (root and access to Debian's mirrors are needed)")?;
     run_command(
@@ -194,7 +195,7 @@ pub fn cache_dir() -> PathBuf {
         .join("prober")
 }
 
-fn command_stdout(cmd: &mut Command) -> Result<String> {
+pub fn command_stdout(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));

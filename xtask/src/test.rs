@@ -4,7 +4,7 @@ use std::{process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{build_ebpf, run_command, setup, workspace_root};
+use crate::{build_ebpf, run_command, setup, vm, workspace_root};
 
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
@@ -28,6 +28,9 @@ pub fn run() -> Result<()> {
                 "--exclude",
                 "prober-ebpf",
                 "--all-targets",
+                // Lints the guest-only tests too (they are not run here).
+                "--features",
+                "prober-tests/guest",
             ])
             .args(["--", "-D", "warnings"]),
     )?;
@@ -47,6 +50,15 @@ pub fn run() -> Result<()> {
         "unit and integration tests",
         cargo().args(["test", "--workspace", "--exclude", "prober-ebpf"]),
     )?;
+    // Not optional: the IPVS client is only proven against a real IPVS.
+    let started_guest = Instant::now();
+    println!("[test] guest tests (real IPVS in a qemu guest)");
+    vm::test_in_guest(&vm::VmTestOptions::default())
+        .context("step failed: guest tests (real IPVS in a qemu guest)")?;
+    println!(
+        "[test] guest tests (real IPVS in a qemu guest): ok ({:.1} s)",
+        started_guest.elapsed().as_secs_f64()
+    );
     println!(
         "[test] all checks passed in {:.0} s",
         started.elapsed().as_secs_f64()
