@@ -490,3 +490,34 @@ pub fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Result<Option<T>>
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The target of `stats` whose probe reads `probe`.
+pub fn target<'a>(stats: &'a serde_json::Value, probe: &str) -> &'a serde_json::Value {
+    stats["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["probe"] == probe)
+        .unwrap_or_else(|| panic!("no target {probe} in {stats:#}"))
+}
+
+pub fn field(stats: &serde_json::Value, probe: &str, name: &str) -> u64 {
+    target(stats, probe)[name].as_u64().unwrap()
+}
+
+/// Waits until every listed probe has had `n` probes sent and settled.
+pub fn wait_rounds(daemon: &Daemon, probes: &[&str], n: u64) -> serde_json::Value {
+    wait_for(Duration::from_secs(15), || {
+        let stats = daemon.stats()?;
+        let done = probes.iter().all(|p| {
+            let t = target(&stats, p);
+            let settled = ["answered", "refused", "unreachable", "timed_out"]
+                .iter()
+                .map(|f| t[f].as_u64().unwrap())
+                .sum::<u64>();
+            settled >= n
+        });
+        Ok(done.then_some(stats))
+    })
+    .unwrap()
+}

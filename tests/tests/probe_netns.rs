@@ -7,39 +7,8 @@ use std::{
     time::Duration,
 };
 
-use prober_tests::{wait_for, Daemon, PeerXdp, PinDir, VethPair, VETH};
+use prober_tests::{field, target, wait_for, wait_rounds, Daemon, PeerXdp, PinDir, VethPair, VETH};
 use serde_json::Value;
-
-/// The target of `stats` whose probe reads `probe`.
-fn target<'a>(stats: &'a Value, probe: &str) -> &'a Value {
-    stats["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["probe"] == probe)
-        .unwrap_or_else(|| panic!("no target {probe} in {stats:#}"))
-}
-
-fn field(stats: &Value, probe: &str, name: &str) -> u64 {
-    target(stats, probe)[name].as_u64().unwrap()
-}
-
-/// Waits until every listed probe has had `n` probes sent and settled.
-fn wait_rounds(daemon: &Daemon, probes: &[&str], n: u64) -> Value {
-    wait_for(Duration::from_secs(15), || {
-        let stats = daemon.stats()?;
-        let done = probes.iter().all(|p| {
-            let t = target(&stats, p);
-            let settled = ["answered", "refused", "unreachable", "timed_out"]
-                .iter()
-                .map(|f| t[f].as_u64().unwrap())
-                .sum::<u64>();
-            settled >= n
-        });
-        Ok(done.then_some(stats))
-    })
-    .unwrap()
-}
 
 /// This host's kernel has no netem (nor any delaying qdisc), so here the
 /// RTT is veth's own; the 20 ms netem check runs with real IPVS in the guest.

@@ -1,0 +1,104 @@
+//! Active probes in the qemu guest (Debian 6.1 kernel), for what this host's
+//! kernel cannot do: netem delays and IPIP decapsulation.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use prober_tests::{field, run, target, wait_rounds, Daemon, PeerXdp, PinDir, VethPair, VETH};
+
+#[test]
+fn probe_rtt_matches_the_delay_netem_imposes() {
+    let pair = VethPair::new().unwrap();
+    let _peer = PeerXdp::attach(&pair.server, VETH).unwrap();
+    pair.server.netem(VETH, &["delay", "20ms"]).unwrap();
+    let _listener = pair
+        .server
+        .listen(SocketAddrV4::new(pair.server_addr, 8080))
+        .unwrap();
+    let pin_dir = PinDir::new();
+    let probes = ["tcp:192.0.2.2:8080", "icmp:192.0.2.2"];
+    let daemon = Daemon::start_with(
+        &pair.client,
+        VETH,
+        &pin_dir,
+        &[
+            "--interval",
+            "100ms",
+            "--probe",
+            probes[0],
+            "--probe",
+            probes[1],
+        ],
+    )
+    .unwrap();
+    let stats = wait_rounds(&daemon, &probes, 5);
+    for probe in probes {
+        let t = target(&stats, probe);
+        let answered = t["answered"].as_u64().unwrap();
+        assert!(answered >= 5, "{t}");
+        let rtt_ms = t["last_rtt_ns"].as_u64().unwrap() as f64 / 1e6;
+        println!("{probe}: last RTT {rtt_ms:.3} ms with netem delay 20 ms");
+        assert!(
+            (17.0..=23.0).contains(&rtt_ms),
+            "{probe}: RTT {rtt_ms} ms, netem imposes 20 ms"
+        );
+        // 20 ms = 20,000 µs: log2 bucket 14 ([16384, 32768) µs) holds most
+        // of them (emulation in the guest stretches the odd one).
+        let in_bucket = t["rtt_log2_us"][14].as_u64().unwrap();
+        assert!(
+            in_bucket * 10 >= answered * 8,
+            "{in_bucket} of {answered} in the 16-32 ms bucket: {t}"
+        );
+    }
+}
+
+#[test]
+fn tunnel_probe_reaches_the_vip_through_ipip() {
+    let pair = VethPair::new().unwrap();
+    let _peer = PeerXdp::attach(&pair.server, VETH).unwrap();
+    run(std::process::Command::new("modprobe").arg("ipip")).unwrap();
+    // As with IPVS tunnelling: the real server decapsulates on tunl0 and
+    // holds the VIP on lo; it replies straight to the director.
+    pair.server.ip(&["link", "set", "tunl0", "up"]).unwrap();
+    for key in [
+        "net.ipv4.conf.all.rp_filter",
+        "net.ipv4.conf.tunl0.rp_filter",
+    ] {
+        pair.server.sysctl(key, "0").unwrap();
+    }
+    pair.server
+        .ip(&["addr", "add", "203.0.113.10/32", "dev", "lo"])
+        .unwrap();
+    let _listener = pair
+        .server
+        .listen(SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 80))
+        .unwrap();
+    let pin_dir = PinDir::new();
+    let probes = [
+        "tcp:203.0.113.10:80,tun=192.0.2.2",
+        "tcp:203.0.113.10:81,tun=192.0.2.2",
+    ];
+    let daemon = Daemon::start_with(
+        &pair.client,
+        VETH,
+        &pin_dir,
+        &[
+            "--interval",
+            "100ms",
+            "--probe",
+            probes[0],
+            "--probe",
+            probes[1],
+        ],
+    )
+    .unwrap();
+    let stats = wait_rounds(&daemon, &probes, 3);
+    assert!(
+        field(&stats, probes[0], "answered") >= 3,
+        "VIP:80 through the tunnel: {stats:#}"
+    );
+    assert!(
+        field(&stats, probes[1], "refused") >= 3,
+        "VIP:81 through the tunnel: {stats:#}"
+    );
+    assert_eq!(pair.server.half_open_connections().unwrap(), 0);
+}
