@@ -267,8 +267,9 @@ fn install_kernel(kernels: &Path, release: &str) -> Result<()> {
 // --------------------------------------------------------------- initramfs
 
 /// The guest's PID 1 until it hands over to the host's /bin/sh. Mounts the
-/// host root (read-only) and the result share (writable, at the same path
-/// as on the host), tmpfs where the guest must write, then switch_root, so
+/// host root and the workspace (read-only) and the result share (writable),
+/// each at the same path as on the host, tmpfs where the guest must write,
+/// then switch_root, so
 /// the kernel's module loader runs the host's modprobe too.
 const GUEST_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mkdir -p /sbin /usr/bin /usr/sbin /proc /sys /dev /newroot
@@ -284,6 +285,13 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /newroot \
     || fail "cannot mount the host root over 9p"
 mount -t tmpfs tmp /newroot/tmp
 mount -t tmpfs run /newroot/run
+# The workspace again at its own path: a checkout under /tmp would
+# otherwise be hidden by the guest's tmpfs.
+workspace=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^prober.workspace=//p')
+[ -n "$workspace" ] || fail "no prober.workspace= on the kernel command line"
+mkdir -p "/newroot$workspace" 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 workspace "/newroot$workspace" \
+    || fail "cannot mount the workspace at $workspace"
 mkdir -p "/newroot$out"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out "/newroot$out" \
     || fail "cannot mount the result share at $out"
@@ -558,10 +566,16 @@ fn run_guest(
         .arg(&guest.initramfs)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 mitigations=off prober.out={out_text}"
+            "console=ttyS0 quiet panic=-1 mitigations=off prober.out={out_text} prober.workspace={}",
+            workspace_root().display()
         ))
         .arg("-virtfs")
         .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=workspace,security_model=none,readonly=on,multidevs=remap",
+            workspace_root().display()
+        ))
         .arg("-virtfs")
         .arg(format!(
             "local,path={out_text},mount_tag=out,security_model=none,multidevs=remap"
