@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use aya::maps::{Map, MapData, PerCpuArray};
+use anyhow::Result;
+use aya::maps::{MapData, PerCpuArray};
 use prober_common::{map_names, DatapathCounters};
 use serde::Serialize;
 
@@ -26,19 +26,8 @@ pub struct Stats {
 }
 
 pub fn read(pin_dir: &Path) -> Result<Stats> {
-    let path = pin_dir.join(map_names::COUNTERS);
-    if !path.exists() {
-        anyhow::bail!(
-            "prober is not running: there is no pinned map at {} \
-             (start the daemon with `prober run --iface <interface>`)",
-            path.display()
-        );
-    }
-    let map_data = MapData::from_pin(&path)
-        .with_context(|| format!("opening pinned map {}", path.display()))?;
-    let array: PerCpuArray<_, DatapathCounters> =
-        PerCpuArray::try_from(Map::from_map_data(map_data)?)
-            .with_context(|| format!("{} is not prober's per-CPU counter array", path.display()))?;
+    let array: PerCpuArray<MapData, DatapathCounters> =
+        report::open_pinned(pin_dir, map_names::COUNTERS)?;
     let slots = array.get(&0, 0)?;
     let total = slots
         .iter()

@@ -344,6 +344,15 @@ impl Daemon {
         Self::start_with(netns, interface, pin_dir, &[])
     }
 
+    /// `prober run` probing `probes` every `interval` (e.g. "100ms").
+    pub fn probing(netns: &NetNs, pin_dir: &Path, interval: &str, probes: &[&str]) -> Result<Self> {
+        let mut args = vec!["--interval", interval];
+        for probe in probes {
+            args.extend(["--probe", probe]);
+        }
+        Self::start_with(netns, VETH, pin_dir, &args)
+    }
+
     /// Like [`Daemon::start`], with more `prober run` arguments (probes...).
     pub fn start_with(
         netns: &NetNs,

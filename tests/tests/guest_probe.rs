@@ -16,20 +16,7 @@ fn probe_rtt_matches_the_delay_netem_imposes() {
         .unwrap();
     let pin_dir = PinDir::new();
     let probes = ["tcp:192.0.2.2:8080", "icmp:192.0.2.2"];
-    let daemon = Daemon::start_with(
-        &pair.client,
-        VETH,
-        &pin_dir,
-        &[
-            "--interval",
-            "100ms",
-            "--probe",
-            probes[0],
-            "--probe",
-            probes[1],
-        ],
-    )
-    .unwrap();
+    let daemon = Daemon::probing(&pair.client, &pin_dir, "100ms", &probes).unwrap();
     let stats = wait_rounds(&daemon, &probes, 5);
     for probe in probes {
         let t = target(&stats, probe);
@@ -77,20 +64,7 @@ fn tunnel_probe_reaches_the_vip_through_ipip() {
         "tcp:203.0.113.10:80,tun=192.0.2.2",
         "tcp:203.0.113.10:81,tun=192.0.2.2",
     ];
-    let daemon = Daemon::start_with(
-        &pair.client,
-        VETH,
-        &pin_dir,
-        &[
-            "--interval",
-            "100ms",
-            "--probe",
-            probes[0],
-            "--probe",
-            probes[1],
-        ],
-    )
-    .unwrap();
+    let daemon = Daemon::probing(&pair.client, &pin_dir, "100ms", &probes).unwrap();
     let stats = wait_rounds(&daemon, &probes, 3);
     assert!(
         field(&stats, probes[0], "answered") >= 3,

@@ -22,11 +22,7 @@ fn open_port_answers_closed_port_refuses_and_nothing_stays_half_open() {
         .unwrap();
     let pin_dir = PinDir::new();
     let probes = ["tcp:192.0.2.2:8080", "tcp:192.0.2.2:8081", "icmp:192.0.2.2"];
-    let mut args = vec!["--interval", "100ms"];
-    for p in &probes {
-        args.extend(["--probe", p]);
-    }
-    let mut daemon = Daemon::start_with(&pair.client, VETH, &pin_dir, &args).unwrap();
+    let mut daemon = Daemon::probing(&pair.client, &pin_dir, "100ms", &probes).unwrap();
     let stats = wait_rounds(&daemon, &probes, 5);
 
     let open = target(&stats, "tcp:192.0.2.2:8080");
@@ -95,20 +91,7 @@ fn a_dropped_path_times_out() {
         .unwrap();
     let pin_dir = PinDir::new();
     let probes = ["tcp:192.0.2.2:8080", "icmp:192.0.2.2"];
-    let daemon = Daemon::start_with(
-        &pair.client,
-        VETH,
-        &pin_dir,
-        &[
-            "--interval",
-            "50ms",
-            "--probe",
-            probes[0],
-            "--probe",
-            probes[1],
-        ],
-    )
-    .unwrap();
+    let daemon = Daemon::probing(&pair.client, &pin_dir, "50ms", &probes).unwrap();
     let stats = wait_rounds(&daemon, &probes, 5);
     for p in probes {
         let t = target(&stats, p);
@@ -139,11 +122,7 @@ fn direct_routing_probe_reaches_the_vip_on_the_real_server() {
         "tcp:203.0.113.10:81,dr=192.0.2.2",
         "tcp:192.0.2.2:80",
     ];
-    let mut args = vec!["--interval", "50ms"];
-    for p in &probes {
-        args.extend(["--probe", p]);
-    }
-    let daemon = Daemon::start_with(&pair.client, VETH, &pin_dir, &args).unwrap();
+    let daemon = Daemon::probing(&pair.client, &pin_dir, "50ms", &probes).unwrap();
     let stats = wait_rounds(&daemon, &probes, 3);
     assert!(
         field(&stats, probes[0], "answered") >= 3,
@@ -170,18 +149,11 @@ fn a_real_server_mac_change_is_followed_and_an_unresolved_neighbour_reported() {
     let pin_dir = PinDir::new();
     let probes = ["tcp:192.0.2.2:8080"];
     // 192.0.2.99 is on the link but nobody holds it.
-    let daemon = Daemon::start_with(
+    let daemon = Daemon::probing(
         &pair.client,
-        VETH,
         &pin_dir,
-        &[
-            "--interval",
-            "50ms",
-            "--probe",
-            probes[0],
-            "--probe",
-            "tcp:192.0.2.99:80",
-        ],
+        "50ms",
+        &[probes[0], "tcp:192.0.2.99:80"],
     )
     .unwrap();
     wait_rounds(&daemon, &probes, 3);

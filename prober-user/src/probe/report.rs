@@ -28,7 +28,9 @@ pub struct TargetReport {
     pub last_reply_ns: u64,
 }
 
-fn open<T>(pin_dir: &Path, name: &str) -> Result<T>
+/// Opens the map `name` pinned in `pin_dir`, as a typed map; a missing pin
+/// means the daemon is not running.
+pub fn open_pinned<T>(pin_dir: &Path, name: &str) -> Result<T>
 where
     T: TryFrom<Map>,
     <T as TryFrom<Map>>::Error: std::error::Error + Send + Sync + 'static,
@@ -49,9 +51,10 @@ where
 
 /// Reports of every target slot in use, from the maps pinned in `pin_dir`.
 pub fn read_pinned(pin_dir: &Path) -> Result<Vec<TargetReport>> {
-    let targets: Array<MapData, ProbeTarget> = open(pin_dir, map_names::PROBE_TARGETS)?;
-    let states: Array<MapData, ProbeState> = open(pin_dir, map_names::PROBE_STATE)?;
-    let results: PerCpuArray<MapData, ProbeResults> = open(pin_dir, map_names::PROBE_RESULTS)?;
+    let targets: Array<MapData, ProbeTarget> = open_pinned(pin_dir, map_names::PROBE_TARGETS)?;
+    let states: Array<MapData, ProbeState> = open_pinned(pin_dir, map_names::PROBE_STATE)?;
+    let results: PerCpuArray<MapData, ProbeResults> =
+        open_pinned(pin_dir, map_names::PROBE_RESULTS)?;
     let mut reports = Vec::new();
     for id in 0..targets.len() {
         let target = targets.get(&id, 0)?;

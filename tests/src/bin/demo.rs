@@ -35,16 +35,13 @@ fn main() -> Result<()> {
     let _dr_web = pair.server.listen(SocketAddrV4::new(vip, 80))?;
     println!("[demo] real server listens on 192.0.2.2:8080 and on the VIP 203.0.113.10:80 (held on its lo, as with IPVS-DR); 8081 is closed");
 
-    let mut args = vec!["--interval", "200ms"];
-    for p in PROBES {
-        args.extend(["--probe", p]);
-    }
+    let listed: Vec<String> = PROBES.iter().map(|p| format!("--probe {p}")).collect();
     println!(
-        "[demo] prober run --iface {VETH} {} (in {})",
-        args.join(" "),
+        "[demo] prober run --iface {VETH} --interval 200ms {} (in {})",
+        listed.join(" "),
         pair.client.name
     );
-    let mut daemon = Daemon::start_with(&pair.client, VETH, PIN_DIR.as_ref(), &args)?;
+    let mut daemon = Daemon::probing(&pair.client, PIN_DIR.as_ref(), "200ms", &PROBES)?;
     thread::sleep(Duration::from_secs(2));
     show_stats("after 2 s")?;
 
