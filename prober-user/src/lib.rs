@@ -1,5 +1,6 @@
 //! The daemon's parts, one module per concern; `main.rs` is the CLI.
 
+pub mod config;
 pub mod datapath;
 pub mod health;
 pub mod preflight;

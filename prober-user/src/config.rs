@@ -1,0 +1,353 @@
+//! The daemon's configuration: a TOML file for what IPVS discovery cannot
+//! know. Every setting has a default, so no file at all is a valid
+//! configuration (zero-config: every IPVS service is managed).
+//!
+//! ```toml
+//! [daemon]
+//! interval = "1s"          # time between two probes of a target
+//! timeout = "1s"           # a reply slower than this counts as a failure
+//! rise = 2                 # successes in a row that bring a server up
+//! fall = 3                 # failures in a row that take it down
+//! discovery = "5s"         # how often IPVS is re-read
+//! manual_weights = "respect"   # or "overwrite": a weight changed by hand
+//!
+//! [weights]
+//! latency_aware = true     # false: only health moves weights
+//! decay = "10s"            # peak-EWMA time constant
+//! floor = 0.1              # least share of its weight a slow server keeps
+//! hysteresis = 0.05        # smaller changes are not written
+//! max_step = 0.25          # most change per interval
+//! slow_start = "30s"       # ramp after recovery
+//! panic_threshold = 0.5    # more than this share down: keep weights
+//!
+//! [[service]]
+//! match = "tcp:192.0.2.10:80"  # or "fwmark:7"
+//! probe = "tcp"                # "tcp", "icmp" or "none" (leave alone)
+//! port = 8080                  # probe this port instead of the real server's
+//! rise = 3                     # interval, timeout, rise, fall per service
+//! ```
+
+use std::{net::IpAddr, path::Path, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use prober_ipvs::{Family, Protocol, ServiceKey};
+use serde::{de, Deserialize, Deserializer};
+
+use crate::{health::RiseFall, weights::WeightPolicy};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub limits: RiseFall,
+    pub discovery: Duration,
+    pub manual_weights: ManualWeights,
+    pub latency_aware: bool,
+    pub policy: WeightPolicy,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// What to do when a weight in IPVS differs from the one prober wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ManualWeights {
+    /// Take it as the server's new configured weight (keepalived-like).
+    Respect,
+    /// Write prober's weight back.
+    Overwrite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeChoice {
+    Tcp,
+    Icmp,
+    /// Leave the service alone: no probes, no weight writes.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub service: ServiceKey,
+    pub probe: Option<ProbeChoice>,
+    pub port: Option<u16>,
+    pub interval: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            limits: RiseFall::default(),
+            discovery: Duration::from_secs(5),
+            manual_weights: ManualWeights::Respect,
+            latency_aware: true,
+            policy: WeightPolicy::default(),
+            services: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a file; errors name the file, line and field.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let file: File = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", describe(&e, text)))?;
+        let defaults = Config::default();
+        let daemon = file.daemon.unwrap_or_default();
+        let weights = file.weights.unwrap_or_default();
+        let config = Config {
+            interval: daemon.interval.map(|d| d.0).unwrap_or(defaults.interval),
+            timeout: daemon.timeout.map(|d| d.0).unwrap_or(defaults.timeout),
+            limits: RiseFall {
+                rise: daemon.rise.map(|r| r.0).unwrap_or(defaults.limits.rise),
+                fall: daemon.fall.map(|f| f.0).unwrap_or(defaults.limits.fall),
+            },
+            discovery: daemon.discovery.map(|d| d.0).unwrap_or(defaults.discovery),
+            manual_weights: daemon.manual_weights.unwrap_or(defaults.manual_weights),
+            latency_aware: weights.latency_aware.unwrap_or(true),
+            policy: WeightPolicy {
+                decay: weights.decay.map(|d| d.0).unwrap_or(defaults.policy.decay),
+                floor: weights.floor.map(|s| s.0).unwrap_or(defaults.policy.floor),
+                hysteresis: weights.hysteresis.map(|s| s.0).unwrap_or(defaults.policy.hysteresis),
+                max_step: weights.max_step.map(|s| s.0).unwrap_or(defaults.policy.max_step),
+                slow_start: weights.slow_start.map(|d| d.0).unwrap_or(defaults.policy.slow_start),
+                panic_threshold: weights.panic_threshold.map(|s| s.0).unwrap_or(defaults.policy.panic_threshold),
+            },
+            services: file
+                .service
+                .into_iter()
+                .map(|s| ServiceConfig {
+                    service: s.service.0,
+                    probe: s.probe,
+                    port: s.port.map(|p| p.0),
+                    interval: s.interval.map(|d| d.0),
+                    timeout: s.timeout.map(|d| d.0),
+                    rise: s.rise.map(|r| r.0),
+                    fall: s.fall.map(|r| r.0),
+                })
+                .collect(),
+        };
+        for (i, a) in config.services.iter().enumerate() {
+            if config.services[..i].iter().any(|b| b.service == a.service) {
+                bail!("[[service]] number {}: '{}' is configured twice", i + 1, a.service);
+            }
+        }
+        Ok(config)
+    }
+
+    /// The settings of one service, if the file names it.
+    pub fn service(&self, key: &ServiceKey) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.service == *key)
+    }
+}
+
+/// A parse error with its line and column (toml reports byte offsets).
+fn describe(error: &toml::de::Error, text: &str) -> String {
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {}", error.message())
+        }
+        None => error.message().to_string(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    daemon: Option<DaemonSection>,
+    weights: Option<WeightsSection>,
+    #[serde(default)]
+    service: Vec<ServiceSection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DaemonSection {
+    interval: Option<Interval>,
+    timeout: Option<Interval>,
+    rise: Option<Count>,
+    fall: Option<Count>,
+    discovery: Option<Interval>,
+    manual_weights: Option<ManualWeights>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WeightsSection {
+    latency_aware: Option<bool>,
+    decay: Option<Interval>,
+    floor: Option<Share>,
+    hysteresis: Option<Share>,
+    max_step: Option<Share>,
+    slow_start: Option<Interval>,
+    panic_threshold: Option<Share>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    #[serde(rename = "match")]
+    service: ServiceMatch,
+    probe: Option<ProbeChoice>,
+    port: Option<Port>,
+    interval: Option<Interval>,
+    timeout: Option<Interval>,
+    rise: Option<Count>,
+    fall: Option<Count>,
+}
+
+/// A duration like "200ms" or "1s", at least 10 ms.
+struct Interval(Duration);
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let duration = humantime::parse_duration(&text)
+            .map_err(|e| de::Error::custom(format!("'{text}' is not a duration like \"200ms\" or \"1s\" ({e})")))?;
+        if duration < Duration::from_millis(10) {
+            return Err(de::Error::custom(format!("'{text}' is below the 10ms minimum")));
+        }
+        Ok(Interval(duration))
+    }
+}
+
+/// A count of at least 1.
+struct Count(u32);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if !(1..=1000).contains(&n) {
+            return Err(de::Error::custom(format!("{n} is not a count from 1 to 1000")));
+        }
+        Ok(Count(n as u32))
+    }
+}
+
+/// A share between 0 and 1.
+struct Share(f64);
+
+impl<'de> Deserialize<'de> for Share {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let x = f64::deserialize(d)?;
+        if !(0.0..=1.0).contains(&x) {
+            return Err(de::Error::custom(format!("{x} is not a share from 0.0 to 1.0")));
+        }
+        Ok(Share(x))
+    }
+}
+
+struct Port(u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if !(1..=65535).contains(&n) {
+            return Err(de::Error::custom(format!("{n} is not a port from 1 to 65535")));
+        }
+        Ok(Port(n as u16))
+    }
+}
+
+/// "tcp:ADDR:PORT", "udp:...", "sctp:...", "fwmark:MARK" or "fwmark6:MARK".
+struct ServiceMatch(ServiceKey);
+
+impl<'de> Deserialize<'de> for ServiceMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_service(&text).map(ServiceMatch).map_err(de::Error::custom)
+    }
+}
+
+pub fn parse_service(text: &str) -> Result<ServiceKey, String> {
+    let bad = |why: &str| format!("'{text}' is not a service ({why}; expected tcp:ADDR:PORT, udp:..., sctp:..., fwmark:MARK or fwmark6:MARK)");
+    let (kind, rest) = text.split_once(':').ok_or_else(|| bad("no kind"))?;
+    let mark = |family| rest.parse().map(|mark| ServiceKey::Fwmark { family, mark }).map_err(|_| bad("bad mark"));
+    let protocol = match kind {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "sctp" => Protocol::Sctp,
+        "fwmark" => return mark(Family::Ipv4),
+        "fwmark6" => return mark(Family::Ipv6),
+        _ => return Err(bad("unknown kind")),
+    };
+    let (addr, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let addr: IpAddr = addr.trim_matches(['[', ']']).parse().map_err(|_| bad("bad address"))?;
+    let port: u16 = port.parse().map_err(|_| bad("bad port"))?;
+    Ok(ServiceKey::Address { protocol, addr, port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_content_is_the_default_configuration() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn a_full_file_is_read() {
+        let config = Config::parse(
+            r#"
+[daemon]
+interval = "200ms"
+rise = 3
+manual_weights = "overwrite"
+
+[weights]
+floor = 0.2
+slow_start = "1m"
+
+[[service]]
+match = "tcp:192.0.2.10:80"
+port = 8080
+fall = 5
+
+[[service]]
+match = "fwmark:7"
+probe = "none"
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.interval, Duration::from_millis(200));
+        assert_eq!(config.limits, RiseFall { rise: 3, fall: 3 });
+        assert_eq!(config.manual_weights, ManualWeights::Overwrite);
+        assert_eq!(config.policy.floor, 0.2);
+        assert_eq!(config.policy.slow_start, Duration::from_secs(60));
+        let web = config.service(&parse_service("tcp:192.0.2.10:80").unwrap()).unwrap();
+        assert_eq!((web.port, web.fall), (Some(8080), Some(5)));
+        let marked = config.service(&ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 }).unwrap();
+        assert_eq!(marked.probe, Some(ProbeChoice::None));
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let cases = [
+            ("[daemon]\ninterval = \"fast\"\n", "line 2", "not a duration"),
+            ("[daemon]\n\nrise = 0\n", "line 3", "not a count"),
+            ("[weights]\nfloor = 1.5\n", "line 2", "not a share"),
+            ("[[service]]\nmatch = \"tcp:1.2.3.4\"\n", "line 2", "no port"),
+            ("[daemon]\nintervall = \"1s\"\n", "line 2", "intervall"),
+            ("[[service]]\nmatch = \"fwmark:1\"\nport = 0\n", "line 3", "not a port"),
+        ];
+        for (text, line, what) in cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(line) && err.contains(what), "{text:?}: {err}");
+        }
+        let twice = "[[service]]\nmatch = \"fwmark:1\"\n[[service]]\nmatch = \"fwmark:1\"\n";
+        assert!(Config::parse(twice).unwrap_err().to_string().contains("configured twice"));
+    }
+}
