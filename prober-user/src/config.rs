@@ -95,12 +95,14 @@ impl Default for Config {
 impl Config {
     /// Reads and checks a file; errors name the file, line and field.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
         Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let file: File = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", describe(&e, text)))?;
+        let file: File =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", describe(&e, text)))?;
         let defaults = Config::default();
         let daemon = file.daemon.unwrap_or_default();
         let weights = file.weights.unwrap_or_default();
@@ -117,10 +119,22 @@ impl Config {
             policy: WeightPolicy {
                 decay: weights.decay.map(|d| d.0).unwrap_or(defaults.policy.decay),
                 floor: weights.floor.map(|s| s.0).unwrap_or(defaults.policy.floor),
-                hysteresis: weights.hysteresis.map(|s| s.0).unwrap_or(defaults.policy.hysteresis),
-                max_step: weights.max_step.map(|s| s.0).unwrap_or(defaults.policy.max_step),
-                slow_start: weights.slow_start.map(|d| d.0).unwrap_or(defaults.policy.slow_start),
-                panic_threshold: weights.panic_threshold.map(|s| s.0).unwrap_or(defaults.policy.panic_threshold),
+                hysteresis: weights
+                    .hysteresis
+                    .map(|s| s.0)
+                    .unwrap_or(defaults.policy.hysteresis),
+                max_step: weights
+                    .max_step
+                    .map(|s| s.0)
+                    .unwrap_or(defaults.policy.max_step),
+                slow_start: weights
+                    .slow_start
+                    .map(|d| d.0)
+                    .unwrap_or(defaults.policy.slow_start),
+                panic_threshold: weights
+                    .panic_threshold
+                    .map(|s| s.0)
+                    .unwrap_or(defaults.policy.panic_threshold),
             },
             services: file
                 .service
@@ -138,7 +152,11 @@ impl Config {
         };
         for (i, a) in config.services.iter().enumerate() {
             if config.services[..i].iter().any(|b| b.service == a.service) {
-                bail!("[[service]] number {}: '{}' is configured twice", i + 1, a.service);
+                bail!(
+                    "[[service]] number {}: '{}' is configured twice",
+                    i + 1,
+                    a.service
+                );
             }
         }
         Ok(config)
@@ -214,10 +232,15 @@ struct Interval(Duration);
 impl<'de> Deserialize<'de> for Interval {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        let duration = humantime::parse_duration(&text)
-            .map_err(|e| de::Error::custom(format!("'{text}' is not a duration like \"200ms\" or \"1s\" ({e})")))?;
+        let duration = humantime::parse_duration(&text).map_err(|e| {
+            de::Error::custom(format!(
+                "'{text}' is not a duration like \"200ms\" or \"1s\" ({e})"
+            ))
+        })?;
         if duration < Duration::from_millis(10) {
-            return Err(de::Error::custom(format!("'{text}' is below the 10ms minimum")));
+            return Err(de::Error::custom(format!(
+                "'{text}' is below the 10ms minimum"
+            )));
         }
         Ok(Interval(duration))
     }
@@ -230,7 +253,9 @@ impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let n = i64::deserialize(d)?;
         if !(1..=1000).contains(&n) {
-            return Err(de::Error::custom(format!("{n} is not a count from 1 to 1000")));
+            return Err(de::Error::custom(format!(
+                "{n} is not a count from 1 to 1000"
+            )));
         }
         Ok(Count(n as u32))
     }
@@ -243,7 +268,9 @@ impl<'de> Deserialize<'de> for Share {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let x = f64::deserialize(d)?;
         if !(0.0..=1.0).contains(&x) {
-            return Err(de::Error::custom(format!("{x} is not a share from 0.0 to 1.0")));
+            return Err(de::Error::custom(format!(
+                "{x} is not a share from 0.0 to 1.0"
+            )));
         }
         Ok(Share(x))
     }
@@ -255,7 +282,9 @@ impl<'de> Deserialize<'de> for Port {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let n = i64::deserialize(d)?;
         if !(1..=65535).contains(&n) {
-            return Err(de::Error::custom(format!("{n} is not a port from 1 to 65535")));
+            return Err(de::Error::custom(format!(
+                "{n} is not a port from 1 to 65535"
+            )));
         }
         Ok(Port(n as u16))
     }
@@ -267,14 +296,22 @@ struct ServiceMatch(ServiceKey);
 impl<'de> Deserialize<'de> for ServiceMatch {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        parse_service(&text).map(ServiceMatch).map_err(de::Error::custom)
+        parse_service(&text)
+            .map(ServiceMatch)
+            .map_err(de::Error::custom)
     }
 }
 
 pub fn parse_service(text: &str) -> Result<ServiceKey, String> {
-    let bad = |why: &str| format!("'{text}' is not a service ({why}; expected tcp:ADDR:PORT, udp:..., sctp:..., fwmark:MARK or fwmark6:MARK)");
+    let bad = |why: &str| {
+        format!("'{text}' is not a service ({why}; expected tcp:ADDR:PORT, udp:..., sctp:..., fwmark:MARK or fwmark6:MARK)")
+    };
     let (kind, rest) = text.split_once(':').ok_or_else(|| bad("no kind"))?;
-    let mark = |family| rest.parse().map(|mark| ServiceKey::Fwmark { family, mark }).map_err(|_| bad("bad mark"));
+    let mark = |family| {
+        rest.parse()
+            .map(|mark| ServiceKey::Fwmark { family, mark })
+            .map_err(|_| bad("bad mark"))
+    };
     let protocol = match kind {
         "tcp" => Protocol::Tcp,
         "udp" => Protocol::Udp,
@@ -284,9 +321,16 @@ pub fn parse_service(text: &str) -> Result<ServiceKey, String> {
         _ => return Err(bad("unknown kind")),
     };
     let (addr, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-    let addr: IpAddr = addr.trim_matches(['[', ']']).parse().map_err(|_| bad("bad address"))?;
+    let addr: IpAddr = addr
+        .trim_matches(['[', ']'])
+        .parse()
+        .map_err(|_| bad("bad address"))?;
     let port: u16 = port.parse().map_err(|_| bad("bad port"))?;
-    Ok(ServiceKey::Address { protocol, addr, port })
+    Ok(ServiceKey::Address {
+        protocol,
+        addr,
+        port,
+    })
 }
 
 #[cfg(test)]
@@ -327,27 +371,49 @@ probe = "none"
         assert_eq!(config.manual_weights, ManualWeights::Overwrite);
         assert_eq!(config.policy.floor, 0.2);
         assert_eq!(config.policy.slow_start, Duration::from_secs(60));
-        let web = config.service(&parse_service("tcp:192.0.2.10:80").unwrap()).unwrap();
+        let web = config
+            .service(&parse_service("tcp:192.0.2.10:80").unwrap())
+            .unwrap();
         assert_eq!((web.port, web.fall), (Some(8080), Some(5)));
-        let marked = config.service(&ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 }).unwrap();
+        let marked = config
+            .service(&ServiceKey::Fwmark {
+                family: Family::Ipv4,
+                mark: 7,
+            })
+            .unwrap();
         assert_eq!(marked.probe, Some(ProbeChoice::None));
     }
 
     #[test]
     fn errors_name_line_and_field() {
         let cases = [
-            ("[daemon]\ninterval = \"fast\"\n", "line 2", "not a duration"),
+            (
+                "[daemon]\ninterval = \"fast\"\n",
+                "line 2",
+                "not a duration",
+            ),
             ("[daemon]\n\nrise = 0\n", "line 3", "not a count"),
             ("[weights]\nfloor = 1.5\n", "line 2", "not a share"),
-            ("[[service]]\nmatch = \"tcp:1.2.3.4\"\n", "line 2", "no port"),
+            (
+                "[[service]]\nmatch = \"tcp:1.2.3.4\"\n",
+                "line 2",
+                "no port",
+            ),
             ("[daemon]\nintervall = \"1s\"\n", "line 2", "intervall"),
-            ("[[service]]\nmatch = \"fwmark:1\"\nport = 0\n", "line 3", "not a port"),
+            (
+                "[[service]]\nmatch = \"fwmark:1\"\nport = 0\n",
+                "line 3",
+                "not a port",
+            ),
         ];
         for (text, line, what) in cases {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(line) && err.contains(what), "{text:?}: {err}");
         }
         let twice = "[[service]]\nmatch = \"fwmark:1\"\n[[service]]\nmatch = \"fwmark:1\"\n";
-        assert!(Config::parse(twice).unwrap_err().to_string().contains("configured twice"));
+        assert!(Config::parse(twice)
+            .unwrap_err()
+            .to_string()
+            .contains("configured twice"));
     }
 }

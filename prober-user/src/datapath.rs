@@ -70,6 +70,8 @@ pub fn take_probe_maps(ebpf: &mut Ebpf) -> Result<crate::probe::ProbeMaps> {
         config: Array::try_from(take(map_names::PROBE_CONFIG)?)?,
         batch: Array::try_from(take(map_names::PROBE_BATCH)?)?,
         cursor: Array::try_from(take(map_names::BATCH_CURSOR)?)?,
+        state: Array::try_from(take(map_names::PROBE_STATE)?)?,
+        results: aya::maps::PerCpuArray::try_from(take(map_names::PROBE_RESULTS)?)?,
     })
 }
 

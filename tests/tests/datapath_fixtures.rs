@@ -4,7 +4,7 @@
 use std::os::fd::AsFd;
 
 use aya::{
-    maps::{Array, MapData, PerCpuArray},
+    maps::{MapData, PerCpuArray},
     programs::ProgramFd,
     Ebpf,
 };
@@ -39,8 +39,6 @@ const ICMP_TARGET: u32 = 1;
 struct Fixture {
     _ebpf: Ebpf,
     maps: ProbeMaps,
-    state: Array<MapData, ProbeState>,
-    results: PerCpuArray<MapData, ProbeResults>,
     counters: PerCpuArray<MapData, DatapathCounters>,
     rx: ProgramFd,
     tx: ProgramFd,
@@ -51,9 +49,6 @@ fn fixture() -> Fixture {
     let rx = program_fd(&ebpf, program_names::XDP_INGRESS).unwrap();
     let tx = program_fd(&ebpf, program_names::PROBE_TX).unwrap();
     let mut maps = take_probe_maps(&mut ebpf).unwrap();
-    let mut state: Array<MapData, ProbeState> =
-        Array::try_from(ebpf.take_map(map_names::PROBE_STATE).unwrap()).unwrap();
-    let results = PerCpuArray::try_from(ebpf.take_map(map_names::PROBE_RESULTS).unwrap()).unwrap();
     let counters = PerCpuArray::try_from(ebpf.take_map(map_names::COUNTERS).unwrap()).unwrap();
     let config = ProbeConfig {
         secret: SECRET,
@@ -73,7 +68,7 @@ fn fixture() -> Fixture {
         .unwrap();
     // A probe is outstanding for both targets.
     for id in [TCP_TARGET, ICMP_TARGET] {
-        state
+        maps.state
             .set(
                 id,
                 ProbeState {
@@ -89,8 +84,6 @@ fn fixture() -> Fixture {
     Fixture {
         _ebpf: ebpf,
         maps,
-        state,
-        results,
         counters,
         rx,
         tx,
@@ -104,7 +97,7 @@ impl Fixture {
     }
 
     fn results(&self, id: u32) -> ProbeResults {
-        let per_cpu = self.results.get(&id, 0).unwrap();
+        let per_cpu = self.maps.results.get(&id, 0).unwrap();
         per_cpu.iter().fold(ProbeResults::default(), |mut sum, r| {
             sum.answered += r.answered;
             sum.refused += r.refused;
@@ -173,7 +166,7 @@ fn valid_syn_ack_is_answered_and_turned_into_a_reset() {
     assert_eq!(tcp[13], RST);
     assert_eq!(tcp_checksum(DIRECTOR, RS, tcp), 0, "TCP checksum");
     assert_eq!(f.results(TCP_TARGET).answered, 1);
-    let state = f.state.get(&TCP_TARGET, 0).unwrap();
+    let state = f.maps.state.get(&TCP_TARGET, 0).unwrap();
     assert!(state.last_reply_ns > state.last_sent_ns);
     let c = f.counters();
     assert_eq!(
@@ -516,7 +509,7 @@ fn probe_tx_writes_a_syn_with_the_cookie() {
         )
     );
     assert_eq!(tcp_checksum(DIRECTOR, RS, tcp), 0);
-    let state = f.state.get(&5, 0).unwrap();
+    let state = f.maps.state.get(&5, 0).unwrap();
     assert_eq!(state.sent, 1);
     assert!(state.last_sent_ns > 0);
     // The next probe of an unanswered target counts a time-out.
@@ -524,7 +517,7 @@ fn probe_tx_writes_a_syn_with_the_cookie() {
         &mut f,
         tx_target(probe_kind::TCP_SYN, encap::NONE, RS, 8080, 61234),
     );
-    let state = f.state.get(&5, 0).unwrap();
+    let state = f.maps.state.get(&5, 0).unwrap();
     assert_eq!((state.sent, state.timed_out), (2, 1));
 }
 

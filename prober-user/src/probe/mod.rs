@@ -15,11 +15,12 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
     programs::ProgramFd,
 };
 use prober_common::{
-    encap, family, probe_kind, BatchCursor, ProbeConfig, ProbeTarget, ReplyKey, PROBE_FRAME_MAX,
+    encap, family, probe_kind, BatchCursor, ProbeConfig, ProbeResults, ProbeState, ProbeTarget,
+    ReplyKey, PROBE_FRAME_MAX,
 };
 use tracing::{info, warn};
 
@@ -46,6 +47,19 @@ pub struct ProbeMaps {
     pub config: Array<MapData, ProbeConfig>,
     pub batch: Array<MapData, u32>,
     pub cursor: Array<MapData, BatchCursor>,
+    pub state: Array<MapData, ProbeState>,
+    pub results: PerCpuArray<MapData, ProbeResults>,
+}
+
+/// What the datapath recorded for one target so far (per-CPU slots summed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub sent: u64,
+    pub answered: u64,
+    pub refused: u64,
+    pub unreachable: u64,
+    /// RTT of the newest positive reply, ns (0: none yet).
+    pub last_rtt_ns: u64,
 }
 
 /// One configured probe and what the kernel told us about its path.
@@ -76,7 +90,9 @@ pub struct Prober {
     probe_tx: ProgramFd,
     ifindex: u32,
     interface: String,
-    targets: Vec<Target>,
+    /// Indexed by target id; None: a free id.
+    targets: Vec<Option<Target>>,
+    ids: HashMap<ProbeSpec, u32>,
     config: ProbeConfig,
     last_rotation: Instant,
     routes: RouteSocket,
@@ -107,6 +123,7 @@ impl Prober {
             ifindex,
             interface: interface.to_string(),
             targets: Vec::new(),
+            ids: HashMap::new(),
             config,
             last_rotation: Instant::now(),
             routes: RouteSocket::open()?,
@@ -119,55 +136,136 @@ impl Prober {
             .config
             .set(0, prober.config, 0)
             .context("writing PROBE_CONFIG")?;
-        prober.set_targets(specs)?;
+        prober.sync_targets(specs)?;
         Ok(prober)
     }
 
-    pub fn targets(&self) -> &[Target] {
-        &self.targets
+    /// The targets with their ids.
+    pub fn targets(&self) -> impl Iterator<Item = (u32, &Target)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter_map(|(id, t)| Some((id as u32, t.as_ref()?)))
     }
 
-    /// Assigns ids (positions) and local ports, resolves every path and
-    /// writes the map entries.
-    fn set_targets(&mut self, specs: &[ProbeSpec]) -> Result<()> {
-        if specs.len() > prober_common::MAX_TARGETS as usize {
+    /// The id of a probe, if it is a target.
+    pub fn id_of(&self, spec: &ProbeSpec) -> Option<u32> {
+        self.ids.get(spec).copied()
+    }
+
+    /// What the datapath recorded for target `id`.
+    pub fn counts(&self, id: u32) -> Result<Counts> {
+        let state = self.maps.state.get(&id, 0)?;
+        let mut counts = Counts {
+            sent: state.sent,
+            ..Default::default()
+        };
+        let mut newest = 0;
+        for cpu in self.maps.results.get(&id, 0)?.iter() {
+            counts.answered += cpu.answered;
+            counts.refused += cpu.refused;
+            counts.unreachable += cpu.unreachable;
+            if cpu.last_reply_ns > newest {
+                newest = cpu.last_reply_ns;
+                counts.last_rtt_ns = cpu.last_rtt_ns;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Makes the target set exactly `specs`: a probe already there keeps
+    /// its id, local port and counters; a new one gets a free id and a local
+    /// port no other probe to the same address and port uses; a dropped one
+    /// is cleared from the maps. Then paths are resolved for all.
+    pub fn sync_targets(&mut self, specs: &[ProbeSpec]) -> Result<()> {
+        let wanted: std::collections::HashSet<ProbeSpec> = specs.iter().copied().collect();
+        if wanted.len() > prober_common::MAX_TARGETS as usize {
             bail!(
-                "{} probes configured; the datapath holds at most {}",
-                specs.len(),
+                "{} probes needed; the datapath holds at most {}",
+                wanted.len(),
                 prober_common::MAX_TARGETS
             );
         }
+        let gone: Vec<(ProbeSpec, u32)> = self
+            .ids
+            .iter()
+            .filter(|(spec, _)| !wanted.contains(spec))
+            .map(|(s, id)| (*s, *id))
+            .collect();
+        for (spec, id) in gone {
+            self.clear_slot(id)?;
+            self.ids.remove(&spec);
+        }
         // Local ports must differ only among probes to the same remote
         // address and port (e.g. one VIP behind many DR real servers).
-        let mut next_port: HashMap<(IpAddr, Option<u16>), u32> = HashMap::new();
-        let range = (self.config.local_port_max - self.config.local_port_min) as u32 + 1;
-        self.targets.clear();
-        for spec in specs {
-            let remote_port = match spec.kind {
+        let group = |spec: &ProbeSpec| {
+            let port = match spec.kind {
                 ProbeKind::TcpSyn { port } => Some(port),
                 ProbeKind::IcmpEcho => None,
             };
-            let used = next_port
-                .entry((spec.destination, remote_port))
-                .or_insert(0);
-            if *used >= range {
-                bail!(
-                    "probe '{spec}': more than {range} probes share {}; widen the local port range",
-                    spec.destination
-                );
+            (spec.destination, port)
+        };
+        let mut used: HashMap<(IpAddr, Option<u16>), std::collections::HashSet<u16>> =
+            HashMap::new();
+        for target in self.targets.iter().flatten() {
+            used.entry(group(&target.spec))
+                .or_default()
+                .insert(target.local_port);
+        }
+        let mut added = false;
+        for spec in specs {
+            if self.ids.contains_key(spec) {
+                continue;
             }
-            let local_port = self.config.local_port_min + *used as u16;
-            *used += 1;
-            self.targets.push(Target {
+            let taken = used.entry(group(spec)).or_default();
+            let local_port = (self.config.local_port_min..=self.config.local_port_max)
+                .find(|p| !taken.contains(p))
+                .with_context(|| {
+                    format!(
+                        "probe '{spec}': every local port is taken by probes to {}",
+                        spec.destination
+                    )
+                })?;
+            taken.insert(local_port);
+            let id = match self.targets.iter().position(Option::is_none) {
+                Some(free) => free,
+                None => {
+                    self.targets.push(None);
+                    self.targets.len() - 1
+                }
+            };
+            self.targets[id] = Some(Target {
                 spec: *spec,
                 local_port,
                 path: Err("not looked up yet".into()),
                 entry: None,
                 problem: None,
             });
+            self.ids.insert(*spec, id as u32);
+            added = true;
         }
-        self.look_up_routes();
+        if added {
+            self.look_up_routes();
+        }
         self.refresh_neighbours()
+    }
+
+    /// Frees a target id: no entry, no reply index, counters back to zero.
+    fn clear_slot(&mut self, id: u32) -> Result<()> {
+        if let Some(target) = self.targets.get_mut(id as usize).and_then(Option::take) {
+            if target.entry.is_some() {
+                let _ = self
+                    .maps
+                    .reply_index
+                    .remove(&reply_key(&target.spec, target.local_port));
+            }
+        }
+        self.maps.targets.set(id, ProbeTarget::default(), 0)?;
+        self.maps.state.set(id, ProbeState::default(), 0)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zeros = PerCpuValues::try_from(vec![ProbeResults::default(); cpus])?;
+        self.maps.results.set(id, zeros, 0)?;
+        Ok(())
     }
 
     /// Follows the kernel: routes again after route, address or link
@@ -183,7 +281,7 @@ impl Prober {
         if changes.routes
             || changes.neighbours
             || stale
-            || self.targets.iter().any(|t| t.entry.is_none())
+            || self.targets.iter().flatten().any(|t| t.entry.is_none())
         {
             self.refresh_neighbours()?;
         }
@@ -193,7 +291,7 @@ impl Prober {
     /// One route lookup per distinct real server.
     fn look_up_routes(&mut self) {
         let mut by_server: HashMap<IpAddr, Result<Path, String>> = HashMap::new();
-        for target in &mut self.targets {
+        for target in self.targets.iter_mut().flatten() {
             let server = target.spec.real_server();
             let path = by_server
                 .entry(server)
@@ -227,7 +325,9 @@ impl Prober {
         let src_mac = self.routes.link_mac(self.ifindex)?;
         let mut resolution_requested = std::collections::HashSet::new();
         for id in 0..self.targets.len() {
-            let target = &self.targets[id];
+            let Some(target) = &self.targets[id] else {
+                continue;
+            };
             let resolved = match &target.path {
                 Err(problem) => Err(problem.clone()),
                 Ok(path) => match neighbours.get(&(path.ifindex, path.next_hop)) {
@@ -254,7 +354,9 @@ impl Prober {
                 Ok(entry) => (Some(entry), None),
                 Err(problem) => (None, Some(problem)),
             };
-            let target = &mut self.targets[id];
+            let Some(target) = &mut self.targets[id] else {
+                continue;
+            };
             if target.problem != problem {
                 match &problem {
                     Some(p) => warn!(probe = %target.spec, "cannot probe: {p}"),
@@ -291,7 +393,7 @@ impl Prober {
         }
         let mut len = 0u32;
         for (id, target) in self.targets.iter().enumerate() {
-            if target.entry.is_some() {
+            if target.as_ref().is_some_and(|t| t.entry.is_some()) {
                 self.maps
                     .batch
                     .set(len, id as u32, 0)
