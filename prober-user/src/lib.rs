@@ -7,5 +7,6 @@ pub mod preflight;
 pub mod probe;
 pub mod rtnetlink;
 pub mod stats;
+pub mod targets;
 pub mod test_run;
 pub mod weights;

@@ -388,15 +388,27 @@ impl Prober {
     /// Sends one probe to every target with a known path, in one syscall.
     /// Returns how many were handed to the kernel.
     pub fn send_round(&mut self) -> Result<u32> {
+        let all: Vec<u32> = self.targets().map(|(id, _)| id).collect();
+        self.send(&all)
+    }
+
+    /// Sends one probe to each of `ids` whose path is known, in one
+    /// syscall. Returns the ids handed to the kernel.
+    pub fn send(&mut self, ids: &[u32]) -> Result<u32> {
         if self.last_rotation.elapsed() >= SECRET_ROTATION {
             self.rotate_secret()?;
         }
         let mut len = 0u32;
-        for (id, target) in self.targets.iter().enumerate() {
-            if target.as_ref().is_some_and(|t| t.entry.is_some()) {
+        for &id in ids {
+            let ready = self
+                .targets
+                .get(id as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|t| t.entry.is_some());
+            if ready {
                 self.maps
                     .batch
-                    .set(len, id as u32, 0)
+                    .set(len, id, 0)
                     .context("writing PROBE_BATCH")?;
                 len += 1;
             }

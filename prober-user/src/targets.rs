@@ -1,0 +1,258 @@
+//! From IPVS and the config to probe targets: which probe checks each
+//! destination, one probe per (real server, port, kind) however many
+//! virtual services share it.
+
+use std::collections::HashMap;
+
+use prober_ipvs::{
+    Destination, DestinationKey, Forwarding as IpvsForwarding, Protocol, ServiceKey, TunnelType,
+    VirtualService,
+};
+
+use crate::{
+    config::{Config, ProbeChoice},
+    health::RiseFall,
+    probe::{Forwarding, ProbeKind, ProbeSpec},
+};
+
+/// A destination of a virtual service and the probe that checks it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    pub service: ServiceKey,
+    /// As last dumped: sent back unchanged with a new weight.
+    pub destination: Destination,
+    pub probe: ProbeSpec,
+}
+
+/// How often and how strictly one probe runs: the settings of the first
+/// service (in IPVS order) that uses it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProbeSettings {
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub limits: RiseFall,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub bindings: Vec<Binding>,
+    pub probes: HashMap<ProbeSpec, ProbeSettings>,
+    /// Destinations left alone, and why.
+    pub skipped: Vec<(ServiceKey, DestinationKey, &'static str)>,
+}
+
+pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
+    let mut plan = Plan::default();
+    for vs in services {
+        let key = vs.service.key;
+        let settings = config.service(&key);
+        let choice = settings.and_then(|s| s.probe).unwrap_or(match key {
+            ServiceKey::Address {
+                protocol: Protocol::Tcp,
+                ..
+            }
+            | ServiceKey::Fwmark { .. } => ProbeChoice::Tcp,
+            // A SYN cannot check a UDP or SCTP service: check the host.
+            ServiceKey::Address { .. } => ProbeChoice::Icmp,
+        });
+        let probe_settings = ProbeSettings {
+            interval: settings.and_then(|s| s.interval).unwrap_or(config.interval),
+            timeout: settings.and_then(|s| s.timeout).unwrap_or(config.timeout),
+            limits: RiseFall {
+                rise: settings.and_then(|s| s.rise).unwrap_or(config.limits.rise),
+                fall: settings.and_then(|s| s.fall).unwrap_or(config.limits.fall),
+            },
+        };
+        for dest in &vs.destinations {
+            match probe_for(&key, dest, choice, settings.and_then(|s| s.port)) {
+                Ok(probe) => {
+                    plan.probes.entry(probe).or_insert(probe_settings);
+                    plan.bindings.push(Binding {
+                        service: key,
+                        destination: dest.clone(),
+                        probe,
+                    });
+                }
+                Err(why) => plan.skipped.push((key, dest.key(), why)),
+            }
+        }
+    }
+    plan
+}
+
+fn probe_for(
+    service: &ServiceKey,
+    dest: &Destination,
+    choice: ProbeChoice,
+    port: Option<u16>,
+) -> Result<ProbeSpec, &'static str> {
+    if choice == ProbeChoice::None {
+        return Err("the config says probe = \"none\"");
+    }
+    if !dest.addr.is_ipv4() {
+        return Err("IPv6 probes are not implemented yet");
+    }
+    let vip = match service {
+        ServiceKey::Address { addr, port, .. } if addr.is_ipv4() => Some((*addr, *port)),
+        ServiceKey::Address { .. } => return Err("IPv6 probes are not implemented yet"),
+        ServiceKey::Fwmark { .. } => None,
+    };
+    // With direct routing and tunnels the real server answers on the VIP,
+    // at the service's port: probe exactly that, through the same path.
+    let (destination, forwarding, default_port) = match (dest.forwarding, vip) {
+        (IpvsForwarding::Local, _) => return Err("local forwarding: the director itself"),
+        (IpvsForwarding::Other(_), _) => return Err("unknown forwarding method"),
+        (IpvsForwarding::DirectRoute, Some((vip, vport))) => (
+            vip,
+            Forwarding::DirectRouting {
+                real_server: dest.addr,
+            },
+            vport,
+        ),
+        (IpvsForwarding::Tunnel, Some((vip, vport))) if dest.tunnel.kind == TunnelType::Ipip => (
+            vip,
+            Forwarding::Tunnel {
+                real_server: dest.addr,
+            },
+            vport,
+        ),
+        // Fwmark services have no VIP to aim at; GUE/GRE tunnels are not
+        // written by probe_tx: check the real server's own address.
+        _ => (dest.addr, Forwarding::Direct, dest.port),
+    };
+    let kind = match choice {
+        ProbeChoice::Icmp => {
+            return Ok(ProbeSpec {
+                kind: ProbeKind::IcmpEcho,
+                destination: dest.addr,
+                forwarding: Forwarding::Direct,
+            })
+        }
+        _ => {
+            let port = port.unwrap_or(default_port);
+            if port == 0 {
+                return Err("no port to probe (set `port` for this service)");
+            }
+            ProbeKind::TcpSyn { port }
+        }
+    };
+    Ok(ProbeSpec {
+        kind,
+        destination,
+        forwarding,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use prober_ipvs::{Service, Stats, Tunnel};
+
+    use super::*;
+
+    fn dest(addr: &str, port: u16, forwarding: IpvsForwarding) -> Destination {
+        Destination {
+            addr: addr.parse().unwrap(),
+            port,
+            forwarding,
+            weight: 100,
+            upper_threshold: 0,
+            lower_threshold: 0,
+            tunnel: Tunnel::default(),
+            active_conns: 0,
+            inactive_conns: 0,
+            persistent_conns: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    fn vs(key: &str, destinations: Vec<Destination>) -> VirtualService {
+        VirtualService {
+            service: Service {
+                key: crate::config::parse_service(key).unwrap(),
+                scheduler: "wrr".into(),
+                flags: 0,
+                timeout: 0,
+                netmask: 0,
+                persistence_engine: None,
+                stats: Stats::default(),
+            },
+            destinations,
+        }
+    }
+
+    #[test]
+    fn forwarding_method_decides_the_probe() {
+        let services = vec![
+            vs(
+                "tcp:203.0.113.10:80",
+                vec![
+                    dest("192.0.2.2", 8080, IpvsForwarding::Masquerade),
+                    dest("192.0.2.3", 80, IpvsForwarding::DirectRoute),
+                    dest("192.0.2.4", 80, IpvsForwarding::Tunnel),
+                    dest("127.0.0.1", 80, IpvsForwarding::Local),
+                ],
+            ),
+            vs(
+                "udp:203.0.113.10:53",
+                vec![dest("192.0.2.2", 53, IpvsForwarding::Masquerade)],
+            ),
+            vs(
+                "fwmark:7",
+                vec![dest("192.0.2.5", 443, IpvsForwarding::DirectRoute)],
+            ),
+        ];
+        let plan = plan(&services, &Config::default());
+        let probes: Vec<String> = plan.bindings.iter().map(|b| b.probe.to_string()).collect();
+        assert_eq!(
+            probes,
+            [
+                "tcp:192.0.2.2:8080",
+                "tcp:203.0.113.10:80,dr=192.0.2.3",
+                "tcp:203.0.113.10:80,tun=192.0.2.4",
+                "icmp:192.0.2.2",
+                "tcp:192.0.2.5:443",
+            ]
+        );
+        assert_eq!(plan.skipped.len(), 1);
+        assert!(plan.skipped[0].2.contains("local"));
+    }
+
+    #[test]
+    fn services_sharing_a_real_server_share_its_probe() {
+        let services = vec![
+            vs(
+                "tcp:203.0.113.10:80",
+                vec![dest("192.0.2.2", 8080, IpvsForwarding::Masquerade)],
+            ),
+            vs(
+                "tcp:203.0.113.11:80",
+                vec![dest("192.0.2.2", 8080, IpvsForwarding::Masquerade)],
+            ),
+        ];
+        let plan = plan(&services, &Config::default());
+        assert_eq!(plan.bindings.len(), 2);
+        assert_eq!(plan.probes.len(), 1, "one probe for two services");
+    }
+
+    #[test]
+    fn config_can_leave_a_service_alone_or_change_its_probe() {
+        let config = Config::parse(
+            "[[service]]\nmatch = \"tcp:203.0.113.10:80\"\nprobe = \"none\"\n[[service]]\nmatch = \"tcp:203.0.113.11:80\"\nport = 9000\nfall = 7\n",
+        )
+        .unwrap();
+        let services = vec![
+            vs(
+                "tcp:203.0.113.10:80",
+                vec![dest("192.0.2.2", 8080, IpvsForwarding::Masquerade)],
+            ),
+            vs(
+                "tcp:203.0.113.11:80",
+                vec![dest("192.0.2.3", 8080, IpvsForwarding::Masquerade)],
+            ),
+        ];
+        let plan = plan(&services, &config);
+        assert_eq!(plan.bindings.len(), 1);
+        assert_eq!(plan.bindings[0].probe.to_string(), "tcp:192.0.2.3:9000");
+        assert_eq!(plan.probes[&plan.bindings[0].probe].limits.fall, 7);
+    }
+}
