@@ -31,6 +31,12 @@ pub mod map_names {
     pub const PROBE_BATCH: &str = "PROBE_BATCH";
     /// Slot 0: [`BatchCursor`](crate::BatchCursor) of the batch being sent.
     pub const BATCH_CURSOR: &str = "BATCH_CURSOR";
+    /// [`WeightKey`](crate::WeightKey) -> [`WeightRecord`](crate::WeightRecord):
+    /// the controller's memory of each destination, kept across restarts.
+    pub const WEIGHT_STATE: &str = "WEIGHT_STATE";
+    /// [`HealthKey`](crate::HealthKey) -> [`HealthRecord`](crate::HealthRecord):
+    /// each probe's health and latency, kept across restarts.
+    pub const HEALTH_STATE: &str = "HEALTH_STATE";
 }
 
 /// Names of the programs in the eBPF object.
@@ -251,6 +257,61 @@ pub struct BatchCursor {
     pub len: u32,
 }
 
+/// A destination of a virtual service (userspace-only map key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WeightKey {
+    /// Service address (0 for fwmark services).
+    pub service_addr: [u8; 16],
+    pub dest_addr: [u8; 16],
+    /// Firewall mark (0 for address services).
+    pub fwmark: u32,
+    pub service_port: u16,
+    pub dest_port: u16,
+    /// IP protocol of an address service (0 for fwmark services).
+    pub protocol: u8,
+    /// [`family`] of the service.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// What the controller remembers of a destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WeightRecord {
+    /// The operator's weight: the most prober gives.
+    pub configured: u32,
+    /// The weight prober last wrote (valid when `has_written` is 1).
+    pub written: u32,
+    pub has_written: u32,
+    pub _pad: u32,
+}
+
+/// A probe (userspace-only map key): what it sends where.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HealthKey {
+    pub destination: [u8; 16],
+    pub real_server: [u8; 16],
+    /// Destination port (TCP), 0 for ICMP; host byte order.
+    pub port: u16,
+    /// [`probe_kind`].
+    pub kind: u8,
+    /// 0 direct, 1 direct routing, 2 tunnel.
+    pub forwarding: u8,
+}
+
+/// What the controller remembers of a probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HealthRecord {
+    /// Peak-EWMA latency, ns (0: none yet).
+    pub latency_ns: u64,
+    /// 1 up, 2 down.
+    pub state: u8,
+    pub _pad: [u8; 7],
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY (all): plain old data: #[repr(C)], integers and integer arrays
@@ -262,6 +323,10 @@ mod user {
     unsafe impl aya::Pod for super::ProbeResults {}
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::BatchCursor {}
+    unsafe impl aya::Pod for super::WeightKey {}
+    unsafe impl aya::Pod for super::WeightRecord {}
+    unsafe impl aya::Pod for super::HealthKey {}
+    unsafe impl aya::Pod for super::HealthRecord {}
 }
 
 #[cfg(test)]
@@ -313,6 +378,15 @@ mod tests {
             _pad: [u8; 4],
         });
         assert_no_holes!(BatchCursor, 8, { next: u32, len: u32 });
+        assert_no_holes!(WeightKey, 44, {
+            service_addr: [u8; 16], dest_addr: [u8; 16], fwmark: u32, service_port: u16,
+            dest_port: u16, protocol: u8, family: u8, _pad: [u8; 2],
+        });
+        assert_no_holes!(WeightRecord, 16, { configured: u32, written: u32, has_written: u32, _pad: u32 });
+        assert_no_holes!(HealthKey, 36, {
+            destination: [u8; 16], real_server: [u8; 16], port: u16, kind: u8, forwarding: u8,
+        });
+        assert_no_holes!(HealthRecord, 16, { latency_ns: u64, state: u8, _pad: [u8; 7] });
         // Per-CPU values are placed at 8-byte alignment by the kernel.
         assert!(align_of::<ProbeResults>() <= 8 && align_of::<DatapathCounters>() <= 8);
     }
@@ -329,6 +403,8 @@ mod tests {
             map_names::PROBE_CONFIG,
             map_names::PROBE_BATCH,
             map_names::BATCH_CURSOR,
+            map_names::WEIGHT_STATE,
+            map_names::HEALTH_STATE,
             program_names::XDP_INGRESS,
             program_names::PROBE_TX,
         ] {

@@ -24,8 +24,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use prober_common::{
-    BatchCursor, DatapathCounters, ProbeConfig, ProbeResults, ProbeState, ProbeTarget, ReplyKey,
-    MAX_TARGETS,
+    BatchCursor, DatapathCounters, HealthKey, HealthRecord, ProbeConfig, ProbeResults, ProbeState,
+    ProbeTarget, ReplyKey, WeightKey, WeightRecord, MAX_TARGETS,
 };
 
 const TARGETS: usize = MAX_TARGETS as usize;
@@ -46,6 +46,12 @@ static PROBE_CONFIG: Array<ProbeConfig, 1> = Array::new();
 static PROBE_BATCH: Array<u32, TARGETS> = Array::new();
 #[btf_map]
 static BATCH_CURSOR: Array<BatchCursor, 1> = Array::new();
+// Userspace-only state, declared here so it has BTF and can be pinned:
+// the programs never touch it.
+#[btf_map]
+static WEIGHT_STATE: HashMap<WeightKey, WeightRecord, TARGETS> = HashMap::new();
+#[btf_map]
+static HEALTH_STATE: HashMap<HealthKey, HealthRecord, TARGETS> = HashMap::new();
 
 /// This CPU's datapath counters.
 #[inline(always)]

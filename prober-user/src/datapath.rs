@@ -155,6 +155,12 @@ impl Datapath {
         Ok((take_probe_maps(&mut self.ebpf)?, fd))
     }
 
+    /// The controller's state maps: those an earlier run pinned, else this
+    /// object's, pinned now. They stay pinned when the daemon stops.
+    pub fn open_state(&mut self) -> Result<crate::state::StateStore> {
+        crate::state::StateStore::open(&mut self.ebpf, &self.pin_dir)
+    }
+
     /// Detaches the XDP program and removes the pins. Idempotent.
     pub fn detach(&mut self) -> Result<()> {
         if let Some(link) = self.link.take() {

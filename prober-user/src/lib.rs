@@ -1,11 +1,13 @@
 //! The daemon's parts, one module per concern; `main.rs` is the CLI.
 
 pub mod config;
+pub mod controller;
 pub mod datapath;
 pub mod health;
 pub mod preflight;
 pub mod probe;
 pub mod rtnetlink;
+pub mod state;
 pub mod stats;
 pub mod targets;
 pub mod test_run;

@@ -7,12 +7,12 @@ use std::{
     io::IsTerminal,
     path::{Path, PathBuf},
     process::ExitCode,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use prober_user::{datapath, preflight, probe, stats};
+use prober_user::{config, controller, datapath, preflight, probe, stats};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -32,20 +32,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the datapath to an interface, send the given probes every
-    /// interval, and run until SIGINT or SIGTERM; then detach and unpin.
+    /// Attach the datapath to an interface and run until SIGINT or SIGTERM
+    /// (then detach and unpin): manage the weights of every IPVS service,
+    /// or, with --probe, only probe and report.
     Run {
         /// The director's interface: probes leave by it, replies are matched
         /// on it.
         #[arg(long, value_name = "INTERFACE")]
         iface: String,
         /// A probe: icmp:ADDR, tcp:ADDR:PORT, tcp:VIP:PORT,dr=RS or
-        /// tcp:VIP:PORT,tun=RS. Repeat for more.
+        /// tcp:VIP:PORT,tun=RS. Repeat for more. With probes given, prober
+        /// only probes them and reports (`prober stats`), leaving IPVS alone.
         #[arg(long = "probe", value_name = "SPEC")]
         probes: Vec<probe::ProbeSpec>,
-        /// Time between two probes of a target (e.g. 200ms, 1s).
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-        interval: Duration,
+        /// Time between two probes of a target (e.g. 200ms, 1s); overrides
+        /// the config's `interval` (default 1s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+        /// Configuration file (TOML, see the README); without one every
+        /// setting has its default.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Print the running daemon's counters and per-probe results (from its
     /// pinned maps).
@@ -88,7 +95,8 @@ fn main() -> ExitCode {
             iface,
             probes,
             interval,
-        } => run(&iface, &cli.pin_dir, &probes, interval),
+            config,
+        } => run(&iface, &cli.pin_dir, &probes, interval, config.as_deref()),
         Command::Stats { json } => print_stats(&cli.pin_dir, json),
         Command::Ipvs {
             command: IpvsCommand::List { json },
@@ -103,14 +111,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// What the daemon does each tick.
+enum Mode {
+    /// Probes from the command line: probe and report only.
+    ProbesOnly(Box<probe::Prober>),
+    /// Every IPVS service, as the config says.
+    Ipvs(Box<controller::Controller>),
+}
+
 fn run(
     interface: &str,
     pin_dir: &Path,
     probes: &[probe::ProbeSpec],
-    interval: Duration,
+    interval: Option<Duration>,
+    config_path: Option<&Path>,
 ) -> Result<()> {
-    if interval < Duration::from_millis(10) {
-        anyhow::bail!("--interval {interval:?} is below the 10ms minimum");
+    let mut config = match config_path {
+        Some(path) => config::Config::load(path)?,
+        None => config::Config::default(),
+    };
+    if let Some(interval) = interval {
+        if interval < Duration::from_millis(10) {
+            anyhow::bail!("--interval {interval:?} is below the 10ms minimum");
+        }
+        config.interval = interval;
+        config.timeout = config.timeout.min(interval);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -123,29 +148,56 @@ fn run(
         let mut datapath = datapath::Datapath::attach(interface, pin_dir)?;
         let (maps, probe_tx) = datapath.prober_parts()?;
         let ifindex = preflight::interface_index(interface)?;
-        let mut prober = probe::Prober::new(maps, probe_tx, interface, ifindex, probes)?;
+        let prober = probe::Prober::new(maps, probe_tx, interface, ifindex, probes)?;
+        let mut mode = if probes.is_empty() {
+            Mode::Ipvs(Box::new(controller::Controller::new(
+                config.clone(),
+                prober,
+                Instant::now(),
+            )))
+        } else {
+            Mode::ProbesOnly(Box::new(prober))
+        };
+        let tick = match &mode {
+            Mode::Ipvs(c) => c.tick_interval(),
+            Mode::ProbesOnly(_) => config.interval,
+        };
         info!(
             probes = probes.len(),
-            ?interval,
+            mode = if matches!(mode, Mode::Ipvs(_)) {
+                "IPVS"
+            } else {
+                "probes only"
+            },
+            ?tick,
             "running; stop with SIGINT or SIGTERM"
         );
-        let mut ticker = tokio::time::interval(interval);
+        let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let name = loop {
             tokio::select! {
                 _ = interrupt.recv() => break "SIGINT",
                 _ = terminate.recv() => break "SIGTERM",
-                _ = ticker.tick(), if !probes.is_empty() => {
-                    if let Err(e) = prober.follow_kernel() {
-                        warn!("following route and neighbour changes: {e:#}");
+                _ = ticker.tick() => match &mut mode {
+                    Mode::Ipvs(controller) => {
+                        let mut open_store = || datapath.open_state();
+                        if let Err(e) = controller.tick(Instant::now(), &mut open_store) {
+                            warn!("controller: {e:#}");
+                        }
                     }
-                    if let Err(e) = prober.send_round() {
-                        warn!("sending probes: {e:#}");
+                    Mode::ProbesOnly(prober) => {
+                        if let Err(e) = prober.follow_kernel() {
+                            warn!("following route and neighbour changes: {e:#}");
+                        }
+                        if let Err(e) = prober.send_round() {
+                            warn!("sending probes: {e:#}");
+                        }
                     }
-                }
+                },
             }
         };
         info!(signal = name, "stopping");
+        drop(mode);
         datapath.detach()
     })
 }

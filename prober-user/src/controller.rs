@@ -1,0 +1,474 @@
+//! The controller: IPVS and the config give targets, the datapath probes
+//! them, results feed each probe's health and latency, each virtual
+//! service's weights follow, and changed weights go to IPVS in one batch.
+//!
+//! config/IPVS -> targets -> probes -> results -> health -> weights -> IPVS
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use prober_common::HealthRecord;
+use prober_ipvs::{Destination, DestinationKey, IpvsClient, ServiceKey, WeightUpdate};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::{Config, ManualWeights},
+    health::{Health, Observations, State},
+    probe::{Counts, ProbeSpec, Prober},
+    state::{health_key, weight_key, StateStore},
+    targets::{self, Plan, ProbeSettings},
+    weights::{pool_weights, Member, PeakEwma},
+};
+
+/// Latency estimates are saved for restarts at most this often.
+const LATENCY_SAVE: Duration = Duration::from_secs(10);
+
+struct ProbeTrack {
+    settings: ProbeSettings,
+    health: Health,
+    /// Whether this run has seen any result yet: until then the weights
+    /// this probe decides are left as IPVS has them.
+    evidence: bool,
+    latency: Option<PeakEwma>,
+    last: Counts,
+    next_due: Instant,
+    outstanding: bool,
+    /// When it last came up in this run (slow start).
+    came_up_at: Option<Instant>,
+    latency_saved_at: Instant,
+}
+
+struct DestTrack {
+    configured: u32,
+    written: Option<u32>,
+    /// The weight in IPVS, as dumped or as written since.
+    current: u32,
+    destination: Destination,
+}
+
+pub struct Controller {
+    config: Config,
+    ipvs: Option<IpvsClient>,
+    prober: Prober,
+    store: Option<StateStore>,
+    plan: Plan,
+    probes: HashMap<ProbeSpec, ProbeTrack>,
+    dests: HashMap<(ServiceKey, DestinationKey), DestTrack>,
+    panicking: HashSet<ServiceKey>,
+    next_discovery: Instant,
+    ipvs_problem: Option<String>,
+}
+
+/// Opens the state store when IPVS is first seen (a daemon on a host
+/// without IPVS pins nothing that outlives it).
+pub type OpenStore<'a> = &'a mut dyn FnMut() -> Result<StateStore>;
+
+impl Controller {
+    pub fn new(config: Config, prober: Prober, now: Instant) -> Self {
+        Self {
+            config,
+            ipvs: None,
+            prober,
+            store: None,
+            plan: Plan::default(),
+            probes: HashMap::new(),
+            dests: HashMap::new(),
+            panicking: HashSet::new(),
+            next_discovery: now,
+            ipvs_problem: None,
+        }
+    }
+
+    /// The shortest probe interval: how often `tick` should run.
+    pub fn tick_interval(&self) -> Duration {
+        self.config
+            .services
+            .iter()
+            .filter_map(|s| s.interval)
+            .chain([self.config.interval])
+            .min()
+            .unwrap_or(self.config.interval)
+    }
+
+    pub fn tick(&mut self, now: Instant, open_store: OpenStore<'_>) -> Result<()> {
+        if now >= self.next_discovery {
+            self.next_discovery = now + self.config.discovery;
+            if let Err(e) = self.discover(now, open_store) {
+                let problem = format!("{e:#}");
+                if self.ipvs_problem.as_ref() != Some(&problem) {
+                    warn!(
+                        "reading IPVS: {problem}; retrying every {:?}",
+                        self.config.discovery
+                    );
+                    self.ipvs_problem = Some(problem);
+                }
+                self.ipvs = None;
+            } else if self.ipvs_problem.take().is_some() {
+                info!("IPVS read again");
+            }
+        }
+        if let Err(e) = self.prober.follow_kernel() {
+            warn!("following route and neighbour changes: {e:#}");
+        }
+        let due: Vec<ProbeSpec> = self
+            .probes
+            .iter()
+            .filter(|(_, t)| t.next_due <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        let mut ids = Vec::with_capacity(due.len());
+        for spec in due {
+            self.evaluate(spec, now)?;
+            let track = self.probes.get_mut(&spec).expect("due probes are tracked");
+            track.outstanding = true;
+            track.next_due = (track.next_due + track.settings.interval).max(now);
+            if let Some(id) = self.prober.id_of(&spec) {
+                ids.push(id);
+            }
+        }
+        self.prober.send(&ids)?;
+        self.update_weights(now);
+        Ok(())
+    }
+
+    /// Reads IPVS, works out the targets, and notices weights changed by
+    /// someone else.
+    fn discover(&mut self, now: Instant, open_store: OpenStore<'_>) -> Result<()> {
+        if self.ipvs.is_none() {
+            self.ipvs = Some(IpvsClient::connect()?);
+        }
+        let services = self.ipvs.as_mut().expect("connected above").dump()?;
+        if self.store.is_none() {
+            self.store = Some(open_store()?);
+        }
+        let plan = targets::plan(&services, &self.config);
+        let store = self.store.as_mut().expect("opened above");
+
+        let mut seen = HashSet::new();
+        for binding in &plan.bindings {
+            let dest = &binding.destination;
+            let key = (binding.service, dest.key());
+            seen.insert(key);
+            let wkey = weight_key(&binding.service, &dest.key());
+            let dumped = dest.weight;
+            match self.dests.get_mut(&key) {
+                Some(track) => {
+                    track.destination = dest.clone();
+                    if let Some(written) = track.written.filter(|w| *w != dumped) {
+                        manual_change(&self.config, &binding.service, dest, written, track);
+                        store.set_weight(wkey, record(track))?;
+                    }
+                    track.current = dumped;
+                }
+                None => {
+                    let remembered = store.weight(&wkey);
+                    let mut track = DestTrack {
+                        configured: remembered.map_or(dumped, |r| r.configured),
+                        written: remembered.filter(|r| r.has_written == 1).map(|r| r.written),
+                        current: dumped,
+                        destination: dest.clone(),
+                    };
+                    if let Some(written) = track.written.filter(|w| *w != dumped) {
+                        manual_change(&self.config, &binding.service, dest, written, &mut track);
+                    }
+                    track.current = dumped;
+                    store.set_weight(wkey, record(&track))?;
+                    self.dests.insert(key, track);
+                }
+            }
+        }
+        let gone: Vec<_> = self
+            .dests
+            .keys()
+            .filter(|k| !seen.contains(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.dests.remove(&key);
+            store.remove_weight(&weight_key(&key.0, &key.1));
+            debug!(service = %key.0, destination = %key.1, "destination left IPVS");
+        }
+
+        for (spec, settings) in &plan.probes {
+            match self.probes.get_mut(spec) {
+                Some(track) => track.settings = *settings,
+                None => {
+                    let remembered = store.health(&health_key(spec));
+                    let state = match remembered.map(|r| r.state) {
+                        Some(2) => State::Down,
+                        _ => State::Up,
+                    };
+                    let latency = remembered
+                        .filter(|r| r.latency_ns > 0)
+                        .map(|r| PeakEwma::new(r.latency_ns as f64, now));
+                    self.probes.insert(
+                        *spec,
+                        ProbeTrack {
+                            settings: *settings,
+                            health: Health::new(state, now),
+                            evidence: false,
+                            latency,
+                            last: Counts::default(),
+                            next_due: now,
+                            outstanding: false,
+                            came_up_at: None,
+                            latency_saved_at: now,
+                        },
+                    );
+                }
+            }
+        }
+        let dropped: Vec<ProbeSpec> = self
+            .probes
+            .keys()
+            .filter(|s| !plan.probes.contains_key(s))
+            .copied()
+            .collect();
+        for spec in dropped {
+            self.probes.remove(&spec);
+            store.remove_health(&health_key(&spec));
+        }
+        for (service, dest, why) in &plan.skipped {
+            debug!(%service, destination = %dest, "not probed: {why}");
+        }
+        let specs: Vec<ProbeSpec> = plan.probes.keys().copied().collect();
+        self.prober.sync_targets(&specs)?;
+        // New probes start with fresh datapath counters.
+        for spec in &specs {
+            if let (Some(id), Some(track)) = (self.prober.id_of(spec), self.probes.get_mut(spec)) {
+                if !track.outstanding {
+                    track.last = self.prober.counts(id)?;
+                }
+            }
+        }
+        self.plan = plan;
+        Ok(())
+    }
+
+    /// Turns what the datapath counted since the last probe into one
+    /// interval's observations and feeds health and latency.
+    fn evaluate(&mut self, spec: ProbeSpec, now: Instant) -> Result<()> {
+        let Some(track) = self.probes.get_mut(&spec) else {
+            return Ok(());
+        };
+        let counts = match self.prober.id_of(&spec) {
+            Some(id) => self.prober.counts(id)?,
+            None => track.last,
+        };
+        let last = std::mem::replace(&mut track.last, counts);
+        if !track.outstanding {
+            return Ok(());
+        }
+        let mut seen = Observations {
+            answered: counts.answered.saturating_sub(last.answered),
+            refused: counts.refused.saturating_sub(last.refused),
+            unreachable: counts.unreachable.saturating_sub(last.unreachable),
+            timed_out: 0,
+        };
+        let slow = counts.last_rtt_ns as u128 > track.settings.timeout.as_nanos();
+        if seen.answered > 0 && slow {
+            seen.answered -= 1;
+            seen.timed_out += 1;
+        }
+        if seen.answered + seen.refused + seen.unreachable + seen.timed_out == 0 {
+            // No answer within the interval, or no probe could be sent
+            // (the real server's neighbour entry does not resolve).
+            seen.timed_out = 1;
+        }
+        track.evidence = true;
+        if seen.answered > 0 && !slow {
+            let sample = counts.last_rtt_ns as f64;
+            match &mut track.latency {
+                Some(ewma) => ewma.observe(sample, now, self.config.policy.decay),
+                None => track.latency = Some(PeakEwma::new(sample, now)),
+            }
+        }
+        let transition = track.health.observe(seen, track.settings.limits, now);
+        let store = self.store.as_mut();
+        if let Some(t) = transition {
+            if t.to == State::Up {
+                track.came_up_at = Some(now);
+            }
+            let services: BTreeMap<String, ()> = self
+                .plan
+                .bindings
+                .iter()
+                .filter(|b| b.probe == spec)
+                .map(|b| (b.service.to_string(), ()))
+                .collect();
+            let names: Vec<&str> = services.keys().map(String::as_str).collect();
+            match t.to {
+                State::Down => {
+                    warn!(probe = %spec, cause = ?t.cause, services = ?names, "real server DOWN")
+                }
+                State::Up => info!(probe = %spec, services = ?names, "real server UP"),
+            }
+        }
+        if let Some(store) = store {
+            if transition.is_some() || now.duration_since(track.latency_saved_at) >= LATENCY_SAVE {
+                track.latency_saved_at = now;
+                store.set_health(
+                    health_key(&spec),
+                    HealthRecord {
+                        latency_ns: track.latency.map_or(0, |l| l.value_ns() as u64),
+                        state: if track.health.state() == State::Up {
+                            1
+                        } else {
+                            2
+                        },
+                        _pad: [0; 7],
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Works out every managed service's weights and writes the changed
+    /// ones in one batch.
+    fn update_weights(&mut self, now: Instant) {
+        let (Some(ipvs), Some(store)) = (self.ipvs.as_mut(), self.store.as_mut()) else {
+            return;
+        };
+        let mut pools: BTreeMap<ServiceKey, Vec<usize>> = BTreeMap::new();
+        for (i, b) in self.plan.bindings.iter().enumerate() {
+            pools.entry(b.service).or_default().push(i);
+        }
+        let mut updates = Vec::new();
+        for (service, members_idx) in pools {
+            let mut members = Vec::with_capacity(members_idx.len());
+            for &i in &members_idx {
+                let b = &self.plan.bindings[i];
+                let (Some(dest), Some(probe)) = (
+                    self.dests.get(&(b.service, b.destination.key())),
+                    self.probes.get(&b.probe),
+                ) else {
+                    continue;
+                };
+                members.push((
+                    i,
+                    probe.evidence,
+                    Member {
+                        configured: dest.configured,
+                        up: probe.health.state() == State::Up,
+                        up_since: probe.came_up_at,
+                        latency_ns: if self.config.latency_aware {
+                            probe.latency.map(|l| l.value_ns())
+                        } else {
+                            None
+                        },
+                        current: dest.current,
+                    },
+                ));
+            }
+            let pool: Vec<Member> = members.iter().map(|m| m.2).collect();
+            let result = pool_weights(&pool, &self.config.policy, now);
+            if result.panic {
+                if self.panicking.insert(service) {
+                    let down = pool.iter().filter(|m| !m.up).count();
+                    warn!(
+                        %service,
+                        "PANIC: {down} of {} real servers down, above the panic threshold of {:.0} %: keeping the last weights (fail open)",
+                        pool.len(),
+                        self.config.policy.panic_threshold * 100.0
+                    );
+                }
+                continue;
+            }
+            if self.panicking.remove(&service) {
+                info!(%service, "panic over: weights follow health again");
+            }
+            for ((i, evidence, member), weight) in members.iter().zip(result.weights) {
+                if !evidence || weight == member.current {
+                    continue;
+                }
+                let b = &self.plan.bindings[*i];
+                let dest = &self.dests[&(b.service, b.destination.key())];
+                updates.push(WeightUpdate {
+                    service,
+                    destination: dest.destination.clone(),
+                    weight,
+                });
+            }
+        }
+        if updates.is_empty() {
+            return;
+        }
+        let failed: HashSet<usize> = match ipvs.set_weights(&updates) {
+            Ok(failures) => failures
+                .into_iter()
+                .map(|f| {
+                    warn!(service = %f.service, destination = %f.destination, "weight not written: {}", f.error);
+                    f.index
+                })
+                .collect(),
+            Err(e) => {
+                warn!("writing weights: {e}");
+                (0..updates.len()).collect()
+            }
+        };
+        for (index, update) in updates.iter().enumerate() {
+            if failed.contains(&index) {
+                continue;
+            }
+            let key = (update.service, update.destination.key());
+            if let Some(track) = self.dests.get_mut(&key) {
+                info!(
+                    service = %update.service,
+                    destination = %key.1,
+                    "set weight {} -> {}",
+                    track.current,
+                    update.weight
+                );
+                track.current = update.weight;
+                track.written = Some(update.weight);
+                if let Err(e) = store.set_weight(weight_key(&key.0, &key.1), record(track)) {
+                    warn!("saving state: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+fn record(track: &DestTrack) -> prober_common::WeightRecord {
+    prober_common::WeightRecord {
+        configured: track.configured,
+        written: track.written.unwrap_or(0),
+        has_written: track.written.is_some() as u32,
+        _pad: 0,
+    }
+}
+
+/// A weight in IPVS that differs from the one prober wrote: someone
+/// changed it by hand.
+fn manual_change(
+    config: &Config,
+    service: &ServiceKey,
+    dest: &Destination,
+    written: u32,
+    track: &mut DestTrack,
+) {
+    match config.manual_weights {
+        ManualWeights::Respect => {
+            info!(
+                %service,
+                destination = %dest.key(),
+                "weight changed by hand from {written} to {}: taking it as the configured weight",
+                dest.weight
+            );
+            track.configured = dest.weight;
+            track.written = Some(dest.weight);
+        }
+        ManualWeights::Overwrite => {
+            warn!(
+                %service,
+                destination = %dest.key(),
+                "weight changed by hand from {written} to {}: writing prober's weight back (manual_weights = \"overwrite\")",
+                dest.weight
+            );
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! What the controller must remember across restarts, so that a restart
+//! changes no weight: each destination's configured and last-written
+//! weight, each probe's health and latency. Kept in two pinned BTF maps
+//! (`WEIGHT_STATE`, `HEALTH_STATE`) that, unlike the datapath's maps, stay
+//! pinned when the daemon stops; remove them to make prober forget.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    Ebpf,
+};
+use prober_common::{map_names, HealthKey, HealthRecord, WeightKey, WeightRecord};
+use prober_ipvs::{DestinationKey, Family, Protocol, ServiceKey};
+
+use crate::probe::{addr16, Forwarding, ProbeKind, ProbeSpec};
+
+pub struct StateStore {
+    weights: HashMap<MapData, WeightKey, WeightRecord>,
+    health: HashMap<MapData, HealthKey, HealthRecord>,
+}
+
+impl StateStore {
+    /// Opens the pinned state of an earlier run, or pins this object's
+    /// empty maps.
+    pub fn open(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            weights: HashMap::try_from(open_or_pin(ebpf, pin_dir, map_names::WEIGHT_STATE)?)?,
+            health: HashMap::try_from(open_or_pin(ebpf, pin_dir, map_names::HEALTH_STATE)?)?,
+        })
+    }
+
+    pub fn weight(&self, key: &WeightKey) -> Option<WeightRecord> {
+        self.weights.get(key, 0).ok()
+    }
+
+    pub fn set_weight(&mut self, key: WeightKey, record: WeightRecord) -> Result<()> {
+        self.weights
+            .insert(key, record, 0)
+            .context("writing WEIGHT_STATE")
+    }
+
+    pub fn remove_weight(&mut self, key: &WeightKey) {
+        let _ = self.weights.remove(key);
+    }
+
+    pub fn health(&self, key: &HealthKey) -> Option<HealthRecord> {
+        self.health.get(key, 0).ok()
+    }
+
+    pub fn set_health(&mut self, key: HealthKey, record: HealthRecord) -> Result<()> {
+        self.health
+            .insert(key, record, 0)
+            .context("writing HEALTH_STATE")
+    }
+
+    pub fn remove_health(&mut self, key: &HealthKey) {
+        let _ = self.health.remove(key);
+    }
+}
+
+fn open_or_pin(ebpf: &mut Ebpf, pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin_dir.join(name);
+    if path.exists() {
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        tracing::info!(path = %path.display(), "resuming state pinned by an earlier run");
+        return Ok(Map::from_map_data(data)?);
+    }
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))?;
+    std::fs::create_dir_all(pin_dir)?;
+    map.pin(&path)
+        .with_context(|| format!("pinning {}", path.display()))?;
+    Ok(map)
+}
+
+pub fn weight_key(service: &ServiceKey, dest: &DestinationKey) -> WeightKey {
+    let (service_addr, service_port, protocol, fwmark, family) = match *service {
+        ServiceKey::Address {
+            protocol,
+            addr,
+            port,
+        } => {
+            let raw = match protocol {
+                Protocol::Tcp => libc::IPPROTO_TCP,
+                Protocol::Udp => libc::IPPROTO_UDP,
+                Protocol::Sctp => libc::IPPROTO_SCTP,
+            } as u8;
+            (
+                addr16(addr),
+                port,
+                raw,
+                0,
+                if addr.is_ipv4() { 4 } else { 6 },
+            )
+        }
+        ServiceKey::Fwmark { family, mark } => (
+            [0; 16],
+            0,
+            0,
+            mark,
+            if family == Family::Ipv4 { 4 } else { 6 },
+        ),
+    };
+    WeightKey {
+        service_addr,
+        dest_addr: addr16(dest.addr),
+        fwmark,
+        service_port,
+        dest_port: dest.port,
+        protocol,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+pub fn health_key(spec: &ProbeSpec) -> HealthKey {
+    let (port, kind) = match spec.kind {
+        ProbeKind::TcpSyn { port } => (port, prober_common::probe_kind::TCP_SYN),
+        ProbeKind::IcmpEcho => (0, prober_common::probe_kind::ICMP_ECHO),
+    };
+    HealthKey {
+        destination: addr16(spec.destination),
+        real_server: addr16(spec.real_server()),
+        port,
+        kind,
+        forwarding: match spec.forwarding {
+            Forwarding::Direct => 0,
+            Forwarding::DirectRouting { .. } => 1,
+            Forwarding::Tunnel { .. } => 2,
+        },
+    }
+}
