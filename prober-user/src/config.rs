@@ -18,7 +18,7 @@
 //! hysteresis = 0.05        # smaller changes are not written
 //! max_step = 0.25          # most change per interval
 //! slow_start = "30s"       # ramp after recovery
-//! panic_threshold = 0.5    # more than this share down: keep weights
+//! panic_threshold = 0.5    # this share down or more: keep weights
 //!
 //! [[service]]
 //! match = "tcp:192.0.2.10:80"  # or "fwmark:7"

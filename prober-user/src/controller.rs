@@ -371,7 +371,7 @@ impl Controller {
                     let down = pool.iter().filter(|m| !m.up).count();
                     warn!(
                         %service,
-                        "PANIC: {down} of {} real servers down, above the panic threshold of {:.0} %: keeping the last weights (fail open)",
+                        "PANIC: {down} of {} real servers down, at or above the panic threshold of {:.0} %: keeping the last weights (fail open)",
                         pool.len(),
                         self.config.policy.panic_threshold * 100.0
                     );

@@ -53,7 +53,7 @@ pub struct WeightPolicy {
     pub max_step: f64,
     /// After recovery a server ramps from its floor to its weight over this.
     pub slow_start: Duration,
-    /// When more than this share of a pool is down, keep the last weights
+    /// When this share of a pool or more is down, keep the last weights
     /// (fail open) instead of emptying the pool (Envoy's panic threshold).
     pub panic_threshold: f64,
 }
@@ -88,14 +88,14 @@ pub struct Member {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolWeights {
     pub weights: Vec<u32>,
-    /// More than `panic_threshold` of the pool is down: weights were kept.
+    /// `panic_threshold` of the pool or more is down: weights were kept.
     pub panic: bool,
 }
 
 /// The weights a pool should have now.
 pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> PoolWeights {
     let down = members.iter().filter(|m| !m.up).count();
-    if !members.is_empty() && down as f64 / members.len() as f64 > policy.panic_threshold {
+    if down > 0 && down as f64 / members.len() as f64 >= policy.panic_threshold {
         return PoolWeights {
             weights: members.iter().map(|m| m.current).collect(),
             panic: true,
@@ -226,7 +226,7 @@ mod tests {
     }
 
     #[test]
-    fn more_than_the_panic_threshold_down_keeps_the_last_weights() {
+    fn the_panic_threshold_down_keeps_the_last_weights() {
         let now = Instant::now();
         let policy = WeightPolicy::default();
         let mut pool = vec![member(1.0, 100), member(1.0, 80), member(1.0, 60)];
@@ -235,16 +235,14 @@ mod tests {
         let out = pool_weights(&pool, &policy, now);
         assert!(out.panic);
         assert_eq!(out.weights, vec![100, 80, 60]);
-        // Exactly half down is not above a 50 % threshold.
+        // Half down reaches a 50 % threshold; a third does not.
         let mut pool = vec![member(1.0, 100), member(1.0, 100)];
         pool[0].up = false;
-        assert_eq!(
-            pool_weights(&pool, &policy, now),
-            PoolWeights {
-                weights: vec![0, 100],
-                panic: false
-            }
-        );
+        assert!(pool_weights(&pool, &policy, now).panic);
+        let mut pool = vec![member(1.0, 100), member(1.0, 100), member(1.0, 100)];
+        pool[0].up = false;
+        let out = pool_weights(&pool, &policy, now);
+        assert_eq!((out.weights, out.panic), (vec![0, 100, 100], false));
     }
 
     #[test]
