@@ -23,8 +23,8 @@ use crate::{
     weights::{pool_weights, Member, PeakEwma},
 };
 
-/// Latency estimates are saved for restarts at most this often.
-const LATENCY_SAVE: Duration = Duration::from_secs(10);
+/// Latency estimates are saved for restarts this often.
+const LATENCY_SAVE: Duration = Duration::from_secs(2);
 
 struct ProbeTrack {
     settings: ProbeSettings,
@@ -60,6 +60,10 @@ pub struct Controller {
     panicking: HashSet<ServiceKey>,
     next_discovery: Instant,
     ipvs_problem: Option<String>,
+    /// Until then latency moves no weight: estimates (fresh, or restored
+    /// from a run that may have saved them up to `LATENCY_SAVE` ago) first
+    /// follow one decay period of live samples, so a restart moves nothing.
+    latency_hold_until: Instant,
 }
 
 /// Opens the state store when IPVS is first seen (a daemon on a host
@@ -69,7 +73,6 @@ pub type OpenStore<'a> = &'a mut dyn FnMut() -> Result<StateStore>;
 impl Controller {
     pub fn new(config: Config, prober: Prober, now: Instant) -> Self {
         Self {
-            config,
             ipvs: None,
             prober,
             store: None,
@@ -79,6 +82,8 @@ impl Controller {
             panicking: HashSet::new(),
             next_discovery: now,
             ipvs_problem: None,
+            latency_hold_until: now + config.policy.decay,
+            config,
         }
     }
 
@@ -157,8 +162,11 @@ impl Controller {
             match self.dests.get_mut(&key) {
                 Some(track) => {
                     track.destination = dest.clone();
-                    if let Some(written) = track.written.filter(|w| *w != dumped) {
-                        manual_change(&self.config, &binding.service, dest, written, track);
+                    // What IPVS should hold: what prober wrote, else what
+                    // it held before.
+                    let expected = track.written.unwrap_or(track.current);
+                    if dumped != expected {
+                        manual_change(&self.config, &binding.service, dest, expected, track);
                         store.set_weight(wkey, record(track))?;
                     }
                     track.current = dumped;
@@ -381,8 +389,12 @@ impl Controller {
             if self.panicking.remove(&service) {
                 info!(%service, "panic over: weights follow health again");
             }
+            let hold_latency = now < self.latency_hold_until;
             for ((i, evidence, member), weight) in members.iter().zip(result.weights) {
-                if !evidence || weight == member.current {
+                // Before its probe has spoken, and while latency is held,
+                // a server that is up (and not ramping up) keeps its weight.
+                let steady_up = member.up && member.up_since.is_none() && member.current > 0;
+                if !evidence || weight == member.current || (hold_latency && steady_up) {
                     continue;
                 }
                 let b = &self.plan.bindings[*i];
@@ -442,13 +454,13 @@ fn record(track: &DestTrack) -> prober_common::WeightRecord {
     }
 }
 
-/// A weight in IPVS that differs from the one prober wrote: someone
-/// changed it by hand.
+/// A weight in IPVS that differs from the one prober expects there (the
+/// one it wrote, or the one IPVS held before): someone changed it by hand.
 fn manual_change(
     config: &Config,
     service: &ServiceKey,
     dest: &Destination,
-    written: u32,
+    expected: u32,
     track: &mut DestTrack,
 ) {
     match config.manual_weights {
@@ -456,7 +468,7 @@ fn manual_change(
             info!(
                 %service,
                 destination = %dest.key(),
-                "weight changed by hand from {written} to {}: taking it as the configured weight",
+                "weight changed by hand from {expected} to {}: taking it as the configured weight",
                 dest.weight
             );
             track.configured = dest.weight;
@@ -466,7 +478,7 @@ fn manual_change(
             warn!(
                 %service,
                 destination = %dest.key(),
-                "weight changed by hand from {written} to {}: writing prober's weight back (manual_weights = \"overwrite\")",
+                "weight changed by hand from {expected} to {}: writing prober's weight back (manual_weights = \"overwrite\")",
                 dest.weight
             );
         }

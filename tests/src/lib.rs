@@ -530,3 +530,89 @@ pub fn wait_rounds(daemon: &Daemon, probes: &[&str], n: u64) -> serde_json::Valu
     })
     .unwrap()
 }
+
+/// A director and real servers on one LAN: a bridge in a "switch"
+/// namespace, each host's `eth0` plugged into it by veth. The director is
+/// 192.0.2.1, real server i is 192.0.2.(10 + i); all in TEST-NET-1, which
+/// exists only inside these namespaces.
+pub struct Lan {
+    pub switch: NetNs,
+    pub director: NetNs,
+    pub servers: Vec<NetNs>,
+    _director_port_xdp: PeerXdp,
+}
+
+pub const LAN_IF: &str = "eth0";
+
+impl Lan {
+    pub fn new(servers: usize) -> Result<Self> {
+        let switch = NetNs::new("prbw")?;
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        let plug = |ns: &NetNs, port: &str, addr: Ipv4Addr| -> Result<()> {
+            ns.ip(&[
+                "link",
+                "add",
+                LAN_IF,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                &switch.name,
+            ])?;
+            switch.ip(&["link", "set", port, "master", "br0", "up"])?;
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", LAN_IF])?;
+            ns.ip(&["link", "set", LAN_IF, "up"])?;
+            Ok(())
+        };
+        let director = NetNs::new("prbd")?;
+        plug(&director, "d0", Self::director_addr())?;
+        let mut hosts = Vec::new();
+        for i in 0..servers {
+            let ns = NetNs::new("prbr")?;
+            plug(&ns, &format!("s{i}"), Self::server_addr(i))?;
+            hosts.push(ns);
+        }
+        // Frames the director's XDP sends into its veth reach the switch
+        // only if the switch end runs XDP too (veth's rule).
+        let port_xdp = PeerXdp::attach(&switch, "d0")?;
+        Ok(Self {
+            switch,
+            director,
+            servers: hosts,
+            _director_port_xdp: port_xdp,
+        })
+    }
+
+    pub fn director_addr() -> Ipv4Addr {
+        Ipv4Addr::new(192, 0, 2, 1)
+    }
+
+    pub fn server_addr(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(192, 0, 2, 10 + i as u8)
+    }
+
+    /// `ipvsadm <args>` in the director's namespace.
+    pub fn ipvsadm(&self, args: &[&str]) -> Result<String> {
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", &self.director.name, "ipvsadm"])
+            .args(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Weights of the real servers of a service, from `ipvsadm -Ln`, keyed
+    /// by "ADDR:PORT".
+    pub fn weights(&self, service: &str) -> Result<std::collections::BTreeMap<String, u32>> {
+        let table = self.ipvsadm(&["-Ln", "-t", service])?;
+        Ok(table
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.first() == Some(&"->") && f.len() >= 4 && f[1] != "RemoteAddress:Port")
+                    .then(|| (f[1].to_string(), f[3].parse().unwrap_or(u32::MAX)))
+            })
+            .collect())
+    }
+}

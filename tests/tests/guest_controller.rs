@@ -1,0 +1,243 @@
+//! The controller against real IPVS in the qemu guest: `prober run` in a
+//! director namespace manages a NAT service whose real servers are
+//! namespaces on a bridged LAN, with real listeners and netem delays.
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddrV4, TcpListener},
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use prober_tests::{unique_name, wait_for, Daemon, Lan, PinDir, LAN_IF};
+
+const VS: &str = "203.0.113.10:80";
+
+fn rs(i: usize) -> String {
+    format!("{}:80", Lan::server_addr(i))
+}
+
+/// A LAN with `n` real servers listening on :80, all in one NAT service
+/// at weight 100.
+fn service(n: usize) -> (Lan, Vec<Option<TcpListener>>) {
+    let lan = Lan::new(n).unwrap();
+    let listeners = (0..n)
+        .map(|i| {
+            Some(
+                lan.servers[i]
+                    .listen(SocketAddrV4::new(Lan::server_addr(i), 80))
+                    .unwrap(),
+            )
+        })
+        .collect();
+    lan.ipvsadm(&["-A", "-t", VS, "-s", "wrr"]).unwrap();
+    for i in 0..n {
+        lan.ipvsadm(&["-a", "-t", VS, "-r", &rs(i), "-m", "-w", "100"])
+            .unwrap();
+    }
+    (lan, listeners)
+}
+
+fn config(text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique_name("prober-config-")));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const FAST: &str = r#"
+[daemon]
+interval = "200ms"
+rise = 2
+fall = 3
+discovery = "1s"
+"#;
+
+fn start(lan: &Lan, pin_dir: &PinDir, config_text: &str) -> Daemon {
+    let path = config(config_text);
+    Daemon::start_with(
+        &lan.director,
+        LAN_IF,
+        pin_dir,
+        &["--config", path.to_str().unwrap()],
+    )
+    .unwrap()
+}
+
+fn writes(daemon: &Daemon) -> usize {
+    daemon.log().matches("set weight").count()
+}
+
+fn all(weight: u32, n: usize) -> BTreeMap<String, u32> {
+    (0..n).map(|i| (rs(i), weight)).collect()
+}
+
+#[test]
+fn a_stopped_server_goes_to_zero_in_time_and_returns_through_slow_start() {
+    let (lan, mut listeners) = service(3);
+    let pin_dir = PinDir::new();
+    let daemon = start(
+        &lan,
+        &pin_dir,
+        &format!("{FAST}\n[weights]\nlatency_aware = false\nslow_start = \"4s\"\n"),
+    );
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        lan.weights(VS).unwrap(),
+        all(100, 3),
+        "healthy servers keep their weights"
+    );
+    assert_eq!(writes(&daemon), 0, "{}", daemon.log());
+
+    listeners[0] = None; // the service on the first real server stops: RST
+    let stopped = Instant::now();
+    wait_for(Duration::from_secs(10), || {
+        Ok((lan.weights(VS)?[&rs(0)] == 0).then_some(()))
+    })
+    .unwrap();
+    let took = stopped.elapsed();
+    println!("stopped server at weight 0 after {took:?} (fall 3 x interval 200 ms + one interval = 800 ms)");
+    // 800 ms, plus what polling ipvsadm costs under emulation.
+    assert!(took < Duration::from_millis(1300), "took {took:?}");
+    assert_eq!(lan.weights(VS).unwrap()[&rs(1)], 100);
+
+    listeners[0] = Some(
+        lan.servers[0]
+            .listen(SocketAddrV4::new(Lan::server_addr(0), 80))
+            .unwrap(),
+    );
+    let mut seen = Vec::new();
+    let back = Instant::now();
+    wait_for(Duration::from_secs(20), || {
+        let w = lan.weights(VS)?[&rs(0)];
+        if seen.last() != Some(&w) {
+            seen.push(w);
+        }
+        Ok((w == 100).then_some(()))
+    })
+    .unwrap();
+    println!(
+        "weights of the recovered server: {seen:?} over {:?}",
+        back.elapsed()
+    );
+    let ramp: Vec<u32> = seen.iter().copied().filter(|w| *w > 0).collect();
+    assert!(
+        ramp.len() >= 3 && ramp[0] <= 25,
+        "slow start from the floor: {seen:?}"
+    );
+    assert!(ramp.windows(2).all(|w| w[0] < w[1]), "rising: {seen:?}");
+}
+
+#[test]
+fn a_slow_server_gets_less_weight_and_stable_latencies_write_nothing() {
+    let (lan, _listeners) = service(2);
+    lan.servers[1].netem(LAN_IF, &["delay", "30ms"]).unwrap();
+    let pin_dir = PinDir::new();
+    let daemon = start(&lan, &pin_dir, FAST);
+    // Latency moves weights after one decay period (10 s) of samples, then
+    // by steps of at most 25 toward fast/slow x 100 (here about 10).
+    let started = Instant::now();
+    wait_for(Duration::from_secs(40), || {
+        let w = lan.weights(VS)?;
+        Ok((w[&rs(1)] <= 25).then_some(w))
+    })
+    .unwrap_or_else(|e| panic!("{e}: weights {:?}; {}", lan.weights(VS), daemon.log()));
+    thread::sleep(Duration::from_secs(1)); // the last step
+    let settled = lan.weights(VS).unwrap();
+    println!(
+        "weights with 30 ms added to one server: {settled:?} after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(settled[&rs(0)], 100);
+    assert!(settled[&rs(1)] < settled[&rs(0)]);
+    let before = writes(&daemon);
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(lan.weights(VS).unwrap(), settled);
+    assert_eq!(
+        writes(&daemon),
+        before,
+        "weight writes while latencies were stable: {}",
+        daemon.log()
+    );
+}
+
+#[test]
+fn half_the_pool_down_under_a_50_percent_panic_threshold_keeps_the_weights() {
+    let (lan, mut listeners) = service(4);
+    let pin_dir = PinDir::new();
+    let daemon = start(
+        &lan,
+        &pin_dir,
+        &format!("{FAST}\n[weights]\nlatency_aware = false\npanic_threshold = 0.5\n"),
+    );
+    thread::sleep(Duration::from_millis(1500));
+    listeners[0] = None;
+    listeners[1] = None;
+    wait_for(Duration::from_secs(10), || {
+        Ok(daemon.log().contains("PANIC").then_some(()))
+    })
+    .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        lan.weights(VS).unwrap(),
+        all(100, 4),
+        "fail open: no server emptied"
+    );
+    let log = daemon.log();
+    let warning = log.lines().find(|l| l.contains("PANIC")).unwrap();
+    println!("{warning}");
+    assert!(warning.contains("2 of 4 real servers down"), "{warning}");
+}
+
+#[test]
+fn killing_and_restarting_the_daemon_changes_no_weight() {
+    let (lan, mut listeners) = service(3);
+    lan.servers[1].netem(LAN_IF, &["delay", "30ms"]).unwrap();
+    listeners[2] = None;
+    let pin_dir = PinDir::new();
+    let mut first = start(&lan, &pin_dir, FAST);
+    wait_for(Duration::from_secs(40), || {
+        let w = lan.weights(VS)?;
+        Ok((w[&rs(1)] <= 25 && w[&rs(2)] == 0).then_some(w))
+    })
+    .unwrap();
+    thread::sleep(Duration::from_secs(3)); // settled, latency estimates saved again
+    let settled = lan.weights(VS).unwrap();
+    println!("before the kill: {settled:?}");
+    first.stop(libc::SIGKILL).unwrap();
+
+    let second = start(&lan, &pin_dir, FAST);
+    let watch_until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < watch_until {
+        assert_eq!(
+            lan.weights(VS).unwrap(),
+            settled,
+            "a weight moved after the restart: {}",
+            second.log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(writes(&second), 0, "{}", second.log());
+    assert!(second.log().contains("resuming state"), "{}", second.log());
+}
+
+#[test]
+fn a_weight_changed_by_hand_is_respected() {
+    let (lan, _listeners) = service(2);
+    let pin_dir = PinDir::new();
+    let daemon = start(
+        &lan,
+        &pin_dir,
+        &format!("{FAST}\n[weights]\nlatency_aware = false\n"),
+    );
+    thread::sleep(Duration::from_millis(1500));
+    lan.ipvsadm(&["-e", "-t", VS, "-r", &rs(0), "-m", "-w", "50"])
+        .unwrap();
+    wait_for(Duration::from_secs(5), || {
+        Ok(daemon.log().contains("changed by hand").then_some(()))
+    })
+    .unwrap();
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(lan.weights(VS).unwrap()[&rs(0)], 50);
+    assert_eq!(writes(&daemon), 0, "{}", daemon.log());
+}
