@@ -14,8 +14,9 @@
 //! [weights]
 //! latency_aware = true     # false: only health moves weights
 //! decay = "10s"            # peak-EWMA time constant
+//! latency_slack = "5ms"    # added to latencies before comparing them
 //! floor = 0.1              # least share of its weight a slow server keeps
-//! hysteresis = 0.05        # smaller changes are not written
+//! hysteresis = 0.1         # smaller changes are not written
 //! max_step = 0.25          # most change per interval
 //! slow_start = "30s"       # ramp after recovery
 //! panic_threshold = 0.5    # this share down or more: keep weights
@@ -118,6 +119,10 @@ impl Config {
             latency_aware: weights.latency_aware.unwrap_or(true),
             policy: WeightPolicy {
                 decay: weights.decay.map(|d| d.0).unwrap_or(defaults.policy.decay),
+                latency_slack: weights
+                    .latency_slack
+                    .map(|d| d.0)
+                    .unwrap_or(defaults.policy.latency_slack),
                 floor: weights.floor.map(|s| s.0).unwrap_or(defaults.policy.floor),
                 hysteresis: weights
                     .hysteresis
@@ -206,6 +211,7 @@ struct DaemonSection {
 struct WeightsSection {
     latency_aware: Option<bool>,
     decay: Option<Interval>,
+    latency_slack: Option<Latency>,
     floor: Option<Share>,
     hysteresis: Option<Share>,
     max_step: Option<Share>,
@@ -243,6 +249,18 @@ impl<'de> Deserialize<'de> for Interval {
             )));
         }
         Ok(Interval(duration))
+    }
+}
+
+/// A duration like "5ms", zero allowed.
+struct Latency(Duration);
+
+impl<'de> Deserialize<'de> for Latency {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map(Latency).map_err(|e| {
+            de::Error::custom(format!("'{text}' is not a duration like \"5ms\" ({e})"))
+        })
     }
 }
 

@@ -43,6 +43,9 @@ impl PeakEwma {
 pub struct WeightPolicy {
     /// Time constant of the latency estimate.
     pub decay: Duration,
+    /// Added to every latency before comparing: differences small against
+    /// it (sub-millisecond jitter between equal servers) move no weight.
+    pub latency_slack: Duration,
     /// Lowest weight of a healthy server, as a share of its configured one.
     pub floor: f64,
     /// Changes smaller than this share of the configured weight are not
@@ -62,8 +65,9 @@ impl Default for WeightPolicy {
     fn default() -> Self {
         Self {
             decay: Duration::from_secs(10),
+            latency_slack: Duration::from_millis(5),
             floor: 0.1,
-            hysteresis: 0.05,
+            hysteresis: 0.1,
             max_step: 0.25,
             slow_start: Duration::from_secs(30),
             panic_threshold: 0.5,
@@ -101,12 +105,14 @@ pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> 
             panic: true,
         };
     }
+    let slack = policy.latency_slack.as_nanos() as f64;
     let fastest = members
         .iter()
         .filter(|m| m.up)
         .filter_map(|m| m.latency_ns)
         .filter(|l| *l > 0.0)
-        .fold(f64::INFINITY, f64::min);
+        .fold(f64::INFINITY, f64::min)
+        + slack;
     let weights = members
         .iter()
         .map(|m| {
@@ -115,14 +121,19 @@ pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> 
             }
             let configured = m.configured as f64;
             let speed = match m.latency_ns {
-                Some(l) if l > 0.0 && fastest.is_finite() => (fastest / l).clamp(policy.floor, 1.0),
+                Some(l) if l > 0.0 && fastest.is_finite() => {
+                    (fastest / (l + slack)).clamp(policy.floor, 1.0)
+                }
                 _ => 1.0, // no evidence yet: full weight
             };
             let mut target = configured * speed;
             if let Some(since) = m.up_since {
                 let ramp = now.saturating_duration_since(since).as_secs_f64()
                     / policy.slow_start.as_secs_f64().max(1e-9);
-                target = target.min(configured * ramp.clamp(policy.floor, 1.0));
+                let cap = configured * ramp.clamp(policy.floor, 1.0);
+                // Slow start holds growth back; it never cuts a weight the
+                // server already has (kept, say, through a panic).
+                target = target.min(cap.max(m.current as f64));
             }
             damp(m.current, target, configured, policy)
         })
@@ -141,11 +152,20 @@ fn damp(current: u32, target: f64, configured: f64, policy: &WeightPolicy) -> u3
         .clamp(if configured >= 1.0 { 1.0 } else { 0.0 }, configured);
     let current_f = current as f64;
     let change = target - current_f;
-    if change.abs() < (policy.hysteresis * configured).max(1.0) && current != 0 {
+    // Full weight is a resting point, not noise: a ramp or a recovery
+    // always gets there.
+    let to_full = target >= configured && current_f < configured;
+    if change.abs() < (policy.hysteresis * configured).max(1.0) && current != 0 && !to_full {
         return current;
     }
     let step = (policy.max_step * configured).max(1.0);
-    (current_f + change.clamp(-step, step)).round() as u32
+    let stepped = current_f + change.clamp(-step, step);
+    // A last step shorter than the hysteresis goes all the way, so a
+    // stepped approach always reaches its target.
+    if (target - stepped).abs() < (policy.hysteresis * configured).max(1.0) {
+        return target as u32;
+    }
+    stepped.round() as u32
 }
 
 #[cfg(test)]
@@ -176,20 +196,54 @@ mod tests {
     #[test]
     fn slower_servers_get_proportionally_less_down_to_the_floor() {
         let now = Instant::now();
-        let policy = WeightPolicy::default();
+        let pool = || vec![member(1.0, 100), member(2.0, 100), member(30.0, 100)];
+        let no_slack = WeightPolicy {
+            latency_slack: Duration::ZERO,
+            ..WeightPolicy::default()
+        };
+        assert_eq!(settle(pool(), &no_slack, now, 10), vec![100, 50, 10]);
+        // The default 5 ms slack: (1 + 5) / (2 + 5) and (1 + 5) / (30 + 5).
+        assert_eq!(
+            settle(pool(), &WeightPolicy::default(), now, 10),
+            vec![100, 86, 17]
+        );
+    }
+
+    #[test]
+    fn sub_millisecond_jitter_moves_no_weight() {
+        let now = Instant::now();
         let weights = settle(
-            vec![member(1.0, 100), member(2.0, 100), member(30.0, 100)],
-            &policy,
+            vec![member(0.5, 100), member(1.0, 100)],
+            &WeightPolicy::default(),
             now,
             10,
         );
-        assert_eq!(weights, vec![100, 50, 10]);
+        assert_eq!(weights, vec![100, 100]);
+    }
+
+    #[test]
+    fn a_ramp_always_reaches_full_weight() {
+        let start = Instant::now();
+        let policy = WeightPolicy::default();
+        let mut back = member(1.0, 92);
+        back.up_since = Some(start);
+        let at_end = start + policy.slow_start;
+        let out = pool_weights(&[member(1.0, 100), back], &policy, at_end);
+        assert_eq!(
+            out.weights,
+            vec![100, 100],
+            "92 is within the hysteresis of 100, but 100 is where it rests"
+        );
     }
 
     #[test]
     fn steps_are_bounded_and_small_changes_are_not_written() {
         let now = Instant::now();
-        let policy = WeightPolicy::default();
+        let policy = WeightPolicy {
+            latency_slack: Duration::ZERO,
+            hysteresis: 0.05,
+            ..WeightPolicy::default()
+        };
         let out = pool_weights(&[member(1.0, 100), member(10.0, 100)], &policy, now);
         assert_eq!(
             out.weights,
@@ -248,7 +302,10 @@ mod tests {
     #[test]
     fn stable_latencies_give_stable_weights() {
         let now = Instant::now();
-        let policy = WeightPolicy::default();
+        let policy = WeightPolicy {
+            latency_slack: Duration::ZERO,
+            ..WeightPolicy::default()
+        };
         let pool = vec![member(1.0, 100), member(3.0, 33)];
         assert_eq!(pool_weights(&pool, &policy, now).weights, vec![100, 33]);
     }

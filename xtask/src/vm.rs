@@ -80,10 +80,13 @@ pub fn test_in_guest(options: &VmTestOptions) -> Result<()> {
     };
     // The guest tests run `prober` itself too.
     run_command(cargo().args(["build", "--package", "prober-user"]))?;
-    let binaries = build_test_binaries(&tests)?;
+    let mut binaries = build_test_binaries(&tests)?;
     let mut args = vec!["--test-threads=1".to_string(), "--show-output".to_string()];
     args.extend(options.test_args.iter().cloned());
-    let results = run_guest(&guest, &binaries, &args, options.timeout)?;
+    for binary in &mut binaries {
+        binary.args = args.clone();
+    }
+    let results = run_guest(&guest, &binaries, options.timeout)?;
     let failed: Vec<&str> = results
         .iter()
         .filter(|r| r.status != Some(0))
@@ -427,14 +430,15 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 // -------------------------------------------------------------- test binaries
 
-struct TestBinary {
-    name: String,
-    path: PathBuf,
+pub struct GuestProgram {
+    pub name: String,
+    pub path: PathBuf,
+    pub args: Vec<String>,
 }
 
 /// `cargo test --no-run` for the guest targets; their paths from cargo's
 /// JSON messages.
-fn build_test_binaries(tests: &[String]) -> Result<Vec<TestBinary>> {
+fn build_test_binaries(tests: &[String]) -> Result<Vec<GuestProgram>> {
     let mut cmd = cargo();
     cmd.args([
         "test",
@@ -471,9 +475,10 @@ fn build_test_binaries(tests: &[String]) -> Result<Vec<TestBinary>> {
             continue;
         };
         if tests.iter().any(|t| t == name) {
-            binaries.push(TestBinary {
+            binaries.push(GuestProgram {
                 name: name.to_string(),
                 path: PathBuf::from(path),
+                args: Vec::new(),
             });
         }
     }
@@ -487,10 +492,10 @@ fn build_test_binaries(tests: &[String]) -> Result<Vec<TestBinary>> {
 
 // ------------------------------------------------------------------ the run
 
-struct BinaryResult {
-    name: String,
+pub struct BinaryResult {
+    pub name: String,
     /// None: the binary did not finish (guest crashed or timed out).
-    status: Option<i32>,
+    pub status: Option<i32>,
 }
 
 /// Quotes for sh: the guest script runs host paths and arguments.
@@ -498,10 +503,16 @@ fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
+/// Boots the guest once to run `programs` (host binaries, with their
+/// arguments) in order, streaming their output, and returns how each ended.
+pub fn run_programs(programs: &[GuestProgram], timeout: Duration) -> Result<Vec<BinaryResult>> {
+    let guest = prepare_guest()?;
+    run_guest(&guest, programs, timeout)
+}
+
 fn run_guest(
     guest: &Guest,
-    binaries: &[TestBinary],
-    args: &[String],
+    binaries: &[GuestProgram],
     timeout: Duration,
 ) -> Result<Vec<BinaryResult>> {
     let out = target_dir().join("vm-test");
@@ -542,8 +553,8 @@ fn run_guest(
         "cd {}",
         shell_quote(&workspace_root().join("tests").to_string_lossy())
     );
-    let quoted_args: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
     for (i, binary) in binaries.iter().enumerate() {
+        let quoted_args: Vec<String> = binary.args.iter().map(|a| shell_quote(a)).collect();
         let _ = writeln!(
             script,
             "{} {} > {out_q}/{i}.log 2>&1; echo $? > {out_q}/{i}.status",
@@ -596,7 +607,9 @@ fn run_guest(
     );
     let started = Instant::now();
     let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let mut stream = LogStream::new(&out, binaries);
     let status = loop {
+        stream.print_new();
         if let Some(status) = child.try_wait()? {
             break status;
         }
@@ -631,24 +644,15 @@ fn run_guest(
         booted.trim()
     );
 
+    stream.print_new();
     let mut results = Vec::new();
     for (i, binary) in binaries.iter().enumerate() {
-        let log = fs::read_to_string(out.join(format!("{i}.log"))).unwrap_or_default();
         let status = fs::read_to_string(out.join(format!("{i}.status")))
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
-        let verdict = match status {
-            Some(0) => "passed".to_string(),
-            Some(code) => format!("FAILED (exit {code})"),
-            None => "did not finish".to_string(),
-        };
-        let stdout = std::io::stdout();
-        let mut stdout = stdout.lock();
-        let _ = writeln!(stdout, "[vm] ---- {} (in the guest) ----", binary.name);
-        let _ = stdout.write_all(log.as_bytes());
-        let _ = writeln!(stdout, "[vm] ---- {}: {verdict} ----", binary.name);
         if status.is_none() {
-            let _ = writeln!(stdout, "[vm] last console lines:\n{}", tail(&console, 30));
+            stream.finish(i, None);
+            println!("[vm] last console lines:\n{}", tail(&console, 30));
         }
         results.push(BinaryResult {
             name: binary.name.clone(),
@@ -656,6 +660,71 @@ fn run_guest(
         });
     }
     Ok(results)
+}
+
+/// Prints each program's output as the guest writes it (over 9p), with a
+/// header before and its verdict after.
+struct LogStream<'a> {
+    out: &'a Path,
+    binaries: &'a [GuestProgram],
+    /// The program being printed, and how much of its log is printed.
+    current: usize,
+    offset: usize,
+    header_printed: bool,
+}
+
+impl<'a> LogStream<'a> {
+    fn new(out: &'a Path, binaries: &'a [GuestProgram]) -> Self {
+        Self {
+            out,
+            binaries,
+            current: 0,
+            offset: 0,
+            header_printed: false,
+        }
+    }
+
+    fn print_new(&mut self) {
+        while self.current < self.binaries.len() {
+            let i = self.current;
+            let Ok(log) = fs::read(self.out.join(format!("{i}.log"))) else {
+                return; // not started yet
+            };
+            if !self.header_printed {
+                println!("[vm] ---- {} (in the guest) ----", self.binaries[i].name);
+                self.header_printed = true;
+            }
+            let mut stdout = std::io::stdout().lock();
+            if log.len() > self.offset {
+                let _ = stdout.write_all(&log[self.offset..]);
+                let _ = stdout.flush();
+                self.offset = log.len();
+            }
+            drop(stdout);
+            let status = fs::read_to_string(self.out.join(format!("{i}.status")))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            match status {
+                Some(code) => self.finish(i, Some(code)),
+                None => return,
+            }
+        }
+    }
+
+    fn finish(&mut self, i: usize, status: Option<i32>) {
+        if i != self.current {
+            return;
+        }
+        let verdict = match status {
+            Some(0) => "passed".to_string(),
+            Some(code) => format!("FAILED (exit {code})"),
+            None => "did not finish".to_string(),
+        };
+        println!("[vm] ---- {}: {verdict} ----", self.binaries[i].name);
+        self.current += 1;
+        self.offset = 0;
+        self.header_printed = false;
+    }
 }
 
 fn tail(path: &Path, lines: usize) -> String {

@@ -1,88 +1,221 @@
-//! The demo behind `cargo xtask demo` (which builds everything first):
-//! prober probing real servers across veth between two network namespaces.
-//! (Once the controller exists, the demo becomes a topology with real IPVS.)
+//! The demo behind `cargo xtask demo`, run inside the qemu guest (real
+//! IPVS): a director and four real servers on a bridged LAN, a NAT service
+//! and a direct-routing service, and `prober run` managing their weights.
+//! Real server 1 is slow (netem 40 ms), 2 refuses (nothing listens until
+//! half-way), 3 is black-holed (its replies go nowhere).
 
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     process::Command,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use prober_tests::{prober_bin, run, Daemon, PeerXdp, VethPair, VETH};
+use prober_tests::{prober_bin, run, unique_name, Daemon, Lan, PinDir, LAN_IF};
 
-const PIN_DIR: &str = "/sys/fs/bpf/prober";
-const PROBES: [&str; 4] = [
-    "tcp:192.0.2.2:8080",
-    "tcp:192.0.2.2:8081",
-    "icmp:192.0.2.2",
-    "tcp:203.0.113.10:80,dr=192.0.2.2",
-];
+const NAT_VS: &str = "203.0.113.10:80";
+const DR_VS: &str = "203.0.113.20:80";
+const RUN_FOR: Duration = Duration::from_secs(22);
+const COMEBACK_AT: Duration = Duration::from_secs(10);
+
+const CONFIG: &str = r#"[daemon]
+interval = "200ms"
+rise = 2
+fall = 3
+discovery = "1s"
+
+[weights]
+decay = "3s"
+slow_start = "5s"
+# Emulation in the guest adds about a millisecond of jitter.
+latency_slack = "10ms"
+# Two of the NAT service's four real servers fail: do not fail open.
+panic_threshold = 0.75
+"#;
 
 fn main() -> Result<()> {
-    println!("[demo] topology: director netns (192.0.2.1) <-veth-> real-server netns (192.0.2.2)");
-    let pair = VethPair::new()?;
-    // Frames XDP sends into a veth are delivered only if the peer runs XDP.
-    let _peer = PeerXdp::attach(&pair.server, VETH)?;
-    let vip = Ipv4Addr::new(203, 0, 113, 10);
-    for ns in [&pair.server, &pair.client] {
-        ns.ip(&["addr", "add", "203.0.113.10/32", "dev", "lo"])?;
+    println!("[demo] building the topology: director 192.0.2.1 and real servers 192.0.2.10-13 on one bridge");
+    let lan = Lan::new(4)?;
+    let rs = |i: usize| Lan::server_addr(i);
+    let vip = Ipv4Addr::new(203, 0, 113, 20);
+    let mut listeners = Vec::new();
+    for i in [0, 1, 3] {
+        listeners.push(lan.servers[i].listen(SocketAddrV4::new(rs(i), 80))?);
     }
-    let web = pair
-        .server
-        .listen(SocketAddrV4::new(pair.server_addr, 8080))?;
-    let _dr_web = pair.server.listen(SocketAddrV4::new(vip, 80))?;
-    println!("[demo] real server listens on 192.0.2.2:8080 and on the VIP 203.0.113.10:80 (held on its lo, as with IPVS-DR); 8081 is closed");
+    for i in [0, 1] {
+        // Direct routing: the real server holds the VIP on lo.
+        lan.servers[i].ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+        for key in [
+            "net.ipv4.conf.all.arp_ignore",
+            "net.ipv4.conf.all.arp_announce",
+        ] {
+            lan.servers[i].sysctl(key, if key.ends_with("ignore") { "1" } else { "2" })?;
+        }
+        listeners.push(lan.servers[i].listen(SocketAddrV4::new(vip, 80))?);
+    }
+    lan.servers[1].netem(LAN_IF, &["delay", "40ms"])?;
+    lan.servers[3].ip(&["route", "add", "blackhole", "192.0.2.1/32"])?;
+    println!("[demo] rs0 fast; rs1 +40 ms (netem); rs2 refuses (nothing on :80); rs3 black-holed (its replies are dropped)");
 
-    let listed: Vec<String> = PROBES.iter().map(|p| format!("--probe {p}")).collect();
+    lan.ipvsadm(&["-A", "-t", NAT_VS, "-s", "wrr"])?;
+    for i in 0..4 {
+        lan.ipvsadm(&[
+            "-a",
+            "-t",
+            NAT_VS,
+            "-r",
+            &format!("{}:80", rs(i)),
+            "-m",
+            "-w",
+            "100",
+        ])?;
+    }
+    lan.ipvsadm(&["-A", "-t", DR_VS, "-s", "wrr"])?;
+    for i in [0, 1] {
+        lan.ipvsadm(&[
+            "-a",
+            "-t",
+            DR_VS,
+            "-r",
+            &format!("{}:80", rs(i)),
+            "-g",
+            "-w",
+            "100",
+        ])?;
+    }
+    println!("[demo] IPVS before prober (ipvsadm -Ln):");
+    print!("{}", lan.ipvsadm(&["-Ln"])?);
+
+    let config_path = std::env::temp_dir().join(format!("{}.toml", unique_name("demo-")));
+    std::fs::write(&config_path, CONFIG)?;
+    println!("[demo] config {}:\n{CONFIG}", config_path.display());
+    let pin_dir = PinDir::new();
     println!(
-        "[demo] prober run --iface {VETH} --interval 200ms {} (in {})",
-        listed.join(" "),
-        pair.client.name
+        "[demo] prober run --iface {LAN_IF} --config {} (in the director's namespace)",
+        config_path.display()
     );
-    let mut daemon = Daemon::probing(&pair.client, PIN_DIR.as_ref(), "200ms", &PROBES)?;
-    thread::sleep(Duration::from_secs(2));
-    show_stats("after 2 s")?;
+    let mut daemon = Daemon::start_with(
+        &lan.director,
+        LAN_IF,
+        &pin_dir,
+        &["--config", config_path.to_str().context("path")?],
+    )?;
 
-    println!("\n[demo] the service on 192.0.2.2:8080 stops");
-    drop(web);
-    thread::sleep(Duration::from_secs(1));
-    show_stats("1 s later")?;
-    println!(
-        "\n[demo] half-open connections left on the real server (`ss state syn-recv`): {}",
-        pair.server.half_open_connections()?
-    );
+    let started = Instant::now();
+    let mut previous: HashMap<String, serde_json::Value> = HashMap::new();
+    let mut came_back = false;
+    while started.elapsed() < RUN_FOR {
+        thread::sleep(Duration::from_secs(1));
+        if !came_back && started.elapsed() >= COMEBACK_AT {
+            listeners.push(lan.servers[2].listen(SocketAddrV4::new(rs(2), 80))?);
+            came_back = true;
+            println!("\n[demo] rs2 starts listening on :80: it comes back through slow start");
+        }
+        print_table(&lan, &pin_dir, started.elapsed(), &mut previous)?;
+    }
 
-    println!("\n[demo] bpftool map lookup pinned {PIN_DIR}/PROBE_STATE key 0 0 0 0");
-    let out = run(Command::new("bpftool").args([
-        "map",
-        "lookup",
-        "pinned",
-        &format!("{PIN_DIR}/PROBE_STATE"),
-        "key",
-        "0",
-        "0",
-        "0",
-        "0",
-    ]))?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-
-    println!("\n[demo] SIGINT to prober");
-    let status = daemon.stop(libc::SIGINT)?;
-    let attached = pair.client.xdp_program_id(VETH)?;
-    println!(
-        "[demo] prober exited ({status}); XDP still attached: {}; {PIN_DIR} exists: {}",
-        attached.map_or("no".to_string(), |id| format!("yes (id {id})")),
-        std::path::Path::new(PIN_DIR).exists()
-    );
-    println!("[demo] done: namespaces removed");
+    println!("\n[demo] IPVS after {} s (ipvsadm -Ln):", RUN_FOR.as_secs());
+    print!("{}", lan.ipvsadm(&["-Ln"])?);
+    let log = daemon.log();
+    println!("[demo] what prober logged about real servers and weights:");
+    for line in log
+        .lines()
+        .filter(|l| l.contains("real server") || l.contains("PANIC") || l.contains("set weight"))
+    {
+        println!(
+            "  {}",
+            line.split_once("Z ").map_or(line, |(_, rest)| rest).trim()
+        );
+    }
+    daemon.stop(libc::SIGTERM)?;
+    println!("[demo] prober stopped (SIGTERM); done");
     Ok(())
 }
 
-fn show_stats(when: &str) -> Result<()> {
-    let out = run(Command::new(prober_bin()).args(["stats"])).context("prober stats")?;
-    println!("[demo] `prober stats` {when}:");
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+/// One row per real server of each service: what the probe saw in the last
+/// second and the weight in IPVS.
+fn print_table(
+    lan: &Lan,
+    pin_dir: &PinDir,
+    at: Duration,
+    previous: &mut HashMap<String, serde_json::Value>,
+) -> Result<()> {
+    let out = run(Command::new(prober_bin())
+        .arg("--pin-dir")
+        .arg(&**pin_dir)
+        .args(["stats", "--json"]))?;
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let by_probe: HashMap<String, serde_json::Value> = stats["targets"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| {
+                    (
+                        t["probe"].as_str().unwrap_or_default().to_string(),
+                        t.clone(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("\n[demo] t = {:>4.1} s", at.as_secs_f64());
+    println!(
+        "  {:<22} {:<16} {:<34} {:<10} {:>9} {:>7}",
+        "service", "real server", "probe", "seen (1 s)", "last RTT", "weight"
+    );
+    for (vs, dr) in [(NAT_VS, false), (DR_VS, true)] {
+        for (dest, weight) in lan.weights(vs)? {
+            let addr = dest.trim_end_matches(":80");
+            let probe = if dr {
+                format!("tcp:{vs},dr={addr}")
+            } else {
+                format!("tcp:{dest}")
+            };
+            let (seen, rtt) = match by_probe.get(&probe) {
+                Some(t) => {
+                    let delta = |f: &str| {
+                        t[f].as_u64().unwrap_or(0)
+                            - previous
+                                .get(&probe)
+                                .and_then(|p| p[f].as_u64())
+                                .unwrap_or(0)
+                    };
+                    let seen = if delta("answered") > 0 {
+                        "answers"
+                    } else if delta("refused") > 0 {
+                        "REFUSED"
+                    } else if delta("timed_out") > 0 {
+                        "NO REPLY"
+                    } else {
+                        "-"
+                    };
+                    let rtt = t["last_rtt_ns"].as_u64().unwrap_or(0);
+                    (
+                        seen,
+                        if rtt == 0 {
+                            "-".to_string()
+                        } else {
+                            format!("{:.1} ms", rtt as f64 / 1e6)
+                        },
+                    )
+                }
+                None => ("-", "-".to_string()),
+            };
+            println!(
+                "  {:<22} {:<16} {:<34} {:<10} {:>9} {:>7}",
+                format!("TCP {vs}"),
+                dest,
+                probe,
+                seen,
+                rtt,
+                weight
+            );
+        }
+    }
+    for (probe, t) in by_probe {
+        previous.insert(probe, t);
+    }
     Ok(())
 }
