@@ -13,7 +13,8 @@
 //!
 //! [weights]
 //! latency_aware = true     # false: only health moves weights
-//! decay = "10s"            # peak-EWMA time constant
+//! decay = "10s"            # latency EWMA time constant
+//! peak_ewma = false        # true: a slow reply counts at once (Finagle)
 //! latency_slack = "5ms"    # added to latencies before comparing them
 //! floor = 0.1              # least share of its weight a slow server keeps
 //! hysteresis = 0.1         # smaller changes are not written
@@ -119,6 +120,7 @@ impl Config {
             latency_aware: weights.latency_aware.unwrap_or(true),
             policy: WeightPolicy {
                 decay: weights.decay.map(|d| d.0).unwrap_or(defaults.policy.decay),
+                peak_ewma: weights.peak_ewma.unwrap_or(defaults.policy.peak_ewma),
                 latency_slack: weights
                     .latency_slack
                     .map(|d| d.0)
@@ -211,6 +213,7 @@ struct DaemonSection {
 struct WeightsSection {
     latency_aware: Option<bool>,
     decay: Option<Interval>,
+    peak_ewma: Option<bool>,
     latency_slack: Option<Latency>,
     floor: Option<Share>,
     hysteresis: Option<Share>,

@@ -20,7 +20,7 @@ use crate::{
     probe::{Counts, ProbeSpec, Prober},
     state::{health_key, weight_key, StateStore},
     targets::{self, Plan, ProbeSettings},
-    weights::{pool_weights, Member, PeakEwma},
+    weights::{pool_weights, LatencyEwma, Member},
 };
 
 /// Latency estimates are saved for restarts this often.
@@ -32,7 +32,7 @@ struct ProbeTrack {
     /// Whether this run has seen any result yet: until then the weights
     /// this probe decides are left as IPVS has them.
     evidence: bool,
-    latency: Option<PeakEwma>,
+    latency: Option<LatencyEwma>,
     last: Counts,
     next_due: Instant,
     outstanding: bool,
@@ -211,7 +211,7 @@ impl Controller {
                     };
                     let latency = remembered
                         .filter(|r| r.latency_ns > 0)
-                        .map(|r| PeakEwma::new(r.latency_ns as f64, now));
+                        .map(|r| LatencyEwma::new(r.latency_ns as f64, now));
                     self.probes.insert(
                         *spec,
                         ProbeTrack {
@@ -290,8 +290,13 @@ impl Controller {
         if seen.answered > 0 && !slow {
             let sample = counts.last_rtt_ns as f64;
             match &mut track.latency {
-                Some(ewma) => ewma.observe(sample, now, self.config.policy.decay),
-                None => track.latency = Some(PeakEwma::new(sample, now)),
+                Some(ewma) => ewma.observe(
+                    sample,
+                    now,
+                    self.config.policy.decay,
+                    self.config.policy.peak_ewma,
+                ),
+                None => track.latency = Some(LatencyEwma::new(sample, now)),
             }
         }
         let transition = track.health.observe(seen, track.settings.limits, now);

@@ -1,20 +1,22 @@
 //! Response-time weights for one pool (the real servers of one virtual
-//! service): peak-EWMA latency per server (Finagle's and Linkerd's
-//! estimator), weight proportional to speed relative to the pool's fastest,
-//! damped so IPVS sees few, bounded changes.
+//! service): an EWMA of latency per server (optionally peak-EWMA, Finagle's
+//! and Linkerd's estimator), weight proportional to speed relative to the
+//! pool's fastest, damped so IPVS sees few, bounded changes.
 
 use std::time::{Duration, Instant};
 
-/// Finagle's peak-EWMA: a sample above the estimate replaces it at once (a
-/// slowing server is noticed now), a lower one decays into it with time
-/// constant `decay` (a recovering server earns its speed back gradually).
+/// A time-based EWMA of latency with time constant `decay`. In peak mode
+/// (Finagle's peak-EWMA) a sample above the estimate replaces it at once,
+/// so a slowing server is noticed now; that also makes one slow reply move
+/// weights for a whole decay period, which with one probe per interval is
+/// mostly noise, so plain EWMA is the default.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PeakEwma {
+pub struct LatencyEwma {
     value_ns: f64,
     updated: Instant,
 }
 
-impl PeakEwma {
+impl LatencyEwma {
     pub fn new(sample_ns: f64, now: Instant) -> Self {
         Self {
             value_ns: sample_ns,
@@ -26,10 +28,10 @@ impl PeakEwma {
         self.value_ns
     }
 
-    pub fn observe(&mut self, sample_ns: f64, now: Instant, decay: Duration) {
+    pub fn observe(&mut self, sample_ns: f64, now: Instant, decay: Duration, peak: bool) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.updated = now;
-        if sample_ns > self.value_ns {
+        if peak && sample_ns > self.value_ns {
             self.value_ns = sample_ns;
         } else {
             let keep = (-elapsed / decay.as_secs_f64().max(1e-9)).exp();
@@ -43,6 +45,8 @@ impl PeakEwma {
 pub struct WeightPolicy {
     /// Time constant of the latency estimate.
     pub decay: Duration,
+    /// Peak-EWMA instead of plain EWMA (see [`LatencyEwma`]).
+    pub peak_ewma: bool,
     /// Added to every latency before comparing: differences small against
     /// it (sub-millisecond jitter between equal servers) move no weight.
     pub latency_slack: Duration,
@@ -65,6 +69,7 @@ impl Default for WeightPolicy {
     fn default() -> Self {
         Self {
             decay: Duration::from_secs(10),
+            peak_ewma: false,
             latency_slack: Duration::from_millis(5),
             floor: 0.1,
             hysteresis: 0.1,
@@ -311,13 +316,23 @@ mod tests {
     }
 
     #[test]
+    fn plain_ewma_barely_moves_for_one_slow_reply() {
+        let t0 = Instant::now();
+        let decay = Duration::from_secs(10);
+        let mut e = LatencyEwma::new(1e6, t0);
+        e.observe(8e6, t0 + Duration::from_millis(200), decay, false);
+        // One 8 ms reply at 5 probes a second adds about 2 % of the gap.
+        assert!(e.value_ns() < 1.2e6, "{}", e.value_ns());
+    }
+
+    #[test]
     fn peak_ewma_jumps_up_and_decays_down() {
         let t0 = Instant::now();
         let decay = Duration::from_secs(10);
-        let mut e = PeakEwma::new(1e6, t0);
-        e.observe(5e6, t0 + Duration::from_secs(1), decay);
+        let mut e = LatencyEwma::new(1e6, t0);
+        e.observe(5e6, t0 + Duration::from_secs(1), decay, true);
         assert_eq!(e.value_ns(), 5e6, "a peak is taken at once");
-        e.observe(1e6, t0 + Duration::from_secs(11), decay);
+        e.observe(1e6, t0 + Duration::from_secs(11), decay, true);
         // After one time constant 1/e of the gap remains.
         let expected = 1e6 + 4e6 * (-1.0f64).exp();
         assert!((e.value_ns() - expected).abs() < 1.0, "{}", e.value_ns());
