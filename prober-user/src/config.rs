@@ -27,6 +27,10 @@
 //! probe = "tcp"                # "tcp", "icmp" or "none" (leave alone)
 //! port = 8080                  # probe this port instead of the real server's
 //! rise = 3                     # interval, timeout, rise, fall per service
+//! [service.weights]            # this service's own weight policy: any of
+//! floor = 0.3                  # latency_aware, latency_slack, floor,
+//! panic_threshold = 0.3        # hysteresis, max_step, slow_start,
+//!                              # panic_threshold (decay, peak_ewma: global)
 //! ```
 
 use std::{net::IpAddr, path::Path, time::Duration};
@@ -77,6 +81,10 @@ pub struct ServiceConfig {
     pub timeout: Option<Duration>,
     pub rise: Option<u32>,
     pub fall: Option<u32>,
+    /// The global weight settings with this service's overrides applied.
+    pub latency_aware: bool,
+    pub policy: WeightPolicy,
+    weights: Option<ServiceWeightsSection>,
 }
 
 impl Default for Config {
@@ -108,7 +116,7 @@ impl Config {
         let defaults = Config::default();
         let daemon = file.daemon.unwrap_or_default();
         let weights = file.weights.unwrap_or_default();
-        let config = Config {
+        let mut config = Config {
             interval: daemon.interval.map(|d| d.0).unwrap_or(defaults.interval),
             timeout: daemon.timeout.map(|d| d.0).unwrap_or(defaults.timeout),
             limits: RiseFall {
@@ -154,9 +162,34 @@ impl Config {
                     timeout: s.timeout.map(|d| d.0),
                     rise: s.rise.map(|r| r.0),
                     fall: s.fall.map(|r| r.0),
+                    latency_aware: false,
+                    policy: WeightPolicy::default(),
+                    weights: s.weights,
                 })
-                .collect(),
+                .collect::<Vec<_>>(),
         };
+        for service in &mut config.services {
+            let overrides = service.weights.take().unwrap_or_default();
+            let p = &mut service.policy;
+            *p = config.policy;
+            service.latency_aware = overrides.latency_aware.unwrap_or(config.latency_aware);
+            if let Some(v) = overrides.latency_slack {
+                p.latency_slack = v.0;
+            }
+            for (value, field) in [
+                (overrides.floor, &mut p.floor),
+                (overrides.hysteresis, &mut p.hysteresis),
+                (overrides.max_step, &mut p.max_step),
+                (overrides.panic_threshold, &mut p.panic_threshold),
+            ] {
+                if let Some(v) = value {
+                    *field = v.0;
+                }
+            }
+            if let Some(v) = overrides.slow_start {
+                p.slow_start = v.0;
+            }
+        }
         for (i, a) in config.services.iter().enumerate() {
             if config.services[..i].iter().any(|b| b.service == a.service) {
                 bail!(
@@ -167,6 +200,14 @@ impl Config {
             }
         }
         Ok(config)
+    }
+
+    /// Whether latency moves a service's weights, and its weight policy.
+    pub fn weights_for(&self, key: &ServiceKey) -> (bool, WeightPolicy) {
+        match self.service(key) {
+            Some(s) => (s.latency_aware, s.policy),
+            None => (self.latency_aware, self.policy),
+        }
     }
 
     /// The settings of one service, if the file names it.
@@ -182,7 +223,11 @@ fn describe(error: &toml::de::Error, text: &str) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}: {}", error.message())
+            let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+            format!(
+                "line {line}, column {column} (`{source}`): {}",
+                error.message()
+            )
         }
         None => error.message().to_string(),
     }
@@ -233,9 +278,25 @@ struct ServiceSection {
     timeout: Option<Interval>,
     rise: Option<Count>,
     fall: Option<Count>,
+    weights: Option<ServiceWeightsSection>,
+}
+
+/// A service's own weight policy; the latency estimate (`decay`,
+/// `peak_ewma`) is shared by all services and set only in `[weights]`.
+#[derive(Deserialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct ServiceWeightsSection {
+    latency_aware: Option<bool>,
+    latency_slack: Option<Latency>,
+    floor: Option<Share>,
+    hysteresis: Option<Share>,
+    max_step: Option<Share>,
+    slow_start: Option<Interval>,
+    panic_threshold: Option<Share>,
 }
 
 /// A duration like "200ms" or "1s", at least 10 ms.
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Interval(Duration);
 
 impl<'de> Deserialize<'de> for Interval {
@@ -256,6 +317,7 @@ impl<'de> Deserialize<'de> for Interval {
 }
 
 /// A duration like "5ms", zero allowed.
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Latency(Duration);
 
 impl<'de> Deserialize<'de> for Latency {
@@ -283,6 +345,7 @@ impl<'de> Deserialize<'de> for Count {
 }
 
 /// A share between 0 and 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Share(f64);
 
 impl<'de> Deserialize<'de> for Share {
@@ -403,6 +466,35 @@ probe = "none"
             })
             .unwrap();
         assert_eq!(marked.probe, Some(ProbeChoice::None));
+        assert_eq!(
+            marked.policy, config.policy,
+            "no overrides: the global policy"
+        );
+    }
+
+    #[test]
+    fn a_service_can_have_its_own_weight_policy() {
+        let config = Config::parse(
+            "[weights]\nfloor = 0.2\n[[service]]\nmatch = \"tcp:192.0.2.10:80\"\n[service.weights]\nlatency_aware = false\npanic_threshold = 0.3\n",
+        )
+        .unwrap();
+        let key = parse_service("tcp:192.0.2.10:80").unwrap();
+        let (latency_aware, policy) = config.weights_for(&key);
+        assert!(!latency_aware);
+        assert_eq!(
+            (policy.panic_threshold, policy.floor),
+            (0.3, 0.2),
+            "override on top of the global policy"
+        );
+        let other = parse_service("tcp:192.0.2.11:80").unwrap();
+        assert_eq!(config.weights_for(&other), (true, config.policy));
+        let err =
+            Config::parse("[[service]]\nmatch = \"fwmark:1\"\n[service.weights]\ndecay = \"1s\"\n")
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("line 4") && err.to_string().contains("decay"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -421,6 +513,11 @@ probe = "none"
                 "no port",
             ),
             ("[daemon]\nintervall = \"1s\"\n", "line 2", "intervall"),
+            (
+                "[daemon]\ninterval = \"fast\"\n",
+                "line 2",
+                "`interval = \"fast\"`",
+            ),
             (
                 "[[service]]\nmatch = \"fwmark:1\"\nport = 0\n",
                 "line 3",

@@ -368,17 +368,19 @@ impl Controller {
                         configured: dest.configured,
                         up: probe.health.state() == State::Up,
                         up_since: probe.came_up_at,
-                        latency_ns: if self.config.latency_aware {
-                            probe.latency.map(|l| l.value_ns())
-                        } else {
-                            None
-                        },
+                        latency_ns: probe.latency.map(|l| l.value_ns()),
                         current: dest.current,
                     },
                 ));
             }
+            let (latency_aware, policy) = self.config.weights_for(&service);
+            if !latency_aware {
+                for m in &mut members {
+                    m.2.latency_ns = None;
+                }
+            }
             let pool: Vec<Member> = members.iter().map(|m| m.2).collect();
-            let result = pool_weights(&pool, &self.config.policy, now);
+            let result = pool_weights(&pool, &policy, now);
             if result.panic {
                 if self.panicking.insert(service) {
                     let down = pool.iter().filter(|m| !m.up).count();
@@ -386,7 +388,7 @@ impl Controller {
                         %service,
                         "PANIC: {down} of {} real servers down, at or above the panic threshold of {:.0} %: keeping the last weights (fail open)",
                         pool.len(),
-                        self.config.policy.panic_threshold * 100.0
+                        policy.panic_threshold * 100.0
                     );
                 }
                 continue;

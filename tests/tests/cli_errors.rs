@@ -111,3 +111,26 @@ fn ipvs_list_on_a_kernel_without_ipvs_says_so() {
     );
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn a_bad_config_names_file_line_and_field() {
+    let path =
+        std::env::temp_dir().join(format!("{}.toml", prober_tests::unique_name("bad-config-")));
+    std::fs::write(&path, "[daemon]\ninterval = \"1s\"\nfall = 0\n").unwrap();
+    let out = Command::new(prober_bin())
+        .arg("--pin-dir")
+        .arg(&*PinDir::new())
+        .args(["run", "--iface", "lo", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&path.display().to_string())
+            && err.contains("line 3")
+            && err.contains("fall = 0"),
+        "{err}"
+    );
+}
