@@ -37,6 +37,16 @@ pub mod map_names {
     /// [`HealthKey`](crate::HealthKey) -> [`HealthRecord`](crate::HealthRecord):
     /// each probe's health and latency, kept across restarts.
     pub const HEALTH_STATE: &str = "HEALTH_STATE";
+    /// [`ServerKey`](crate::ServerKey) -> server id: the real servers whose
+    /// traffic is measured passively (NAT destinations), filled by userspace.
+    pub const PASSIVE_SERVERS: &str = "PASSIVE_SERVERS";
+    /// Slot port / 64: bit port % 64 set when some tracked server uses that
+    /// port, so untracked traffic is told apart with one array read.
+    pub const PASSIVE_PORTS: &str = "PASSIVE_PORTS";
+    /// LRU [`FlowKey`](crate::FlowKey) -> [`FlowState`](crate::FlowState).
+    pub const PASSIVE_FLOWS: &str = "PASSIVE_FLOWS";
+    /// Server id -> per-CPU [`PassiveStats`](crate::PassiveStats).
+    pub const PASSIVE_STATS: &str = "PASSIVE_STATS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -47,6 +57,25 @@ pub mod program_names {
     /// XDP program run by the daemon through BPF_PROG_TEST_RUN (live frames):
     /// writes one probe frame per run and redirects it out.
     pub const PROBE_TX: &str = "probe_tx";
+    /// TC egress classifier of the director's interface: notes when
+    /// forwarded SYNs and requests leave for tracked real servers.
+    pub const PASSIVE_EGRESS: &str = "passive_egress";
+}
+
+/// Capacity of the passive flow table (LRU: the oldest flows go first).
+pub const MAX_PASSIVE_FLOWS: u32 = 262_144;
+
+/// Capacity of the tracked real-server set.
+pub const MAX_PASSIVE_SERVERS: u32 = 65_536;
+
+/// `FlowState::flags`.
+pub mod flow_flags {
+    /// The client sent its SYN again: the handshake RTT is ambiguous (Karn).
+    pub const SYN_RETRANSMITTED: u32 = 1;
+    /// The SYN-ACK was seen.
+    pub const HANDSHAKE_DONE: u32 = 2;
+    /// Client data left for the server; its first response byte is awaited.
+    pub const AWAITING_RESPONSE: u32 = 4;
 }
 
 /// Capacity of the per-target maps (target ids are 0..MAX_TARGETS).
@@ -312,6 +341,85 @@ pub struct HealthRecord {
     pub _pad: [u8; 7],
 }
 
+/// A tracked real server: address and port as the director forwards to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServerKey {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    /// [`family`].
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// One client connection to a tracked real server (after IPVS NAT: the
+/// server side is the real server, the client side is the client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub server_addr: [u8; 16],
+    pub client_addr: [u8; 16],
+    /// Network byte order.
+    pub server_port: u16,
+    /// Network byte order.
+    pub client_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// When the client's SYN was forwarded (0: not seen).
+    pub syn_ns: u64,
+    /// When the request being answered was forwarded.
+    pub request_ns: u64,
+    /// The real server's id in `PASSIVE_SERVERS`.
+    pub server_id: u32,
+    /// [`flow_flags`].
+    pub flags: u32,
+}
+
+/// What the real server's own traffic showed, one value per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassiveStats {
+    /// Handshakes measured (SYN forwarded -> SYN-ACK back, SYN not resent).
+    pub handshakes: u64,
+    pub handshake_rtt_sum_ns: u64,
+    /// Requests answered (request data forwarded -> first response data).
+    pub responses: u64,
+    pub response_time_sum_ns: u64,
+    /// When this CPU last took a sample (CLOCK_MONOTONIC).
+    pub last_sample_ns: u64,
+    /// RSTs sent by the server.
+    pub resets: u64,
+    /// SYNs the client had to send again: no SYN-ACK came in time.
+    pub syn_retransmits: u64,
+    pub _pad: u64,
+    /// Log2 µs histograms, as [`ProbeResults::rtt_log2_us`].
+    pub handshake_log2_us: [u64; RTT_BUCKETS],
+    pub response_log2_us: [u64; RTT_BUCKETS],
+}
+
+impl Default for PassiveStats {
+    fn default() -> Self {
+        Self {
+            handshakes: 0,
+            handshake_rtt_sum_ns: 0,
+            responses: 0,
+            response_time_sum_ns: 0,
+            last_sample_ns: 0,
+            resets: 0,
+            syn_retransmits: 0,
+            _pad: 0,
+            handshake_log2_us: [0; RTT_BUCKETS],
+            response_log2_us: [0; RTT_BUCKETS],
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY (all): plain old data: #[repr(C)], integers and integer arrays
@@ -327,6 +435,10 @@ mod user {
     unsafe impl aya::Pod for super::WeightRecord {}
     unsafe impl aya::Pod for super::HealthKey {}
     unsafe impl aya::Pod for super::HealthRecord {}
+    unsafe impl aya::Pod for super::ServerKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::PassiveStats {}
 }
 
 #[cfg(test)]
@@ -387,6 +499,17 @@ mod tests {
             destination: [u8; 16], real_server: [u8; 16], port: u16, kind: u8, forwarding: u8,
         });
         assert_no_holes!(HealthRecord, 16, { latency_ns: u64, state: u8, _pad: [u8; 7] });
+        assert_no_holes!(ServerKey, 20, { addr: [u8; 16], port: u16, family: u8, _pad: u8 });
+        assert_no_holes!(FlowKey, 40, {
+            server_addr: [u8; 16], client_addr: [u8; 16], server_port: u16, client_port: u16,
+            family: u8, _pad: [u8; 3],
+        });
+        assert_no_holes!(FlowState, 24, { syn_ns: u64, request_ns: u64, server_id: u32, flags: u32 });
+        assert_no_holes!(PassiveStats, 64 + 2 * 8 * RTT_BUCKETS, {
+            handshakes: u64, handshake_rtt_sum_ns: u64, responses: u64, response_time_sum_ns: u64,
+            last_sample_ns: u64, resets: u64, syn_retransmits: u64, _pad: u64,
+            handshake_log2_us: [u64; RTT_BUCKETS], response_log2_us: [u64; RTT_BUCKETS],
+        });
         // Per-CPU values are placed at 8-byte alignment by the kernel.
         assert!(align_of::<ProbeResults>() <= 8 && align_of::<DatapathCounters>() <= 8);
     }
@@ -405,6 +528,11 @@ mod tests {
             map_names::BATCH_CURSOR,
             map_names::WEIGHT_STATE,
             map_names::HEALTH_STATE,
+            map_names::PASSIVE_SERVERS,
+            map_names::PASSIVE_PORTS,
+            map_names::PASSIVE_FLOWS,
+            map_names::PASSIVE_STATS,
+            program_names::PASSIVE_EGRESS,
             program_names::XDP_INGRESS,
             program_names::PROBE_TX,
         ] {

@@ -14,21 +14,25 @@
 #![no_main]
 
 mod packet;
+mod passive;
 mod rx;
 mod tx;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    btf_maps::{Array, HashMap, PerCpuArray},
-    macros::{btf_map, xdp},
-    programs::XdpContext,
+    bindings::{xdp_action, TC_ACT_OK},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use prober_common::{
-    BatchCursor, DatapathCounters, HealthKey, HealthRecord, ProbeConfig, ProbeResults, ProbeState,
-    ProbeTarget, ReplyKey, WeightKey, WeightRecord, MAX_TARGETS,
+    BatchCursor, DatapathCounters, FlowKey, FlowState, HealthKey, HealthRecord, PassiveStats,
+    ProbeConfig, ProbeResults, ProbeState, ProbeTarget, ReplyKey, ServerKey, WeightKey,
+    WeightRecord, MAX_PASSIVE_FLOWS, MAX_PASSIVE_SERVERS, MAX_TARGETS,
 };
 
 const TARGETS: usize = MAX_TARGETS as usize;
+const FLOWS: usize = MAX_PASSIVE_FLOWS as usize;
+const SERVERS: usize = MAX_PASSIVE_SERVERS as usize;
 
 #[btf_map]
 static COUNTERS: PerCpuArray<DatapathCounters, 1> = PerCpuArray::new();
@@ -52,6 +56,15 @@ static BATCH_CURSOR: Array<BatchCursor, 1> = Array::new();
 static WEIGHT_STATE: HashMap<WeightKey, WeightRecord, TARGETS> = HashMap::new();
 #[btf_map]
 static HEALTH_STATE: HashMap<HealthKey, HealthRecord, TARGETS> = HashMap::new();
+
+#[btf_map]
+static PASSIVE_SERVERS: HashMap<ServerKey, u32, SERVERS> = HashMap::new();
+#[btf_map]
+static PASSIVE_PORTS: Array<u64, 1024> = Array::new();
+#[btf_map]
+static PASSIVE_FLOWS: LruHashMap<FlowKey, FlowState, FLOWS> = LruHashMap::new();
+#[btf_map]
+static PASSIVE_STATS: PerCpuArray<PassiveStats, SERVERS> = PerCpuArray::new();
 
 /// This CPU's datapath counters.
 #[inline(always)]
@@ -77,6 +90,13 @@ pub fn probe_tx(ctx: XdpContext) -> u32 {
             xdp_action::XDP_DROP
         }
     }
+}
+
+/// TC egress of the director's interface: passive measurement only; every
+/// packet continues (TC_ACT_OK).
+#[classifier]
+pub fn passive_egress(ctx: TcContext) -> i32 {
+    passive::try_passive_egress(&ctx).unwrap_or(TC_ACT_OK)
 }
 
 #[cfg(not(test))]

@@ -3,7 +3,35 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
+
+/// A packet the program may read directly: XDP frames and TC skbs.
+pub trait Frame {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
@@ -87,9 +115,9 @@ struct PseudoHdr {
 
 /// A pointer to a `T` at `offset` in the packet, if the packet holds it.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
-    let start = ctx.data();
-    if start + offset + size_of::<T>() > ctx.data_end() {
+pub fn ptr_at<C: Frame, T>(ctx: &C, offset: usize) -> Result<*mut T, ()> {
+    let start = ctx.start();
+    if start + offset + size_of::<T>() > ctx.end() {
         return Err(());
     }
     Ok((start + offset) as *mut T)
@@ -97,16 +125,16 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
 
 /// Reads a `T` at `offset` (packet data need not be aligned).
 #[inline(always)]
-pub fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
+pub fn read_at<C: Frame, T: Copy>(ctx: &C, offset: usize) -> Result<T, ()> {
     // SAFETY: ptr_at checked that the packet holds size_of::<T>() bytes there.
-    Ok(unsafe { core::ptr::read_unaligned(ptr_at::<T>(ctx, offset)?) })
+    Ok(unsafe { core::ptr::read_unaligned(ptr_at::<C, T>(ctx, offset)?) })
 }
 
 /// Writes a `T` at `offset`.
 #[inline(always)]
 pub fn write_at<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Result<(), ()> {
     // SAFETY: ptr_at checked that the packet holds size_of::<T>() bytes there.
-    unsafe { core::ptr::write_unaligned(ptr_at::<T>(ctx, offset)?, value) };
+    unsafe { core::ptr::write_unaligned(ptr_at::<XdpContext, T>(ctx, offset)?, value) };
     Ok(())
 }
 

@@ -98,6 +98,7 @@ fn tcp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
     let tcp: TcpHdr = read_at(ctx, L4)?;
     let config = config()?;
     if !is_probe_port(config, tcp.dest) {
+        crate::passive::ingress(ip, &tcp);
         return Ok(xdp_action::XDP_PASS);
     }
     let is_syn_ack = tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN | TCP_ACK;

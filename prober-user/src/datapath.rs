@@ -12,7 +12,11 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{Array, HashMap},
-    programs::{xdp::XdpLinkId, ProgramFd, Xdp, XdpMode},
+    programs::{
+        tc::{self, SchedClassifierLinkId, TcAttachType},
+        xdp::XdpLinkId,
+        ProgramFd, SchedClassifier, Xdp, XdpMode,
+    },
     Ebpf,
 };
 use prober_common::{map_names, program_names};
@@ -31,9 +35,12 @@ const PINNED_MAPS: &[&str] = &[
     map_names::PROBE_STATE,
     map_names::PROBE_RESULTS,
     map_names::PROBE_CONFIG,
+    map_names::PASSIVE_SERVERS,
+    map_names::PASSIVE_FLOWS,
+    map_names::PASSIVE_STATS,
 ];
 
-/// Loads the eBPF object and both programs into the kernel, attaching
+/// Loads the eBPF object and its programs into the kernel, attaching
 /// nothing (tests run the programs through BPF_PROG_TEST_RUN).
 pub fn load_programs() -> Result<Ebpf> {
     let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading prober's eBPF object")?;
@@ -46,15 +53,29 @@ pub fn load_programs() -> Result<Ebpf> {
             .load()
             .with_context(|| format!("the kernel rejected XDP program {name}"))?;
     }
+    let egress: &mut SchedClassifier = ebpf
+        .program_mut(program_names::PASSIVE_EGRESS)
+        .ok_or_else(|| {
+            anyhow!(
+                "the eBPF object has no program {}",
+                program_names::PASSIVE_EGRESS
+            )
+        })?
+        .try_into()?;
+    egress.load().with_context(|| {
+        format!(
+            "the kernel rejected TC program {}",
+            program_names::PASSIVE_EGRESS
+        )
+    })?;
     Ok(ebpf)
 }
 
 /// A loaded program's fd, by name.
 pub fn program_fd(ebpf: &Ebpf, name: &str) -> Result<ProgramFd> {
-    let program: &Xdp = ebpf
+    let program = ebpf
         .program(name)
-        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
-        .try_into()?;
+        .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
     Ok(program.fd()?.try_clone()?)
 }
 
@@ -80,6 +101,7 @@ pub struct Datapath {
     pin_dir: PathBuf,
     interface: String,
     link: Option<XdpLinkId>,
+    egress_link: Option<SchedClassifierLinkId>,
     pinned: Vec<PathBuf>,
     // Held for the daemon's lifetime: one prober per pin directory.
     _pin_dir_lock: File,
@@ -114,12 +136,14 @@ impl Datapath {
             program = program_names::XDP_INGRESS,
             "XDP program attached"
         );
+        let egress_link = attach_egress(&mut ebpf, interface)?;
 
         let mut datapath = Self {
             ebpf,
             interface: interface.to_string(),
             pin_dir: pin_dir.to_path_buf(),
             link: Some(link),
+            egress_link: Some(egress_link),
             pinned: Vec::new(),
             _pin_dir_lock: pin_dir_lock,
         };
@@ -174,6 +198,17 @@ impl Datapath {
                 .with_context(|| format!("detaching XDP from '{}'", self.interface))?;
             info!(interface = %self.interface, "XDP program detached");
         }
+        if let Some(link) = self.egress_link.take() {
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(program_names::PASSIVE_EGRESS)
+                .expect("the program was loaded by attach")
+                .try_into()?;
+            program.detach(link).with_context(|| {
+                format!("detaching the TC egress program from '{}'", self.interface)
+            })?;
+            info!(interface = %self.interface, "TC egress program detached");
+        }
         for path in self.pinned.drain(..) {
             fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
             info!(path = %path.display(), "map unpinned");
@@ -190,6 +225,37 @@ impl Drop for Datapath {
             warn!("cleanup on exit: {e:#}");
         }
     }
+}
+
+/// Attaches the passive-measurement classifier to the interface's egress.
+/// Kernels before 6.6 need a clsact qdisc; an existing one (another tool's)
+/// is shared, and prober leaves it in place when it stops.
+fn attach_egress(ebpf: &mut Ebpf, interface: &str) -> Result<SchedClassifierLinkId> {
+    if let Err(e) = tc::qdisc_add_clsact(interface) {
+        let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+            || matches!(e, tc::TcError::AlreadyAttached);
+        if !exists {
+            return Err(e).with_context(|| format!("adding a clsact qdisc to '{interface}'"));
+        }
+    }
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(program_names::PASSIVE_EGRESS)
+        .expect("loaded by load_programs")
+        .try_into()?;
+    let link = program
+        .attach(interface, TcAttachType::Egress)
+        .with_context(|| {
+            format!(
+                "attaching TC program {} to the egress of '{interface}'",
+                program_names::PASSIVE_EGRESS
+            )
+        })?;
+    info!(
+        interface,
+        program = program_names::PASSIVE_EGRESS,
+        "TC egress program attached"
+    );
+    Ok(link)
 }
 
 /// Creates the pin directory and takes an exclusive lock on it, so a second

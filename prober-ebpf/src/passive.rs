@@ -1,0 +1,177 @@
+//! Passive response times from the traffic the director forwards to NAT
+//! real servers: the TC egress program sees client SYNs and requests leave
+//! for a tracked real server, the ingress XDP program sees its SYN-ACKs and
+//! first response bytes come back, both before IPVS rewrites them back.
+//!
+//! Per real server: handshake RTT (SYN forwarded -> SYN-ACK; not for resent
+//! SYNs, after Karn), response time (request data forwarded -> first
+//! response data; one request at a time per connection), server RSTs, and
+//! SYNs resent by clients (no SYN-ACK in time). Flows live in an LRU table:
+//! a flood of new flows evicts the oldest ones, never corrupts others.
+//! Untracked traffic costs one array read (the port bitmap).
+
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
+use prober_common::{family, flow_flags, rtt_bucket, FlowKey, FlowState, PassiveStats, ServerKey};
+
+use crate::{packet::*, PASSIVE_FLOWS, PASSIVE_PORTS, PASSIVE_SERVERS, PASSIVE_STATS};
+
+const L4: usize = ETH_HLEN + IPV4_HLEN;
+
+/// True if some tracked real server uses this port (network byte order).
+#[inline(always)]
+fn tracked_port(port_be: u16) -> bool {
+    let port = u16::from_be(port_be) as u32;
+    match PASSIVE_PORTS.get(port / 64) {
+        Some(bits) => *bits & (1u64 << (port % 64)) != 0,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn flow_key(server: [u8; 4], server_port: u16, client: [u8; 4], client_port: u16) -> FlowKey {
+    FlowKey {
+        server_addr: v4_to_16(server),
+        client_addr: v4_to_16(client),
+        server_port,
+        client_port,
+        family: family::IPV4,
+        _pad: [0; 3],
+    }
+}
+
+/// TCP payload length from the IPv4 total length (the frame may be padded).
+#[inline(always)]
+fn payload_len(ip: &Ipv4Hdr, tcp: &TcpHdr) -> u32 {
+    let total = u16::from_be(ip.tot_len) as u32;
+    let headers = IPV4_HLEN as u32 + ((tcp.doff >> 4) as u32) * 4;
+    total.saturating_sub(headers)
+}
+
+#[inline(always)]
+fn stats(server_id: u32) -> Option<&'static mut PassiveStats> {
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the run.
+    PASSIVE_STATS
+        .get_ptr_mut(server_id)
+        .map(|p| unsafe { &mut *p })
+}
+
+/// TC egress: always lets the packet go (TC_ACT_OK); only takes notes.
+pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
+    let eth: EthHdr = read_at(ctx, 0)?;
+    if eth.ether_type != ETH_P_IP.to_be() {
+        return Ok(TC_ACT_OK);
+    }
+    let ip: Ipv4Hdr = read_at(ctx, ETH_HLEN)?;
+    if ip.protocol != IPPROTO_TCP
+        || ip.version_ihl != IPV4_VERSION_IHL_PLAIN
+        || u16::from_be(ip.frag_off) & IPV4_FRAGMENT_MASK != 0
+    {
+        return Ok(TC_ACT_OK);
+    }
+    let tcp: TcpHdr = read_at(ctx, L4)?;
+    if !tracked_port(tcp.dest) {
+        return Ok(TC_ACT_OK);
+    }
+    let key = flow_key(ip.daddr, tcp.dest, ip.saddr, tcp.source);
+    // SAFETY: a hash map helper; the time helper takes no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(&key) {
+            // SAFETY: an entry of an LRU hash map, valid for the run.
+            let flow = unsafe { &mut *flow };
+            if flow.flags & flow_flags::HANDSHAKE_DONE == 0 {
+                flow.flags |= flow_flags::SYN_RETRANSMITTED;
+                if let Some(s) = stats(flow.server_id) {
+                    s.syn_retransmits += 1;
+                }
+                return Ok(TC_ACT_OK);
+            }
+        }
+        let server = ServerKey {
+            addr: v4_to_16(ip.daddr),
+            port: tcp.dest,
+            family: family::IPV4,
+            _pad: 0,
+        };
+        // SAFETY: the value is copied out at once.
+        let Some(&server_id) = (unsafe { PASSIVE_SERVERS.get(server) }) else {
+            return Ok(TC_ACT_OK);
+        };
+        let flow = FlowState {
+            syn_ns: now,
+            request_ns: 0,
+            server_id,
+            flags: 0,
+        };
+        let _ = PASSIVE_FLOWS.insert(key, flow, 0);
+        return Ok(TC_ACT_OK);
+    }
+    if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
+        let _ = PASSIVE_FLOWS.remove(key);
+        return Ok(TC_ACT_OK);
+    }
+    if payload_len(&ip, &tcp) > 0 {
+        if let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(&key) {
+            // SAFETY: an entry of an LRU hash map, valid for the run.
+            let flow = unsafe { &mut *flow };
+            if flow.flags & flow_flags::AWAITING_RESPONSE == 0 {
+                flow.request_ns = now;
+                flow.flags |= flow_flags::AWAITING_RESPONSE;
+            }
+        }
+    }
+    Ok(TC_ACT_OK)
+}
+
+/// Ingress, from `prober_xdp` for TCP that is no probe reply. Never changes
+/// the verdict: the caller passes the frame whatever happens here.
+#[inline(always)]
+pub fn ingress(ip: &Ipv4Hdr, tcp: &TcpHdr) {
+    if !tracked_port(tcp.source) {
+        return;
+    }
+    let key = flow_key(ip.saddr, tcp.source, ip.daddr, tcp.dest);
+    let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: an entry of an LRU hash map, valid for the run.
+    let flow = unsafe { &mut *flow };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(s) = stats(flow.server_id) else {
+        return;
+    };
+    if tcp.flags & TCP_RST != 0 {
+        s.resets += 1;
+        let _ = PASSIVE_FLOWS.remove(key);
+        return;
+    }
+    if tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        if flow.flags & flow_flags::HANDSHAKE_DONE == 0 && flow.syn_ns != 0 {
+            flow.flags |= flow_flags::HANDSHAKE_DONE;
+            if flow.flags & flow_flags::SYN_RETRANSMITTED == 0 {
+                let rtt = now.saturating_sub(flow.syn_ns);
+                s.handshakes += 1;
+                s.handshake_rtt_sum_ns += rtt;
+                s.last_sample_ns = now;
+                if let Some(b) = s.handshake_log2_us.get_mut(rtt_bucket(rtt)) {
+                    *b += 1;
+                }
+            }
+        }
+        return;
+    }
+    if payload_len(ip, tcp) > 0 && flow.flags & flow_flags::AWAITING_RESPONSE != 0 {
+        flow.flags &= !flow_flags::AWAITING_RESPONSE;
+        let took = now.saturating_sub(flow.request_ns);
+        s.responses += 1;
+        s.response_time_sum_ns += took;
+        s.last_sample_ns = now;
+        if let Some(b) = s.response_log2_us.get_mut(rtt_bucket(took)) {
+            *b += 1;
+        }
+    }
+    if tcp.flags & TCP_FIN != 0 {
+        let _ = PASSIVE_FLOWS.remove(key);
+    }
+}
