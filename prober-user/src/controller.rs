@@ -17,11 +17,16 @@ use tracing::{debug, info, warn};
 use crate::{
     config::{Config, ManualWeights},
     health::{Health, Observations, State},
+    passive::{self, Passive},
     probe::{Counts, ProbeSpec, Prober},
     state::{health_key, weight_key, StateStore},
     targets::{self, Plan, ProbeSettings},
     weights::{pool_weights, LatencyEwma, Member},
 };
+
+/// Server resets plus resent client SYNs in one interval that count as a
+/// failure (when they outnumber the handshakes that succeeded).
+const PASSIVE_BURST: u64 = 5;
 
 /// Latency estimates are saved for restarts this often.
 const LATENCY_SAVE: Duration = Duration::from_secs(2);
@@ -33,6 +38,10 @@ struct ProbeTrack {
     /// this probe decides are left as IPVS has them.
     evidence: bool,
     latency: Option<LatencyEwma>,
+    /// Response time (request -> first response byte) from passive
+    /// measurement, and when it last had a sample.
+    response: Option<LatencyEwma>,
+    response_at: Option<Instant>,
     last: Counts,
     next_due: Instant,
     outstanding: bool,
@@ -53,6 +62,9 @@ pub struct Controller {
     config: Config,
     ipvs: Option<IpvsClient>,
     prober: Prober,
+    passive: Passive,
+    /// Passive measurements not yet taken by their probe's evaluation.
+    pending: HashMap<passive::Server, passive::Delta>,
     store: Option<StateStore>,
     plan: Plan,
     probes: HashMap<ProbeSpec, ProbeTrack>,
@@ -71,10 +83,12 @@ pub struct Controller {
 pub type OpenStore<'a> = &'a mut dyn FnMut() -> Result<StateStore>;
 
 impl Controller {
-    pub fn new(config: Config, prober: Prober, now: Instant) -> Self {
+    pub fn new(config: Config, prober: Prober, passive: Passive, now: Instant) -> Self {
         Self {
             ipvs: None,
             prober,
+            passive,
+            pending: HashMap::new(),
             store: None,
             plan: Plan::default(),
             probes: HashMap::new(),
@@ -125,12 +139,20 @@ impl Controller {
             .map(|(s, _)| *s)
             .collect();
         let mut ids = Vec::with_capacity(due.len());
+        match self.passive.take_deltas() {
+            Ok(deltas) => {
+                for (server, delta) in deltas {
+                    self.pending.entry(server).or_default().add(delta);
+                }
+            }
+            Err(e) => warn!("reading passive measurements: {e:#}"),
+        }
         for spec in due {
-            self.evaluate(spec, now)?;
+            let send = self.evaluate(spec, now)?;
             let track = self.probes.get_mut(&spec).expect("due probes are tracked");
-            track.outstanding = true;
+            track.outstanding = send;
             track.next_due = (track.next_due + track.settings.interval).max(now);
-            if let Some(id) = self.prober.id_of(&spec) {
+            if let (true, Some(id)) = (send, self.prober.id_of(&spec)) {
                 ids.push(id);
             }
         }
@@ -219,6 +241,8 @@ impl Controller {
                             health: Health::new(state, now),
                             evidence: false,
                             latency,
+                            response: None,
+                            response_at: None,
                             last: Counts::default(),
                             next_due: now,
                             outstanding: false,
@@ -244,6 +268,14 @@ impl Controller {
         }
         let specs: Vec<ProbeSpec> = plan.probes.keys().copied().collect();
         self.prober.sync_targets(&specs)?;
+        // NAT real servers: the director sees both directions of their traffic.
+        let nat: Vec<passive::Server> = plan
+            .bindings
+            .iter()
+            .filter(|b| b.destination.forwarding == prober_ipvs::Forwarding::Masquerade)
+            .map(|b| (b.destination.addr, b.destination.port))
+            .collect();
+        self.passive.sync(&nat)?;
         // New probes start with fresh datapath counters.
         for spec in &specs {
             if let (Some(id), Some(track)) = (self.prober.id_of(spec), self.probes.get_mut(spec)) {
@@ -258,44 +290,72 @@ impl Controller {
 
     /// Turns what the datapath counted since the last probe into one
     /// interval's observations and feeds health and latency.
-    fn evaluate(&mut self, spec: ProbeSpec, now: Instant) -> Result<()> {
+    /// Returns whether to send the next active probe: not when the real
+    /// server's own traffic just showed it answering.
+    fn evaluate(&mut self, spec: ProbeSpec, now: Instant) -> Result<bool> {
+        let decay = self.config.policy.decay;
+        let peak = self.config.policy.peak_ewma;
+        let passive = passive_server(&spec)
+            .and_then(|server| self.pending.remove(&server))
+            .unwrap_or_default();
         let Some(track) = self.probes.get_mut(&spec) else {
-            return Ok(());
+            return Ok(true);
         };
         let counts = match self.prober.id_of(&spec) {
             Some(id) => self.prober.counts(id)?,
             None => track.last,
         };
         let last = std::mem::replace(&mut track.last, counts);
-        if !track.outstanding {
-            return Ok(());
+        let mut seen = Observations::default();
+        let mut rtt_sample = None;
+        if track.outstanding {
+            seen.answered = counts.answered.saturating_sub(last.answered);
+            seen.refused = counts.refused.saturating_sub(last.refused);
+            seen.unreachable = counts.unreachable.saturating_sub(last.unreachable);
+            let slow = counts.last_rtt_ns as u128 > track.settings.timeout.as_nanos();
+            if seen.answered > 0 && slow {
+                seen.answered -= 1;
+                seen.timed_out += 1;
+            }
+            if seen.answered > 0 && !slow {
+                rtt_sample = Some(counts.last_rtt_ns as f64);
+            }
+            if seen.answered + seen.refused + seen.unreachable + seen.timed_out == 0 {
+                // No answer within the interval, or no probe could be sent
+                // (the real server's neighbour entry does not resolve).
+                seen.timed_out = 1;
+            }
         }
-        let mut seen = Observations {
-            answered: counts.answered.saturating_sub(last.answered),
-            refused: counts.refused.saturating_sub(last.refused),
-            unreachable: counts.unreachable.saturating_sub(last.unreachable),
-            timed_out: 0,
-        };
-        let slow = counts.last_rtt_ns as u128 > track.settings.timeout.as_nanos();
-        if seen.answered > 0 && slow {
-            seen.answered -= 1;
-            seen.timed_out += 1;
+        // Passive evidence (see README, "Passive measurement"): client
+        // handshakes count as one success and feed the RTT estimate; a
+        // burst of server resets or resent client SYNs as one failure.
+        if let Some(handshake) = passive.mean_handshake_ns() {
+            seen.answered += 1;
+            rtt_sample = Some(rtt_sample.map_or(handshake, |active| (active + handshake) / 2.0));
         }
-        if seen.answered + seen.refused + seen.unreachable + seen.timed_out == 0 {
-            // No answer within the interval, or no probe could be sent
-            // (the real server's neighbour entry does not resolve).
-            seen.timed_out = 1;
+        let bad = passive.resets + passive.syn_retransmits;
+        if bad >= PASSIVE_BURST && bad > passive.handshakes {
+            if passive.resets >= passive.syn_retransmits {
+                seen.refused += 1;
+            } else {
+                seen.timed_out += 1;
+            }
+        }
+        if let Some(response) = passive.mean_response_ns() {
+            match &mut track.response {
+                Some(ewma) => ewma.observe(response, now, decay, peak),
+                None => track.response = Some(LatencyEwma::new(response, now)),
+            }
+            track.response_at = Some(now);
+        }
+        let send_next = passive.handshakes == 0;
+        if seen == Observations::default() {
+            return Ok(send_next); // nothing settled: no evidence either way
         }
         track.evidence = true;
-        if seen.answered > 0 && !slow {
-            let sample = counts.last_rtt_ns as f64;
+        if let Some(sample) = rtt_sample {
             match &mut track.latency {
-                Some(ewma) => ewma.observe(
-                    sample,
-                    now,
-                    self.config.policy.decay,
-                    self.config.policy.peak_ewma,
-                ),
+                Some(ewma) => ewma.observe(sample, now, decay, peak),
                 None => track.latency = Some(LatencyEwma::new(sample, now)),
             }
         }
@@ -337,7 +397,7 @@ impl Controller {
                 )?;
             }
         }
-        Ok(())
+        Ok(send_next)
     }
 
     /// Works out every managed service's weights and writes the changed
@@ -372,6 +432,26 @@ impl Controller {
                         current: dest.current,
                     },
                 ));
+            }
+            // Clients' response times weigh a pool when every server in it
+            // that is up has a fresh one; else probe RTTs for all, so the
+            // servers are compared on one measure.
+            let fresh = |probe: &ProbeTrack| {
+                probe
+                    .response_at
+                    .is_some_and(|at| now.duration_since(at) < self.config.policy.decay)
+            };
+            let use_responses = members_idx.iter().all(|&i| {
+                let b = &self.plan.bindings[i];
+                self.probes
+                    .get(&b.probe)
+                    .is_none_or(|p| p.health.state() == State::Down || fresh(p))
+            });
+            if use_responses {
+                for (m, &i) in members.iter_mut().zip(&members_idx) {
+                    let probe = &self.probes[&self.plan.bindings[i].probe];
+                    m.2.latency_ns = probe.response.map(|r| r.value_ns());
+                }
             }
             let (latency_aware, policy) = self.config.weights_for(&service);
             if !latency_aware {
@@ -489,5 +569,16 @@ fn manual_change(
                 dest.weight
             );
         }
+    }
+}
+
+/// The real server whose own traffic can stand in for this probe: a TCP
+/// probe straight to it (NAT destinations are probed that way).
+fn passive_server(spec: &ProbeSpec) -> Option<passive::Server> {
+    match (spec.kind, spec.forwarding) {
+        (crate::probe::ProbeKind::TcpSyn { port }, crate::probe::Forwarding::Direct) => {
+            Some((spec.destination, port))
+        }
+        _ => None,
     }
 }

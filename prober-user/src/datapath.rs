@@ -173,6 +173,21 @@ impl Datapath {
         Ok(())
     }
 
+    /// The maps of passive measurement that userspace writes and reads
+    /// (call once, after attach has pinned them).
+    pub fn passive_maps(&mut self) -> Result<crate::passive::PassiveMaps> {
+        let mut take = |name: &str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no map {name} (or it was taken)"))
+        };
+        Ok(crate::passive::PassiveMaps {
+            servers: HashMap::try_from(take(map_names::PASSIVE_SERVERS)?)?,
+            ports: Array::try_from(take(map_names::PASSIVE_PORTS)?)?,
+            stats: aya::maps::PerCpuArray::try_from(take(map_names::PASSIVE_STATS)?)?,
+        })
+    }
+
     /// The probe transmitter and the maps it uses (call once).
     pub fn prober_parts(&mut self) -> Result<(crate::probe::ProbeMaps, ProgramFd)> {
         let fd = program_fd(&self.ebpf, program_names::PROBE_TX)?;

@@ -4,6 +4,7 @@ pub mod config;
 pub mod controller;
 pub mod datapath;
 pub mod health;
+pub mod passive;
 pub mod preflight;
 pub mod probe;
 pub mod rtnetlink;

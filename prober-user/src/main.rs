@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use prober_user::{config, controller, datapath, preflight, probe, stats};
+use prober_user::{config, controller, datapath, passive, preflight, probe, stats};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -150,9 +150,11 @@ fn run(
         let ifindex = preflight::interface_index(interface)?;
         let prober = probe::Prober::new(maps, probe_tx, interface, ifindex, probes)?;
         let mut mode = if probes.is_empty() {
+            let passive = passive::Passive::new(datapath.passive_maps()?);
             Mode::Ipvs(Box::new(controller::Controller::new(
                 config.clone(),
                 prober,
+                passive,
                 Instant::now(),
             )))
         } else {

@@ -23,6 +23,8 @@ pub struct Stats {
     /// Ingress frames per CPU, in CPU order.
     pub packets_per_cpu: Vec<u64>,
     pub targets: Vec<TargetReport>,
+    /// Real servers followed passively (NAT destinations), totals.
+    pub passive: Vec<crate::passive::ServerReport>,
 }
 
 pub fn read(pin_dir: &Path) -> Result<Stats> {
@@ -42,5 +44,6 @@ pub fn read(pin_dir: &Path) -> Result<Stats> {
         probe_errors: total.probe_errors,
         packets_per_cpu: slots.iter().map(|c| c.packets).collect(),
         targets: report::read_pinned(pin_dir)?,
+        passive: crate::passive::read_pinned(pin_dir)?,
     })
 }

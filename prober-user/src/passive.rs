@@ -1,0 +1,208 @@
+//! The userspace side of passive measurement: tells the datapath which real
+//! servers to follow (NAT destinations from IPVS) and reads what their own
+//! traffic showed.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use prober_common::{family, map_names, PassiveStats, ServerKey, MAX_PASSIVE_SERVERS};
+use serde::Serialize;
+
+use crate::probe::{addr16, report::open_pinned};
+
+pub struct PassiveMaps {
+    pub servers: BpfHashMap<MapData, ServerKey, u32>,
+    pub ports: Array<MapData, u64>,
+    pub stats: PerCpuArray<MapData, PassiveStats>,
+}
+
+/// What one real server's traffic showed since the last look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub handshakes: u64,
+    pub handshake_rtt_sum_ns: u64,
+    pub responses: u64,
+    pub response_time_sum_ns: u64,
+    pub resets: u64,
+    pub syn_retransmits: u64,
+}
+
+impl Delta {
+    pub fn add(&mut self, o: Delta) {
+        self.handshakes += o.handshakes;
+        self.handshake_rtt_sum_ns += o.handshake_rtt_sum_ns;
+        self.responses += o.responses;
+        self.response_time_sum_ns += o.response_time_sum_ns;
+        self.resets += o.resets;
+        self.syn_retransmits += o.syn_retransmits;
+    }
+
+    pub fn mean_handshake_ns(&self) -> Option<f64> {
+        (self.handshakes > 0).then(|| self.handshake_rtt_sum_ns as f64 / self.handshakes as f64)
+    }
+
+    pub fn mean_response_ns(&self) -> Option<f64> {
+        (self.responses > 0).then(|| self.response_time_sum_ns as f64 / self.responses as f64)
+    }
+}
+
+fn total(per_cpu: &[PassiveStats]) -> Delta {
+    let mut d = Delta::default();
+    for c in per_cpu {
+        d.add(Delta {
+            handshakes: c.handshakes,
+            handshake_rtt_sum_ns: c.handshake_rtt_sum_ns,
+            responses: c.responses,
+            response_time_sum_ns: c.response_time_sum_ns,
+            resets: c.resets,
+            syn_retransmits: c.syn_retransmits,
+        });
+    }
+    d
+}
+
+fn minus(a: Delta, b: Delta) -> Delta {
+    Delta {
+        handshakes: a.handshakes.saturating_sub(b.handshakes),
+        handshake_rtt_sum_ns: a
+            .handshake_rtt_sum_ns
+            .saturating_sub(b.handshake_rtt_sum_ns),
+        responses: a.responses.saturating_sub(b.responses),
+        response_time_sum_ns: a
+            .response_time_sum_ns
+            .saturating_sub(b.response_time_sum_ns),
+        resets: a.resets.saturating_sub(b.resets),
+        syn_retransmits: a.syn_retransmits.saturating_sub(b.syn_retransmits),
+    }
+}
+
+pub type Server = (IpAddr, u16);
+
+pub struct Passive {
+    maps: PassiveMaps,
+    ids: HashMap<Server, u32>,
+    last: HashMap<u32, Delta>,
+}
+
+impl Passive {
+    pub fn new(maps: PassiveMaps) -> Self {
+        Self {
+            maps,
+            ids: HashMap::new(),
+            last: HashMap::new(),
+        }
+    }
+
+    fn key(server: &Server) -> ServerKey {
+        ServerKey {
+            addr: addr16(server.0),
+            port: server.1.to_be(),
+            family: if server.0.is_ipv4() {
+                family::IPV4
+            } else {
+                family::IPV6
+            },
+            _pad: 0,
+        }
+    }
+
+    /// Follows exactly `servers` (IPv4 ones; the datapath parses IPv4 only).
+    pub fn sync(&mut self, servers: &[Server]) -> Result<()> {
+        let wanted: HashSet<Server> = servers.iter().filter(|s| s.0.is_ipv4()).copied().collect();
+        let gone: Vec<Server> = self
+            .ids
+            .keys()
+            .filter(|s| !wanted.contains(s))
+            .copied()
+            .collect();
+        for server in gone {
+            let _ = self.maps.servers.remove(&Self::key(&server));
+            if let Some(id) = self.ids.remove(&server) {
+                self.last.remove(&id);
+            }
+        }
+        for server in &wanted {
+            if self.ids.contains_key(server) {
+                continue;
+            }
+            let used: HashSet<u32> = self.ids.values().copied().collect();
+            let id = (0..MAX_PASSIVE_SERVERS)
+                .find(|i| !used.contains(i))
+                .context("more real servers than the passive table holds")?;
+            // Counters of an earlier holder of this id are the baseline.
+            self.last.insert(id, total(&self.maps.stats.get(&id, 0)?));
+            self.maps
+                .servers
+                .insert(Self::key(server), id, 0)
+                .context("writing PASSIVE_SERVERS")?;
+            self.ids.insert(*server, id);
+        }
+        let mut bitmap = vec![0u64; 1024];
+        for (_, port) in self.ids.keys() {
+            bitmap[*port as usize / 64] |= 1 << (port % 64);
+        }
+        for (slot, bits) in bitmap.into_iter().enumerate() {
+            if self.maps.ports.get(&(slot as u32), 0)? != bits {
+                self.maps
+                    .ports
+                    .set(slot as u32, bits, 0)
+                    .context("writing PASSIVE_PORTS")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What each followed server's traffic showed since the last call.
+    pub fn take_deltas(&mut self) -> Result<HashMap<Server, Delta>> {
+        let mut out = HashMap::with_capacity(self.ids.len());
+        for (server, id) in &self.ids {
+            let now = total(&self.maps.stats.get(id, 0)?);
+            let before = self.last.insert(*id, now).unwrap_or_default();
+            let delta = minus(now, before);
+            if delta != Delta::default() {
+                out.insert(*server, delta);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Totals per followed real server, for `prober stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerReport {
+    pub server: String,
+    pub handshakes: u64,
+    pub mean_handshake_rtt_ns: u64,
+    pub responses: u64,
+    pub mean_response_time_ns: u64,
+    pub resets: u64,
+    pub syn_retransmits: u64,
+}
+
+pub fn read_pinned(pin_dir: &Path) -> Result<Vec<ServerReport>> {
+    let servers: BpfHashMap<MapData, ServerKey, u32> =
+        open_pinned(pin_dir, map_names::PASSIVE_SERVERS)?;
+    let stats: PerCpuArray<MapData, PassiveStats> = open_pinned(pin_dir, map_names::PASSIVE_STATS)?;
+    let mut out = Vec::new();
+    for entry in servers.iter() {
+        let (key, id) = entry?;
+        let t = total(&stats.get(&id, 0)?);
+        let addr = IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]]);
+        out.push(ServerReport {
+            server: format!("{addr}:{}", u16::from_be(key.port)),
+            handshakes: t.handshakes,
+            mean_handshake_rtt_ns: t.mean_handshake_ns().unwrap_or(0.0) as u64,
+            responses: t.responses,
+            mean_response_time_ns: t.mean_response_ns().unwrap_or(0.0) as u64,
+            resets: t.resets,
+            syn_retransmits: t.syn_retransmits,
+        });
+    }
+    out.sort_by(|a, b| a.server.cmp(&b.server));
+    Ok(out)
+}
