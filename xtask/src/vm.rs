@@ -35,7 +35,12 @@ const VM_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static", "ipv
 
 /// Test targets (of the `prober-tests` crate, feature `guest`) that need
 /// the guest; `cargo xtask test` runs all of them.
-pub const GUEST_TESTS: &[&str] = &["guest_ipvs", "guest_probe", "guest_controller"];
+pub const GUEST_TESTS: &[&str] = &[
+    "guest_ipvs",
+    "guest_probe",
+    "guest_controller",
+    "guest_passive",
+];
 
 /// Modules the initramfs loads to mount the host's root over virtio 9p
 /// (all modular in Debian's kernel); modprobe adds their dependencies.
