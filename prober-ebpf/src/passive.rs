@@ -48,6 +48,12 @@ fn payload_len(ip: &Ipv4Hdr, tcp: &TcpHdr) -> u32 {
 }
 
 #[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
 fn stats(server_id: u32) -> Option<&'static mut PassiveStats> {
     // SAFETY: this CPU's slot of a per-CPU array, valid for the run.
     PASSIVE_STATS
@@ -73,8 +79,6 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_OK);
     }
     let key = flow_key(ip.daddr, tcp.dest, ip.saddr, tcp.source);
-    // SAFETY: a hash map helper; the time helper takes no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     if tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         if let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(&key) {
             // SAFETY: an entry of an LRU hash map, valid for the run.
@@ -98,7 +102,7 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
             return Ok(TC_ACT_OK);
         };
         let flow = FlowState {
-            syn_ns: now,
+            syn_ns: now(),
             request_ns: 0,
             server_id,
             flags: 0,
@@ -115,7 +119,7 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
             // SAFETY: an entry of an LRU hash map, valid for the run.
             let flow = unsafe { &mut *flow };
             if flow.flags & flow_flags::AWAITING_RESPONSE == 0 {
-                flow.request_ns = now;
+                flow.request_ns = now();
                 flow.flags |= flow_flags::AWAITING_RESPONSE;
             }
         }
@@ -136,13 +140,12 @@ pub fn ingress(ip: &Ipv4Hdr, tcp: &TcpHdr) {
     };
     // SAFETY: an entry of an LRU hash map, valid for the run.
     let flow = unsafe { &mut *flow };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(s) = stats(flow.server_id) else {
-        return;
-    };
+    // Time and stats only when a sample is taken: the common packet of a
+    // tracked flow (more data of a response) costs one lookup.
     if tcp.flags & TCP_RST != 0 {
-        s.resets += 1;
+        if let Some(s) = stats(flow.server_id) {
+            s.resets += 1;
+        }
         let _ = PASSIVE_FLOWS.remove(key);
         return;
     }
@@ -150,6 +153,10 @@ pub fn ingress(ip: &Ipv4Hdr, tcp: &TcpHdr) {
         if flow.flags & flow_flags::HANDSHAKE_DONE == 0 && flow.syn_ns != 0 {
             flow.flags |= flow_flags::HANDSHAKE_DONE;
             if flow.flags & flow_flags::SYN_RETRANSMITTED == 0 {
+                let Some(s) = stats(flow.server_id) else {
+                    return;
+                };
+                let now = now();
                 let rtt = now.saturating_sub(flow.syn_ns);
                 s.handshakes += 1;
                 s.handshake_rtt_sum_ns += rtt;
@@ -161,8 +168,12 @@ pub fn ingress(ip: &Ipv4Hdr, tcp: &TcpHdr) {
         }
         return;
     }
-    if payload_len(ip, tcp) > 0 && flow.flags & flow_flags::AWAITING_RESPONSE != 0 {
+    if flow.flags & flow_flags::AWAITING_RESPONSE != 0 && payload_len(ip, tcp) > 0 {
         flow.flags &= !flow_flags::AWAITING_RESPONSE;
+        let Some(s) = stats(flow.server_id) else {
+            return;
+        };
+        let now = now();
         let took = now.saturating_sub(flow.request_ns);
         s.responses += 1;
         s.response_time_sum_ns += took;

@@ -45,7 +45,8 @@ fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_default();
     match what.as_str() {
         "probe" => bench_probe(),
-        other => bail!("unknown benchmark '{other}' (known: probe)"),
+        "passive" => bench_passive(),
+        other => bail!("unknown benchmark '{other}' (known: probe, passive)"),
     }
 }
 
@@ -416,6 +417,14 @@ const XDP_PASS: u32 = 2;
 /// BPF_PROG_LOAD: with XDP_PASS, the floor that BPF_PROG_TEST_RUN itself
 /// costs per frame; with XDP_DROP, a sink.
 fn load_trivial_xdp(action: u32) -> Result<OwnedFd> {
+    load_trivial(BPF_PROG_TYPE_XDP, action)
+}
+
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+
+/// A program of `prog_type` that only returns `action`.
+fn load_trivial(prog_type: u32, action: u32) -> Result<OwnedFd> {
     #[repr(C)]
     #[derive(Default)]
     struct ProgLoadAttr {
@@ -431,14 +440,13 @@ fn load_trivial_xdp(action: u32) -> Result<OwnedFd> {
         prog_name: [u8; 16],
     }
     const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TYPE_XDP: u32 = 6;
     // r0 = action; exit
     let insns: [u64; 2] = [0x0000_00b7 | (action as u64) << 32, 0x0000_0000_0000_0095];
     let license = b"GPL\0";
     let mut name = [0u8; 16];
     name[..7].copy_from_slice(b"trivial");
     let attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_XDP,
+        prog_type,
         insn_cnt: 2,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
@@ -490,4 +498,232 @@ fn attach_xdp_link(prog: std::os::fd::BorrowedFd<'_>, ifindex: u32) -> Result<Ow
     }
     // SAFETY: the kernel returned a new fd that we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+// ------------------------------------------------------------------ passive
+
+/// `cargo xtask bench passive`: what following real servers' traffic costs
+/// per packet, and a TCP stream's throughput across veth with the programs
+/// attached and detached, measured in the same run.
+fn bench_passive() -> Result<()> {
+    use prober_common::{family, FlowKey, FlowState, ServerKey};
+
+    println!(
+        "[bench passive] per-packet cost (BPF_PROG_TEST_RUN, 1,000,000 runs, median of {RUNS})"
+    );
+    let mut ebpf = load_programs()?;
+    let egress = program_fd(&ebpf, program_names::PASSIVE_EGRESS)?;
+    let ingress = program_fd(&ebpf, program_names::XDP_INGRESS)?;
+    let mut servers: aya::maps::HashMap<MapData, ServerKey, u32> = aya::maps::HashMap::try_from(
+        ebpf.take_map(map_names::PASSIVE_SERVERS)
+            .context("no map")?,
+    )?;
+    let mut ports: aya::maps::Array<MapData, u64> =
+        aya::maps::Array::try_from(ebpf.take_map(map_names::PASSIVE_PORTS).context("no map")?)?;
+    let mut flows: aya::maps::HashMap<MapData, FlowKey, FlowState> =
+        aya::maps::HashMap::try_from(ebpf.take_map(map_names::PASSIVE_FLOWS).context("no map")?)?;
+    let (client, rs, other) = ([198, 51, 100, 7], [192, 0, 2, 10], [192, 0, 2, 99]);
+    servers.insert(
+        ServerKey {
+            addr: addr16(rs.into()),
+            port: 80u16.to_be(),
+            family: family::IPV4,
+            _pad: 0,
+        },
+        0,
+        0,
+    )?;
+    ports.set(80 / 64, 1u64 << (80 % 64), 0)?;
+    let key = FlowKey {
+        server_addr: addr16(rs.into()),
+        client_addr: addr16(client.into()),
+        server_port: 80u16.to_be(),
+        client_port: 40000u16.to_be(),
+        family: family::IPV4,
+        _pad: [0; 3],
+    };
+    flows.insert(
+        key,
+        FlowState {
+            syn_ns: 1,
+            request_ns: 1,
+            server_id: 0,
+            flags: prober_common::flow_flags::HANDSHAKE_DONE,
+        },
+        0,
+    )?;
+    let data = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16| {
+        let mut segment = tcp(
+            src,
+            dst,
+            &Tcp {
+                src_port: sport,
+                dst_port: dport,
+                seq: 1,
+                ack: 1,
+                flags: ACK,
+                options: &[],
+            },
+        );
+        segment.extend([b'x'; 100]);
+        ethernet(MAC_B, MAC_A, 0x0800, &ipv4(src, dst, 6, 0, &[], &segment))
+    };
+    let per_packet = |prog: &dyn AsFd, frame: &[u8]| -> Result<f64> {
+        let runs: Result<Vec<f64>> = (0..RUNS)
+            .map(|_| Ok(run_xdp(prog.as_fd(), frame, 1_000_000)?.duration_ns as f64))
+            .collect();
+        Ok(median(runs?))
+    };
+    let tc_floor = load_trivial(BPF_PROG_TYPE_SCHED_CLS, 0)?;
+    let xdp_floor = load_trivial_xdp(XDP_PASS)?;
+    let to_tracked = data(client, rs, 40000, 80);
+    let from_tracked = data(rs, client, 80, 40000);
+    let to_untracked = data(client, other, 40001, 443);
+    let from_untracked = data(other, client, 443, 40001);
+    let rows = [
+        (
+            "egress (TC), tracked real server, request data",
+            per_packet(&egress, &to_tracked)?,
+        ),
+        (
+            "egress (TC), untracked traffic",
+            per_packet(&egress, &to_untracked)?,
+        ),
+        (
+            "egress (TC), empty program (test-run floor)",
+            per_packet(&tc_floor, &to_untracked)?,
+        ),
+        (
+            "ingress (XDP), tracked real server, response data",
+            per_packet(&ingress, &from_tracked)?,
+        ),
+        (
+            "ingress (XDP), untracked traffic",
+            per_packet(&ingress, &from_untracked)?,
+        ),
+        (
+            "ingress (XDP), empty program (test-run floor)",
+            per_packet(&xdp_floor, &from_untracked)?,
+        ),
+    ];
+
+    println!(
+        "[bench passive] TCP stream across veth, programs attached vs detached ({RUNS} runs each)"
+    );
+    let pair = VethPair::new()?;
+    let server_port: u16 = 8080;
+    let server_addr = pair.server_addr;
+    let mut detached = Vec::new();
+    let mut attached = Vec::new();
+    for round in 0..2 * RUNS {
+        let with_programs = round % 2 == 1;
+        let held = if with_programs {
+            // The client plays the director: its egress carries requests to
+            // the tracked real server, its ingress the server's answers.
+            let ebpf = pair.client.enter(move || -> Result<Ebpf> {
+                let mut ebpf = load_programs()?;
+                let program: &mut Xdp = ebpf
+                    .program_mut(program_names::XDP_INGRESS)
+                    .context("no program")?
+                    .try_into()?;
+                program.attach(VETH, XdpMode::Default)?;
+                let _ = aya::programs::tc::qdisc_add_clsact(VETH);
+                let program: &mut aya::programs::SchedClassifier = ebpf
+                    .program_mut(program_names::PASSIVE_EGRESS)
+                    .context("no program")?
+                    .try_into()?;
+                program.attach(VETH, aya::programs::TcAttachType::Egress)?;
+                let mut servers: aya::maps::HashMap<&mut MapData, ServerKey, u32> =
+                    aya::maps::HashMap::try_from(
+                        ebpf.map_mut(map_names::PASSIVE_SERVERS).context("no map")?,
+                    )?;
+                servers.insert(
+                    ServerKey {
+                        addr: addr16(server_addr.into()),
+                        port: server_port.to_be(),
+                        family: family::IPV4,
+                        _pad: 0,
+                    },
+                    0,
+                    0,
+                )?;
+                let mut ports: aya::maps::Array<&mut MapData, u64> = aya::maps::Array::try_from(
+                    ebpf.map_mut(map_names::PASSIVE_PORTS).context("no map")?,
+                )?;
+                ports.set(server_port as u32 / 64, 1u64 << (server_port % 64), 0)?;
+                Ok(ebpf)
+            })??;
+            Some(ebpf)
+        } else {
+            None
+        };
+        let gbits = stream(&pair, server_addr, server_port, 256 << 20)?;
+        if with_programs {
+            attached.push(gbits);
+        } else {
+            detached.push(gbits);
+        }
+        drop(held);
+    }
+    println!();
+    println!(
+        "prober bench passive: medians of {RUNS} runs, kernel {}",
+        kernel_release()
+    );
+    println!("{:<58} {:>12}", "measure", "value");
+    for (name, ns) in rows {
+        println!("{name:<58} {ns:>9.1} ns");
+    }
+    let (off, on) = (median(detached), median(attached));
+    println!(
+        "{:<58} {off:>7.2} Gbit/s",
+        "TCP stream across veth, programs detached"
+    );
+    println!(
+        "{:<58} {on:>7.2} Gbit/s",
+        "TCP stream across veth, programs attached (tracked)"
+    );
+    println!("{:<58} {:>11.2}x", "ratio attached / detached", on / off);
+    println!("goals: <= 100 ns per tracked packet, <= 30 ns per untracked packet");
+    Ok(())
+}
+
+/// Sends `bytes` over one TCP connection from client to server; Gbit/s.
+fn stream(pair: &VethPair, server: std::net::Ipv4Addr, port: u16, bytes: usize) -> Result<f64> {
+    use std::io::{Read, Write};
+    let listener = pair.server.listen(SocketAddrV4::new(server, port))?;
+    let sink = thread::spawn(move || -> Result<usize> {
+        let (mut conn, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0;
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    });
+    let seconds = pair.client.enter(move || -> Result<f64> {
+        let mut conn = TcpStream::connect_timeout(
+            &SocketAddrV4::new(server, port).into(),
+            Duration::from_secs(2),
+        )?;
+        let chunk = vec![0u8; 1 << 16];
+        let started = Instant::now();
+        let mut sent = 0;
+        while sent < bytes {
+            conn.write_all(&chunk)?;
+            sent += chunk.len();
+        }
+        conn.shutdown(std::net::Shutdown::Write)?;
+        Ok(started.elapsed().as_secs_f64())
+    })??;
+    let received = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink panicked"))??;
+    if received < bytes {
+        bail!("only {received} of {bytes} bytes arrived");
+    }
+    Ok(bytes as f64 * 8.0 / seconds / 1e9)
 }
