@@ -80,7 +80,7 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
     }
     let key = flow_key(ip.daddr, tcp.dest, ip.saddr, tcp.source);
     if tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        if let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(&key) {
+        if let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(key) {
             // SAFETY: an entry of an LRU hash map, valid for the run.
             let flow = unsafe { &mut *flow };
             if flow.flags & flow_flags::HANDSHAKE_DONE == 0 {
@@ -115,7 +115,7 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_OK);
     }
     if payload_len(&ip, &tcp) > 0 {
-        if let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(&key) {
+        if let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(key) {
             // SAFETY: an entry of an LRU hash map, valid for the run.
             let flow = unsafe { &mut *flow };
             if flow.flags & flow_flags::AWAITING_RESPONSE == 0 {
@@ -135,7 +135,7 @@ pub fn ingress(ip: &Ipv4Hdr, tcp: &TcpHdr) {
         return;
     }
     let key = flow_key(ip.saddr, tcp.source, ip.daddr, tcp.dest);
-    let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(&key) else {
+    let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(key) else {
         return;
     };
     // SAFETY: an entry of an LRU hash map, valid for the run.
