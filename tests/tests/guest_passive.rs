@@ -119,12 +119,12 @@ fn handshake_and_first_byte_times_match_what_the_real_servers_impose() {
     .unwrap();
     thread::sleep(Duration::from_secs(2)); // IPVS read, servers followed
 
-    // 40 fetches, round-robin over the four real servers.
+    // 80 fetches, round-robin over the four real servers: 20 samples each.
     let fetched = client
         .enter(|| {
             let vip = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 80);
             let mut ok = 0;
-            for _ in 0..40 {
+            for _ in 0..80 {
                 let Ok(mut conn) = TcpStream::connect_timeout(&vip.into(), Duration::from_secs(5))
                 else {
                     continue;
@@ -139,7 +139,7 @@ fn handshake_and_first_byte_times_match_what_the_real_servers_impose() {
             ok
         })
         .unwrap();
-    assert_eq!(fetched, 40, "every fetch through IPVS NAT worked");
+    assert_eq!(fetched, 80, "every fetch through IPVS NAT worked");
     thread::sleep(Duration::from_millis(500));
 
     let out = run(std::process::Command::new(prober_tests::prober_bin())
@@ -199,8 +199,8 @@ fn handshake_and_first_byte_times_match_what_the_real_servers_impose() {
             "real server {i} behind netem {delay} ms: ping {reference:.2} ms; {} handshakes, mean {:.2} ms; {} responses, mean first byte {:.2} ms",
             s["handshakes"], ms(&s, "mean_handshake_rtt_ns"), s["responses"], ms(&s, "mean_response_time_ns")
         );
-        assert!(s["handshakes"].as_u64().unwrap() >= 8, "{s}");
-        assert!(s["responses"].as_u64().unwrap() >= 8, "{s}");
+        assert!(s["handshakes"].as_u64().unwrap() >= 16, "{s}");
+        assert!(s["responses"].as_u64().unwrap() >= 16, "{s}");
         assert!(
             reference >= delay,
             "netem adds at least {delay} ms: ping {reference}"
