@@ -205,15 +205,18 @@ fn handshake_and_first_byte_times_match_what_the_real_servers_impose() {
             reference >= delay,
             "netem adds at least {delay} ms: ping {reference}"
         );
+        // 20 %, but not below 1.5 ms: the emulated guest's timers (and so
+        // netem's delays, and ping's own samples) wander by about that much.
+        let tolerance = (reference * 0.2).max(1.5);
         let handshake = ms(&s, "mean_handshake_rtt_ns");
         assert!(
-            (handshake - reference).abs() <= reference * 0.2,
-            "handshake {handshake:.2} ms, ping {reference:.2} ms (within 20 %)"
+            (handshake - reference).abs() <= tolerance,
+            "handshake {handshake:.2} ms, ping {reference:.2} ms (within {tolerance:.2} ms)"
         );
         let first_byte = ms(&s, "mean_response_time_ns") - processing;
         assert!(
-            (first_byte - reference).abs() <= reference * 0.2,
-            "first byte {first_byte:.2} ms less the server's own {processing:.2} ms, ping {reference:.2} ms (within 20 %)"
+            (first_byte - reference).abs() <= tolerance,
+            "first byte {first_byte:.2} ms less the server's own {processing:.2} ms, ping {reference:.2} ms (within {tolerance:.2} ms)"
         );
     }
     let slow_app = server(2);
