@@ -313,6 +313,11 @@ pub struct WeightRecord {
     /// The weight prober last wrote (valid when `has_written` is 1).
     pub written: u32,
     pub has_written: u32,
+    /// A weight being written (valid when `has_pending` is 1): saved before
+    /// the IPVS write, so a daemon killed mid-batch does not mistake its own
+    /// write for an operator's after restart.
+    pub pending: u32,
+    pub has_pending: u32,
     pub _pad: u32,
 }
 
@@ -494,7 +499,9 @@ mod tests {
             service_addr: [u8; 16], dest_addr: [u8; 16], fwmark: u32, service_port: u16,
             dest_port: u16, protocol: u8, family: u8, _pad: [u8; 2],
         });
-        assert_no_holes!(WeightRecord, 16, { configured: u32, written: u32, has_written: u32, _pad: u32 });
+        assert_no_holes!(WeightRecord, 24, {
+            configured: u32, written: u32, has_written: u32, pending: u32, has_pending: u32, _pad: u32,
+        });
         assert_no_holes!(HealthKey, 36, {
             destination: [u8; 16], real_server: [u8; 16], port: u16, kind: u8, forwarding: u8,
         });

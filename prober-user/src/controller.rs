@@ -201,6 +201,12 @@ impl Controller {
                         current: dumped,
                         destination: dest.clone(),
                     };
+                    // A write an earlier run had started: its own, if IPVS
+                    // holds it.
+                    let pending = remembered.filter(|r| r.has_pending == 1).map(|r| r.pending);
+                    if pending == Some(dumped) {
+                        track.written = Some(dumped);
+                    }
                     if let Some(written) = track.written.filter(|w| *w != dumped) {
                         manual_change(&self.config, &binding.service, dest, written, &mut track);
                     }
@@ -496,6 +502,17 @@ impl Controller {
         if updates.is_empty() {
             return;
         }
+        for update in &updates {
+            let key = (update.service, update.destination.key());
+            if let Some(track) = self.dests.get(&key) {
+                let mut intent = record(track);
+                intent.pending = update.weight;
+                intent.has_pending = 1;
+                if let Err(e) = store.set_weight(weight_key(&key.0, &key.1), intent) {
+                    warn!("saving state: {e:#}");
+                }
+            }
+        }
         let failed: HashSet<usize> = match ipvs.set_weights(&updates) {
             Ok(failures) => failures
                 .into_iter()
@@ -511,6 +528,11 @@ impl Controller {
         };
         for (index, update) in updates.iter().enumerate() {
             if failed.contains(&index) {
+                // Not written: the intent saved above is withdrawn.
+                let key = (update.service, update.destination.key());
+                if let Some(track) = self.dests.get(&key) {
+                    let _ = store.set_weight(weight_key(&key.0, &key.1), record(track));
+                }
                 continue;
             }
             let key = (update.service, update.destination.key());
@@ -537,6 +559,8 @@ fn record(track: &DestTrack) -> prober_common::WeightRecord {
         configured: track.configured,
         written: track.written.unwrap_or(0),
         has_written: track.written.is_some() as u32,
+        pending: 0,
+        has_pending: 0,
         _pad: 0,
     }
 }

@@ -26,8 +26,8 @@ impl StateStore {
     /// empty maps.
     pub fn open(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self> {
         Ok(Self {
-            weights: HashMap::try_from(open_or_pin(ebpf, pin_dir, map_names::WEIGHT_STATE)?)?,
-            health: HashMap::try_from(open_or_pin(ebpf, pin_dir, map_names::HEALTH_STATE)?)?,
+            weights: open_typed(ebpf, pin_dir, map_names::WEIGHT_STATE)?,
+            health: open_typed(ebpf, pin_dir, map_names::HEALTH_STATE)?,
         })
     }
 
@@ -57,6 +57,24 @@ impl StateStore {
 
     pub fn remove_health(&mut self, key: &HealthKey) {
         let _ = self.health.remove(key);
+    }
+}
+
+/// A state map of the expected layout: a pinned one of another layout (left
+/// by another version of prober) is replaced, with a warning.
+fn open_typed<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    name: &str,
+) -> Result<HashMap<MapData, K, V>> {
+    match HashMap::try_from(open_or_pin(ebpf, pin_dir, name)?) {
+        Ok(map) => Ok(map),
+        Err(e) => {
+            let path = pin_dir.join(name);
+            tracing::warn!(path = %path.display(), "pinned state has another layout ({e}): starting afresh");
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            Ok(HashMap::try_from(open_or_pin(ebpf, pin_dir, name)?)?)
+        }
     }
 }
 
