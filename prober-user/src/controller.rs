@@ -148,7 +148,11 @@ impl Controller {
             Err(e) => warn!("reading passive measurements: {e:#}"),
         }
         for spec in due {
-            let send = self.evaluate(spec, now)?;
+            // One probe's unreadable counters must not stop the others.
+            let send = self.evaluate(spec, now).unwrap_or_else(|e| {
+                warn!(probe = %spec, "reading probe results: {e:#}");
+                true
+            });
             let track = self.probes.get_mut(&spec).expect("due probes are tracked");
             track.outstanding = send;
             track.next_due = (track.next_due + track.settings.interval).max(now);
