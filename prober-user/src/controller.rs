@@ -160,7 +160,9 @@ impl Controller {
                 ids.push(id);
             }
         }
-        self.prober.send(&ids)?;
+        if let Err(e) = self.prober.send(&ids) {
+            warn!("sending probes: {e:#}");
+        }
         self.update_weights(now);
         Ok(())
     }
@@ -286,6 +288,7 @@ impl Controller {
             .map(|b| (b.destination.addr, b.destination.port))
             .collect();
         self.passive.sync(&nat)?;
+        self.pending.retain(|server, _| nat.contains(server));
         // New probes start with fresh datapath counters.
         for spec in &specs {
             if let (Some(id), Some(track)) = (self.prober.id_of(spec), self.probes.get_mut(spec)) {
