@@ -19,7 +19,7 @@ mod rx;
 mod tx;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK},
+    bindings::{xdp_action, TC_ACT_UNSPEC},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -93,10 +93,10 @@ pub fn probe_tx(ctx: XdpContext) -> u32 {
 }
 
 /// TC egress of the director's interface: passive measurement only; every
-/// packet continues (TC_ACT_OK).
+/// packet continues to the next filter unchanged (TC_ACT_UNSPEC).
 #[classifier]
 pub fn passive_egress(ctx: TcContext) -> i32 {
-    passive::try_passive_egress(&ctx).unwrap_or(TC_ACT_OK)
+    passive::try_passive_egress(&ctx).unwrap_or(TC_ACT_UNSPEC)
 }
 
 #[cfg(not(test))]

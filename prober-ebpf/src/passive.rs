@@ -10,7 +10,7 @@
 //! a flood of new flows evicts the oldest ones, never corrupts others.
 //! Untracked traffic costs one array read (the port bitmap).
 
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, programs::TcContext};
 use prober_common::{family, flow_flags, rtt_bucket, FlowKey, FlowState, PassiveStats, ServerKey};
 
 use crate::{packet::*, PASSIVE_FLOWS, PASSIVE_PORTS, PASSIVE_SERVERS, PASSIVE_STATS};
@@ -61,22 +61,22 @@ fn stats(server_id: u32) -> Option<&'static mut PassiveStats> {
         .map(|p| unsafe { &mut *p })
 }
 
-/// TC egress: always lets the packet go (TC_ACT_OK); only takes notes.
+/// TC egress: always lets the packet go (TC_ACT_UNSPEC); only takes notes.
 pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
     let eth: EthHdr = read_at(ctx, 0)?;
     if eth.ether_type != ETH_P_IP.to_be() {
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     }
     let ip: Ipv4Hdr = read_at(ctx, ETH_HLEN)?;
     if ip.protocol != IPPROTO_TCP
         || ip.version_ihl != IPV4_VERSION_IHL_PLAIN
         || u16::from_be(ip.frag_off) & IPV4_FRAGMENT_MASK != 0
     {
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     }
     let tcp: TcpHdr = read_at(ctx, L4)?;
     if !tracked_port(tcp.dest) {
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     }
     let key = flow_key(ip.daddr, tcp.dest, ip.saddr, tcp.source);
     if tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -88,7 +88,7 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
                 if let Some(s) = stats(flow.server_id) {
                     s.syn_retransmits += 1;
                 }
-                return Ok(TC_ACT_OK);
+                return Ok(TC_ACT_UNSPEC);
             }
         }
         let server = ServerKey {
@@ -99,7 +99,7 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
         };
         // SAFETY: the value is copied out at once.
         let Some(&server_id) = (unsafe { PASSIVE_SERVERS.get(server) }) else {
-            return Ok(TC_ACT_OK);
+            return Ok(TC_ACT_UNSPEC);
         };
         let flow = FlowState {
             syn_ns: now(),
@@ -108,11 +108,11 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
             flags: 0,
         };
         let _ = PASSIVE_FLOWS.insert(key, flow, 0);
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     }
     if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
         let _ = PASSIVE_FLOWS.remove(key);
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     }
     if payload_len(&ip, &tcp) > 0 {
         if let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(key) {
@@ -124,7 +124,7 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
             }
         }
     }
-    Ok(TC_ACT_OK)
+    Ok(TC_ACT_UNSPEC)
 }
 
 /// Ingress, from `prober_xdp` for TCP that is no probe reply. Never changes

@@ -104,6 +104,7 @@ fn tcp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
     let is_syn_ack = tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN | TCP_ACK;
     let is_reset = tcp.flags & (TCP_RST | TCP_ACK) == TCP_RST | TCP_ACK;
     if !is_syn_ack && !is_reset {
+        crate::passive::ingress(ip, &tcp);
         return Ok(xdp_action::XDP_PASS);
     }
     let remote = v4_to_16(ip.saddr);
@@ -118,6 +119,8 @@ fn tcp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
     };
     // SAFETY: the value is copied out at once.
     let Some(&target_id) = (unsafe { REPLY_INDEX.get(key) }) else {
+        // A client connection that happens to use a port of our range.
+        crate::passive::ingress(ip, &tcp);
         return Ok(xdp_action::XDP_PASS);
     };
     // Our SYN carried seq = cookie: the answer acknowledges cookie + 1.
@@ -134,6 +137,7 @@ fn tcp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
         if let Some(c) = counters() {
             c.replies_rejected += 1;
         }
+        crate::passive::ingress(ip, &tcp);
         return Ok(xdp_action::XDP_PASS);
     }
     if is_syn_ack {

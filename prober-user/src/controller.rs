@@ -213,8 +213,11 @@ impl Controller {
                     if pending == Some(dumped) {
                         track.written = Some(dumped);
                     }
-                    if let Some(written) = track.written.filter(|w| *w != dumped) {
-                        manual_change(&self.config, &binding.service, dest, written, &mut track);
+                    // What IPVS should hold after the earlier run: what it
+                    // wrote, else the configured weight it remembered.
+                    let expected = track.written.unwrap_or(track.configured);
+                    if remembered.is_some() && dumped != expected {
+                        manual_change(&self.config, &binding.service, dest, expected, &mut track);
                     }
                     track.current = dumped;
                     store.set_weight(wkey, record(&track))?;
@@ -311,6 +314,10 @@ impl Controller {
         let passive = passive_server(&spec)
             .and_then(|server| self.pending.remove(&server))
             .unwrap_or_default();
+        let neighbour_unresolved = self
+            .prober
+            .id_of(&spec)
+            .is_some_and(|id| self.prober.neighbour_unresolved(id));
         let Some(track) = self.probes.get_mut(&spec) else {
             return Ok(true);
         };
@@ -333,9 +340,13 @@ impl Controller {
             if seen.answered > 0 && !slow {
                 rtt_sample = Some(counts.last_rtt_ns as f64);
             }
-            if seen.answered + seen.refused + seen.unreachable + seen.timed_out == 0 {
-                // No answer within the interval, or no probe could be sent
-                // (the real server's neighbour entry does not resolve).
+            let sent = counts.sent > last.sent;
+            if seen.answered + seen.refused + seen.unreachable + seen.timed_out == 0
+                && (sent || neighbour_unresolved)
+            {
+                // No answer within the interval, or the real server does
+                // not answer ARP. A probe that could not be sent for other
+                // reasons (route by another interface...) is no evidence.
                 seen.timed_out = 1;
             }
         }

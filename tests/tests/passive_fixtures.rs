@@ -19,7 +19,8 @@ use prober_user::{
     test_run::run_xdp,
 };
 
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1): the next filter decides.
+const TC_ACT_UNSPEC: u32 = u32::MAX;
 const XDP_PASS: u32 = 2;
 const CLIENT: [u8; 4] = [198, 51, 100, 7];
 const RS: [u8; 4] = [192, 0, 2, 10];
@@ -74,7 +75,10 @@ impl Fixture {
     /// A client packet forwarded to the real server, through TC egress.
     fn out(&self, frame: &[u8]) {
         let run = run_xdp(self.egress.as_fd(), frame, 1).unwrap();
-        assert_eq!(run.action, TC_ACT_OK, "egress never holds a packet back");
+        assert_eq!(
+            run.action, TC_ACT_UNSPEC,
+            "egress hands every packet on to the next filter"
+        );
         assert_eq!(run.frame, frame, "egress never changes a packet");
     }
 

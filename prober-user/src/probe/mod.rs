@@ -73,6 +73,9 @@ pub struct Target {
     pub entry: Option<ProbeTarget>,
     /// Why the probe cannot be sent (route, neighbour), if it cannot.
     pub problem: Option<String>,
+    /// The route is fine but the next hop's MAC is not known: the host does
+    /// not answer ARP, which counts against it.
+    pub neighbour_unresolved: bool,
 }
 
 /// The part of a route a probe frame needs.
@@ -151,6 +154,14 @@ impl Prober {
     /// The id of a probe, if it is a target.
     pub fn id_of(&self, spec: &ProbeSpec) -> Option<u32> {
         self.ids.get(spec).copied()
+    }
+
+    /// Whether target `id` waits for its next hop's MAC.
+    pub fn neighbour_unresolved(&self, id: u32) -> bool {
+        self.targets
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|t| t.neighbour_unresolved)
     }
 
     /// What the datapath recorded for target `id`.
@@ -240,6 +251,7 @@ impl Prober {
                 path: Err("not looked up yet".into()),
                 entry: None,
                 problem: None,
+                neighbour_unresolved: false,
             });
             self.ids.insert(*spec, id as u32);
             added = true;
@@ -350,6 +362,7 @@ impl Prober {
                     }
                 },
             };
+            let unresolved = matches!(&target.path, Ok(path) if !neighbours.contains_key(&(path.ifindex, path.next_hop)));
             let (entry, problem) = match resolved {
                 Ok(entry) => (Some(entry), None),
                 Err(problem) => (None, Some(problem)),
@@ -357,6 +370,7 @@ impl Prober {
             let Some(target) = &mut self.targets[id] else {
                 continue;
             };
+            target.neighbour_unresolved = unresolved;
             if target.problem != problem {
                 match &problem {
                     Some(p) => warn!(probe = %target.spec, "cannot probe: {p}"),
