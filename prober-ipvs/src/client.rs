@@ -294,10 +294,13 @@ impl IpvsClient {
             let first_seq = pending[0].0;
             let last_seq = pending[pending.len() - 1].0;
             self.receive(OPERATION, |message| {
-                if message.seq < first_seq || message.seq > last_seq {
+                // Offsets from the first request, so a window that spans the
+                // sequence number's wrap still matches.
+                let offset = message.seq.wrapping_sub(first_seq);
+                if offset > last_seq.wrapping_sub(first_seq) {
                     return Ok(Flow::Continue); // a stale reply of an earlier request
                 }
-                let index = pending[(message.seq - first_seq) as usize].1;
+                let index = pending[offset as usize].1;
                 match netlink::reply(message)? {
                     Reply::Ack => answered += 1,
                     Reply::Error { errno } => {
@@ -454,16 +457,19 @@ impl IpvsClient {
                 ));
             }
             let datagram = std::mem::take(&mut self.buffer);
-            let mut flow = Flow::Continue;
+            let mut handled = Ok(Flow::Continue);
             for message in netlink::messages(&datagram) {
-                let message = message.map_err(|e| malformed(operation, &e.0))?;
-                flow = on_message(&message).map_err(|e| malformed(operation, &e.0))?;
-                if flow == Flow::Stop {
+                handled = message
+                    .map_err(|e| malformed(operation, &e.0))
+                    .and_then(|m| on_message(&m).map_err(|e| malformed(operation, &e.0)));
+                if !matches!(handled, Ok(Flow::Continue)) {
                     break;
                 }
             }
+            // The buffer goes back whatever happened: a malformed reply must
+            // not leave the client unable to receive.
             self.buffer = datagram;
-            if flow == Flow::Stop {
+            if handled? == Flow::Stop {
                 return Ok(());
             }
         }
@@ -745,6 +751,27 @@ mod tests {
         assert!(
             err.to_string().contains("exceeds the 65536-byte buffer"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_reply_does_not_break_the_next_request() {
+        let calls = Arc::new(Mutex::new(0));
+        let seen = calls.clone();
+        let (mut client, _) = client(Box::new(move |m| {
+            let mut n = seen.lock().unwrap();
+            *n += 1;
+            if *n == 1 {
+                vec![vec![0xff; 20]] // a message header claiming 4 GiB
+            } else {
+                services_in_chunks(m.seq, 1, 3, 0)
+            }
+        }));
+        assert!(client.services().is_err());
+        assert_eq!(
+            client.services().unwrap().len(),
+            3,
+            "the receive buffer survived the bad reply"
         );
     }
 
