@@ -142,14 +142,15 @@ fn a_slow_server_gets_less_weight_and_stable_latencies_write_nothing() {
     let pin_dir = PinDir::new();
     let daemon = start(&lan, &pin_dir, FAST);
     // Latency moves weights after one decay period (10 s) of samples, then
-    // by steps of at most 25 toward fast/slow x 100 (here about 10).
+    // by steps of at most 25 toward (fast + 5 ms) / (slow + 5 ms) x 100,
+    // 15 to 30 here depending on the emulator's own delay.
     let started = Instant::now();
     wait_for(Duration::from_secs(40), || {
         let w = lan.weights(VS)?;
-        Ok((w[&rs(1)] <= 25).then_some(w))
+        Ok((w[&rs(1)] <= 40).then_some(w))
     })
     .unwrap_or_else(|e| panic!("{e}: weights {:?}; {}", lan.weights(VS), daemon.log()));
-    thread::sleep(Duration::from_secs(1)); // the last step
+    thread::sleep(Duration::from_secs(2)); // the last steps
     let settled = lan.weights(VS).unwrap();
     println!(
         "weights with 30 ms added to one server: {settled:?} after {:?}",
@@ -205,7 +206,7 @@ fn killing_and_restarting_the_daemon_changes_no_weight() {
     let mut first = start(&lan, &pin_dir, FAST);
     wait_for(Duration::from_secs(40), || {
         let w = lan.weights(VS)?;
-        Ok((w[&rs(1)] <= 25 && w[&rs(2)] == 0).then_some(w))
+        Ok((w[&rs(1)] <= 40 && w[&rs(2)] == 0).then_some(w))
     })
     .unwrap();
     thread::sleep(Duration::from_secs(3)); // settled, latency estimates saved again
