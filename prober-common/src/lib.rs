@@ -47,6 +47,14 @@ pub mod map_names {
     pub const PASSIVE_FLOWS: &str = "PASSIVE_FLOWS";
     /// Server id -> per-CPU [`PassiveStats`](crate::PassiveStats).
     pub const PASSIVE_STATS: &str = "PASSIVE_STATS";
+    /// Local port -> [`DrCheckFlow`](crate::DrCheckFlow): connections of
+    /// L7 checks to the VIP on a direct-routing real server, filled by
+    /// userspace for each check's life.
+    pub const DR_CHECKS: &str = "DR_CHECKS";
+    /// IPv4 address (network order) -> [`AgentReport`](crate::AgentReport):
+    /// the last report of each real server's agent. Userspace creates one
+    /// entry per real server; reports from other addresses are refused.
+    pub const AGENTS: &str = "AGENTS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -76,6 +84,37 @@ pub mod flow_flags {
     pub const HANDSHAKE_DONE: u32 = 2;
     /// Client data left for the server; its first response byte is awaited.
     pub const AWAITING_RESPONSE: u32 = 4;
+}
+
+/// Local ports of L7 checks to a VIP on a direct-routing real server
+/// (inclusive): the datapath rewrites only connections from these ports,
+/// and only those registered in `DR_CHECKS`.
+pub const DR_CHECK_PORT_MIN: u16 = 60_000;
+pub const DR_CHECK_PORT_MAX: u16 = 60_999;
+
+/// Capacity of the agent table (one entry per real-server address).
+pub const MAX_AGENTS: u32 = 65_536;
+
+/// Agent datagrams (UDP to the configured agent port), all integers in
+/// network byte order:
+///
+/// | offset | size | field |
+/// | --- | --- | --- |
+/// | 0 | 4 | magic `PRAG` |
+/// | 4 | 1 | version, 1 |
+/// | 5 | 1 | state: 1 up, 2 down, 3 drain |
+/// | 6 | 2 | reserved, 0 |
+/// | 8 | 4 | weight (0-65535; larger is taken as 65535) |
+/// | 12 | 4 | sequence number |
+///
+/// Exactly 16 bytes; anything else is malformed and counted.
+pub mod agent_wire {
+    pub const MAGIC: [u8; 4] = *b"PRAG";
+    pub const VERSION: u8 = 1;
+    pub const LEN: usize = 16;
+    pub const STATE_UP: u8 = 1;
+    pub const STATE_DOWN: u8 = 2;
+    pub const STATE_DRAIN: u8 = 3;
 }
 
 /// Capacity of the per-target maps (target ids are 0..MAX_TARGETS).
@@ -130,6 +169,12 @@ pub struct DatapathCounters {
     pub probes_built: u64,
     /// `probe_tx` runs that sent nothing (bad target entry, batch overrun).
     pub probe_errors: u64,
+    /// Agent datagrams recorded.
+    pub agent_reports: u64,
+    /// Datagrams to the agent port that are not a valid agent report.
+    pub agent_malformed: u64,
+    /// Valid agent reports from an address that is not a real server.
+    pub agent_unknown: u64,
 }
 
 impl DatapathCounters {
@@ -143,6 +188,9 @@ impl DatapathCounters {
             resets_sent: self.resets_sent.saturating_add(o.resets_sent),
             probes_built: self.probes_built.saturating_add(o.probes_built),
             probe_errors: self.probe_errors.saturating_add(o.probe_errors),
+            agent_reports: self.agent_reports.saturating_add(o.agent_reports),
+            agent_malformed: self.agent_malformed.saturating_add(o.agent_malformed),
+            agent_unknown: self.agent_unknown.saturating_add(o.agent_unknown),
         }
     }
 }
@@ -274,7 +322,36 @@ pub struct ProbeConfig {
     /// host byte order, inclusive: replies to other ports are not looked at.
     pub local_port_min: u16,
     pub local_port_max: u16,
-    pub _pad: [u8; 4],
+    /// UDP port agents report to, host byte order; 0: no agents.
+    pub agent_port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// An L7 check's connection to the VIP on a direct-routing real server:
+/// it connects to `real_server`; TC egress rewrites that destination to
+/// `vip`, ingress XDP rewrites the answers' source `vip` back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrCheckFlow {
+    /// IPv4, network byte order.
+    pub real_server: [u8; 4],
+    pub vip: [u8; 4],
+}
+
+/// The last agent report of one real server, written by the ingress
+/// program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentReport {
+    /// When the last report arrived (CLOCK_MONOTONIC); 0: never.
+    pub last_ns: u64,
+    /// Reports recorded.
+    pub reports: u64,
+    pub weight: u32,
+    pub sequence: u32,
+    /// [`agent_wire`] state code.
+    pub state: u8,
+    pub _pad: [u8; 7],
 }
 
 /// Progress of the batch `probe_tx` is sending: run i sends the target at
@@ -444,6 +521,8 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::PassiveStats {}
+    unsafe impl aya::Pod for super::DrCheckFlow {}
+    unsafe impl aya::Pod for super::AgentReport {}
 }
 
 #[cfg(test)]
@@ -470,9 +549,10 @@ mod tests {
 
     #[test]
     fn layouts_have_no_holes() {
-        assert_no_holes!(DatapathCounters, 56, {
+        assert_no_holes!(DatapathCounters, 80, {
             packets: u64, bytes: u64, replies_matched: u64, replies_rejected: u64,
-            resets_sent: u64, probes_built: u64, probe_errors: u64,
+            resets_sent: u64, probes_built: u64, probe_errors: u64, agent_reports: u64,
+            agent_malformed: u64, agent_unknown: u64,
         });
         assert_no_holes!(ProbeTarget, 88, {
             dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, _pad0: u8,
@@ -492,7 +572,11 @@ mod tests {
         });
         assert_no_holes!(ProbeConfig, 40, {
             secret: [u64; 2], previous_secret: [u64; 2], local_port_min: u16, local_port_max: u16,
-            _pad: [u8; 4],
+            agent_port: u16, _pad: [u8; 2],
+        });
+        assert_no_holes!(DrCheckFlow, 8, { real_server: [u8; 4], vip: [u8; 4] });
+        assert_no_holes!(AgentReport, 32, {
+            last_ns: u64, reports: u64, weight: u32, sequence: u32, state: u8, _pad: [u8; 7],
         });
         assert_no_holes!(BatchCursor, 8, { next: u32, len: u32 });
         assert_no_holes!(WeightKey, 44, {
@@ -539,6 +623,8 @@ mod tests {
             map_names::PASSIVE_PORTS,
             map_names::PASSIVE_FLOWS,
             map_names::PASSIVE_STATS,
+            map_names::DR_CHECKS,
+            map_names::AGENTS,
             program_names::PASSIVE_EGRESS,
             program_names::XDP_INGRESS,
             program_names::PROBE_TX,

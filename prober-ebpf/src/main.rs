@@ -1,8 +1,9 @@
 //! prober's eBPF programs.
 //!
 //! - `prober_xdp` (XDP, ingress of the director's interface): counts frames,
-//!   matches probe replies by their cookie, answers SYN-ACKs with a RST, and
-//!   passes every other frame untouched.
+//!   matches probe replies by their cookie, answers SYN-ACKs with a RST,
+//!   records agent reports, gives L7 checks of direct-routing real servers
+//!   their answers back, and passes every other frame untouched.
 //! - `probe_tx` (XDP, never attached): run by the daemon through
 //!   BPF_PROG_TEST_RUN with live frames; each run writes one target's probe
 //!   into the frame and redirects it out.
@@ -13,6 +14,7 @@
 #![no_std]
 #![no_main]
 
+mod checks;
 mod packet;
 mod passive;
 mod rx;
@@ -25,9 +27,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use prober_common::{
-    BatchCursor, DatapathCounters, FlowKey, FlowState, HealthKey, HealthRecord, PassiveStats,
-    ProbeConfig, ProbeResults, ProbeState, ProbeTarget, ReplyKey, ServerKey, WeightKey,
-    WeightRecord, MAX_PASSIVE_FLOWS, MAX_PASSIVE_SERVERS, MAX_TARGETS,
+    AgentReport, BatchCursor, DatapathCounters, DrCheckFlow, FlowKey, FlowState, HealthKey,
+    HealthRecord, PassiveStats, ProbeConfig, ProbeResults, ProbeState, ProbeTarget, ReplyKey,
+    ServerKey, WeightKey, WeightRecord, MAX_AGENTS, MAX_PASSIVE_FLOWS, MAX_PASSIVE_SERVERS,
+    MAX_TARGETS,
 };
 
 const TARGETS: usize = MAX_TARGETS as usize;
@@ -66,6 +69,11 @@ static PASSIVE_FLOWS: LruHashMap<FlowKey, FlowState, FLOWS> = LruHashMap::new();
 #[btf_map]
 static PASSIVE_STATS: PerCpuArray<PassiveStats, SERVERS> = PerCpuArray::new();
 
+#[btf_map]
+static DR_CHECKS: HashMap<u32, DrCheckFlow, 1024> = HashMap::new();
+#[btf_map]
+static AGENTS: HashMap<u32, AgentReport, { MAX_AGENTS as usize }> = HashMap::new();
+
 /// This CPU's datapath counters.
 #[inline(always)]
 fn counters() -> Option<&'static mut DatapathCounters> {
@@ -92,8 +100,10 @@ pub fn probe_tx(ctx: XdpContext) -> u32 {
     }
 }
 
-/// TC egress of the director's interface: passive measurement only; every
-/// packet continues to the next filter unchanged (TC_ACT_UNSPEC).
+/// TC egress of the director's interface: passive measurement, and the
+/// VIP rewrite of L7 checks to direct-routing real servers (only their
+/// own connections); every packet continues to the next filter
+/// (TC_ACT_UNSPEC).
 #[classifier]
 pub fn passive_egress(ctx: TcContext) -> i32 {
     passive::try_passive_egress(&ctx).unwrap_or(TC_ACT_UNSPEC)

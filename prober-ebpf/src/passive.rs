@@ -68,10 +68,18 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_UNSPEC);
     }
     let ip: Ipv4Hdr = read_at(ctx, ETH_HLEN)?;
-    if ip.protocol != IPPROTO_TCP
-        || ip.version_ihl != IPV4_VERSION_IHL_PLAIN
+    if ip.version_ihl != IPV4_VERSION_IHL_PLAIN
         || u16::from_be(ip.frag_off) & IPV4_FRAGMENT_MASK != 0
     {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    if ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP {
+        let [source, _]: [u16; 2] = read_at(ctx, L4)?;
+        if crate::checks::is_check_port(source) {
+            return crate::checks::dr_egress(ctx, &ip, source);
+        }
+    }
+    if ip.protocol != IPPROTO_TCP {
         return Ok(TC_ACT_UNSPEC);
     }
     let tcp: TcpHdr = read_at(ctx, L4)?;

@@ -10,6 +10,19 @@
 //! fall = 3                 # failures in a row that take it down
 //! discovery = "5s"         # how often IPVS is re-read
 //! manual_weights = "respect"   # or "overwrite": a weight changed by hand
+//! diagnose = true          # ICMP-probe each real server host, to tell a
+//!                          # dead host from a dead service in alerts
+//! max_checks = 256         # L7 checks and commands running at once
+//!
+//! [alerts]                 # one event per root cause (see README)
+//! notify = ["/usr/local/bin/page"]   # run per event, JSON on stdin
+//! webhook = "http://alerts.example:9000/prober"   # POSTed each event
+//! flap_window = "60s"      # more than flap_limit changes in the window:
+//! flap_limit = 4           # one "flapping" event, then quiet until stable
+//!
+//! [agent]                  # real servers report state and weight (UDP)
+//! port = 5555              # off unless set
+//! deadline = "10s"         # silent this long: back to active checks only
 //!
 //! [weights]
 //! latency_aware = true     # false: only health moves weights
@@ -27,19 +40,29 @@
 //! probe = "tcp"                # "tcp", "icmp" or "none" (leave alone)
 //! port = 8080                  # probe this port instead of the real server's
 //! rise = 3                     # interval, timeout, rise, fall per service
+//! [[service.check]]            # L7 checks; all must pass (see README)
+//! type = "http"                # "http", "https", "tcp", "dns", "command"
+//! path = "/health"             # http(s): path, host, status, body,
+//! status = [200]               #   body_regex, tls_verify
+//! body = "OK"                  # tcp: send, expect; dns: query, record;
+//!                              # command: command = ["prog", "{address}"]
 //! [service.weights]            # this service's own weight policy: any of
 //! floor = 0.3                  # latency_aware, latency_slack, floor,
 //! panic_threshold = 0.3        # hysteresis, max_step, slow_start,
 //!                              # panic_threshold (decay, peak_ewma: global)
 //! ```
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use prober_ipvs::{Family, Protocol, ServiceKey};
 use serde::{de, Deserialize, Deserializer};
 
-use crate::{health::RiseFall, weights::WeightPolicy};
+use crate::{
+    checks::{Check, Record},
+    health::RiseFall,
+    weights::WeightPolicy,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -51,6 +74,54 @@ pub struct Config {
     pub latency_aware: bool,
     pub policy: WeightPolicy,
     pub services: Vec<ServiceConfig>,
+    /// ICMP-probe every real server host for root-cause diagnosis.
+    pub diagnose: bool,
+    /// L7 checks and commands running at once.
+    pub max_checks: usize,
+    pub alerts: AlertConfig,
+    pub agent: Option<AgentConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertConfig {
+    /// Program (and arguments) run for each event, the event as JSON on
+    /// its standard input.
+    pub notify: Option<Vec<String>>,
+    /// URL POSTed each event as JSON (http:// or https://).
+    pub webhook: Option<String>,
+    pub flap_window: Duration,
+    pub flap_limit: u32,
+}
+
+impl Default for AlertConfig {
+    fn default() -> Self {
+        Self {
+            notify: None,
+            webhook: None,
+            flap_window: Duration::from_secs(60),
+            flap_limit: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AgentConfig {
+    /// UDP port on the director that agents send to.
+    pub port: u16,
+    /// An agent silent this long is ignored: active checks alone decide.
+    pub deadline: Duration,
+}
+
+/// One L7 check or command of a service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckConfig {
+    pub check: Arc<Check>,
+    /// Port to check (default: the one the service's L4 probe uses).
+    pub port: Option<u16>,
+    pub interval: Option<Duration>,
+    pub timeout: Option<Duration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
 }
 
 /// What to do when a weight in IPVS differs from the one prober wrote.
@@ -81,6 +152,7 @@ pub struct ServiceConfig {
     pub timeout: Option<Duration>,
     pub rise: Option<u32>,
     pub fall: Option<u32>,
+    pub checks: Vec<CheckConfig>,
     /// The global weight settings with this service's overrides applied.
     pub latency_aware: bool,
     pub policy: WeightPolicy,
@@ -98,6 +170,10 @@ impl Default for Config {
             latency_aware: true,
             policy: WeightPolicy::default(),
             services: Vec::new(),
+            diagnose: true,
+            max_checks: 256,
+            alerts: AlertConfig::default(),
+            agent: None,
         }
     }
 }
@@ -116,6 +192,28 @@ impl Config {
         let defaults = Config::default();
         let daemon = file.daemon.unwrap_or_default();
         let weights = file.weights.unwrap_or_default();
+        let alerts = file.alerts.unwrap_or_default();
+        let mut services = Vec::with_capacity(file.service.len());
+        for s in file.service {
+            let checks = s
+                .check
+                .into_iter()
+                .map(|c| check_config(c, text))
+                .collect::<Result<Vec<_>>>()?;
+            services.push(ServiceConfig {
+                service: s.service.0,
+                probe: s.probe,
+                port: s.port.map(|p| p.0),
+                interval: s.interval.map(|d| d.0),
+                timeout: s.timeout.map(|d| d.0),
+                rise: s.rise.map(|r| r.0),
+                fall: s.fall.map(|r| r.0),
+                checks,
+                latency_aware: false,
+                policy: WeightPolicy::default(),
+                weights: s.weights,
+            });
+        }
         let mut config = Config {
             interval: daemon.interval.map(|d| d.0).unwrap_or(defaults.interval),
             timeout: daemon.timeout.map(|d| d.0).unwrap_or(defaults.timeout),
@@ -151,22 +249,25 @@ impl Config {
                     .map(|s| s.0)
                     .unwrap_or(defaults.policy.panic_threshold),
             },
-            services: file
-                .service
-                .into_iter()
-                .map(|s| ServiceConfig {
-                    service: s.service.0,
-                    probe: s.probe,
-                    port: s.port.map(|p| p.0),
-                    interval: s.interval.map(|d| d.0),
-                    timeout: s.timeout.map(|d| d.0),
-                    rise: s.rise.map(|r| r.0),
-                    fall: s.fall.map(|r| r.0),
-                    latency_aware: false,
-                    policy: WeightPolicy::default(),
-                    weights: s.weights,
-                })
-                .collect::<Vec<_>>(),
+            services,
+            diagnose: daemon.diagnose.unwrap_or(defaults.diagnose),
+            max_checks: daemon
+                .max_checks
+                .map_or(defaults.max_checks, |c| c.0 as usize),
+            alerts: AlertConfig {
+                notify: alerts.notify.map(|c| c.0),
+                webhook: alerts.webhook.map(|u| u.0),
+                flap_window: alerts
+                    .flap_window
+                    .map_or(defaults.alerts.flap_window, |d| d.0),
+                flap_limit: alerts
+                    .flap_limit
+                    .map_or(defaults.alerts.flap_limit, |c| c.0),
+            },
+            agent: file.agent.map(|a| AgentConfig {
+                port: a.port.0,
+                deadline: a.deadline.map_or(Duration::from_secs(10), |d| d.0),
+            }),
         };
         for service in &mut config.services {
             let overrides = service.weights.take().unwrap_or_default();
@@ -238,8 +339,26 @@ fn describe(error: &toml::de::Error, text: &str) -> String {
 struct File {
     daemon: Option<DaemonSection>,
     weights: Option<WeightsSection>,
+    alerts: Option<AlertsSection>,
+    agent: Option<AgentSection>,
     #[serde(default)]
     service: Vec<ServiceSection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AlertsSection {
+    notify: Option<Argv>,
+    webhook: Option<Url>,
+    flap_window: Option<Interval>,
+    flap_limit: Option<Count>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentSection {
+    port: Port,
+    deadline: Option<Interval>,
 }
 
 #[derive(Deserialize, Default)]
@@ -251,6 +370,8 @@ struct DaemonSection {
     fall: Option<Count>,
     discovery: Option<Interval>,
     manual_weights: Option<ManualWeights>,
+    diagnose: Option<bool>,
+    max_checks: Option<Count>,
 }
 
 #[derive(Deserialize, Default)]
@@ -278,7 +399,203 @@ struct ServiceSection {
     timeout: Option<Interval>,
     rise: Option<Count>,
     fall: Option<Count>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    check: Vec<toml::Spanned<CheckSection>>,
     weights: Option<ServiceWeightsSection>,
+}
+
+/// `[service.check]` (one) or `[[service.check]]` (several).
+fn one_or_many<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<toml::Spanned<CheckSection>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<toml::Spanned<CheckSection>>),
+        One(Box<toml::Spanned<CheckSection>>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(c) => vec![*c],
+    })
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+enum CheckType {
+    Http,
+    Https,
+    Tcp,
+    Dns,
+    Command,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckSection {
+    #[serde(rename = "type")]
+    kind: CheckType,
+    port: Option<Port>,
+    interval: Option<Interval>,
+    timeout: Option<Interval>,
+    rise: Option<Count>,
+    fall: Option<Count>,
+    path: Option<String>,
+    host: Option<String>,
+    status: Option<Vec<u16>>,
+    body: Option<String>,
+    body_regex: Option<String>,
+    tls_verify: Option<bool>,
+    send: Option<String>,
+    expect: Option<String>,
+    query: Option<String>,
+    record: Option<Record>,
+    command: Option<Argv>,
+}
+
+/// Turns a `[[service.check]]` table into a check, refusing fields that do
+/// not belong to its type; errors name the table's line.
+fn check_config(section: toml::Spanned<CheckSection>, text: &str) -> Result<CheckConfig> {
+    let line = text[..section.span().start.min(text.len())]
+        .matches('\n')
+        .count()
+        + 1;
+    let c = section.into_inner();
+    let at = |why: String| {
+        anyhow::anyhow!(
+            "line {line}: [[service.check]] type = \"{}\": {why}",
+            format!("{:?}", c.kind).to_lowercase()
+        )
+    };
+    let given = |name: &str| -> bool {
+        match name {
+            "path" => c.path.is_some(),
+            "host" => c.host.is_some(),
+            "status" => c.status.is_some(),
+            "body" => c.body.is_some(),
+            "body_regex" => c.body_regex.is_some(),
+            "tls_verify" => c.tls_verify.is_some(),
+            "send" => c.send.is_some(),
+            "expect" => c.expect.is_some(),
+            "query" => c.query.is_some(),
+            "record" => c.record.is_some(),
+            "command" => c.command.is_some(),
+            _ => false,
+        }
+    };
+    let allowed: &[&str] = match c.kind {
+        CheckType::Http | CheckType::Https => {
+            &["path", "host", "status", "body", "body_regex", "tls_verify"]
+        }
+        CheckType::Tcp => &["send", "expect"],
+        CheckType::Dns => &["query", "record"],
+        CheckType::Command => &["command"],
+    };
+    for field in [
+        "path",
+        "host",
+        "status",
+        "body",
+        "body_regex",
+        "tls_verify",
+        "send",
+        "expect",
+        "query",
+        "record",
+        "command",
+    ] {
+        if given(field) && !allowed.contains(&field) {
+            return Err(at(format!(
+                "`{field}` does not apply (fields of this type: {})",
+                allowed.join(", ")
+            )));
+        }
+    }
+    let check = match c.kind {
+        CheckType::Http | CheckType::Https => {
+            let path = c.path.clone().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.chars().any(|ch| ch.is_ascii_whitespace()) {
+                return Err(at(format!(
+                    "path '{path}' must start with / and hold no spaces"
+                )));
+            }
+            if let Some(pattern) = &c.body_regex {
+                regex::bytes::Regex::new(pattern)
+                    .map_err(|e| at(format!("body_regex is not a regular expression: {e}")))?;
+            }
+            let status = c.status.clone().unwrap_or_else(|| vec![200]);
+            if status.is_empty() || status.iter().any(|s| !(100..=599).contains(s)) {
+                return Err(at(format!(
+                    "status {status:?}: give HTTP codes from 100 to 599"
+                )));
+            }
+            Check::Http {
+                tls: c.kind == CheckType::Https,
+                tls_verify: c.tls_verify.unwrap_or(false),
+                path,
+                host: c.host.clone(),
+                status,
+                body: c.body.clone(),
+                body_regex: c.body_regex.clone(),
+            }
+        }
+        CheckType::Tcp => Check::Tcp {
+            send: c.send.clone(),
+            expect: c.expect.clone(),
+        },
+        CheckType::Dns => {
+            let name = c
+                .query
+                .clone()
+                .ok_or_else(|| at("`query` (the name to ask for) is missing".into()))?;
+            crate::checks::valid_dns_name(&name).map_err(at)?;
+            Check::Dns {
+                name,
+                record: c.record.unwrap_or(Record::A),
+            }
+        }
+        CheckType::Command => Check::Command {
+            argv: c
+                .command
+                .as_ref()
+                .map(|a| a.0.clone())
+                .ok_or_else(|| at("`command` (program and arguments) is missing".into()))?,
+        },
+    };
+    Ok(CheckConfig {
+        check: Arc::new(check),
+        port: c.port.map(|p| p.0),
+        interval: c.interval.map(|d| d.0),
+        timeout: c.timeout.map(|d| d.0),
+        rise: c.rise.map(|r| r.0),
+        fall: c.fall.map(|f| f.0),
+    })
+}
+
+/// A program and its arguments: a non-empty array of strings.
+struct Argv(Vec<String>);
+
+impl<'de> Deserialize<'de> for Argv {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let argv = Vec::<String>::deserialize(d)?;
+        if argv.first().is_none_or(|p| p.is_empty()) {
+            return Err(de::Error::custom(
+                "give the program and its arguments as an array, e.g. [\"/usr/local/bin/check\", \"{address}\"]",
+            ));
+        }
+        Ok(Argv(argv))
+    }
+}
+
+/// An http:// or https:// URL.
+struct Url(String);
+
+impl<'de> Deserialize<'de> for Url {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::events::webhook::parse_url(&text).map_err(de::Error::custom)?;
+        Ok(Url(text))
+    }
 }
 
 /// A service's own weight policy; the latency estimate (`decay`,

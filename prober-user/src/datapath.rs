@@ -38,6 +38,8 @@ const PINNED_MAPS: &[&str] = &[
     map_names::PASSIVE_SERVERS,
     map_names::PASSIVE_FLOWS,
     map_names::PASSIVE_STATS,
+    map_names::DR_CHECKS,
+    map_names::AGENTS,
 ];
 
 /// Loads the eBPF object and its programs into the kernel, attaching
@@ -186,6 +188,29 @@ impl Datapath {
             ports: Array::try_from(take(map_names::PASSIVE_PORTS)?)?,
             stats: aya::maps::PerCpuArray::try_from(take(map_names::PASSIVE_STATS)?)?,
         })
+    }
+
+    /// The map that lets L7 checks reach the VIP on direct-routing real
+    /// servers (call once).
+    pub fn dr_checks_map(
+        &mut self,
+    ) -> Result<HashMap<aya::maps::MapData, u32, prober_common::DrCheckFlow>> {
+        let map = self
+            .ebpf
+            .take_map(map_names::DR_CHECKS)
+            .ok_or_else(|| anyhow!("the eBPF object has no map {}", map_names::DR_CHECKS))?;
+        Ok(HashMap::try_from(map)?)
+    }
+
+    /// The agents' reports (call once).
+    pub fn agents_map(
+        &mut self,
+    ) -> Result<HashMap<aya::maps::MapData, u32, prober_common::AgentReport>> {
+        let map = self
+            .ebpf
+            .take_map(map_names::AGENTS)
+            .ok_or_else(|| anyhow!("the eBPF object has no map {}", map_names::AGENTS))?;
+        Ok(HashMap::try_from(map)?)
     }
 
     /// The probe transmitter and the maps it uses (call once).

@@ -1,8 +1,10 @@
 //! The daemon's parts, one module per concern; `main.rs` is the CLI.
 
+pub mod checks;
 pub mod config;
 pub mod controller;
 pub mod datapath;
+pub mod events;
 pub mod health;
 pub mod passive;
 pub mod preflight;

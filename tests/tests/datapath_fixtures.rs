@@ -55,7 +55,8 @@ fn fixture() -> Fixture {
         previous_secret: PREVIOUS_SECRET,
         local_port_min: 61000,
         local_port_max: 65535,
-        _pad: [0; 4],
+        agent_port: 0,
+        _pad: [0; 2],
     };
     maps.config.set(0, config, 0).unwrap();
     let tcp_spec: ProbeSpec = "tcp:192.0.2.2:80".parse().unwrap();

@@ -118,7 +118,8 @@ impl Prober {
             previous_secret: random_secret()?,
             local_port_min,
             local_port_max,
-            _pad: [0; 4],
+            agent_port: 0,
+            _pad: [0; 2],
         };
         let mut prober = Self {
             maps,

@@ -112,7 +112,8 @@ fn bench_probe() -> Result<()> {
             previous_secret: secret,
             local_port_min: 61000,
             local_port_max: 65535,
-            _pad: [0; 4],
+            agent_port: 0,
+            _pad: [0; 2],
         },
         0,
     )?;

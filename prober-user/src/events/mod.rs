@@ -1,0 +1,548 @@
+//! Alerts: one event per root cause. The controller reports health
+//! changes of checks (L4 probes, L7 checks, commands), of hosts (the L3
+//! diagnosis probe) and of whole virtual services; this module decides
+//! what to tell the operator:
+//!
+//! - a host that stops answering at L3 is one event naming every service
+//!   that uses it ("RS 10.0.0.2 down at L3: 14 services affected"); the
+//!   failures of its checks are not reported on their own;
+//! - a check that fails while its host still answers is one event naming
+//!   the services that share it, once L3 has had time to decide;
+//! - a virtual service left without any healthy real server is one event;
+//! - a subject that changes state more than `flap_limit` times within
+//!   `flap_window` gets one "flapping" event and then silence until it has
+//!   been stable for a whole window.
+//!
+//! Events go to the log, to the notify command and to the webhook.
+
+pub mod sink;
+pub mod webhook;
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    net::IpAddr,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+
+use crate::config::AlertConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A real server host stopped answering at L3.
+    HostDown,
+    HostUp,
+    /// One check (L4, L7 or command) of a host that still answers failed.
+    CheckDown,
+    CheckUp,
+    /// A virtual service has no healthy real server left.
+    ServiceEmpty,
+    ServiceRestored,
+    /// Too many changes: further events about the subject are held back.
+    Flapping,
+    /// A flapping subject has been stable for a whole window.
+    Stable,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    pub kind: Kind,
+    /// What the event is about: a host address, a check, a service.
+    pub subject: String,
+    /// "L3", "L4", "L7", "command"; empty for services.
+    pub layer: &'static str,
+    pub reason: String,
+    /// Every virtual service affected.
+    pub services: Vec<String>,
+    /// The one line an operator reads.
+    pub message: String,
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+}
+
+struct CheckDown {
+    host: IpAddr,
+    layer: &'static str,
+    reason: String,
+    services: Vec<String>,
+    since: Instant,
+    reported: bool,
+}
+
+#[derive(Default)]
+struct HostState {
+    down: bool,
+    reported: bool,
+    /// When L3 last answered (the diagnosis probe's last success).
+    answered_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Flap {
+    changes: VecDeque<Instant>,
+    quiet: bool,
+    last_message: String,
+}
+
+pub struct Alerts {
+    config: AlertConfig,
+    /// How long a failed check waits for L3 to decide whether its host is
+    /// down (zero without diagnosis).
+    settle: Duration,
+    hosts: HashMap<IpAddr, HostState>,
+    checks: HashMap<String, CheckDown>,
+    /// Every service using each host, for host events.
+    services_of_host: HashMap<IpAddr, BTreeSet<String>>,
+    empty_services: BTreeSet<String>,
+    flaps: HashMap<String, Flap>,
+    out: Vec<Event>,
+}
+
+impl Alerts {
+    pub fn new(config: AlertConfig, settle: Duration) -> Self {
+        Self {
+            config,
+            settle,
+            hosts: HashMap::new(),
+            checks: HashMap::new(),
+            services_of_host: HashMap::new(),
+            empty_services: BTreeSet::new(),
+            flaps: HashMap::new(),
+            out: Vec::new(),
+        }
+    }
+
+    pub fn set_settle(&mut self, settle: Duration) {
+        self.settle = settle;
+    }
+
+    /// Which services use which host (after each IPVS discovery).
+    pub fn set_topology(&mut self, services_of_host: HashMap<IpAddr, BTreeSet<String>>) {
+        self.hosts.retain(|h, _| services_of_host.contains_key(h));
+        self.checks
+            .retain(|_, c| services_of_host.contains_key(&c.host));
+        self.services_of_host = services_of_host;
+    }
+
+    /// A check went down.
+    pub fn check_down(
+        &mut self,
+        host: IpAddr,
+        subject: String,
+        layer: &'static str,
+        reason: String,
+        services: Vec<String>,
+        now: Instant,
+    ) {
+        self.checks.insert(
+            subject,
+            CheckDown {
+                host,
+                layer,
+                reason,
+                services,
+                since: now,
+                reported: false,
+            },
+        );
+    }
+
+    /// A check came back; reported only if its failure was.
+    pub fn check_up(&mut self, subject: &str, now: Instant) {
+        let Some(down) = self.checks.remove(subject) else {
+            return;
+        };
+        if down.reported {
+            let message = format!(
+                "RS {subject} up again at {}: {} service{} ({})",
+                down.layer,
+                down.services.len(),
+                plural(down.services.len()),
+                down.services.join(", ")
+            );
+            self.emit(
+                Kind::CheckUp,
+                subject.to_string(),
+                down.layer,
+                String::new(),
+                down.services,
+                message,
+                now,
+            );
+        }
+    }
+
+    /// The L3 probe of a host answered (`answered`) or went down/up.
+    pub fn host_answered(&mut self, host: IpAddr, now: Instant) {
+        self.hosts.entry(host).or_default().answered_at = Some(now);
+    }
+
+    pub fn host_down(&mut self, host: IpAddr, reason: String, now: Instant) {
+        let services = self.services_of(host);
+        let state = self.hosts.entry(host).or_default();
+        state.down = true;
+        state.reported = true;
+        let message = format!(
+            "RS {host} down at L3 ({reason}): {} service{} affected ({})",
+            services.len(),
+            plural(services.len()),
+            services.join(", ")
+        );
+        self.emit(
+            Kind::HostDown,
+            host.to_string(),
+            "L3",
+            reason,
+            services,
+            message,
+            now,
+        );
+    }
+
+    pub fn host_up(&mut self, host: IpAddr, now: Instant) {
+        let state = self.hosts.entry(host).or_default();
+        state.down = false;
+        state.answered_at = Some(now);
+        if !std::mem::take(&mut state.reported) {
+            return;
+        }
+        let services = self.services_of(host);
+        let message = format!(
+            "RS {host} up again at L3: {} service{} ({})",
+            services.len(),
+            plural(services.len()),
+            services.join(", ")
+        );
+        self.emit(
+            Kind::HostUp,
+            host.to_string(),
+            "L3",
+            String::new(),
+            services,
+            message,
+            now,
+        );
+    }
+
+    /// How many members of a virtual service are healthy.
+    pub fn service_health(&mut self, service: &str, healthy: usize, total: usize, now: Instant) {
+        if total == 0 {
+            return;
+        }
+        let empty = healthy == 0;
+        if empty && self.empty_services.insert(service.to_string()) {
+            let message =
+                format!("virtual service {service} has no healthy real server (0 of {total})");
+            self.emit(
+                Kind::ServiceEmpty,
+                service.to_string(),
+                "",
+                String::new(),
+                vec![service.to_string()],
+                message,
+                now,
+            );
+        } else if !empty && self.empty_services.remove(service) {
+            let message = format!(
+                "virtual service {service} has healthy real servers again ({healthy} of {total})"
+            );
+            self.emit(
+                Kind::ServiceRestored,
+                service.to_string(),
+                "",
+                String::new(),
+                vec![service.to_string()],
+                message,
+                now,
+            );
+        }
+    }
+
+    /// Decides the failures L3 has had time to explain, and returns every
+    /// event due.
+    pub fn poll(&mut self, now: Instant) -> Vec<Event> {
+        let mut due = Vec::new();
+        for (subject, down) in &self.checks {
+            if down.reported {
+                continue;
+            }
+            let host = self.hosts.get(&down.host);
+            if host.is_some_and(|h| h.down) {
+                continue; // the host's own event covers it
+            }
+            let host_alive = host
+                .and_then(|h| h.answered_at)
+                .is_some_and(|at| at > down.since);
+            if host_alive || now.duration_since(down.since) >= self.settle {
+                due.push(subject.clone());
+            }
+        }
+        due.sort();
+        for subject in due {
+            let down = self.checks.get_mut(&subject).expect("collected above");
+            down.reported = true;
+            let (layer, reason, services) =
+                (down.layer, down.reason.clone(), down.services.clone());
+            let message = format!(
+                "RS {subject} down at {layer} ({reason}), host up: {} service{} affected ({})",
+                services.len(),
+                plural(services.len()),
+                services.join(", ")
+            );
+            self.emit(
+                Kind::CheckDown,
+                subject,
+                layer,
+                reason,
+                services,
+                message,
+                now,
+            );
+        }
+        // Flapping subjects quiet for a whole window speak again.
+        let window = self.config.flap_window;
+        let mut stable = Vec::new();
+        for (subject, flap) in &mut self.flaps {
+            while flap
+                .changes
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > window)
+            {
+                flap.changes.pop_front();
+            }
+            if flap.quiet && flap.changes.is_empty() {
+                flap.quiet = false;
+                stable.push((subject.clone(), flap.last_message.clone()));
+            }
+        }
+        self.flaps.retain(|_, f| !f.changes.is_empty() || f.quiet);
+        for (subject, last) in stable {
+            let message = format!("{subject} stopped flapping; last state: {last}");
+            self.out.push(event(
+                Kind::Stable,
+                subject,
+                "",
+                String::new(),
+                Vec::new(),
+                message,
+            ));
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn services_of(&self, host: IpAddr) -> Vec<String> {
+        self.services_of_host
+            .get(&host)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        kind: Kind,
+        subject: String,
+        layer: &'static str,
+        reason: String,
+        services: Vec<String>,
+        message: String,
+        now: Instant,
+    ) {
+        let limit = self.config.flap_limit as usize;
+        let flap = self.flaps.entry(subject.clone()).or_default();
+        flap.changes.push_back(now);
+        flap.last_message = message.clone();
+        if flap.quiet {
+            return;
+        }
+        if flap.changes.len() > limit {
+            flap.quiet = true;
+            let message = format!(
+                "{subject} is flapping: {} changes within {:?}; holding its events back until it is stable for {:?}",
+                flap.changes.len(),
+                self.config.flap_window,
+                self.config.flap_window
+            );
+            self.out.push(event(
+                Kind::Flapping,
+                subject,
+                layer,
+                reason,
+                services,
+                message,
+            ));
+            return;
+        }
+        self.out
+            .push(event(kind, subject, layer, reason, services, message));
+    }
+}
+
+fn event(
+    kind: Kind,
+    subject: String,
+    layer: &'static str,
+    reason: String,
+    services: Vec<String>,
+    message: String,
+) -> Event {
+    Event {
+        kind,
+        subject,
+        layer,
+        reason,
+        services,
+        message,
+        time: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alerts(settle_ms: u64) -> Alerts {
+        Alerts::new(AlertConfig::default(), Duration::from_millis(settle_ms))
+    }
+
+    fn host(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn topology(a: &mut Alerts) {
+        let mut map = HashMap::new();
+        map.insert(
+            host("10.0.0.2"),
+            ["tcp:192.0.2.1:80", "tcp:192.0.2.1:443", "tcp:192.0.2.2:80"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        );
+        a.set_topology(map);
+    }
+
+    #[test]
+    fn a_dead_host_is_one_event_naming_every_service() {
+        let mut a = alerts(1000);
+        topology(&mut a);
+        let t0 = Instant::now();
+        for (i, port) in [80, 443, 8080].into_iter().enumerate() {
+            a.check_down(
+                host("10.0.0.2"),
+                format!("tcp:10.0.0.2:{port}"),
+                "L4",
+                "timed out".into(),
+                vec![format!("service {i}")],
+                t0,
+            );
+        }
+        assert!(
+            a.poll(t0 + Duration::from_millis(300)).is_empty(),
+            "waits for L3"
+        );
+        a.host_down(
+            host("10.0.0.2"),
+            "no echo reply".into(),
+            t0 + Duration::from_millis(400),
+        );
+        let events = a.poll(t0 + Duration::from_secs(5));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].kind, Kind::HostDown);
+        assert_eq!(events[0].services.len(), 3);
+        assert!(
+            events[0].message.starts_with("RS 10.0.0.2 down at L3"),
+            "{}",
+            events[0].message
+        );
+        assert!(events[0].message.contains("3 services affected"));
+    }
+
+    #[test]
+    fn a_dead_service_on_a_live_host_is_its_own_event() {
+        let mut a = alerts(1000);
+        topology(&mut a);
+        let t0 = Instant::now();
+        a.check_down(
+            host("10.0.0.2"),
+            "http GET /health 10.0.0.2:80".into(),
+            "L7",
+            "HTTP status 500, expected 200".into(),
+            vec!["tcp:192.0.2.1:80".into(), "tcp:192.0.2.2:80".into()],
+            t0,
+        );
+        a.host_answered(host("10.0.0.2"), t0 + Duration::from_millis(100));
+        let events = a.poll(t0 + Duration::from_millis(100));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, Kind::CheckDown);
+        assert_eq!(events[0].services.len(), 2);
+        assert!(events[0].message.contains("status 500"));
+        a.check_up("http GET /health 10.0.0.2:80", t0 + Duration::from_secs(2));
+        let events = a.poll(t0 + Duration::from_secs(2));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, Kind::CheckUp);
+    }
+
+    #[test]
+    fn without_l3_answers_a_failure_is_reported_after_the_settle_time() {
+        let mut a = alerts(500);
+        let t0 = Instant::now();
+        a.check_down(
+            host("10.0.0.9"),
+            "x".into(),
+            "L4",
+            "refused".into(),
+            vec!["s".into()],
+            t0,
+        );
+        assert!(a.poll(t0 + Duration::from_millis(499)).is_empty());
+        assert_eq!(a.poll(t0 + Duration::from_millis(500)).len(), 1);
+        // A blip never reported is never "up again" either.
+        a.check_down(
+            host("10.0.0.9"),
+            "y".into(),
+            "L4",
+            "refused".into(),
+            vec!["s".into()],
+            t0,
+        );
+        a.check_up("y", t0 + Duration::from_millis(100));
+        assert!(a.poll(t0 + Duration::from_millis(600)).is_empty());
+    }
+
+    #[test]
+    fn flapping_is_one_event_then_quiet_until_stable() {
+        let mut a = alerts(0);
+        let t0 = Instant::now();
+        let mut kinds = Vec::new();
+        for i in 0..10u64 {
+            let t = t0 + Duration::from_secs(i);
+            a.service_health("vs", (i % 2) as usize, 2, t);
+            kinds.extend(a.poll(t).into_iter().map(|e| e.kind));
+        }
+        assert_eq!(
+            kinds,
+            [
+                Kind::ServiceEmpty,
+                Kind::ServiceRestored,
+                Kind::ServiceEmpty,
+                Kind::ServiceRestored,
+                Kind::Flapping
+            ]
+        );
+        let later = a.poll(t0 + Duration::from_secs(100));
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].kind, Kind::Stable);
+    }
+}
