@@ -195,10 +195,15 @@ impl Config {
         let alerts = file.alerts.unwrap_or_default();
         let mut services = Vec::with_capacity(file.service.len());
         for s in file.service {
+            let service_line = line_of(text, s.span().start);
+            let s = s.into_inner();
             let checks = s
                 .check
                 .into_iter()
-                .map(|c| check_config(c, text))
+                .map(|c| {
+                    let line = c.span.map_or(service_line, |at| line_of(text, at));
+                    check_config(c.section, line)
+                })
                 .collect::<Result<Vec<_>>>()?;
             services.push(ServiceConfig {
                 service: s.service.0,
@@ -342,7 +347,7 @@ struct File {
     alerts: Option<AlertsSection>,
     agent: Option<AgentSection>,
     #[serde(default)]
-    service: Vec<ServiceSection>,
+    service: Vec<toml::Spanned<ServiceSection>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -400,24 +405,48 @@ struct ServiceSection {
     rise: Option<Count>,
     fall: Option<Count>,
     #[serde(default, deserialize_with = "one_or_many")]
-    check: Vec<toml::Spanned<CheckSection>>,
+    check: Vec<CheckAt>,
     weights: Option<ServiceWeightsSection>,
 }
 
-/// `[service.check]` (one) or `[[service.check]]` (several).
-fn one_or_many<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Vec<toml::Spanned<CheckSection>>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        Many(Vec<toml::Spanned<CheckSection>>),
-        One(Box<toml::Spanned<CheckSection>>),
+/// A check table and where it starts, when toml can tell.
+struct CheckAt {
+    section: CheckSection,
+    span: Option<usize>,
+}
+
+/// `[[service.check]]` (several, each with its position) or
+/// `[service.check]` (one; errors then name the service's line).
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<CheckAt>, D::Error> {
+    struct Visitor;
+    impl<'de> de::Visitor<'de> for Visitor {
+        type Value = Vec<CheckAt>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a [service.check] table or [[service.check]] tables")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(c) = seq.next_element::<toml::Spanned<CheckSection>>()? {
+                out.push(CheckAt {
+                    span: Some(c.span().start),
+                    section: c.into_inner(),
+                });
+            }
+            Ok(out)
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            let section = CheckSection::deserialize(de::value::MapAccessDeserializer::new(map))?;
+            Ok(vec![CheckAt {
+                section,
+                span: None,
+            }])
+        }
     }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::Many(v) => v,
-        OneOrMany::One(c) => vec![*c],
-    })
+    d.deserialize_any(Visitor)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -455,12 +484,7 @@ struct CheckSection {
 
 /// Turns a `[[service.check]]` table into a check, refusing fields that do
 /// not belong to its type; errors name the table's line.
-fn check_config(section: toml::Spanned<CheckSection>, text: &str) -> Result<CheckConfig> {
-    let line = text[..section.span().start.min(text.len())]
-        .matches('\n')
-        .count()
-        + 1;
-    let c = section.into_inner();
+fn check_config(c: CheckSection, line: usize) -> Result<CheckConfig> {
     let at = |why: String| {
         anyhow::anyhow!(
             "line {line}: [[service.check]] type = \"{}\": {why}",
@@ -842,6 +866,43 @@ probe = "none"
             ),
         ];
         for (text, line, what) in cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(line) && err.contains(what), "{text:?}: {err}");
+        }
+        let check_cases = [
+            (
+                "[[service]]\nmatch = \"fwmark:1\"\n\n[[service.check]]\ntype = \"tcp\"\npath = \"/\"\n",
+                "line 4",
+                "`path` does not apply",
+            ),
+            (
+                "[[service]]\nmatch = \"fwmark:1\"\n[service.check]\ntype = \"http\"\nbody_regex = \"(\"\n",
+                "line 1",
+                "body_regex is not a regular expression",
+            ),
+            (
+                "[[service]]\nmatch = \"fwmark:1\"\n[[service.check]]\ntype = \"gopher\"\n",
+                "line 4",
+                "unknown variant `gopher`",
+            ),
+            (
+                "[[service]]\nmatch = \"fwmark:1\"\n[[service.check]]\ntype = \"dns\"\n",
+                "line 3",
+                "`query`",
+            ),
+            (
+                "[[service]]\nmatch = \"fwmark:1\"\n[[service.check]]\ntype = \"command\"\ncommand = []\n",
+                "line 5",
+                "program and its arguments",
+            ),
+            (
+                "[alerts]\nwebhook = \"ftp://x/\"\n",
+                "line 2",
+                "not a webhook URL",
+            ),
+            ("[agent]\ndeadline = \"5s\"\n", "line 1", "missing field `port`"),
+        ];
+        for (text, line, what) in check_cases {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(line) && err.contains(what), "{text:?}: {err}");
         }

@@ -1,26 +1,33 @@
 //! The controller: IPVS and the config give targets, the datapath probes
-//! them, results feed each probe's health and latency, each virtual
+//! them and the checker runs their L7 checks, results feed each probe's
+//! and check's health and latency, agents add their own word, each virtual
 //! service's weights follow, and changed weights go to IPVS in one batch.
+//! Health changes also go to the alerts, which name one root cause each.
 //!
 //! config/IPVS -> targets -> probes -> results -> health -> weights -> IPVS
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
 use prober_common::HealthRecord;
 use prober_ipvs::{Destination, DestinationKey, IpvsClient, ServiceKey, WeightUpdate};
+use tokio::{sync::mpsc, task::AbortHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
+    agents::{AgentState, Agents},
+    checks::{self, CheckReport, CheckSpec, Checker, Outcome},
     config::{Config, ManualWeights},
-    health::{Health, Observations, State},
+    events::{sink::Sink, Alerts},
+    health::{Cause, Health, Observations, State},
     passive::{self, Passive},
     probe::{Counts, ProbeSpec, Prober},
     state::{health_key, weight_key, StateStore},
-    targets::{self, Plan, ProbeSettings},
+    targets::{self, CheckSettings, Plan, ProbeSettings},
     weights::{pool_weights, LatencyEwma, Member},
 };
 
@@ -50,6 +57,23 @@ struct ProbeTrack {
     latency_saved_at: Instant,
 }
 
+struct CheckTrack {
+    settings: CheckSettings,
+    task: AbortHandle,
+    health: Health,
+    evidence: bool,
+    /// The weight the last run gave (commands may print one).
+    weight: Option<u32>,
+    /// Why the last run failed.
+    failure: Option<String>,
+}
+
+impl Drop for CheckTrack {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 struct DestTrack {
     configured: u32,
     written: Option<u32>,
@@ -68,6 +92,12 @@ pub struct Controller {
     store: Option<StateStore>,
     plan: Plan,
     probes: HashMap<ProbeSpec, ProbeTrack>,
+    checker: Checker,
+    check_reports: mpsc::UnboundedReceiver<CheckReport>,
+    checks: HashMap<CheckSpec, CheckTrack>,
+    agents: Option<Agents>,
+    alerts: Alerts,
+    sink: Sink,
     dests: HashMap<(ServiceKey, DestinationKey), DestTrack>,
     panicking: HashSet<ServiceKey>,
     next_discovery: Instant,
@@ -82,9 +112,37 @@ pub struct Controller {
 /// without IPVS pins nothing that outlives it).
 pub type OpenStore<'a> = &'a mut dyn FnMut() -> Result<StateStore>;
 
+/// The controller's optional parts.
+pub struct Extras {
+    /// Lets L7 checks reach the VIP on direct-routing real servers.
+    pub gate: Option<checks::dr::Gate>,
+    /// Agent reports (when `[agent]` is configured).
+    pub agents: Option<Agents>,
+}
+
 impl Controller {
-    pub fn new(config: Config, prober: Prober, passive: Passive, now: Instant) -> Self {
+    /// Must be called within a tokio runtime (checks run as tasks).
+    pub fn new(
+        config: Config,
+        prober: Prober,
+        passive: Passive,
+        extras: Extras,
+        now: Instant,
+    ) -> Self {
+        let (checker, check_reports) = Checker::new(config.max_checks, extras.gate);
+        let settle = if config.diagnose {
+            // Time for the host's L3 probe to go down, plus one interval.
+            config.interval * (config.limits.fall + 1)
+        } else {
+            Duration::ZERO
+        };
         Self {
+            checker,
+            check_reports,
+            checks: HashMap::new(),
+            agents: extras.agents,
+            alerts: Alerts::new(config.alerts.clone(), settle),
+            sink: Sink::new(&config.alerts),
             ipvs: None,
             prober,
             passive,
@@ -163,8 +221,66 @@ impl Controller {
         if let Err(e) = self.prober.send(&ids) {
             warn!("sending probes: {e:#}");
         }
+        self.take_check_reports(now);
+        if let Some(agents) = &mut self.agents {
+            agents.refresh();
+        }
         self.update_weights(now);
+        for event in self.alerts.poll(now) {
+            self.sink.send(&event);
+        }
         Ok(())
+    }
+
+    /// Feeds the L7 checks' results into their health.
+    fn take_check_reports(&mut self, now: Instant) {
+        while let Ok(report) = self.check_reports.try_recv() {
+            let Some(track) = self.checks.get_mut(&report.spec) else {
+                continue; // a check stopped since
+            };
+            track.evidence = true;
+            let seen = match &report.outcome {
+                Outcome::Passed { weight } => {
+                    track.weight = *weight;
+                    track.failure = None;
+                    Observations {
+                        answered: 1,
+                        ..Default::default()
+                    }
+                }
+                Outcome::Failed(why) => {
+                    debug!(check = %report.spec, "check failed: {why}");
+                    track.failure = Some(why.clone());
+                    Observations {
+                        timed_out: 1,
+                        ..Default::default()
+                    }
+                }
+            };
+            let Some(transition) = track.health.observe(seen, track.settings.limits, now) else {
+                continue;
+            };
+            let services = services_using(&self.plan, |b| b.checks.contains(&report.spec));
+            let subject = report.spec.to_string();
+            match transition.to {
+                State::Down => {
+                    let why = track.failure.clone().unwrap_or_default();
+                    warn!(check = %subject, services = ?services, "check DOWN: {why}");
+                    self.alerts.check_down(
+                        report.spec.address,
+                        subject,
+                        report.spec.check.layer(),
+                        why,
+                        services,
+                        now,
+                    );
+                }
+                State::Up => {
+                    info!(check = %subject, services = ?services, "check UP");
+                    self.alerts.check_up(&subject, now);
+                }
+            }
+        }
     }
 
     /// Reads IPVS, works out the targets, and notices weights changed by
@@ -281,6 +397,18 @@ impl Controller {
         for (service, dest, why) in &plan.skipped {
             debug!(%service, destination = %dest, "not probed: {why}");
         }
+        self.sync_checks(&plan, now);
+        if let Some(agents) = &mut self.agents {
+            agents.sync(plan.bindings.iter().map(|b| b.destination.addr))?;
+        }
+        let mut services_of_host: HashMap<IpAddr, BTreeSet<String>> = HashMap::new();
+        for b in &plan.bindings {
+            services_of_host
+                .entry(b.destination.addr)
+                .or_default()
+                .insert(b.service.to_string());
+        }
+        self.alerts.set_topology(services_of_host);
         let specs: Vec<ProbeSpec> = plan.probes.keys().copied().collect();
         self.prober.sync_targets(&specs)?;
         // NAT real servers: the director sees both directions of their traffic.
@@ -302,6 +430,30 @@ impl Controller {
         }
         self.plan = plan;
         Ok(())
+    }
+
+    /// Starts the plan's new checks, restarts those whose timing changed
+    /// and stops those no service uses any more.
+    fn sync_checks(&mut self, plan: &Plan, now: Instant) {
+        self.checks
+            .retain(|spec, track| plan.checks.get(spec) == Some(&track.settings));
+        for (spec, settings) in &plan.checks {
+            if self.checks.contains_key(spec) {
+                continue;
+            }
+            let task = self.checker.start(spec.clone(), settings.timing);
+            self.checks.insert(
+                spec.clone(),
+                CheckTrack {
+                    settings: *settings,
+                    task,
+                    health: Health::new(State::Up, now),
+                    evidence: false,
+                    weight: None,
+                    failure: None,
+                },
+            );
+        }
     }
 
     /// Turns what the datapath counted since the last probe into one
@@ -385,23 +537,44 @@ impl Controller {
         }
         let transition = track.health.observe(seen, track.settings.limits, now);
         let store = self.store.as_mut();
+        let host = spec.real_server();
+        let diagnoses_host = self.plan.hosts.get(&host) == Some(&spec);
+        if diagnoses_host && seen.answered > seen.failures() {
+            self.alerts.host_answered(host, now);
+        }
         if let Some(t) = transition {
             if t.to == State::Up {
                 track.came_up_at = Some(now);
             }
-            let services: BTreeMap<String, ()> = self
-                .plan
-                .bindings
-                .iter()
-                .filter(|b| b.probe == spec)
-                .map(|b| (b.service.to_string(), ()))
-                .collect();
-            let names: Vec<&str> = services.keys().map(String::as_str).collect();
+            let names = services_using(&self.plan, |b| b.probe == spec);
+            let layer = match spec.kind {
+                crate::probe::ProbeKind::IcmpEcho => "L3",
+                crate::probe::ProbeKind::TcpSyn { .. } => "L4",
+            };
             match t.to {
                 State::Down => {
-                    warn!(probe = %spec, cause = ?t.cause, services = ?names, "real server DOWN")
+                    warn!(probe = %spec, cause = ?t.cause, services = ?names, "real server DOWN");
+                    if diagnoses_host {
+                        self.alerts.host_down(host, cause_text(t.cause), now);
+                    }
+                    if !names.is_empty() {
+                        self.alerts.check_down(
+                            host,
+                            spec.to_string(),
+                            layer,
+                            cause_text(t.cause),
+                            names,
+                            now,
+                        );
+                    }
                 }
-                State::Up => info!(probe = %spec, services = ?names, "real server UP"),
+                State::Up => {
+                    info!(probe = %spec, services = ?names, "real server UP");
+                    if diagnoses_host {
+                        self.alerts.host_up(host, now);
+                    }
+                    self.alerts.check_up(&spec.to_string(), now);
+                }
             }
         }
         if let Some(store) = store {
@@ -445,18 +618,36 @@ impl Controller {
                 ) else {
                     continue;
                 };
+                let checks: Vec<&CheckTrack> =
+                    b.checks.iter().filter_map(|c| self.checks.get(c)).collect();
+                let checks_up = checks.iter().all(|c| c.health.state() == State::Up);
+                // A command's weight, else the agent's, else the configured.
+                let check_weight = checks.iter().filter_map(|c| c.weight).min();
+                let agent = self
+                    .agents
+                    .as_ref()
+                    .and_then(|a| a.view(b.destination.addr));
+                let agent_up = agent.is_none_or(|a| a.state == AgentState::Up);
+                let configured = check_weight
+                    .or(agent
+                        .filter(|a| a.state == AgentState::Up)
+                        .map(|a| a.weight))
+                    .unwrap_or(dest.configured);
                 members.push((
                     i,
-                    probe.evidence,
+                    probe.evidence || agent.is_some() || checks.iter().any(|c| c.evidence),
                     Member {
-                        configured: dest.configured,
-                        up: probe.health.state() == State::Up,
+                        configured,
+                        up: probe.health.state() == State::Up && checks_up && agent_up,
                         up_since: probe.came_up_at,
                         latency_ns: probe.latency.map(|l| l.value_ns()),
                         current: dest.current,
                     },
                 ));
             }
+            let healthy = members.iter().filter(|m| m.2.up).count();
+            self.alerts
+                .service_health(&service.to_string(), healthy, members.len(), now);
             // Clients' response times weigh a pool when every server in it
             // that is up has a fresh one; else probe RTTs for all, so the
             // servers are compared on one measure.
@@ -623,4 +814,25 @@ fn passive_server(spec: &ProbeSpec) -> Option<passive::Server> {
         }
         _ => None,
     }
+}
+
+/// The names of the services whose bindings match.
+fn services_using(plan: &Plan, uses: impl Fn(&targets::Binding) -> bool) -> Vec<String> {
+    let names: BTreeSet<String> = plan
+        .bindings
+        .iter()
+        .filter(|b| uses(b))
+        .map(|b| b.service.to_string())
+        .collect();
+    names.into_iter().collect()
+}
+
+fn cause_text(cause: Cause) -> String {
+    match cause {
+        Cause::Answered => "answered",
+        Cause::Refused => "refused (RST)",
+        Cause::Unreachable => "ICMP unreachable",
+        Cause::TimedOut => "no answer",
+    }
+    .to_string()
 }

@@ -1,5 +1,7 @@
 //! The daemon's parts, one module per concern; `main.rs` is the CLI.
 
+pub mod agent;
+pub mod agents;
 pub mod checks;
 pub mod config;
 pub mod controller;

@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use prober_user::{config, controller, datapath, passive, preflight, probe, stats};
+use prober_user::{
+    agent, agents, checks, config, controller, datapath, passive, preflight, probe, stats,
+};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -61,6 +63,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run on a real server: report its state and weight to the director's
+    /// agent port every interval (see README, "Agent feedback").
+    Agent {
+        /// The director's address and agent port, e.g. 10.0.0.1:5555.
+        #[arg(long, value_name = "ADDR:PORT")]
+        director: std::net::SocketAddr,
+        /// Time between two reports.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// State to report: up, drain or down.
+        #[arg(long, default_value = "up", value_parser = ["up", "drain", "down"])]
+        state: String,
+        /// Weight to report while up (0-65535).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=65535))]
+        weight: u32,
+        /// Read "STATE [WEIGHT]" (e.g. "up 80", "drain") from this file's
+        /// first line before each report, when it exists.
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+        /// Stop after this many reports (default: run until killed).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Read the kernel's IPVS table (needs CAP_NET_ADMIN).
     Ipvs {
         #[command(subcommand)]
@@ -98,6 +123,16 @@ fn main() -> ExitCode {
             config,
         } => run(&iface, &cli.pin_dir, &probes, interval, config.as_deref()),
         Command::Stats { json } => print_stats(&cli.pin_dir, json),
+        Command::Agent {
+            director,
+            interval,
+            state,
+            weight,
+            from_file,
+            count,
+        } => agent::parse_report(&format!("{state} {weight}"), weight)
+            .map_err(anyhow::Error::msg)
+            .and_then(|fixed| agent::run(director, interval, fixed, from_file.as_deref(), count)),
         Command::Ipvs {
             command: IpvsCommand::List { json },
         } => ipvs_list::run(json),
@@ -148,13 +183,26 @@ fn run(
         let mut datapath = datapath::Datapath::attach(interface, pin_dir)?;
         let (maps, probe_tx) = datapath.prober_parts()?;
         let ifindex = preflight::interface_index(interface)?;
-        let prober = probe::Prober::new(maps, probe_tx, interface, ifindex, probes)?;
+        let mut prober = probe::Prober::new(maps, probe_tx, interface, ifindex, probes)?;
         let mut mode = if probes.is_empty() {
             let passive = passive::Passive::new(datapath.passive_maps()?);
+            let agents = match config.agent {
+                Some(agent) => {
+                    prober.set_agent_port(agent.port)?;
+                    info!(port = agent.port, deadline = ?agent.deadline, "agent reports accepted");
+                    Some(agents::Agents::new(datapath.agents_map()?, agent.deadline))
+                }
+                None => None,
+            };
+            let extras = controller::Extras {
+                gate: Some(checks::dr::Gate::new(datapath.dr_checks_map()?)),
+                agents,
+            };
             Mode::Ipvs(Box::new(controller::Controller::new(
                 config.clone(),
                 prober,
                 passive,
+                extras,
                 Instant::now(),
             )))
         } else {

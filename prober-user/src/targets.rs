@@ -1,8 +1,10 @@
 //! From IPVS and the config to probe targets: which probe checks each
 //! destination, one probe per (real server, port, kind) however many
-//! virtual services share it.
+//! virtual services share it, which L7 checks run on it (one per real
+//! server, port and check), and which L3 probe diagnoses each real server
+//! host.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::IpAddr};
 
 use prober_ipvs::{
     Destination, DestinationKey, Forwarding as IpvsForwarding, Protocol, ServiceKey, TunnelType,
@@ -10,6 +12,7 @@ use prober_ipvs::{
 };
 
 use crate::{
+    checks::{CheckSpec, CheckTiming},
     config::{Config, ProbeChoice},
     health::RiseFall,
     probe::{Forwarding, ProbeKind, ProbeSpec},
@@ -22,6 +25,8 @@ pub struct Binding {
     /// As last dumped: sent back unchanged with a new weight.
     pub destination: Destination,
     pub probe: ProbeSpec,
+    /// L7 checks and commands: all must pass for the destination to be up.
+    pub checks: Vec<CheckSpec>,
 }
 
 /// How often and how strictly one probe runs: the settings of the first
@@ -33,10 +38,23 @@ pub struct ProbeSettings {
     pub limits: RiseFall,
 }
 
+/// How often and how strictly one L7 check runs: the settings of the first
+/// service (in IPVS order) that uses it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckSettings {
+    pub timing: CheckTiming,
+    pub limits: RiseFall,
+}
+
 #[derive(Debug, Default)]
 pub struct Plan {
     pub bindings: Vec<Binding>,
+    /// Every probe to send: those of the bindings and the hosts' L3 probes.
     pub probes: HashMap<ProbeSpec, ProbeSettings>,
+    pub checks: HashMap<CheckSpec, CheckSettings>,
+    /// Each real server host's L3 (ICMP) probe, for root-cause diagnosis
+    /// (empty when `diagnose` is off).
+    pub hosts: HashMap<IpAddr, ProbeSpec>,
     /// Destinations left alone, and why.
     pub skipped: Vec<(ServiceKey, DestinationKey, &'static str)>,
 }
@@ -67,15 +85,67 @@ pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
             match probe_for(&key, dest, choice, settings.and_then(|s| s.port)) {
                 Ok(probe) => {
                     plan.probes.entry(probe).or_insert(probe_settings);
+                    let checks = settings
+                        .map(|s| s.checks.as_slice())
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|c| {
+                            let spec = CheckSpec {
+                                address: dest.addr,
+                                port: c.port.unwrap_or(match probe.kind {
+                                    ProbeKind::TcpSyn { port } => port,
+                                    ProbeKind::IcmpEcho => dest.port,
+                                }),
+                                vip: match probe.forwarding {
+                                    Forwarding::DirectRouting { .. } => match probe.destination {
+                                        IpAddr::V4(vip) => Some(vip),
+                                        IpAddr::V6(_) => None,
+                                    },
+                                    _ => None,
+                                },
+                                check: c.check.clone(),
+                            };
+                            let check_settings = CheckSettings {
+                                timing: CheckTiming {
+                                    interval: c.interval.unwrap_or(probe_settings.interval),
+                                    timeout: c.timeout.unwrap_or(probe_settings.timeout),
+                                },
+                                limits: RiseFall {
+                                    rise: c.rise.unwrap_or(probe_settings.limits.rise),
+                                    fall: c.fall.unwrap_or(probe_settings.limits.fall),
+                                },
+                            };
+                            plan.checks.entry(spec.clone()).or_insert(check_settings);
+                            spec
+                        })
+                        .collect();
+                    if config.diagnose {
+                        plan.hosts.entry(dest.addr).or_insert(ProbeSpec {
+                            kind: ProbeKind::IcmpEcho,
+                            destination: dest.addr,
+                            forwarding: Forwarding::Direct,
+                        });
+                    }
                     plan.bindings.push(Binding {
                         service: key,
                         destination: dest.clone(),
                         probe,
+                        checks,
                     });
                 }
                 Err(why) => plan.skipped.push((key, dest.key(), why)),
             }
         }
+    }
+    // Host probes run at the daemon's own pace, unless a service already
+    // probes the host that way.
+    let host_settings = ProbeSettings {
+        interval: config.interval,
+        timeout: config.timeout,
+        limits: config.limits,
+    };
+    for probe in plan.hosts.values() {
+        plan.probes.entry(*probe).or_insert(host_settings);
     }
     plan
 }
@@ -203,6 +273,18 @@ mod tests {
         ];
         let plan = plan(&services, &Config::default());
         let probes: Vec<String> = plan.bindings.iter().map(|b| b.probe.to_string()).collect();
+        let mut hosts: Vec<String> = plan.hosts.values().map(|p| p.to_string()).collect();
+        hosts.sort();
+        assert_eq!(
+            hosts,
+            [
+                "icmp:192.0.2.2",
+                "icmp:192.0.2.3",
+                "icmp:192.0.2.4",
+                "icmp:192.0.2.5"
+            ],
+            "one L3 probe per real server host"
+        );
         assert_eq!(
             probes,
             [
@@ -231,7 +313,11 @@ mod tests {
         ];
         let plan = plan(&services, &Config::default());
         assert_eq!(plan.bindings.len(), 2);
-        assert_eq!(plan.probes.len(), 1, "one probe for two services");
+        assert_eq!(
+            plan.probes.len(),
+            2,
+            "one probe for two services, and the host's"
+        );
     }
 
     #[test]
@@ -254,5 +340,68 @@ mod tests {
         assert_eq!(plan.bindings.len(), 1);
         assert_eq!(plan.bindings[0].probe.to_string(), "tcp:192.0.2.3:9000");
         assert_eq!(plan.probes[&plan.bindings[0].probe].limits.fall, 7);
+    }
+
+    #[test]
+    fn l7_checks_are_shared_and_reach_the_vip_with_direct_routing() {
+        let config = Config::parse(
+            r#"
+[[service]]
+match = "tcp:203.0.113.10:80"
+[service.check]
+type = "http"
+path = "/health"
+[[service]]
+match = "tcp:203.0.113.11:80"
+[[service.check]]
+type = "http"
+path = "/health"
+[[service.check]]
+type = "tcp"
+port = 6379
+expect = "+PONG"
+fall = 5
+[[service]]
+match = "tcp:203.0.113.12:80"
+[service.check]
+type = "http"
+path = "/health"
+"#,
+        )
+        .unwrap();
+        let services = vec![
+            vs(
+                "tcp:203.0.113.10:80",
+                vec![dest("192.0.2.2", 8080, IpvsForwarding::Masquerade)],
+            ),
+            vs(
+                "tcp:203.0.113.11:80",
+                vec![dest("192.0.2.2", 8080, IpvsForwarding::Masquerade)],
+            ),
+            vs(
+                "tcp:203.0.113.12:80",
+                vec![dest("192.0.2.3", 80, IpvsForwarding::DirectRoute)],
+            ),
+        ];
+        let plan = plan(&services, &config);
+        assert_eq!(plan.bindings[0].checks.len(), 1);
+        assert_eq!(plan.bindings[1].checks.len(), 2);
+        assert_eq!(
+            plan.bindings[0].checks[0], plan.bindings[1].checks[0],
+            "the same check of the same real server runs once"
+        );
+        assert_eq!(plan.checks.len(), 3);
+        let redis = &plan.bindings[1].checks[1];
+        assert_eq!(redis.port, 6379);
+        assert_eq!(plan.checks[redis].limits.fall, 5);
+        let dr = &plan.bindings[2].checks[0];
+        assert_eq!(
+            (
+                dr.address.to_string(),
+                dr.port,
+                dr.vip.map(|v| v.to_string())
+            ),
+            ("192.0.2.3".into(), 80, Some("203.0.113.12".into()))
+        );
     }
 }

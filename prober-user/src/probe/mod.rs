@@ -436,6 +436,15 @@ impl Prober {
         Ok(len)
     }
 
+    /// Lets the ingress program record agent reports sent to `port`.
+    pub fn set_agent_port(&mut self, port: u16) -> Result<()> {
+        self.config.agent_port = port;
+        self.maps
+            .config
+            .set(0, self.config, 0)
+            .context("writing PROBE_CONFIG")
+    }
+
     pub fn rotate_secret(&mut self) -> Result<()> {
         self.config.previous_secret = self.config.secret;
         self.config.secret = random_secret()?;
