@@ -115,3 +115,54 @@ pub fn be16(frame: &[u8], at: usize) -> u16 {
 pub fn be32(frame: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(frame[at..at + 4].try_into().unwrap())
 }
+
+/// A whole Ethernet/IPv4/UDP frame; `with_checksum` false leaves the UDP
+/// checksum 0 (none).
+pub fn udp_frame(
+    src: [u8; 4],
+    dst: [u8; 4],
+    src_port: u16,
+    dst_port: u16,
+    payload: &[u8],
+    with_checksum: bool,
+) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&src_port.to_be_bytes());
+    d.extend_from_slice(&dst_port.to_be_bytes());
+    d.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d.extend_from_slice(payload);
+    if with_checksum {
+        let c = l4_checksum(src, dst, 17, &d);
+        d[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
+    }
+    ethernet(MAC_B, MAC_A, 0x0800, &ipv4(src, dst, 17, 0, &[], &d))
+}
+
+/// The TCP or UDP checksum over the pseudo header and `segment`.
+pub fn l4_checksum(src: [u8; 4], dst: [u8; 4], protocol: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, protocol]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(segment);
+    checksum(&pseudo)
+}
+
+/// Whether an Ethernet/IPv4/TCP-or-UDP frame's IP and L4 checksums verify
+/// (a UDP checksum of 0 means none).
+pub fn checksums_valid(frame: &[u8]) -> bool {
+    let ip = &frame[14..34];
+    if checksum(ip) != 0 {
+        return false;
+    }
+    let src: [u8; 4] = ip[12..16].try_into().unwrap();
+    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+    let total = be16(frame, 16) as usize;
+    let segment = &frame[34..14 + total];
+    if ip[9] == 17 && be16(segment, 6) == 0 {
+        return true;
+    }
+    l4_checksum(src, dst, ip[9], segment) == 0
+}
