@@ -268,6 +268,12 @@ fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
         stats.probes_built,
         stats.probe_errors
     );
+    if stats.agent_reports + stats.agent_malformed + stats.agent_unknown > 0 {
+        println!(
+            "agent datagrams: {} recorded, {} malformed, {} from outside the pool",
+            stats.agent_reports, stats.agent_malformed, stats.agent_unknown
+        );
+    }
     if !stats.targets.is_empty() {
         println!(
             "{:>5}  {:<40} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",

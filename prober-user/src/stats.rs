@@ -20,6 +20,10 @@ pub struct Stats {
     pub resets_sent: u64,
     pub probes_built: u64,
     pub probe_errors: u64,
+    /// Agent datagrams recorded, malformed, and from outside the pool.
+    pub agent_reports: u64,
+    pub agent_malformed: u64,
+    pub agent_unknown: u64,
     /// Ingress frames per CPU, in CPU order.
     pub packets_per_cpu: Vec<u64>,
     pub targets: Vec<TargetReport>,
@@ -42,6 +46,9 @@ pub fn read(pin_dir: &Path) -> Result<Stats> {
         resets_sent: total.resets_sent,
         probes_built: total.probes_built,
         probe_errors: total.probe_errors,
+        agent_reports: total.agent_reports,
+        agent_malformed: total.agent_malformed,
+        agent_unknown: total.agent_unknown,
         packets_per_cpu: slots.iter().map(|c| c.packets).collect(),
         targets: report::read_pinned(pin_dir)?,
         passive: crate::passive::read_pinned(pin_dir)?,

@@ -104,7 +104,11 @@ pub struct PoolWeights {
 /// The weights a pool should have now.
 pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> PoolWeights {
     let down = members.iter().filter(|m| !m.up).count();
-    if down > 0 && down as f64 / members.len() as f64 >= policy.panic_threshold {
+    // A threshold of 0 turns panic mode off (Envoy's convention).
+    if down > 0
+        && policy.panic_threshold > 0.0
+        && down as f64 / members.len() as f64 >= policy.panic_threshold
+    {
         return PoolWeights {
             weights: members.iter().map(|m| m.current).collect(),
             panic: true,
@@ -302,6 +306,20 @@ mod tests {
         pool[0].up = false;
         let out = pool_weights(&pool, &policy, now);
         assert_eq!((out.weights, out.panic), (vec![0, 100, 100], false));
+    }
+
+    #[test]
+    fn a_zero_panic_threshold_lets_a_whole_pool_go_down() {
+        let now = Instant::now();
+        let policy = WeightPolicy {
+            panic_threshold: 0.0,
+            ..WeightPolicy::default()
+        };
+        let mut pool = [member(1.0, 100), member(1.0, 100)];
+        pool[0].up = false;
+        pool[1].up = false;
+        let out = pool_weights(&pool, &policy, now);
+        assert_eq!((out.weights, out.panic), (vec![0, 0], false));
     }
 
     #[test]

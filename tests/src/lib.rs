@@ -429,6 +429,7 @@ impl Drop for Daemon {
         let _ = std::fs::remove_file(&self.stderr_path);
     }
 }
+pub mod http;
 pub mod packets;
 
 /// prober's ingress XDP program attached to an interface in a namespace by
