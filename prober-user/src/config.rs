@@ -32,7 +32,7 @@
 //! floor = 0.1              # least share of its weight a slow server keeps
 //! hysteresis = 0.1         # smaller changes are not written
 //! max_step = 0.25          # most change per interval
-//! slow_start = "30s"       # ramp after recovery
+//! slow_start = "30s"       # ramp after recovery ("0s": none)
 //! panic_threshold = 0.5    # this share down or more: keep weights (0: never)
 //!
 //! [[service]]
@@ -389,7 +389,7 @@ struct WeightsSection {
     floor: Option<Share>,
     hysteresis: Option<Share>,
     max_step: Option<Share>,
-    slow_start: Option<Interval>,
+    slow_start: Option<Latency>,
     panic_threshold: Option<Share>,
 }
 
@@ -632,7 +632,7 @@ struct ServiceWeightsSection {
     floor: Option<Share>,
     hysteresis: Option<Share>,
     max_step: Option<Share>,
-    slow_start: Option<Interval>,
+    slow_start: Option<Latency>,
     panic_threshold: Option<Share>,
 }
 

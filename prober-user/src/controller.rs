@@ -266,12 +266,16 @@ impl Controller {
                 State::Down => {
                     let why = track.failure.clone().unwrap_or_default();
                     warn!(check = %subject, services = ?services, "check DOWN: {why}");
+                    let timing = track.settings.timing;
+                    let recovery =
+                        timing.interval * (track.settings.limits.rise + 1) + timing.timeout;
                     self.alerts.check_down(
                         report.spec.address,
                         subject,
                         report.spec.check.layer(),
                         why,
                         services,
+                        recovery,
                         now,
                     );
                 }
@@ -558,12 +562,14 @@ impl Controller {
                         self.alerts.host_down(host, cause_text(t.cause), now);
                     }
                     if !names.is_empty() {
+                        let recovery = track.settings.interval * (track.settings.limits.rise + 1);
                         self.alerts.check_down(
                             host,
                             spec.to_string(),
                             layer,
                             cause_text(t.cause),
                             names,
+                            recovery,
                             now,
                         );
                     }
@@ -633,8 +639,10 @@ impl Controller {
                         .filter(|a| a.state == AgentState::Up)
                         .map(|a| a.weight))
                     .unwrap_or(dest.configured);
+                let overridden = configured != dest.configured;
                 members.push((
                     i,
+                    overridden,
                     probe.evidence || agent.is_some() || checks.iter().any(|c| c.evidence),
                     Member {
                         configured,
@@ -645,7 +653,7 @@ impl Controller {
                     },
                 ));
             }
-            let healthy = members.iter().filter(|m| m.2.up).count();
+            let healthy = members.iter().filter(|m| m.3.up).count();
             self.alerts
                 .service_health(&service.to_string(), healthy, members.len(), now);
             // Clients' response times weigh a pool when every server in it
@@ -665,16 +673,16 @@ impl Controller {
             if use_responses {
                 for (m, &i) in members.iter_mut().zip(&members_idx) {
                     let probe = &self.probes[&self.plan.bindings[i].probe];
-                    m.2.latency_ns = probe.response.map(|r| r.value_ns());
+                    m.3.latency_ns = probe.response.map(|r| r.value_ns());
                 }
             }
             let (latency_aware, policy) = self.config.weights_for(&service);
             if !latency_aware {
                 for m in &mut members {
-                    m.2.latency_ns = None;
+                    m.3.latency_ns = None;
                 }
             }
-            let pool: Vec<Member> = members.iter().map(|m| m.2).collect();
+            let pool: Vec<Member> = members.iter().map(|m| m.3).collect();
             let result = pool_weights(&pool, &policy, now);
             if result.panic {
                 if self.panicking.insert(service) {
@@ -691,12 +699,17 @@ impl Controller {
             if self.panicking.remove(&service) {
                 info!(%service, "panic over: weights follow health again");
             }
-            let hold_latency = now < self.latency_hold_until;
-            for ((i, evidence, member), weight) in members.iter().zip(result.weights) {
+            // Only latency-aware pools have latency-made weights to keep.
+            let hold_latency = latency_aware && now < self.latency_hold_until;
+            for ((i, overridden, evidence, member), weight) in members.iter().zip(result.weights) {
                 // Before its probe has spoken, and while latency is held,
-                // a server that is up (and not ramping up) keeps its weight.
+                // a server that is up (and not ramping up) keeps its weight,
+                // unless an agent or a command gave it a new one.
                 let steady_up = member.up && member.up_since.is_none() && member.current > 0;
-                if !evidence || weight == member.current || (hold_latency && steady_up) {
+                if !evidence
+                    || weight == member.current
+                    || (hold_latency && steady_up && !overridden)
+                {
                     continue;
                 }
                 let b = &self.plan.bindings[*i];

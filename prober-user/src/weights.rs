@@ -136,7 +136,7 @@ pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> 
                 _ => 1.0, // no evidence yet: full weight
             };
             let mut target = configured * speed;
-            if let Some(since) = m.up_since {
+            if let Some(since) = m.up_since.filter(|_| !policy.slow_start.is_zero()) {
                 let ramp = now.saturating_duration_since(since).as_secs_f64()
                     / policy.slow_start.as_secs_f64().max(1e-9);
                 let cap = configured * ramp.clamp(policy.floor, 1.0);

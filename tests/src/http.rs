@@ -115,11 +115,17 @@ impl HttpServer {
             path: path.clone(),
             body: String::from_utf8_lossy(&request[head_end..body_end]).to_string(),
         });
-        let route = self.routes.lock().unwrap().get(&path).cloned().unwrap_or(Route {
-            status: 404,
-            body: "not found".into(),
-            pause: Duration::ZERO,
-        });
+        let route = self
+            .routes
+            .lock()
+            .unwrap()
+            .get(&path)
+            .cloned()
+            .unwrap_or(Route {
+                status: 404,
+                body: "not found".into(),
+                pause: Duration::ZERO,
+            });
         let headers = format!(
             "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             route.status,

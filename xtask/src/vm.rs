@@ -40,6 +40,7 @@ pub const GUEST_TESTS: &[&str] = &[
     "guest_probe",
     "guest_controller",
     "guest_passive",
+    "guest_checks",
 ];
 
 /// Modules the initramfs loads to mount the host's root over virtio 9p

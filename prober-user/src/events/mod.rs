@@ -68,6 +68,8 @@ struct CheckDown {
     reason: String,
     services: Vec<String>,
     since: Instant,
+    /// How long the check takes to come back once its host does.
+    recovery: Duration,
     reported: bool,
 }
 
@@ -77,6 +79,8 @@ struct HostState {
     reported: bool,
     /// When L3 last answered (the diagnosis probe's last success).
     answered_at: Option<Instant>,
+    /// When the host last came back up.
+    up_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -126,7 +130,10 @@ impl Alerts {
         self.services_of_host = services_of_host;
     }
 
-    /// A check went down.
+    /// A check went down; `recovery` is how long it needs to come back
+    /// up once its host does (so a host's return is not followed by
+    /// reports of its checks still on their way up).
+    #[allow(clippy::too_many_arguments)]
     pub fn check_down(
         &mut self,
         host: IpAddr,
@@ -134,6 +141,7 @@ impl Alerts {
         layer: &'static str,
         reason: String,
         services: Vec<String>,
+        recovery: Duration,
         now: Instant,
     ) {
         self.checks.insert(
@@ -144,6 +152,7 @@ impl Alerts {
                 reason,
                 services,
                 since: now,
+                recovery,
                 reported: false,
             },
         );
@@ -205,6 +214,7 @@ impl Alerts {
         let state = self.hosts.entry(host).or_default();
         state.down = false;
         state.answered_at = Some(now);
+        state.up_at = Some(now);
         if !std::mem::take(&mut state.reported) {
             return;
         }
@@ -271,6 +281,13 @@ impl Alerts {
             let host = self.hosts.get(&down.host);
             if host.is_some_and(|h| h.down) {
                 continue; // the host's own event covers it
+            }
+            // Failed with its host, which is back: give it time to follow.
+            let recovering = host
+                .and_then(|h| h.up_at)
+                .is_some_and(|up| up > down.since && now < up + down.recovery);
+            if recovering {
+                continue;
             }
             let host_alive = host
                 .and_then(|h| h.answered_at)
@@ -445,6 +462,7 @@ mod tests {
                 "L4",
                 "timed out".into(),
                 vec![format!("service {i}")],
+                Duration::from_secs(1),
                 t0,
             );
         }
@@ -480,6 +498,7 @@ mod tests {
             "L7",
             "HTTP status 500, expected 200".into(),
             vec!["tcp:192.0.2.1:80".into(), "tcp:192.0.2.2:80".into()],
+            Duration::from_secs(1),
             t0,
         );
         a.host_answered(host("10.0.0.2"), t0 + Duration::from_millis(100));
@@ -504,6 +523,7 @@ mod tests {
             "L4",
             "refused".into(),
             vec!["s".into()],
+            Duration::from_secs(1),
             t0,
         );
         assert!(a.poll(t0 + Duration::from_millis(499)).is_empty());
@@ -515,10 +535,51 @@ mod tests {
             "L4",
             "refused".into(),
             vec!["s".into()],
+            Duration::from_secs(1),
             t0,
         );
         a.check_up("y", t0 + Duration::from_millis(100));
         assert!(a.poll(t0 + Duration::from_millis(600)).is_empty());
+    }
+
+    #[test]
+    fn checks_coming_back_with_their_host_are_not_reported() {
+        let mut a = alerts(800);
+        topology(&mut a);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        a.check_down(
+            host("10.0.0.2"),
+            "slow".into(),
+            "L7",
+            "timeout".into(),
+            vec!["s".into()],
+            Duration::from_secs(2),
+            t0,
+        );
+        a.host_down(host("10.0.0.2"), "no answer".into(), at(100));
+        assert_eq!(a.poll(at(200)).len(), 1, "the host event");
+        a.host_up(host("10.0.0.2"), at(5000));
+        assert_eq!(a.poll(at(5000)).len(), 1, "the host's return");
+        assert!(a.poll(at(6500)).is_empty(), "still within its recovery");
+        a.check_up("slow", at(6600));
+        assert!(a.poll(at(9000)).is_empty(), "came back: nothing to say");
+        // One that stays down past its recovery is its own cause.
+        a.check_down(
+            host("10.0.0.2"),
+            "dead".into(),
+            "L7",
+            "refused".into(),
+            vec!["s".into()],
+            Duration::from_secs(2),
+            at(9000),
+        );
+        a.host_down(host("10.0.0.2"), "no answer".into(), at(9100));
+        a.host_up(host("10.0.0.2"), at(10_000));
+        a.poll(at(10_000));
+        let events = a.poll(at(12_001));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, Kind::CheckDown);
     }
 
     #[test]
