@@ -94,8 +94,10 @@ fn wrong_status_missing_substring_and_slow_body_each_take_down_only_their_servic
             "[[service]]\nmatch = \"tcp:{vs}\"\n[[service.check]]\ntype = \"http\"\ninterval = \"300ms\"\ntimeout = \"250ms\"\n{extra}\n"
         )
     };
+    let events_file = temp_path("prober-events-", "jsonl");
     let config = format!(
-        "{FAST}\n{}{}{}",
+        "{FAST}\n[alerts]\nnotify = [\"/bin/sh\", \"-c\", \"cat >> {}\"]\n{}{}{}",
+        events_file.display(),
         check(SERVICES[0], "path = \"/a\"\nstatus = [200]"),
         check(SERVICES[1], "path = \"/b\"\nbody = \"ready\""),
         check(SERVICES[2], "path = \"/c\"\nbody_regex = \"^qu\""),
@@ -142,6 +144,23 @@ fn wrong_status_missing_substring_and_slow_body_each_take_down_only_their_servic
         server.route(path, route);
         let took = wait_weight(&lan, SERVICES[i], &rs, 0, Duration::from_secs(10));
         println!("{what}: {} at weight 0 after {took:?}", SERVICES[i]);
+        // The alerts: that check down (host up), naming that service
+        // only, and that service empty.
+        let service = format!("TCP {}", SERVICES[i]);
+        let found = wait_for(Duration::from_secs(5), || {
+            let seen = events(&events_file);
+            let down = seen.iter().find(|e| {
+                e["kind"] == "check_down" && e["message"].as_str().unwrap().contains(path)
+            });
+            let empty = seen
+                .iter()
+                .any(|e| e["kind"] == "service_empty" && e["subject"] == service.as_str());
+            Ok(down.filter(|_| empty).cloned())
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e}: {:#?}", events(&events_file)));
+        assert_eq!(found["services"], serde_json::json!([service]), "{what}");
+        assert_eq!(found["layer"], "L7");
+        println!("{what}: event: {}", found["message"].as_str().unwrap());
         for (j, other) in SERVICES.iter().enumerate() {
             if j != i {
                 assert_eq!(
