@@ -47,9 +47,9 @@ pub mod map_names {
     pub const PASSIVE_FLOWS: &str = "PASSIVE_FLOWS";
     /// Server id -> per-CPU [`PassiveStats`](crate::PassiveStats).
     pub const PASSIVE_STATS: &str = "PASSIVE_STATS";
-    /// Local port -> [`DrCheckFlow`](crate::DrCheckFlow): connections of
-    /// L7 checks to the VIP on a direct-routing real server, filled by
-    /// userspace for each check's life.
+    /// [`DrCheckKey`](crate::DrCheckKey) -> [`DrCheckFlow`](crate::DrCheckFlow):
+    /// connections of L7 checks to the VIP on a direct-routing real server,
+    /// filled by userspace for each check's life.
     pub const DR_CHECKS: &str = "DR_CHECKS";
     /// IPv4 address (network order) -> [`AgentReport`](crate::AgentReport):
     /// the last report of each real server's agent. Userspace creates one
@@ -325,6 +325,26 @@ pub struct ProbeConfig {
     /// UDP port agents report to, host byte order; 0: no agents.
     pub agent_port: u16,
     pub _pad: [u8; 2],
+    /// The director's address agents report to (IPv4, network order):
+    /// datagrams to other addresses are not agents' and pass.
+    pub agent_addr: [u8; 4],
+    pub _pad2: [u8; 4],
+}
+
+/// Key of `DR_CHECKS`: one L7 check connection as the director's side
+/// sees it (its local address and port are its own, so unique).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DrCheckKey {
+    /// The director's address (IPv4, network order).
+    pub local_addr: [u8; 4],
+    /// Network byte order.
+    pub local_port: u16,
+    /// The service port on the real server, network byte order.
+    pub remote_port: u16,
+    /// 6 TCP, 17 UDP.
+    pub protocol: u8,
+    pub _pad: [u8; 3],
 }
 
 /// An L7 check's connection to the VIP on a direct-routing real server:
@@ -521,6 +541,7 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::PassiveStats {}
+    unsafe impl aya::Pod for super::DrCheckKey {}
     unsafe impl aya::Pod for super::DrCheckFlow {}
     unsafe impl aya::Pod for super::AgentReport {}
 }
@@ -570,9 +591,12 @@ mod tests {
             answered: u64, refused: u64, unreachable: u64, last_rtt_ns: u64, last_reply_ns: u64,
             rtt_log2_us: [u64; RTT_BUCKETS],
         });
-        assert_no_holes!(ProbeConfig, 40, {
+        assert_no_holes!(ProbeConfig, 48, {
             secret: [u64; 2], previous_secret: [u64; 2], local_port_min: u16, local_port_max: u16,
-            agent_port: u16, _pad: [u8; 2],
+            agent_port: u16, _pad: [u8; 2], agent_addr: [u8; 4], _pad2: [u8; 4],
+        });
+        assert_no_holes!(DrCheckKey, 12, {
+            local_addr: [u8; 4], local_port: u16, remote_port: u16, protocol: u8, _pad: [u8; 3],
         });
         assert_no_holes!(DrCheckFlow, 8, { real_server: [u8; 4], vip: [u8; 4] });
         assert_no_holes!(AgentReport, 32, {

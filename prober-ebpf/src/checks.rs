@@ -5,16 +5,22 @@
 //!   registered in `DR_CHECKS`; egress rewrites the destination to the VIP
 //!   (the frame already goes to the real server's MAC), ingress rewrites
 //!   the answers' source VIP back, so the socket sees its own peer. Only
-//!   connections registered with matching addresses are touched.
-//! - Agent reports: UDP datagrams to the agent port are recorded in
-//!   `AGENTS` at line rate (no socket per agent) and consumed.
+//!   registered connections are touched (local address and port, remote
+//!   port and protocol in the key, the remote address checked against the
+//!   value); any other packet goes on to the rest of the code unchanged.
+//! - Agent reports: UDP datagrams to the agent address and port are
+//!   recorded in `AGENTS` at line rate (no socket per agent) and consumed;
+//!   datagrams there that are no valid report of a known real server are
+//!   counted and passed (they may be someone else's).
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
+    bindings::{xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::bpf_ktime_get_ns,
     programs::{TcContext, XdpContext},
 };
-use prober_common::{agent_wire, DrCheckFlow, DR_CHECK_PORT_MAX, DR_CHECK_PORT_MIN};
+use prober_common::{
+    agent_wire, DrCheckFlow, DrCheckKey, ProbeConfig, DR_CHECK_PORT_MAX, DR_CHECK_PORT_MIN,
+};
 
 use crate::{counters, packet::*, AGENTS, DR_CHECKS};
 
@@ -34,22 +40,34 @@ pub fn is_check_port(port_be: u16) -> bool {
 }
 
 #[inline(always)]
-fn flow(local_port_be: u16) -> Option<DrCheckFlow> {
-    let key = u16::from_be(local_port_be) as u32;
+fn flow(
+    local_addr: [u8; 4],
+    local_port: u16,
+    remote_port: u16,
+    protocol: u8,
+) -> Option<DrCheckFlow> {
+    let key = DrCheckKey {
+        local_addr,
+        local_port,
+        remote_port,
+        protocol,
+        _pad: [0; 3],
+    };
     // SAFETY: the value is copied out at once.
     unsafe { DR_CHECKS.get(key) }.copied()
 }
 
-/// Ingress, TCP or UDP to a check port: an answer from the VIP of a
+/// Ingress, TCP or UDP to a check port: an answer from the VIP to a
 /// registered check gets the real server's address back as its source.
-/// Always passes the frame.
+/// Returns whether it was one; the frame passes either way.
 #[inline(always)]
-pub fn dr_ingress(ctx: &XdpContext, ip: &Ipv4Hdr, local_port_be: u16) -> Result<u32, ()> {
-    let Some(flow) = flow(local_port_be) else {
-        return Ok(xdp_action::XDP_PASS);
+pub fn dr_ingress(ctx: &XdpContext, ip: &Ipv4Hdr, ports: [u16; 2]) -> Result<bool, ()> {
+    let [remote_port, local_port] = ports;
+    let Some(flow) = flow(ip.daddr, local_port, remote_port, ip.protocol) else {
+        return Ok(false);
     };
     if ip.saddr != flow.vip {
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(false);
     }
     let check_at = if ip.protocol == IPPROTO_TCP {
         L4 + TCP_CHECK
@@ -68,18 +86,20 @@ pub fn dr_ingress(ctx: &XdpContext, ip: &Ipv4Hdr, local_port_be: u16) -> Result<
         replace4(ip.check, flow.vip, flow.real_server),
     )?;
     write_at(ctx, IP_SADDR, flow.real_server)?;
-    Ok(xdp_action::XDP_PASS)
+    Ok(true)
 }
 
 /// Egress, TCP or UDP from a check port: a registered check's packet to
-/// the real server goes to the VIP on it instead. Always lets it go.
+/// the real server goes to the VIP on it instead. Returns whether it was
+/// one; the packet goes on either way.
 #[inline(always)]
-pub fn dr_egress(ctx: &TcContext, ip: &Ipv4Hdr, local_port_be: u16) -> Result<i32, ()> {
-    let Some(flow) = flow(local_port_be) else {
-        return Ok(TC_ACT_UNSPEC);
+pub fn dr_egress(ctx: &TcContext, ip: &Ipv4Hdr, ports: [u16; 2]) -> Result<bool, ()> {
+    let [local_port, remote_port] = ports;
+    let Some(flow) = flow(ip.saddr, local_port, remote_port, ip.protocol) else {
+        return Ok(false);
     };
     if ip.daddr != flow.real_server {
-        return Ok(TC_ACT_UNSPEC);
+        return Ok(false);
     }
     let from = u32::from_ne_bytes(flow.real_server) as u64;
     let to = u32::from_ne_bytes(flow.vip) as u64;
@@ -93,7 +113,7 @@ pub fn dr_egress(ctx: &TcContext, ip: &Ipv4Hdr, local_port_be: u16) -> Result<i3
         .map_err(|_| ())?;
     ctx.l3_csum_replace(IP_CHECK, from, to, 4).map_err(|_| ())?;
     ctx.store(IP_DADDR, &flow.vip, 0).map_err(|_| ())?;
-    Ok(TC_ACT_UNSPEC)
+    Ok(true)
 }
 
 /// RFC 1624 incremental update of a checksum for a 4-byte field changing
@@ -109,16 +129,20 @@ fn replace4(check: u16, from: [u8; 4], to: [u8; 4]) -> u16 {
     fold(sum)
 }
 
-/// Ingress UDP. To the agent port: recorded (if valid and from a known
-/// real server) and consumed. To a check port: see `dr_ingress`.
-/// Anything else passes.
+/// Ingress UDP. To a check port: see `dr_ingress`. To the agent address
+/// and port: a valid report of a known real server is recorded and
+/// consumed; anything else there is counted and passed. Everything else
+/// passes.
 #[inline(always)]
-pub fn udp(ctx: &XdpContext, ip: &Ipv4Hdr, agent_port: u16) -> Result<u32, ()> {
+pub fn udp(ctx: &XdpContext, ip: &Ipv4Hdr, config: &ProbeConfig) -> Result<u32, ()> {
     let ports: [u16; 2] = read_at(ctx, L4)?;
-    if is_check_port(ports[1]) {
-        return dr_ingress(ctx, ip, ports[1]);
+    if is_check_port(ports[1]) && dr_ingress(ctx, ip, ports)? {
+        return Ok(xdp_action::XDP_PASS);
     }
-    if agent_port == 0 || u16::from_be(ports[1]) != agent_port {
+    if config.agent_port == 0
+        || u16::from_be(ports[1]) != config.agent_port
+        || ip.daddr != config.agent_addr
+    {
         return Ok(xdp_action::XDP_PASS);
     }
     let report = agent_report(ctx, ip);
@@ -129,9 +153,10 @@ pub fn udp(ctx: &XdpContext, ip: &Ipv4Hdr, agent_port: u16) -> Result<u32, ()> {
             Report::Unknown => c.agent_unknown += 1,
         }
     }
-    // Ours either way: the kernel has no socket there and would only
-    // answer with port unreachable.
-    Ok(xdp_action::XDP_DROP)
+    Ok(match report {
+        Report::Recorded => xdp_action::XDP_DROP,
+        Report::Malformed | Report::Unknown => xdp_action::XDP_PASS,
+    })
 }
 
 enum Report {

@@ -27,10 +27,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use prober_common::{
-    AgentReport, BatchCursor, DatapathCounters, DrCheckFlow, FlowKey, FlowState, HealthKey,
-    HealthRecord, PassiveStats, ProbeConfig, ProbeResults, ProbeState, ProbeTarget, ReplyKey,
-    ServerKey, WeightKey, WeightRecord, MAX_AGENTS, MAX_PASSIVE_FLOWS, MAX_PASSIVE_SERVERS,
-    MAX_TARGETS,
+    AgentReport, BatchCursor, DatapathCounters, DrCheckFlow, DrCheckKey, FlowKey, FlowState,
+    HealthKey, HealthRecord, PassiveStats, ProbeConfig, ProbeResults, ProbeState, ProbeTarget,
+    ReplyKey, ServerKey, WeightKey, WeightRecord, MAX_AGENTS, MAX_PASSIVE_FLOWS,
+    MAX_PASSIVE_SERVERS, MAX_TARGETS,
 };
 
 const TARGETS: usize = MAX_TARGETS as usize;
@@ -70,7 +70,7 @@ static PASSIVE_FLOWS: LruHashMap<FlowKey, FlowState, FLOWS> = LruHashMap::new();
 static PASSIVE_STATS: PerCpuArray<PassiveStats, SERVERS> = PerCpuArray::new();
 
 #[btf_map]
-static DR_CHECKS: HashMap<u32, DrCheckFlow, 1024> = HashMap::new();
+static DR_CHECKS: HashMap<DrCheckKey, DrCheckFlow, 1024> = HashMap::new();
 #[btf_map]
 static AGENTS: HashMap<u32, AgentReport, { MAX_AGENTS as usize }> = HashMap::new();
 

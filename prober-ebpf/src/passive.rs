@@ -74,9 +74,9 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_UNSPEC);
     }
     if ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP {
-        let [source, _]: [u16; 2] = read_at(ctx, L4)?;
-        if crate::checks::is_check_port(source) {
-            return crate::checks::dr_egress(ctx, &ip, source);
+        let ports: [u16; 2] = read_at(ctx, L4)?;
+        if crate::checks::is_check_port(ports[0]) && crate::checks::dr_egress(ctx, &ip, ports)? {
+            return Ok(TC_ACT_UNSPEC);
         }
     }
     if ip.protocol != IPPROTO_TCP {

@@ -47,13 +47,14 @@ pub fn try_prober_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     }
     match ip.protocol {
         IPPROTO_TCP => {
-            let [_, dest]: [u16; 2] = read_at(ctx, L4)?;
-            if crate::checks::is_check_port(dest) {
-                return crate::checks::dr_ingress(ctx, &ip, dest);
+            let ports: [u16; 2] = read_at(ctx, L4)?;
+            if crate::checks::is_check_port(ports[1]) && crate::checks::dr_ingress(ctx, &ip, ports)?
+            {
+                return Ok(xdp_action::XDP_PASS);
             }
             tcp_reply(ctx, &ip)
         }
-        IPPROTO_UDP => crate::checks::udp(ctx, &ip, config()?.agent_port),
+        IPPROTO_UDP => crate::checks::udp(ctx, &ip, config()?),
         IPPROTO_ICMP => icmp_reply(ctx, &ip),
         _ => Ok(xdp_action::XDP_PASS),
     }

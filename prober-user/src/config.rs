@@ -22,6 +22,7 @@
 //!
 //! [agent]                  # real servers report state and weight (UDP)
 //! port = 5555              # off unless set
+//! address = "10.0.0.1"     # default: the interface's first IPv4 address
 //! deadline = "10s"         # silent this long: back to active checks only
 //!
 //! [weights]
@@ -108,6 +109,9 @@ impl Default for AlertConfig {
 pub struct AgentConfig {
     /// UDP port on the director that agents send to.
     pub port: u16,
+    /// The director's address they send to (default: the interface's
+    /// first IPv4 address).
+    pub address: Option<std::net::Ipv4Addr>,
     /// An agent silent this long is ignored: active checks alone decide.
     pub deadline: Duration,
 }
@@ -271,6 +275,7 @@ impl Config {
             },
             agent: file.agent.map(|a| AgentConfig {
                 port: a.port.0,
+                address: a.address,
                 deadline: a.deadline.map_or(Duration::from_secs(10), |d| d.0),
             }),
         };
@@ -362,8 +367,26 @@ struct AlertsSection {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AgentSection {
-    port: Port,
+    port: AgentPort,
+    address: Option<std::net::Ipv4Addr>,
     deadline: Option<Interval>,
+}
+
+/// A UDP port for agents, outside the ports of direct-routing checks.
+struct AgentPort(u16);
+
+impl<'de> Deserialize<'de> for AgentPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Port(port) = Port::deserialize(d)?;
+        if crate::checks::dr::PORTS.contains(&port) {
+            return Err(de::Error::custom(format!(
+                "{port} is one of the ports of direct-routing checks ({}-{}): pick another",
+                crate::checks::dr::PORTS.start(),
+                crate::checks::dr::PORTS.end()
+            )));
+        }
+        Ok(AgentPort(port))
+    }
 }
 
 #[derive(Deserialize, Default)]

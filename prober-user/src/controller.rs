@@ -221,12 +221,22 @@ impl Controller {
         if let Err(e) = self.prober.send(&ids) {
             warn!("sending probes: {e:#}");
         }
+        self.restart_ended_checks();
         self.take_check_reports(now);
         if let Some(agents) = &mut self.agents {
             agents.refresh();
         }
         self.update_weights(now);
-        for event in self.alerts.poll(now) {
+        let l4_alive: HashSet<IpAddr> = self
+            .probes
+            .iter()
+            .filter(|(spec, track)| {
+                matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. })
+                    && track.health.state() == State::Up
+            })
+            .map(|(spec, _)| spec.real_server())
+            .collect();
+        for event in self.alerts.poll(now, |host| l4_alive.contains(&host)) {
             self.sink.send(&event);
         }
         Ok(())
@@ -412,7 +422,13 @@ impl Controller {
                 .or_default()
                 .insert(b.service.to_string());
         }
-        self.alerts.set_topology(services_of_host);
+        let subjects: HashSet<String> = plan
+            .checks
+            .keys()
+            .map(|c| c.to_string())
+            .chain(plan.bindings.iter().map(|b| b.probe.to_string()))
+            .collect();
+        self.alerts.set_topology(services_of_host, &subjects);
         let specs: Vec<ProbeSpec> = plan.probes.keys().copied().collect();
         self.prober.sync_targets(&specs)?;
         // NAT real servers: the director sees both directions of their traffic.
@@ -437,26 +453,43 @@ impl Controller {
     }
 
     /// Starts the plan's new checks, restarts those whose timing changed
-    /// and stops those no service uses any more.
+    /// (keeping their health) and stops those no service uses any more.
     fn sync_checks(&mut self, plan: &Plan, now: Instant) {
-        self.checks
-            .retain(|spec, track| plan.checks.get(spec) == Some(&track.settings));
+        self.checks.retain(|spec, _| plan.checks.contains_key(spec));
         for (spec, settings) in &plan.checks {
-            if self.checks.contains_key(spec) {
-                continue;
+            match self.checks.get_mut(spec) {
+                Some(track) if track.settings == *settings => {}
+                Some(track) => {
+                    track.task.abort();
+                    track.task = self.checker.start(spec.clone(), settings.timing);
+                    track.settings = *settings;
+                }
+                None => {
+                    let task = self.checker.start(spec.clone(), settings.timing);
+                    self.checks.insert(
+                        spec.clone(),
+                        CheckTrack {
+                            settings: *settings,
+                            task,
+                            health: Health::new(State::Up, now),
+                            evidence: false,
+                            weight: None,
+                            failure: None,
+                        },
+                    );
+                }
             }
-            let task = self.checker.start(spec.clone(), settings.timing);
-            self.checks.insert(
-                spec.clone(),
-                CheckTrack {
-                    settings: *settings,
-                    task,
-                    health: Health::new(State::Up, now),
-                    evidence: false,
-                    weight: None,
-                    failure: None,
-                },
-            );
+        }
+    }
+
+    /// A check task that ended (it panicked: a bug) is started again, so
+    /// its health does not freeze.
+    fn restart_ended_checks(&mut self) {
+        for (spec, track) in &mut self.checks {
+            if track.task.is_finished() {
+                warn!(check = %spec, "check task ended unexpectedly: restarting it");
+                track.task = self.checker.start(spec.clone(), track.settings.timing);
+            }
         }
     }
 
@@ -559,7 +592,7 @@ impl Controller {
                 State::Down => {
                     warn!(probe = %spec, cause = ?t.cause, services = ?names, "real server DOWN");
                     if diagnoses_host {
-                        self.alerts.host_down(host, cause_text(t.cause), now);
+                        self.alerts.host_down(host, cause_text(t.cause));
                     }
                     if !names.is_empty() {
                         let recovery = track.settings.interval * (track.settings.limits.rise + 1);
@@ -633,12 +666,15 @@ impl Controller {
                     .agents
                     .as_ref()
                     .and_then(|a| a.view(b.destination.addr));
-                let agent_up = agent.is_none_or(|a| a.state == AgentState::Up);
-                let configured = check_weight
-                    .or(agent
-                        .filter(|a| a.state == AgentState::Up)
-                        .map(|a| a.weight))
-                    .unwrap_or(dest.configured);
+                // Down is unhealthy; drain is healthy at weight 0 (it
+                // counts for neither panic mode nor "no healthy server").
+                let agent_up = agent.is_none_or(|a| a.state != AgentState::Down);
+                let configured = match agent {
+                    Some(a) if a.state == AgentState::Drain => 0,
+                    _ => check_weight
+                        .or(agent.map(|a| a.weight))
+                        .unwrap_or(dest.configured),
+                };
                 let overridden = configured != dest.configured;
                 members.push((
                     i,
@@ -653,7 +689,10 @@ impl Controller {
                     },
                 ));
             }
-            let healthy = members.iter().filter(|m| m.3.up).count();
+            let healthy = members
+                .iter()
+                .filter(|m| m.3.up && m.3.configured > 0)
+                .count();
             self.alerts
                 .service_health(&service.to_string(), healthy, members.len(), now);
             // Clients' response times weigh a pool when every server in it

@@ -194,7 +194,8 @@ impl Datapath {
     /// servers (call once).
     pub fn dr_checks_map(
         &mut self,
-    ) -> Result<HashMap<aya::maps::MapData, u32, prober_common::DrCheckFlow>> {
+    ) -> Result<HashMap<aya::maps::MapData, prober_common::DrCheckKey, prober_common::DrCheckFlow>>
+    {
         let map = self
             .ebpf
             .take_map(map_names::DR_CHECKS)

@@ -188,8 +188,16 @@ fn run(
             let passive = passive::Passive::new(datapath.passive_maps()?);
             let agents = match config.agent {
                 Some(agent) => {
-                    prober.set_agent_port(agent.port)?;
-                    info!(port = agent.port, deadline = ?agent.deadline, "agent reports accepted");
+                    let address = match agent.address {
+                        Some(address) => address,
+                        None => preflight::interface_ipv4(interface).ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "[agent]: interface '{interface}' has no IPv4 address for agents to report to; set `address`"
+                            )
+                        })?,
+                    };
+                    prober.set_agent(address, agent.port)?;
+                    info!(%address, port = agent.port, deadline = ?agent.deadline, "agent reports accepted");
                     Some(agents::Agents::new(datapath.agents_map()?, agent.deadline))
                 }
                 None => None,

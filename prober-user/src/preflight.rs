@@ -76,9 +76,44 @@ pub fn interface_index(name: &str) -> Result<u32, PreflightError> {
     }
 }
 
+/// The first IPv4 address of an interface, if it has one.
+pub fn interface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not yet freed.
+        let e = unsafe { &*entry };
+        entry = e.ifa_next;
+        if e.ifa_addr.is_null() || e.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name and a sockaddr of the stated family.
+        let matches = unsafe { std::ffi::CStr::from_ptr(e.ifa_name) }.to_bytes() == name.as_bytes();
+        if matches && unsafe { (*e.ifa_addr).sa_family } as i32 == libc::AF_INET {
+            let v4 = unsafe { &*(e.ifa_addr as *const libc::sockaddr_in) };
+            found = Some(std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)));
+            break;
+        }
+    }
+    // SAFETY: the list from getifaddrs above.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_has_its_ipv4_address() {
+        assert_eq!(interface_ipv4("lo"), Some(std::net::Ipv4Addr::LOCALHOST));
+        assert_eq!(interface_ipv4("no-such-if0"), None);
+    }
 
     #[test]
     fn unknown_interface_is_named_in_the_error() {

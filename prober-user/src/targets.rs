@@ -85,6 +85,24 @@ pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
             match probe_for(&key, dest, choice, settings.and_then(|s| s.port)) {
                 Ok(probe) => {
                     plan.probes.entry(probe).or_insert(probe_settings);
+                    // Direct routing: the real server answers on the VIP,
+                    // at the service's port, whatever the L4 probe is.
+                    let vip = match (dest.forwarding, key) {
+                        (
+                            IpvsForwarding::DirectRoute,
+                            ServiceKey::Address {
+                                addr: IpAddr::V4(vip),
+                                port,
+                                ..
+                            },
+                        ) => Some((vip, port)),
+                        _ => None,
+                    };
+                    let default_port = match (vip, probe.kind) {
+                        (Some((_, port)), _) => port,
+                        (None, ProbeKind::TcpSyn { port }) => port,
+                        (None, ProbeKind::IcmpEcho) => dest.port,
+                    };
                     let checks = settings
                         .map(|s| s.checks.as_slice())
                         .unwrap_or_default()
@@ -92,17 +110,8 @@ pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
                         .map(|c| {
                             let spec = CheckSpec {
                                 address: dest.addr,
-                                port: c.port.unwrap_or(match probe.kind {
-                                    ProbeKind::TcpSyn { port } => port,
-                                    ProbeKind::IcmpEcho => dest.port,
-                                }),
-                                vip: match probe.forwarding {
-                                    Forwarding::DirectRouting { .. } => match probe.destination {
-                                        IpAddr::V4(vip) => Some(vip),
-                                        IpAddr::V6(_) => None,
-                                    },
-                                    _ => None,
-                                },
+                                port: c.port.unwrap_or(default_port),
+                                vip: vip.map(|(vip, _)| vip),
                                 check: c.check.clone(),
                             };
                             let check_settings = CheckSettings {

@@ -12,7 +12,8 @@ use aya::{
     Ebpf,
 };
 use prober_common::{
-    agent_wire, map_names, program_names, AgentReport, DatapathCounters, DrCheckFlow, ProbeConfig,
+    agent_wire, map_names, program_names, AgentReport, DatapathCounters, DrCheckFlow, DrCheckKey,
+    ProbeConfig,
 };
 use prober_tests::packets::*;
 use prober_user::{
@@ -53,6 +54,7 @@ fn fixture(agent_port: u16) -> Fixture {
                 local_port_min: 61000,
                 local_port_max: 65535,
                 agent_port,
+                agent_addr: DIRECTOR,
                 ..Default::default()
             },
             0,
@@ -63,18 +65,26 @@ fn fixture(agent_port: u16) -> Fixture {
     agents
         .insert(u32::from_ne_bytes(RS), AgentReport::default(), 0)
         .unwrap();
-    let mut checks: HashMap<MapData, u32, DrCheckFlow> =
+    let mut checks: HashMap<MapData, DrCheckKey, DrCheckFlow> =
         HashMap::try_from(ebpf.take_map(map_names::DR_CHECKS).unwrap()).unwrap();
-    checks
-        .insert(
-            CHECK_PORT as u32,
-            DrCheckFlow {
-                real_server: RS,
-                vip: VIP,
-            },
-            0,
-        )
-        .unwrap();
+    for (protocol, remote_port) in [(6u8, 80u16), (17, 53)] {
+        checks
+            .insert(
+                DrCheckKey {
+                    local_addr: DIRECTOR,
+                    local_port: CHECK_PORT.to_be(),
+                    remote_port: remote_port.to_be(),
+                    protocol,
+                    _pad: [0; 3],
+                },
+                DrCheckFlow {
+                    real_server: RS,
+                    vip: VIP,
+                },
+                0,
+            )
+            .unwrap();
+    }
     let counters = PerCpuArray::try_from(ebpf.take_map(map_names::COUNTERS).unwrap()).unwrap();
     Fixture {
         _ebpf: ebpf,
@@ -140,13 +150,15 @@ fn agent_reports_from_real_servers_are_recorded_and_consumed() {
 }
 
 #[test]
-fn strangers_and_malformed_datagrams_are_refused_and_counted() {
+fn strangers_and_malformed_datagrams_are_refused_counted_and_passed() {
     let f = fixture(AGENT_PORT);
     let good = report(agent_wire::STATE_DOWN, 5, 1);
-    let (action, _) = f.rx(&udp_frame(
-        STRANGER, DIRECTOR, 40000, AGENT_PORT, &good, true,
-    ));
-    assert_eq!(action, XDP_DROP);
+    let stranger = udp_frame(STRANGER, DIRECTOR, 40000, AGENT_PORT, &good, true);
+    assert_eq!(
+        f.rx(&stranger),
+        (XDP_PASS, stranger.clone()),
+        "not a report of ours: passed untouched"
+    );
     assert!(
         f.agents.get(&u32::from_ne_bytes(STRANGER), 0).is_err(),
         "no entry for an address outside the pool"
@@ -163,8 +175,8 @@ fn strangers_and_malformed_datagrams_are_refused_and_counted() {
         }
     }
     for bad in &malformed {
-        let (action, _) = f.rx(&udp_frame(RS, DIRECTOR, 40000, AGENT_PORT, bad, true));
-        assert_eq!(action, XDP_DROP, "{bad:?}");
+        let frame = udp_frame(RS, DIRECTOR, 40000, AGENT_PORT, bad, true);
+        assert_eq!(f.rx(&frame), (XDP_PASS, frame.clone()), "{bad:?}");
     }
     let c = f.counters();
     assert_eq!(
@@ -175,8 +187,7 @@ fn strangers_and_malformed_datagrams_are_refused_and_counted() {
     // Truncated frames (the UDP header cut short) are no agent report.
     let frame = udp_frame(RS, DIRECTOR, 40000, AGENT_PORT, &good, true);
     for len in 34..frame.len() {
-        let (action, _) = f.rx(&frame[..len]);
-        assert!(action == XDP_PASS || action == XDP_DROP);
+        assert_eq!(f.rx(&frame[..len]).0, XDP_PASS, "length {len}");
     }
     assert_eq!(f.agent(), AgentReport::default());
 }
@@ -187,6 +198,10 @@ fn other_udp_and_a_disabled_agent_port_pass_untouched() {
     let datagram = report(agent_wire::STATE_UP, 37, 9);
     let other = udp_frame(RS, DIRECTOR, 40000, 53, &datagram, true);
     assert_eq!(f.rx(&other), (XDP_PASS, other.clone()));
+    // The agent port of another address (a UDP virtual service, say).
+    let to_vip = udp_frame(RS, VIP, 40000, AGENT_PORT, &datagram, true);
+    assert_eq!(f.rx(&to_vip), (XDP_PASS, to_vip.clone()));
+    assert_eq!(f.agent(), AgentReport::default());
     let off = fixture(0);
     let to_port = udp_frame(RS, DIRECTOR, 40000, AGENT_PORT, &datagram, true);
     assert_eq!(off.rx(&to_port), (XDP_PASS, to_port.clone()));
@@ -245,6 +260,8 @@ fn only_registered_check_connections_are_rewritten() {
     let untouched_out = [
         tcp_segment(DIRECTOR, RS, CHECK_PORT + 1, 80), // port not registered
         tcp_segment(DIRECTOR, STRANGER, CHECK_PORT, 80), // another destination
+        tcp_segment(DIRECTOR, RS, CHECK_PORT, 8080),   // another remote port
+        tcp_segment(STRANGER, RS, CHECK_PORT, 80),     // forwarded, not ours
         tcp_segment(DIRECTOR, RS, 40000, 80),          // not a check port
     ];
     for frame in &untouched_out {
@@ -253,6 +270,8 @@ fn only_registered_check_connections_are_rewritten() {
     let untouched_in = [
         tcp_segment(VIP, DIRECTOR, 80, CHECK_PORT + 1),
         tcp_segment(STRANGER, DIRECTOR, 80, CHECK_PORT),
+        tcp_segment(VIP, DIRECTOR, 8080, CHECK_PORT),
+        tcp_segment(VIP, STRANGER, 80, CHECK_PORT), // a DR reply to a client
         tcp_segment(VIP, DIRECTOR, 80, 40000),
     ];
     for frame in &untouched_in {

@@ -57,6 +57,8 @@ fn fixture() -> Fixture {
         local_port_max: 65535,
         agent_port: 0,
         _pad: [0; 2],
+        agent_addr: [0; 4],
+        _pad2: [0; 4],
     };
     maps.config.set(0, config, 0).unwrap();
     let tcp_spec: ProbeSpec = "tcp:192.0.2.2:80".parse().unwrap();

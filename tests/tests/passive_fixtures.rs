@@ -180,6 +180,17 @@ fn handshake_rtt_is_syn_forwarded_to_syn_ack_back() {
 }
 
 #[test]
+fn clients_on_the_ports_of_direct_routing_checks_are_measured_too() {
+    // 60000-60999 are also ordinary client ports: without a check
+    // registered there, the flow is measured like any other.
+    let f = fixture();
+    let client_port = 60_500;
+    f.out(&segment(CLIENT, RS, client_port, RS_PORT, SYN, 0));
+    f.back(&segment(RS, CLIENT, RS_PORT, client_port, SYN | ACK, 0));
+    assert_eq!(f.stats().handshakes, 1);
+}
+
+#[test]
 fn first_response_byte_after_each_request() {
     let f = fixture();
     f.out(&to_server(RS, SYN, 0));

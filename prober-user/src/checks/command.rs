@@ -39,6 +39,10 @@ pub async fn run(
         .spawn()
         .map_err(|e| format!("starting {}: {e}", args[0]))?;
     let group = child.id().map(|pid| pid as i32);
+    // Dropped first (declared after `child`): kills the whole group
+    // however this run ends: leftover children of a finished check, or all
+    // of it when the check is stopped mid-run (its leader not yet reaped).
+    let _group = group.map(GroupGuard);
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     // Slightly inside the check's own timeout, so the group is killed
@@ -61,8 +65,7 @@ pub async fn run(
         Ok(status) => status.map_err(|e| format!("waiting for {}: {e}", args[0]))?,
         Err(_) => {
             if let Some(group) = group {
-                // SAFETY: signals the check's own process group.
-                unsafe { libc::kill(-group, libc::SIGKILL) };
+                kill_group(group);
             }
             let _ = child.wait().await;
             return Err(format!(
@@ -71,10 +74,6 @@ pub async fn run(
             ));
         }
     };
-    if let Some(group) = group {
-        // Leftover children of a finished check go too.
-        unsafe { libc::kill(-group, libc::SIGKILL) };
-    }
     if !status.success() {
         let why = String::from_utf8_lossy(&err);
         let why = why.lines().next().unwrap_or("").trim();
@@ -85,6 +84,20 @@ pub async fn run(
         });
     }
     Ok(weight(&String::from_utf8_lossy(&out)))
+}
+
+/// Kills a check's process group on drop: no child of a check outlives it.
+struct GroupGuard(i32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        kill_group(self.0);
+    }
+}
+
+fn kill_group(group: i32) {
+    // SAFETY: signals the check's own process group (ESRCH once empty).
+    unsafe { libc::kill(-group, libc::SIGKILL) };
 }
 
 /// The weight in a check's output, if its first line gives one.

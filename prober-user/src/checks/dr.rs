@@ -18,7 +18,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use prober_common::{DrCheckFlow, DR_CHECK_PORT_MAX, DR_CHECK_PORT_MIN};
+use prober_common::{DrCheckFlow, DrCheckKey, DR_CHECK_PORT_MAX, DR_CHECK_PORT_MIN};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpSocket, TcpStream, UdpSocket},
@@ -31,13 +31,13 @@ pub struct Gate {
 }
 
 struct Leases {
-    map: HashMap<MapData, u32, DrCheckFlow>,
+    map: HashMap<MapData, DrCheckKey, DrCheckFlow>,
     taken: HashSet<u16>,
     next: u16,
 }
 
 impl Gate {
-    pub fn new(map: HashMap<MapData, u32, DrCheckFlow>) -> Self {
+    pub fn new(map: HashMap<MapData, DrCheckKey, DrCheckFlow>) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Leases {
                 map,
@@ -49,10 +49,8 @@ impl Gate {
 
     /// A TCP connection to the VIP on the real server at `target`.
     pub async fn connect(&self, target: SocketAddr, vip: Ipv4Addr) -> Result<Stream, String> {
-        let IpAddr::V4(real_server) = target.ip() else {
-            return Err("direct-routing checks are IPv4 only".into());
-        };
-        let (socket, lease) = self.lease(|port| {
+        let (real_server, local) = addresses(target)?;
+        let (socket, mut lease) = self.lease(|port| {
             let socket = TcpSocket::new_v4()?;
             // Our ports are ours alone (see `taken`); a previous check's
             // TIME_WAIT must not block the next one.
@@ -62,10 +60,17 @@ impl Gate {
             // blocks on drop; a zero one never does.)
             #[allow(deprecated)]
             socket.set_linger(Some(std::time::Duration::ZERO))?;
-            socket.bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))?;
+            socket.bind(SocketAddr::new(local.into(), port))?;
             Ok(socket)
         })?;
-        self.register(&lease, real_server, vip)?;
+        let flow = Flow {
+            local,
+            remote_port: target.port(),
+            protocol: libc::IPPROTO_TCP as u8,
+            real_server,
+            vip,
+        };
+        self.register(&mut lease, flow)?;
         let stream = socket
             .connect(target)
             .await
@@ -76,29 +81,33 @@ impl Gate {
         })
     }
 
-    /// A UDP socket whose traffic to `real_server` reaches `vip` on it.
+    /// A UDP socket whose traffic to `target` reaches `vip` on it.
     pub async fn udp(
         &self,
-        real_server: IpAddr,
+        target: SocketAddr,
         vip: Ipv4Addr,
     ) -> Result<(UdpSocket, Lease), String> {
-        let IpAddr::V4(real_server) = real_server else {
-            return Err("direct-routing checks are IPv4 only".into());
-        };
-        let (socket, lease) = self.lease(|port| {
-            let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+        let (real_server, local) = addresses(target)?;
+        let (socket, mut lease) = self.lease(|port| {
+            let socket = std::net::UdpSocket::bind((local, port))?;
             socket.set_nonblocking(true)?;
             UdpSocket::from_std(socket)
         })?;
-        self.register(&lease, real_server, vip)?;
+        let flow = Flow {
+            local,
+            remote_port: target.port(),
+            protocol: libc::IPPROTO_UDP as u8,
+            real_server,
+            vip,
+        };
+        self.register(&mut lease, flow)?;
         Ok((socket, lease))
     }
 
     /// Binds a socket to a free port of ours.
     fn lease<S>(&self, mut bind: impl FnMut(u16) -> io::Result<S>) -> Result<(S, Lease), String> {
         let mut leases = self.inner.lock().expect("not poisoned");
-        let count = PORTS.len();
-        for _ in 0..count {
+        for _ in 0..PORTS.len() {
             let port = leases.next;
             leases.next = if port == *PORTS.end() {
                 *PORTS.start()
@@ -115,6 +124,7 @@ impl Gate {
                     socket,
                     Lease {
                         port,
+                        key: None,
                         gate: self.inner.clone(),
                     },
                 ));
@@ -127,29 +137,67 @@ impl Gate {
         ))
     }
 
-    fn register(&self, lease: &Lease, real_server: Ipv4Addr, vip: Ipv4Addr) -> Result<(), String> {
-        let flow = DrCheckFlow {
-            real_server: real_server.octets(),
-            vip: vip.octets(),
+    fn register(&self, lease: &mut Lease, flow: Flow) -> Result<(), String> {
+        let key = DrCheckKey {
+            local_addr: flow.local.octets(),
+            local_port: lease.port.to_be(),
+            remote_port: flow.remote_port.to_be(),
+            protocol: flow.protocol,
+            _pad: [0; 3],
+        };
+        let value = DrCheckFlow {
+            real_server: flow.real_server.octets(),
+            vip: flow.vip.octets(),
         };
         let mut leases = self.inner.lock().expect("not poisoned");
         leases
             .map
-            .insert(lease.port as u32, flow, 0)
-            .map_err(|e| format!("registering the check in DR_CHECKS: {e}"))
+            .insert(key, value, 0)
+            .map_err(|e| format!("registering the check in DR_CHECKS: {e}"))?;
+        lease.key = Some(key);
+        Ok(())
+    }
+}
+
+/// One check connection, as registered.
+struct Flow {
+    local: Ipv4Addr,
+    remote_port: u16,
+    protocol: u8,
+    real_server: Ipv4Addr,
+    vip: Ipv4Addr,
+}
+
+/// The real server's address and the director's address the kernel would
+/// use towards it (the route's preferred source): check sockets bind to
+/// it, so the datapath can match their packets exactly.
+fn addresses(target: SocketAddr) -> Result<(Ipv4Addr, Ipv4Addr), String> {
+    let IpAddr::V4(real_server) = target.ip() else {
+        return Err("direct-routing checks are IPv4 only".into());
+    };
+    let local = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|s| s.connect(target).map(|()| s))
+        .and_then(|s| s.local_addr())
+        .map_err(|e| format!("no route to {real_server}: {e}"))?;
+    match local.ip() {
+        IpAddr::V4(local) => Ok((real_server, local)),
+        IpAddr::V6(_) => Err(format!("no IPv4 source address towards {real_server}")),
     }
 }
 
 /// A port of ours, registered for one check; freed on drop.
 pub struct Lease {
     port: u16,
+    key: Option<DrCheckKey>,
     gate: Arc<Mutex<Leases>>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut leases = self.gate.lock().expect("not poisoned");
-        let _ = leases.map.remove(&(self.port as u32));
+        if let Some(key) = self.key {
+            let _ = leases.map.remove(&key);
+        }
         leases.taken.remove(&self.port);
     }
 }

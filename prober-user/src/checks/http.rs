@@ -139,7 +139,11 @@ fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
         let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
         let size_text = std::str::from_utf8(&raw[..line_end]).ok()?;
         let size_text = size_text.split(';').next()?.trim();
-        let size = usize::from_str_radix(size_text, 16).ok()?;
+        // Sizes beyond what is ever read are malformed (and must not
+        // overflow below).
+        let size = usize::from_str_radix(size_text, 16)
+            .ok()
+            .filter(|s| *s <= MAX_ANSWER)?;
         raw = &raw[line_end + 2..];
         if size == 0 {
             return Some(body);
@@ -262,5 +266,6 @@ mod tests {
         );
         assert_eq!(dechunk(b"4\r\nWiki\r\n5\r\nped"), None);
         assert_eq!(dechunk(b"zz\r\n"), None);
+        assert_eq!(dechunk(b"ffffffffffffffff\r\nx"), None, "no overflow");
     }
 }

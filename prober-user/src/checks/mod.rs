@@ -210,6 +210,11 @@ struct Context {
 }
 
 async fn run(spec: &CheckSpec, context: &Context) -> Result<Outcome, String> {
+    if spec.port == 0 && !matches!(*spec.check, Check::Command { .. }) {
+        return Err(
+            "no port to check (the destination has none: set `port` in [[service.check]])".into(),
+        );
+    }
     match &*spec.check {
         Check::Http {
             tls,
@@ -248,7 +253,8 @@ async fn run(spec: &CheckSpec, context: &Context) -> Result<Outcome, String> {
         Check::Dns { name, record } => {
             let (socket, _lease) = match (spec.vip, &context.gate) {
                 (Some(vip), Some(gate)) => {
-                    let (socket, lease) = gate.udp(spec.address, vip).await?;
+                    let target = SocketAddr::new(spec.address, spec.port);
+                    let (socket, lease) = gate.udp(target, vip).await?;
                     (socket, Some(lease))
                 }
                 (Some(_), None) => return Err(NO_GATE.into()),

@@ -3,9 +3,12 @@
 //! diagnosis probe) and of whole virtual services; this module decides
 //! what to tell the operator:
 //!
-//! - a host that stops answering at L3 is one event naming every service
-//!   that uses it ("RS 10.0.0.2 down at L3: 14 services affected"); the
-//!   failures of its checks are not reported on their own;
+//! - a host that stops answering at L3, with none of its L4 probes
+//!   answering either and some check of it down, is one event naming every
+//!   service that uses it ("RS 10.0.0.2 down at L3: 14 services
+//!   affected"); the failures of its checks are not reported on their own.
+//!   L3 is only trusted for hosts that have answered it at least once
+//!   (some filter ICMP);
 //! - a check that fails while its host still answers is one event naming
 //!   the services that share it, once L3 has had time to decide;
 //! - a virtual service left without any healthy real server is one event;
@@ -19,7 +22,7 @@ pub mod sink;
 pub mod webhook;
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     net::IpAddr,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -81,6 +84,7 @@ struct HostState {
     answered_at: Option<Instant>,
     /// When the host last came back up.
     up_at: Option<Instant>,
+    reason: String,
 }
 
 #[derive(Default)]
@@ -118,15 +122,22 @@ impl Alerts {
         }
     }
 
-    pub fn set_settle(&mut self, settle: Duration) {
-        self.settle = settle;
-    }
-
-    /// Which services use which host (after each IPVS discovery).
-    pub fn set_topology(&mut self, services_of_host: HashMap<IpAddr, BTreeSet<String>>) {
+    /// Which services use which host, and which checks exist (after each
+    /// IPVS discovery): what is gone is forgotten.
+    pub fn set_topology(
+        &mut self,
+        services_of_host: HashMap<IpAddr, BTreeSet<String>>,
+        checks: &HashSet<String>,
+    ) {
         self.hosts.retain(|h, _| services_of_host.contains_key(h));
-        self.checks
-            .retain(|_, c| services_of_host.contains_key(&c.host));
+        self.checks.retain(|subject, c| {
+            services_of_host.contains_key(&c.host) && checks.contains(subject)
+        });
+        self.empty_services.retain(|s| {
+            services_of_host
+                .values()
+                .any(|services| services.contains(s))
+        });
         self.services_of_host = services_of_host;
     }
 
@@ -188,26 +199,14 @@ impl Alerts {
         self.hosts.entry(host).or_default().answered_at = Some(now);
     }
 
-    pub fn host_down(&mut self, host: IpAddr, reason: String, now: Instant) {
-        let services = self.services_of(host);
+    /// The host's L3 probe went down; reported once L4 agrees (`poll`).
+    pub fn host_down(&mut self, host: IpAddr, reason: String) {
         let state = self.hosts.entry(host).or_default();
+        if state.answered_at.is_none() {
+            return; // never answered L3: it says nothing about the host
+        }
         state.down = true;
-        state.reported = true;
-        let message = format!(
-            "RS {host} down at L3 ({reason}): {} service{} affected ({})",
-            services.len(),
-            plural(services.len()),
-            services.join(", ")
-        );
-        self.emit(
-            Kind::HostDown,
-            host.to_string(),
-            "L3",
-            reason,
-            services,
-            message,
-            now,
-        );
+        state.reason = reason;
     }
 
     pub fn host_up(&mut self, host: IpAddr, now: Instant) {
@@ -271,17 +270,50 @@ impl Alerts {
     }
 
     /// Decides the failures L3 has had time to explain, and returns every
-    /// event due.
-    pub fn poll(&mut self, now: Instant) -> Vec<Event> {
+    /// event due. `l4_alive` says whether some L4 probe of a host still
+    /// has it up (then an L3 failure alone is not the host's death).
+    pub fn poll(&mut self, now: Instant, l4_alive: impl Fn(IpAddr) -> bool) -> Vec<Event> {
+        let mut dead: Vec<IpAddr> = self
+            .hosts
+            .iter()
+            .filter(|(host, state)| state.down && !l4_alive(**host))
+            .map(|(host, _)| *host)
+            .collect();
+        dead.sort();
+        for host in &dead {
+            let confirmed = self.checks.values().any(|c| c.host == *host);
+            let state = self.hosts.get_mut(host).expect("listed above");
+            if state.reported || !confirmed {
+                continue;
+            }
+            state.reported = true;
+            let reason = state.reason.clone();
+            let services = self.services_of(*host);
+            let message = format!(
+                "RS {host} down at L3 ({reason}): {} service{} affected ({})",
+                services.len(),
+                plural(services.len()),
+                services.join(", ")
+            );
+            self.emit(
+                Kind::HostDown,
+                host.to_string(),
+                "L3",
+                reason,
+                services,
+                message,
+                now,
+            );
+        }
         let mut due = Vec::new();
         for (subject, down) in &self.checks {
             if down.reported {
                 continue;
             }
-            let host = self.hosts.get(&down.host);
-            if host.is_some_and(|h| h.down) {
+            if dead.contains(&down.host) {
                 continue; // the host's own event covers it
             }
+            let host = self.hosts.get(&down.host);
             // Failed with its host, which is back: give it time to follow.
             let recovering = host
                 .and_then(|h| h.up_at)
@@ -430,156 +462,177 @@ fn plural(n: usize) -> &'static str {
 mod tests {
     use super::*;
 
-    fn alerts(settle_ms: u64) -> Alerts {
-        Alerts::new(AlertConfig::default(), Duration::from_millis(settle_ms))
-    }
+    const HOST: &str = "10.0.0.2";
+    const SECOND: Duration = Duration::from_secs(1);
 
     fn host(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
-    fn topology(a: &mut Alerts) {
+    /// Three services on HOST; every subject the tests use exists.
+    fn alerts(settle_ms: u64) -> Alerts {
+        let mut a = Alerts::new(AlertConfig::default(), Duration::from_millis(settle_ms));
         let mut map = HashMap::new();
         map.insert(
-            host("10.0.0.2"),
-            ["tcp:192.0.2.1:80", "tcp:192.0.2.1:443", "tcp:192.0.2.2:80"]
+            host(HOST),
+            ["TCP 192.0.2.1:80", "TCP 192.0.2.1:443", "TCP 192.0.2.2:80"]
                 .into_iter()
                 .map(String::from)
                 .collect(),
         );
-        a.set_topology(map);
+        map.insert(host("10.0.0.9"), ["s".to_string()].into_iter().collect());
+        let subjects = [
+            "l4 80", "l4 443", "l4 8080", "http", "x", "y", "slow", "dead",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        a.set_topology(map, &subjects);
+        a
     }
+
+    fn down(a: &mut Alerts, h: &str, subject: &str, at: Instant) {
+        a.check_down(
+            host(h),
+            subject.into(),
+            "L4",
+            "no answer".into(),
+            vec![format!("service of {subject}")],
+            2 * SECOND,
+            at,
+        );
+    }
+
+    const NONE_ALIVE: fn(IpAddr) -> bool = |_| false;
 
     #[test]
     fn a_dead_host_is_one_event_naming_every_service() {
         let mut a = alerts(1000);
-        topology(&mut a);
         let t0 = Instant::now();
-        for (i, port) in [80, 443, 8080].into_iter().enumerate() {
-            a.check_down(
-                host("10.0.0.2"),
-                format!("tcp:10.0.0.2:{port}"),
-                "L4",
-                "timed out".into(),
-                vec![format!("service {i}")],
-                Duration::from_secs(1),
-                t0,
-            );
+        a.host_answered(host(HOST), t0);
+        for subject in ["l4 80", "l4 443", "l4 8080"] {
+            down(&mut a, HOST, subject, t0);
         }
-        assert!(
-            a.poll(t0 + Duration::from_millis(300)).is_empty(),
-            "waits for L3"
-        );
-        a.host_down(
-            host("10.0.0.2"),
-            "no echo reply".into(),
-            t0 + Duration::from_millis(400),
-        );
-        let events = a.poll(t0 + Duration::from_secs(5));
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert!(a.poll(ms(300), NONE_ALIVE).is_empty(), "waits for L3");
+        a.host_down(host(HOST), "no answer".into());
+        let events = a.poll(ms(400), NONE_ALIVE);
         assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!(events[0].kind, Kind::HostDown);
         assert_eq!(events[0].services.len(), 3);
-        assert!(
-            events[0].message.starts_with("RS 10.0.0.2 down at L3"),
-            "{}",
-            events[0].message
+        assert_eq!(
+            events[0].message,
+            "RS 10.0.0.2 down at L3 (no answer): 3 services affected \
+             (TCP 192.0.2.1:443, TCP 192.0.2.1:80, TCP 192.0.2.2:80)"
         );
-        assert!(events[0].message.contains("3 services affected"));
+        assert!(a.poll(ms(5000), NONE_ALIVE).is_empty(), "nothing more");
     }
 
     #[test]
     fn a_dead_service_on_a_live_host_is_its_own_event() {
         let mut a = alerts(1000);
-        topology(&mut a);
         let t0 = Instant::now();
         a.check_down(
-            host("10.0.0.2"),
-            "http GET /health 10.0.0.2:80".into(),
+            host(HOST),
+            "http".into(),
             "L7",
             "HTTP status 500, expected 200".into(),
-            vec!["tcp:192.0.2.1:80".into(), "tcp:192.0.2.2:80".into()],
-            Duration::from_secs(1),
+            vec!["TCP 192.0.2.1:80".into(), "TCP 192.0.2.2:80".into()],
+            SECOND,
             t0,
         );
-        a.host_answered(host("10.0.0.2"), t0 + Duration::from_millis(100));
-        let events = a.poll(t0 + Duration::from_millis(100));
+        a.host_answered(host(HOST), t0 + Duration::from_millis(100));
+        let events = a.poll(t0 + Duration::from_millis(100), NONE_ALIVE);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].kind, Kind::CheckDown);
         assert_eq!(events[0].services.len(), 2);
         assert!(events[0].message.contains("status 500"));
-        a.check_up("http GET /health 10.0.0.2:80", t0 + Duration::from_secs(2));
-        let events = a.poll(t0 + Duration::from_secs(2));
+        a.check_up("http", t0 + 2 * SECOND);
+        let events = a.poll(t0 + 2 * SECOND, NONE_ALIVE);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].kind, Kind::CheckUp);
+    }
+
+    #[test]
+    fn l3_alone_does_not_make_a_host_dead() {
+        // ICMP filtered from the start: L3 never answered, says nothing.
+        let mut a = alerts(500);
+        let t0 = Instant::now();
+        down(&mut a, HOST, "l4 80", t0);
+        a.host_down(host(HOST), "no answer".into());
+        let events = a.poll(t0 + SECOND, NONE_ALIVE);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, Kind::CheckDown);
+
+        // ICMP lost while the host's L4 probes still answer: one failing
+        // service is its own cause, not the host's.
+        let mut a = alerts(500);
+        a.host_answered(host(HOST), t0);
+        down(&mut a, HOST, "l4 443", t0);
+        a.host_down(host(HOST), "no answer".into());
+        let events = a.poll(t0 + SECOND, |_| true);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, Kind::CheckDown);
+        assert_eq!(events[0].subject, "l4 443");
     }
 
     #[test]
     fn without_l3_answers_a_failure_is_reported_after_the_settle_time() {
         let mut a = alerts(500);
         let t0 = Instant::now();
-        a.check_down(
-            host("10.0.0.9"),
-            "x".into(),
-            "L4",
-            "refused".into(),
-            vec!["s".into()],
-            Duration::from_secs(1),
-            t0,
-        );
-        assert!(a.poll(t0 + Duration::from_millis(499)).is_empty());
-        assert_eq!(a.poll(t0 + Duration::from_millis(500)).len(), 1);
+        down(&mut a, "10.0.0.9", "x", t0);
+        assert!(a
+            .poll(t0 + Duration::from_millis(499), NONE_ALIVE)
+            .is_empty());
+        assert_eq!(a.poll(t0 + Duration::from_millis(500), NONE_ALIVE).len(), 1);
         // A blip never reported is never "up again" either.
-        a.check_down(
-            host("10.0.0.9"),
-            "y".into(),
-            "L4",
-            "refused".into(),
-            vec!["s".into()],
-            Duration::from_secs(1),
-            t0,
-        );
+        down(&mut a, "10.0.0.9", "y", t0);
         a.check_up("y", t0 + Duration::from_millis(100));
-        assert!(a.poll(t0 + Duration::from_millis(600)).is_empty());
+        assert!(a
+            .poll(t0 + Duration::from_millis(600), NONE_ALIVE)
+            .is_empty());
     }
 
     #[test]
     fn checks_coming_back_with_their_host_are_not_reported() {
         let mut a = alerts(800);
-        topology(&mut a);
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
-        a.check_down(
-            host("10.0.0.2"),
-            "slow".into(),
-            "L7",
-            "timeout".into(),
-            vec!["s".into()],
-            Duration::from_secs(2),
-            t0,
+        a.host_answered(host(HOST), t0);
+        down(&mut a, HOST, "slow", at(10));
+        a.host_down(host(HOST), "no answer".into());
+        assert_eq!(a.poll(at(200), NONE_ALIVE).len(), 1, "the host event");
+        a.host_up(host(HOST), at(5000));
+        assert_eq!(a.poll(at(5000), NONE_ALIVE).len(), 1, "the host's return");
+        assert!(
+            a.poll(at(6500), NONE_ALIVE).is_empty(),
+            "within its recovery"
         );
-        a.host_down(host("10.0.0.2"), "no answer".into(), at(100));
-        assert_eq!(a.poll(at(200)).len(), 1, "the host event");
-        a.host_up(host("10.0.0.2"), at(5000));
-        assert_eq!(a.poll(at(5000)).len(), 1, "the host's return");
-        assert!(a.poll(at(6500)).is_empty(), "still within its recovery");
         a.check_up("slow", at(6600));
-        assert!(a.poll(at(9000)).is_empty(), "came back: nothing to say");
-        // One that stays down past its recovery is its own cause.
-        a.check_down(
-            host("10.0.0.2"),
-            "dead".into(),
-            "L7",
-            "refused".into(),
-            vec!["s".into()],
-            Duration::from_secs(2),
-            at(9000),
+        assert!(
+            a.poll(at(9000), NONE_ALIVE).is_empty(),
+            "came back: nothing to say"
         );
-        a.host_down(host("10.0.0.2"), "no answer".into(), at(9100));
-        a.host_up(host("10.0.0.2"), at(10_000));
-        a.poll(at(10_000));
-        let events = a.poll(at(12_001));
-        assert_eq!(events.len(), 1);
+        // One that stays down past its recovery is its own cause.
+        down(&mut a, HOST, "dead", at(9000));
+        a.host_down(host(HOST), "no answer".into());
+        a.poll(at(9100), NONE_ALIVE);
+        a.host_up(host(HOST), at(10_000));
+        a.poll(at(10_000), NONE_ALIVE);
+        let events = a.poll(at(12_001), NONE_ALIVE);
+        assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!(events[0].kind, Kind::CheckDown);
+    }
+
+    #[test]
+    fn what_leaves_ipvs_is_forgotten() {
+        let mut a = alerts(0);
+        let t0 = Instant::now();
+        down(&mut a, HOST, "l4 80", t0);
+        a.service_health("TCP 192.0.2.1:80", 0, 1, t0);
+        assert_eq!(a.poll(t0, NONE_ALIVE).len(), 2);
+        a.set_topology(HashMap::new(), &HashSet::new());
+        assert!(a.checks.is_empty() && a.empty_services.is_empty());
     }
 
     #[test]
@@ -590,7 +643,7 @@ mod tests {
         for i in 0..10u64 {
             let t = t0 + Duration::from_secs(i);
             a.service_health("vs", (i % 2) as usize, 2, t);
-            kinds.extend(a.poll(t).into_iter().map(|e| e.kind));
+            kinds.extend(a.poll(t, NONE_ALIVE).into_iter().map(|e| e.kind));
         }
         assert_eq!(
             kinds,
@@ -602,7 +655,7 @@ mod tests {
                 Kind::Flapping
             ]
         );
-        let later = a.poll(t0 + Duration::from_secs(100));
+        let later = a.poll(t0 + Duration::from_secs(100), NONE_ALIVE);
         assert_eq!(later.len(), 1);
         assert_eq!(later[0].kind, Kind::Stable);
     }

@@ -120,6 +120,8 @@ impl Prober {
             local_port_max,
             agent_port: 0,
             _pad: [0; 2],
+            agent_addr: [0; 4],
+            _pad2: [0; 4],
         };
         let mut prober = Self {
             maps,
@@ -436,9 +438,11 @@ impl Prober {
         Ok(len)
     }
 
-    /// Lets the ingress program record agent reports sent to `port`.
-    pub fn set_agent_port(&mut self, port: u16) -> Result<()> {
+    /// Lets the ingress program record agent reports sent to
+    /// `address`:`port`.
+    pub fn set_agent(&mut self, address: std::net::Ipv4Addr, port: u16) -> Result<()> {
         self.config.agent_port = port;
+        self.config.agent_addr = address.octets();
         self.maps
             .config
             .set(0, self.config, 0)

@@ -114,6 +114,8 @@ fn bench_probe() -> Result<()> {
             local_port_max: 65535,
             agent_port: 0,
             _pad: [0; 2],
+            agent_addr: [0; 4],
+            _pad2: [0; 4],
         },
         0,
     )?;

@@ -2,7 +2,9 @@
 //! IPVS): a director and four real servers on a bridged LAN, a NAT service
 //! and a direct-routing service, and `prober run` managing their weights.
 //! Real server 1 is slow (netem 40 ms), 2 refuses (nothing listens until
-//! half-way), 3 is black-holed (its replies go nowhere).
+//! half-way), 3 is black-holed (its replies go nowhere). The direct-routing
+//! service also has an HTTP check, which reaches the VIP on each real
+//! server; the alerts prober raised are printed at the end.
 
 use std::{
     collections::HashMap,
@@ -13,12 +15,16 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use prober_tests::{prober_bin, run, unique_name, Daemon, Lan, PinDir, LAN_IF};
+use prober_tests::{
+    http::{HttpServer, Route},
+    prober_bin, run, unique_name, Daemon, Lan, PinDir, LAN_IF,
+};
 
 const NAT_VS: &str = "203.0.113.10:80";
 const DR_VS: &str = "203.0.113.20:80";
 const RUN_FOR: Duration = Duration::from_secs(22);
 const COMEBACK_AT: Duration = Duration::from_secs(10);
+const CHECK_FAILS_AT: Duration = Duration::from_secs(14);
 
 const CONFIG: &str = r#"[daemon]
 interval = "200ms"
@@ -33,6 +39,16 @@ slow_start = "5s"
 latency_slack = "10ms"
 # Two of the NAT service's four real servers fail: do not fail open.
 panic_threshold = 0.75
+
+[alerts]
+notify = ["/bin/sh", "-c", "cat >> EVENTS"]
+
+[[service]]
+match = "tcp:203.0.113.20:80"
+[service.check]
+type = "http"
+path = "/health"
+body = "ok"
 "#;
 
 fn main() -> Result<()> {
@@ -41,6 +57,7 @@ fn main() -> Result<()> {
     let rs = |i: usize| Lan::server_addr(i);
     let vip = Ipv4Addr::new(203, 0, 113, 20);
     let mut listeners = Vec::new();
+    let mut http_servers = Vec::new();
     for i in [0, 1, 3] {
         listeners.push(lan.servers[i].listen(SocketAddrV4::new(rs(i), 80))?);
     }
@@ -53,7 +70,9 @@ fn main() -> Result<()> {
         ] {
             lan.servers[i].sysctl(key, if key.ends_with("ignore") { "1" } else { "2" })?;
         }
-        listeners.push(lan.servers[i].listen(SocketAddrV4::new(vip, 80))?);
+        let server = HttpServer::serve(lan.servers[i].listen(SocketAddrV4::new(vip, 80))?);
+        server.route("/health", Route::ok("ok"));
+        http_servers.push(server);
     }
     lan.servers[1].netem(LAN_IF, &["delay", "40ms"])?;
     lan.servers[3].ip(&["route", "add", "blackhole", "192.0.2.1/32"])?;
@@ -89,8 +108,10 @@ fn main() -> Result<()> {
     print!("{}", lan.ipvsadm(&["-Ln"])?);
 
     let config_path = std::env::temp_dir().join(format!("{}.toml", unique_name("demo-")));
-    std::fs::write(&config_path, CONFIG)?;
-    println!("[demo] config {}:\n{CONFIG}", config_path.display());
+    let events_path = std::env::temp_dir().join(format!("{}.jsonl", unique_name("demo-events-")));
+    let config = CONFIG.replace("EVENTS", &events_path.display().to_string());
+    std::fs::write(&config_path, &config)?;
+    println!("[demo] config {}:\n{config}", config_path.display());
     let pin_dir = PinDir::new();
     println!(
         "[demo] prober run --iface {LAN_IF} --config {} (in the director's namespace)",
@@ -106,12 +127,25 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut previous: HashMap<String, serde_json::Value> = HashMap::new();
     let mut came_back = false;
+    let mut failed_check = false;
     while started.elapsed() < RUN_FOR {
         thread::sleep(Duration::from_secs(1));
         if !came_back && started.elapsed() >= COMEBACK_AT {
             listeners.push(lan.servers[2].listen(SocketAddrV4::new(rs(2), 80))?);
             came_back = true;
             println!("\n[demo] rs2 starts listening on :80: it comes back through slow start");
+        }
+        if !failed_check && started.elapsed() >= CHECK_FAILS_AT {
+            http_servers[1].route(
+                "/health",
+                Route {
+                    status: 503,
+                    body: "maintenance".into(),
+                    pause: Duration::ZERO,
+                },
+            );
+            failed_check = true;
+            println!("\n[demo] rs1's HTTP health page on the VIP answers 503: the DR service takes it out, the NAT service keeps it");
         }
         print_table(&lan, &pin_dir, started.elapsed(), &mut previous)?;
     }
@@ -120,13 +154,28 @@ fn main() -> Result<()> {
     print!("{}", lan.ipvsadm(&["-Ln"])?);
     let log = daemon.log();
     println!("[demo] what prober logged about real servers and weights:");
-    for line in log
-        .lines()
-        .filter(|l| l.contains("real server") || l.contains("PANIC") || l.contains("set weight"))
-    {
+    for line in log.lines().filter(|l| {
+        l.contains("real server")
+            || l.contains("check DOWN")
+            || l.contains("check UP")
+            || l.contains("PANIC")
+            || l.contains("set weight")
+    }) {
         println!(
             "  {}",
             line.split_once("Z ").map_or(line, |(_, rest)| rest).trim()
+        );
+    }
+    println!("[demo] alerts (one per root cause; notify command's input):");
+    for line in std::fs::read_to_string(&events_path)
+        .unwrap_or_default()
+        .lines()
+    {
+        let event: serde_json::Value = serde_json::from_str(line)?;
+        println!(
+            "  {:<16} {}",
+            event["kind"].as_str().unwrap_or_default(),
+            event["message"].as_str().unwrap_or_default()
         );
     }
     daemon.stop(libc::SIGTERM)?;
