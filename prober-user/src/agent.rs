@@ -69,6 +69,9 @@ pub fn run(
     if interval.is_zero() {
         bail!("--interval must be above zero");
     }
+    if !director.is_ipv4() {
+        bail!("--director {director}: agents report over IPv4 (the datapath records IPv4 reports only)");
+    }
     let local: SocketAddr = if director.is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {

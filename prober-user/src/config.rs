@@ -201,6 +201,12 @@ impl Config {
         for s in file.service {
             let service_line = line_of(text, s.span().start);
             let s = s.into_inner();
+            if s.probe == Some(ProbeChoice::None) && !s.check.is_empty() {
+                bail!(
+                    "line {service_line}: [[service]] '{}' has probe = \"none\" (left alone) and checks: remove one",
+                    s.service.0
+                );
+            }
             let checks = s
                 .check
                 .into_iter()
@@ -531,9 +537,8 @@ fn check_config(c: CheckSection, line: usize) -> Result<CheckConfig> {
         }
     };
     let allowed: &[&str] = match c.kind {
-        CheckType::Http | CheckType::Https => {
-            &["path", "host", "status", "body", "body_regex", "tls_verify"]
-        }
+        CheckType::Http => &["path", "host", "status", "body", "body_regex"],
+        CheckType::Https => &["path", "host", "status", "body", "body_regex", "tls_verify"],
         CheckType::Tcp => &["send", "expect"],
         CheckType::Dns => &["query", "record"],
         CheckType::Command => &["command"],
@@ -565,6 +570,22 @@ fn check_config(c: CheckSection, line: usize) -> Result<CheckConfig> {
                 return Err(at(format!(
                     "path '{path}' must start with / and hold no spaces"
                 )));
+            }
+            if let Some(host) = &c.host {
+                if host.is_empty() || host.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                    return Err(at(format!(
+                        "host {host:?} must be a name or address without spaces"
+                    )));
+                }
+                if c.kind == CheckType::Https {
+                    rustls::pki_types::ServerName::try_from(host.as_str())
+                        .map_err(|e| at(format!("host '{host}' is not a TLS server name: {e}")))?;
+                }
+            }
+            if c.tls_verify == Some(true) && c.host.is_none() {
+                return Err(at(
+                    "tls_verify = true needs `host`: certificates name the service, not the real server's address".into(),
+                ));
             }
             if let Some(pattern) = &c.body_regex {
                 regex::bytes::Regex::new(pattern)
@@ -924,6 +945,27 @@ probe = "none"
                 "not a webhook URL",
             ),
             ("[agent]\ndeadline = \"5s\"\n", "line 1", "missing field `port`"),
+            ("[agent]\nport = 60001\n", "line 2", "ports of direct-routing checks"),
+            (
+                "[[service]]\nmatch = \"fwmark:1\"\n[[service.check]]\ntype = \"http\"\ntls_verify = true\n",
+                "line 3",
+                "`tls_verify` does not apply",
+            ),
+            (
+                "[[service]]\nmatch = \"fwmark:1\"\n[[service.check]]\ntype = \"https\"\ntls_verify = true\n",
+                "line 3",
+                "needs `host`",
+            ),
+            (
+                "[[service]]\nmatch = \"fwmark:1\"\n[[service.check]]\ntype = \"http\"\nhost = \"a\\r\\nX-Evil: 1\"\n",
+                "line 3",
+                "without spaces",
+            ),
+            (
+                "[[service]]\nmatch = \"fwmark:1\"\nprobe = \"none\"\n[[service.check]]\ntype = \"tcp\"\n",
+                "line 1",
+                "probe = \"none\"",
+            ),
         ];
         for (text, line, what) in check_cases {
             let err = Config::parse(text).unwrap_err().to_string();

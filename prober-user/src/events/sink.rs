@@ -1,77 +1,100 @@
 //! Where events go: the log always, the notify command and the webhook
-//! when configured. Deliveries run in the background, bounded (a slow
-//! pager cannot pile up processes or connections) and timed out.
+//! when configured. Each of those two has one worker delivering in order,
+//! one at a time, each delivery timed out, behind a bounded queue: a slow
+//! pager or a dead webhook cannot pile up processes or connections, and
+//! what does not fit in the queue is dropped and counted in the log.
 
 use std::{process::Stdio, sync::Arc, time::Duration};
 
-use tokio::{io::AsyncWriteExt, process::Command, sync::Semaphore};
+use tokio::{io::AsyncWriteExt, process::Command, sync::mpsc};
 use tracing::{info, warn};
 
 use super::{webhook, Event, Kind};
 use crate::{checks::http::TlsConfigs, config::AlertConfig};
 
-/// Deliveries in flight at once; more wait their turn.
-const IN_FLIGHT: usize = 4;
+/// Events waiting for one destination; more are dropped.
+const QUEUE: usize = 64;
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a worker delivers.
+struct Delivery {
+    kind: &'static str,
+    message: String,
+    json: String,
+}
+
 pub struct Sink {
-    notify: Option<Arc<Vec<String>>>,
-    webhook: Option<Arc<webhook::Url>>,
-    limiter: Arc<Semaphore>,
-    tls: Arc<TlsConfigs>,
+    notify: Option<mpsc::Sender<Arc<Delivery>>>,
+    webhook: Option<mpsc::Sender<Arc<Delivery>>>,
+    dropped: u64,
 }
 
 impl Sink {
+    /// Starts the workers (call within a runtime).
     pub fn new(config: &AlertConfig) -> Self {
+        let notify = config.notify.clone().map(|argv| {
+            let (tx, mut rx) = mpsc::channel::<Arc<Delivery>>(QUEUE);
+            tokio::spawn(async move {
+                while let Some(d) = rx.recv().await {
+                    if let Err(e) = notify(&argv, d.kind, &d.message, &d.json).await {
+                        warn!("notify command {}: {e}", argv[0]);
+                    }
+                }
+            });
+            tx
+        });
+        let webhook = config
+            .webhook
+            .as_deref()
+            .and_then(|u| webhook::parse_url(u).ok())
+            .map(|url| {
+                let (tx, mut rx) = mpsc::channel::<Arc<Delivery>>(QUEUE);
+                let tls = TlsConfigs::new();
+                tokio::spawn(async move {
+                    while let Some(d) = rx.recv().await {
+                        match webhook::post(&url, &d.json, &tls, DELIVERY_TIMEOUT).await {
+                            Ok(status) if (200..300).contains(&status) => {}
+                            Ok(status) => warn!(
+                                "webhook {}:{}{}: HTTP status {status}",
+                                url.host, url.port, url.path
+                            ),
+                            Err(e) => warn!("webhook {}:{}{}: {e}", url.host, url.port, url.path),
+                        }
+                    }
+                });
+                tx
+            });
         Self {
-            notify: config.notify.clone().map(Arc::new),
-            webhook: config
-                .webhook
-                .as_deref()
-                .and_then(|u| webhook::parse_url(u).ok())
-                .map(Arc::new),
-            limiter: Arc::new(Semaphore::new(IN_FLIGHT)),
-            tls: Arc::new(TlsConfigs::new()),
+            notify,
+            webhook,
+            dropped: 0,
         }
     }
 
-    /// Logs the event and starts its deliveries (call within a runtime).
-    pub fn send(&self, event: &Event) {
-        let json = serde_json::to_string(event).expect("events serialize");
+    /// Logs the event and queues its deliveries.
+    pub fn send(&mut self, event: &Event) {
         match event.kind {
             Kind::HostDown | Kind::CheckDown | Kind::ServiceEmpty | Kind::Flapping => {
                 warn!(event = ?event.kind, services = event.services.len(), "{}", event.message)
             }
             _ => info!(event = ?event.kind, services = event.services.len(), "{}", event.message),
         }
-        if let Some(argv) = &self.notify {
-            let (argv, limiter, json) = (argv.clone(), self.limiter.clone(), json.clone());
-            let kind = kind_name(event.kind);
-            let message = event.message.clone();
-            tokio::spawn(async move {
-                let Ok(_permit) = limiter.acquire().await else {
-                    return;
-                };
-                if let Err(e) = notify(&argv, kind, &message, &json).await {
-                    warn!("notify command {}: {e}", argv[0]);
-                }
-            });
+        if self.notify.is_none() && self.webhook.is_none() {
+            return;
         }
-        if let Some(url) = &self.webhook {
-            let (url, limiter, tls) = (url.clone(), self.limiter.clone(), self.tls.clone());
-            tokio::spawn(async move {
-                let Ok(_permit) = limiter.acquire().await else {
-                    return;
-                };
-                match webhook::post(&url, &json, &tls, DELIVERY_TIMEOUT).await {
-                    Ok(status) if (200..300).contains(&status) => {}
-                    Ok(status) => warn!(
-                        "webhook {}:{}{}: HTTP status {status}",
-                        url.host, url.port, url.path
-                    ),
-                    Err(e) => warn!("webhook {}:{}{}: {e}", url.host, url.port, url.path),
-                }
-            });
+        let delivery = Arc::new(Delivery {
+            kind: kind_name(event.kind),
+            message: event.message.clone(),
+            json: serde_json::to_string(event).expect("events serialize"),
+        });
+        for queue in [&self.notify, &self.webhook].into_iter().flatten() {
+            if queue.try_send(delivery.clone()).is_err() {
+                self.dropped += 1;
+                warn!(
+                    dropped = self.dropped,
+                    "alert queue full ({QUEUE} waiting): event not delivered: {}", event.message
+                );
+            }
         }
     }
 }
