@@ -130,18 +130,16 @@ impl Controller {
         now: Instant,
     ) -> Self {
         let (checker, check_reports) = Checker::new(config.max_checks, extras.gate);
-        let settle = if config.diagnose {
-            // Time for the host's L3 probe to go down, plus one interval.
-            config.interval * (config.limits.fall + 1)
-        } else {
-            Duration::ZERO
-        };
+        // Time for the host's L3 probe to go down, plus one interval.
+        let diagnosis = config
+            .diagnose
+            .then(|| config.interval * (config.limits.fall + 1));
         Self {
             checker,
             check_reports,
             checks: HashMap::new(),
             agents: extras.agents,
-            alerts: Alerts::new(config.alerts.clone(), settle),
+            alerts: Alerts::new(config.alerts.clone(), diagnosis),
             sink: Sink::new(&config.alerts),
             ipvs: None,
             prober,

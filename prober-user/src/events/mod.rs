@@ -99,6 +99,8 @@ pub struct Alerts {
     /// How long a failed check waits for L3 to decide whether its host is
     /// down (zero without diagnosis).
     settle: Duration,
+    /// Whether hosts are probed at L3 at all.
+    diagnose: bool,
     hosts: HashMap<IpAddr, HostState>,
     checks: HashMap<String, CheckDown>,
     /// Every service using each host, for host events.
@@ -109,10 +111,13 @@ pub struct Alerts {
 }
 
 impl Alerts {
-    pub fn new(config: AlertConfig, settle: Duration) -> Self {
+    /// `diagnosis`: how long a failed check waits for its host's L3 probe
+    /// to decide (none: hosts are not probed at L3).
+    pub fn new(config: AlertConfig, diagnosis: Option<Duration>) -> Self {
         Self {
             config,
-            settle,
+            settle: diagnosis.unwrap_or_default(),
+            diagnose: diagnosis.is_some(),
             hosts: HashMap::new(),
             checks: HashMap::new(),
             services_of_host: HashMap::new(),
@@ -334,8 +339,15 @@ impl Alerts {
             down.reported = true;
             let (layer, reason, services) =
                 (down.layer, down.reason.clone(), down.services.clone());
+            // What L3 says about the host, in words.
+            let host = match self.hosts.get(&down.host) {
+                _ if !self.diagnose => "",
+                Some(h) if h.answered_at.is_some() && h.down => ", host down at L3 but up at L4",
+                Some(h) if h.answered_at.is_some() => ", host up",
+                _ => ", host never answered L3",
+            };
             let message = format!(
-                "RS {subject} down at {layer} ({reason}), host up: {} service{} affected ({})",
+                "RS {subject} down at {layer} ({reason}){host}: {} service{} affected ({})",
                 services.len(),
                 plural(services.len()),
                 services.join(", ")
@@ -471,7 +483,10 @@ mod tests {
 
     /// Three services on HOST; every subject the tests use exists.
     fn alerts(settle_ms: u64) -> Alerts {
-        let mut a = Alerts::new(AlertConfig::default(), Duration::from_millis(settle_ms));
+        let mut a = Alerts::new(
+            AlertConfig::default(),
+            Some(Duration::from_millis(settle_ms)),
+        );
         let mut map = HashMap::new();
         map.insert(
             host(HOST),
@@ -547,6 +562,11 @@ mod tests {
         assert_eq!(events[0].kind, Kind::CheckDown);
         assert_eq!(events[0].services.len(), 2);
         assert!(events[0].message.contains("status 500"));
+        assert!(
+            events[0].message.contains(", host up: 2 services"),
+            "{}",
+            events[0].message
+        );
         a.check_up("http", t0 + 2 * SECOND);
         let events = a.poll(t0 + 2 * SECOND, NONE_ALIVE);
         assert_eq!(events.len(), 1);
@@ -563,6 +583,11 @@ mod tests {
         let events = a.poll(t0 + SECOND, NONE_ALIVE);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].kind, Kind::CheckDown);
+        assert!(
+            events[0].message.contains("host never answered L3"),
+            "{}",
+            events[0].message
+        );
 
         // ICMP lost while the host's L4 probes still answer: one failing
         // service is its own cause, not the host's.
@@ -574,6 +599,11 @@ mod tests {
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].kind, Kind::CheckDown);
         assert_eq!(events[0].subject, "l4 443");
+        assert!(
+            events[0].message.contains("host down at L3 but up at L4"),
+            "{}",
+            events[0].message
+        );
     }
 
     #[test]

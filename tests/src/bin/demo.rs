@@ -2,7 +2,8 @@
 //! IPVS): a director and four real servers on a bridged LAN, a NAT service
 //! and a direct-routing service, and `prober run` managing their weights.
 //! Real server 1 is slow (netem 40 ms), 2 refuses (nothing listens until
-//! half-way), 3 is black-holed (its replies go nowhere). The direct-routing
+//! half-way), 3 is black-holed after a few seconds (its replies go
+//! nowhere). The direct-routing
 //! service also has an HTTP check, which reaches the VIP on each real
 //! server; the alerts prober raised are printed at the end.
 
@@ -23,6 +24,7 @@ use prober_tests::{
 const NAT_VS: &str = "203.0.113.10:80";
 const DR_VS: &str = "203.0.113.20:80";
 const RUN_FOR: Duration = Duration::from_secs(22);
+const BLACKHOLE_AT: Duration = Duration::from_secs(4);
 const COMEBACK_AT: Duration = Duration::from_secs(10);
 const CHECK_FAILS_AT: Duration = Duration::from_secs(14);
 
@@ -75,8 +77,7 @@ fn main() -> Result<()> {
         http_servers.push(server);
     }
     lan.servers[1].netem(LAN_IF, &["delay", "40ms"])?;
-    lan.servers[3].ip(&["route", "add", "blackhole", "192.0.2.1/32"])?;
-    println!("[demo] rs0 fast; rs1 +40 ms (netem); rs2 refuses (nothing on :80); rs3 black-holed (its replies are dropped)");
+    println!("[demo] rs0 fast; rs1 +40 ms (netem); rs2 refuses (nothing on :80); rs3 fine until it is black-holed at {} s", BLACKHOLE_AT.as_secs());
 
     lan.ipvsadm(&["-A", "-t", NAT_VS, "-s", "wrr"])?;
     for i in 0..4 {
@@ -127,9 +128,17 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut previous: HashMap<String, serde_json::Value> = HashMap::new();
     let mut came_back = false;
+    let mut black_holed = false;
     let mut failed_check = false;
     while started.elapsed() < RUN_FOR {
         thread::sleep(Duration::from_secs(1));
+        if !black_holed && started.elapsed() >= BLACKHOLE_AT {
+            lan.servers[3].ip(&["route", "add", "blackhole", "192.0.2.1/32"])?;
+            black_holed = true;
+            println!(
+                "\n[demo] rs3 is black-holed (its replies are dropped): the whole host is gone"
+            );
+        }
         if !came_back && started.elapsed() >= COMEBACK_AT {
             listeners.push(lan.servers[2].listen(SocketAddrV4::new(rs(2), 80))?);
             came_back = true;
