@@ -467,3 +467,51 @@ fn agent_weights_reach_ipvs_and_a_silent_agent_falls_back_to_active_checks() {
     assert_eq!(weight(&lan, vs, &rs0), 100);
     assert_eq!(weight(&lan, vs, &rs1), 100);
 }
+
+#[test]
+fn a_command_check_sets_the_weight_and_its_failure_takes_the_server_out() {
+    let lan = Lan::new(2).unwrap();
+    let vs = SERVICES[0];
+    let _listeners: Vec<_> = (0..2)
+        .map(|i| {
+            lan.servers[i]
+                .listen(SocketAddrV4::new(Lan::server_addr(i), 80))
+                .unwrap()
+        })
+        .collect();
+    lan.ipvsadm(&["-A", "-t", vs, "-s", "wrr"]).unwrap();
+    for i in 0..2 {
+        let rs = format!("{}:80", Lan::server_addr(i));
+        lan.ipvsadm(&["-a", "-t", vs, "-r", &rs, "-m", "-w", "100"])
+            .unwrap();
+    }
+    // The command prints what a file for its real server says, and fails
+    // when the file holds "fail" (keepalived's MISC_CHECK with a weight).
+    let dir = temp_path("prober-misc-", "d");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..2 {
+        std::fs::write(dir.join(Lan::server_addr(i).to_string()), "100\n").unwrap();
+    }
+    let script = format!(
+        "answer=$(cat {}/$1); [ \"$answer\" != fail ] && echo \"weight=$answer\"",
+        dir.display()
+    );
+    let config = format!(
+        "{FAST}\n[[service]]\nmatch = \"tcp:{vs}\"\n[service.check]\ntype = \"command\"\ncommand = [\"/bin/sh\", \"-c\", {script:?}, \"check\", \"{{address}}\"]\ninterval = \"300ms\"\ntimeout = \"1s\"\n"
+    );
+    let pin_dir = PinDir::new();
+    let daemon = start(&lan, &pin_dir, &config);
+    let rs0 = format!("{}:80", Lan::server_addr(0));
+    let rs1 = format!("{}:80", Lan::server_addr(1));
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(weight(&lan, vs, &rs0), 100, "{}", daemon.log());
+
+    std::fs::write(dir.join(Lan::server_addr(0).to_string()), "40\n").unwrap();
+    let took = wait_weight(&lan, vs, &rs0, 40, Duration::from_secs(10));
+    println!("command says weight=40: in IPVS after {took:?}");
+    std::fs::write(dir.join(Lan::server_addr(0).to_string()), "fail\n").unwrap();
+    let took = wait_weight(&lan, vs, &rs0, 0, Duration::from_secs(10));
+    println!("command fails: weight 0 after {took:?}");
+    assert_eq!(weight(&lan, vs, &rs1), 100, "the other server is untouched");
+    assert!(daemon.log().contains("exited with 1"), "{}", daemon.log());
+}
