@@ -35,13 +35,14 @@ pub struct AgentView {
 
 pub struct Agents {
     map: BpfHashMap<MapData, u32, AgentReport>,
-    deadline: Duration,
+    /// None: agents are not configured; reports are ignored.
+    deadline: Option<Duration>,
     hosts: HashSet<Ipv4Addr>,
     fresh: HashMap<Ipv4Addr, AgentView>,
 }
 
 impl Agents {
-    pub fn new(map: BpfHashMap<MapData, u32, AgentReport>, deadline: Duration) -> Self {
+    pub fn new(map: BpfHashMap<MapData, u32, AgentReport>, deadline: Option<Duration>) -> Self {
         Self {
             map,
             deadline,
@@ -72,8 +73,19 @@ impl Agents {
         Ok(())
     }
 
+    /// Turns agents on (with their deadline) or off (on reload).
+    pub fn set_deadline(&mut self, deadline: Option<Duration>) {
+        self.deadline = deadline;
+        if deadline.is_none() {
+            self.fresh.clear();
+        }
+    }
+
     /// Reads every report; logs agents that start or stop reporting.
     pub fn refresh(&mut self) {
+        let Some(deadline) = self.deadline else {
+            return;
+        };
         let now = monotonic_ns();
         for host in &self.hosts {
             let report = match self.map.get(&key(*host), 0) {
@@ -84,7 +96,7 @@ impl Agents {
                 }
             };
             let age = Duration::from_nanos(now.saturating_sub(report.last_ns));
-            let view = (report.last_ns != 0 && age <= self.deadline).then_some(AgentView {
+            let view = (report.last_ns != 0 && age <= deadline).then_some(AgentView {
                 state: match report.state {
                     agent_wire::STATE_DOWN => AgentState::Down,
                     agent_wire::STATE_DRAIN => AgentState::Drain,
@@ -98,7 +110,7 @@ impl Agents {
                     info!(%host, state = ?v.state, weight = v.weight, "agent reporting");
                 }
                 (Some(_), None) => {
-                    warn!(%host, "agent silent for more than {:?}: active checks alone decide", self.deadline);
+                    warn!(%host, "agent silent for more than {deadline:?}: active checks alone decide");
                 }
                 (Some(a), Some(b)) if a != b => {
                     info!(%host, state = ?b.state, weight = b.weight, "agent report changed");

@@ -20,6 +20,9 @@
 //! flap_window = "60s"      # more than flap_limit changes in the window:
 //! flap_limit = 4           # one "flapping" event, then quiet until stable
 //!
+//! [metrics]                # Prometheus endpoint, off unless set
+//! listen = "127.0.0.1:9100"   # GET /metrics (OpenMetrics text)
+//!
 //! [agent]                  # real servers report state and weight (UDP)
 //! port = 5555              # off unless set
 //! address = "10.0.0.1"     # default: the interface's first IPv4 address
@@ -81,6 +84,8 @@ pub struct Config {
     pub max_checks: usize,
     pub alerts: AlertConfig,
     pub agent: Option<AgentConfig>,
+    /// Where the Prometheus endpoint listens (off when none).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -178,6 +183,7 @@ impl Default for Config {
             max_checks: 256,
             alerts: AlertConfig::default(),
             agent: None,
+            metrics: None,
         }
     }
 }
@@ -279,6 +285,7 @@ impl Config {
                     .flap_limit
                     .map_or(defaults.alerts.flap_limit, |c| c.0),
             },
+            metrics: file.metrics.map(|m| m.listen),
             agent: file.agent.map(|a| AgentConfig {
                 port: a.port.0,
                 address: a.address,
@@ -357,6 +364,7 @@ struct File {
     weights: Option<WeightsSection>,
     alerts: Option<AlertsSection>,
     agent: Option<AgentSection>,
+    metrics: Option<MetricsSection>,
     #[serde(default)]
     service: Vec<toml::Spanned<ServiceSection>>,
 }
@@ -368,6 +376,13 @@ struct AlertsSection {
     webhook: Option<Url>,
     flap_window: Option<Interval>,
     flap_limit: Option<Count>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    /// "ADDR:PORT" of the Prometheus endpoint.
+    listen: std::net::SocketAddr,
 }
 
 #[derive(Deserialize)]

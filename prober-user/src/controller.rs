@@ -80,6 +80,18 @@ struct DestTrack {
     /// The weight in IPVS, as dumped or as written since.
     current: u32,
     destination: Destination,
+    /// What the policy last wanted (written or not).
+    computed: Option<u32>,
+    last_change: Option<crate::status::Change>,
+}
+
+/// Running totals for `prober status` and the metrics.
+#[derive(Default)]
+struct Totals {
+    weight_writes: u64,
+    weight_write_errors: u64,
+    netlink_errors: u64,
+    events: BTreeMap<String, u64>,
 }
 
 pub struct Controller {
@@ -100,6 +112,7 @@ pub struct Controller {
     sink: Sink,
     dests: HashMap<(ServiceKey, DestinationKey), DestTrack>,
     panicking: HashSet<ServiceKey>,
+    totals: Totals,
     next_discovery: Instant,
     ipvs_problem: Option<String>,
     /// Until then latency moves no weight: estimates (fresh, or restored
@@ -150,11 +163,161 @@ impl Controller {
             probes: HashMap::new(),
             dests: HashMap::new(),
             panicking: HashSet::new(),
+            totals: Totals::default(),
             next_discovery: now,
             ipvs_problem: None,
             latency_hold_until: now + config.policy.decay,
             config,
         }
+    }
+
+    /// Applies a new configuration (`prober reload`, SIGHUP) without
+    /// detaching anything or forgetting health: the next tick re-reads
+    /// IPVS and works out targets, checks and weights with it; weights the
+    /// change does not touch are not written. `agent_address` is where
+    /// agents report when the new config has `[agent]`.
+    pub fn reload(
+        &mut self,
+        config: Config,
+        agent_address: Option<std::net::Ipv4Addr>,
+        now: Instant,
+    ) -> Result<()> {
+        if config.max_checks != self.config.max_checks {
+            warn!(
+                "max_checks {} -> {}: takes effect at the next start",
+                self.config.max_checks, config.max_checks
+            );
+        }
+        match (config.agent, agent_address) {
+            (Some(agent), Some(address)) => self.prober.set_agent(address, agent.port)?,
+            _ => self.prober.set_agent(std::net::Ipv4Addr::UNSPECIFIED, 0)?,
+        }
+        if let Some(agents) = &mut self.agents {
+            agents.set_deadline(config.agent.map(|a| a.deadline));
+        }
+        if config.alerts != self.config.alerts {
+            self.sink = Sink::new(&config.alerts);
+            self.alerts.set_config(config.alerts.clone());
+        }
+        self.config = config;
+        self.next_discovery = now;
+        Ok(())
+    }
+
+    /// Every virtual service and real server as the controller sees them.
+    pub fn status(&self, now: Instant) -> crate::status::Status {
+        use crate::status::*;
+        let state_name = |s: State| if s == State::Up { "up" } else { "down" }.to_string();
+        let mut services: BTreeMap<ServiceKey, ServiceStatus> = BTreeMap::new();
+        for b in &self.plan.bindings {
+            let Some(dest) = self.dests.get(&(b.service, b.destination.key())) else {
+                continue;
+            };
+            let probe = self.probes.get(&b.probe);
+            let report = self
+                .prober
+                .id_of(&b.probe)
+                .and_then(|id| self.prober.report(id).ok())
+                .unwrap_or_default();
+            let l4 = probe.map(|p| ProbeStatus {
+                probe: b.probe.to_string(),
+                state: state_name(p.health.state()),
+                sent: report.sent,
+                answered: report.answered,
+                refused: report.refused,
+                unreachable: report.unreachable,
+                timed_out: report.timed_out,
+                rtt_log2_us: report.rtt_log2_us.clone(),
+            });
+            let l3 = self
+                .plan
+                .hosts
+                .get(&b.destination.addr)
+                .and_then(|spec| self.probes.get(spec))
+                .map(|t| state_name(t.health.state()));
+            let l7: Vec<CheckStatus> = b
+                .checks
+                .iter()
+                .filter_map(|spec| {
+                    let c = self.checks.get(spec)?;
+                    Some(CheckStatus {
+                        check: spec.to_string(),
+                        layer: spec.check.layer().into(),
+                        state: state_name(c.health.state()),
+                        failure: c.failure.clone(),
+                    })
+                })
+                .collect();
+            let agent = self
+                .agents
+                .as_ref()
+                .and_then(|a| a.view(b.destination.addr));
+            let up = probe.is_some_and(|p| p.health.state() == State::Up)
+                && l7.iter().all(|c| c.state == "up")
+                && agent.is_none_or(|a| a.state != AgentState::Down);
+            let state = match agent {
+                Some(a) if up && a.state == AgentState::Drain => "drain",
+                _ if up => "up",
+                _ => "down",
+            };
+            let passive = (b.destination.forwarding == prober_ipvs::Forwarding::Masquerade)
+                .then(|| {
+                    self.passive
+                        .histograms(&(b.destination.addr, b.destination.port))
+                })
+                .flatten();
+            let (handshake, response) = passive.unwrap_or_default();
+            let rtt = RttStatus {
+                active_ewma_ms: probe.and_then(|p| p.latency).map(|l| l.value_ns() / 1e6),
+                active_p50_ms: quantile_ms(&report.rtt_log2_us, 0.5),
+                active_p99_ms: quantile_ms(&report.rtt_log2_us, 0.99),
+                handshake_p50_ms: quantile_ms(&handshake, 0.5),
+                handshake_p99_ms: quantile_ms(&handshake, 0.99),
+                response_p50_ms: quantile_ms(&response, 0.5),
+                response_p99_ms: quantile_ms(&response, 0.99),
+                handshake_log2_us: handshake,
+                response_log2_us: response,
+            };
+            let service = services.entry(b.service).or_insert_with(|| ServiceStatus {
+                service: b.service.to_string(),
+                panic: self.panicking.contains(&b.service),
+                servers: Vec::new(),
+            });
+            service.servers.push(ServerStatus {
+                server: format!("{}", b.destination.key()),
+                forwarding: forwarding_name(b.destination.forwarding),
+                state: state.into(),
+                l3,
+                l4,
+                l7,
+                agent: agent.map(|a| AgentStatus {
+                    state: format!("{:?}", a.state).to_lowercase(),
+                    weight: a.weight,
+                }),
+                weight: WeightStatus {
+                    configured: dest.configured,
+                    computed: dest.computed,
+                    ipvs: dest.current,
+                },
+                rtt,
+                last_change: dest.last_change.clone(),
+            });
+        }
+        let _ = now;
+        Status {
+            ipvs_problem: self.ipvs_problem.clone(),
+            weight_writes: self.totals.weight_writes,
+            weight_write_errors: self.totals.weight_write_errors,
+            netlink_errors: self.totals.netlink_errors,
+            events: self.totals.events.clone(),
+            services: services.into_values().collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The shortest probe interval: how often `tick` should run.
@@ -173,6 +336,7 @@ impl Controller {
             self.next_discovery = now + self.config.discovery;
             if let Err(e) = self.discover(now, open_store) {
                 let problem = format!("{e:#}");
+                self.totals.netlink_errors += 1;
                 if self.ipvs_problem.as_ref() != Some(&problem) {
                     warn!(
                         "reading IPVS: {problem}; retrying every {:?}",
@@ -235,6 +399,11 @@ impl Controller {
             .map(|(spec, _)| spec.real_server())
             .collect();
         for event in self.alerts.poll(now, |host| l4_alive.contains(&host)) {
+            let kind = serde_json::to_value(event.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            *self.totals.events.entry(kind).or_default() += 1;
             self.sink.send(&event);
         }
         Ok(())
@@ -334,6 +503,8 @@ impl Controller {
                         written: remembered.filter(|r| r.has_written == 1).map(|r| r.written),
                         current: dumped,
                         destination: dest.clone(),
+                        computed: None,
+                        last_change: None,
                     };
                     // A write an earlier run had started: its own, if IPVS
                     // holds it.
@@ -646,7 +817,7 @@ impl Controller {
         }
         let mut updates = Vec::new();
         for (service, members_idx) in pools {
-            let mut members = Vec::with_capacity(members_idx.len());
+            let mut members: Vec<Candidate> = Vec::with_capacity(members_idx.len());
             for &i in &members_idx {
                 let b = &self.plan.bindings[i];
                 let (Some(dest), Some(probe)) = (
@@ -655,41 +826,67 @@ impl Controller {
                 ) else {
                     continue;
                 };
-                let checks: Vec<&CheckTrack> =
-                    b.checks.iter().filter_map(|c| self.checks.get(c)).collect();
-                let checks_up = checks.iter().all(|c| c.health.state() == State::Up);
+                let checks: Vec<(&CheckSpec, &CheckTrack)> = b
+                    .checks
+                    .iter()
+                    .filter_map(|c| Some((c, self.checks.get(c)?)))
+                    .collect();
+                let failing = checks.iter().find(|(_, c)| c.health.state() == State::Down);
                 // A command's weight, else the agent's, else the configured.
-                let check_weight = checks.iter().filter_map(|c| c.weight).min();
+                let check_weight = checks.iter().filter_map(|(_, c)| c.weight).min();
                 let agent = self
                     .agents
                     .as_ref()
                     .and_then(|a| a.view(b.destination.addr));
                 // Down is unhealthy; drain is healthy at weight 0 (it
                 // counts for neither panic mode nor "no healthy server").
-                let agent_up = agent.is_none_or(|a| a.state != AgentState::Down);
+                let agent_down = agent.is_some_and(|a| a.state == AgentState::Down);
                 let configured = match agent {
                     Some(a) if a.state == AgentState::Drain => 0,
                     _ => check_weight
                         .or(agent.map(|a| a.weight))
                         .unwrap_or(dest.configured),
                 };
-                let overridden = configured != dest.configured;
-                members.push((
-                    i,
-                    overridden,
-                    probe.evidence || agent.is_some() || checks.iter().any(|c| c.evidence),
-                    Member {
+                let why = if probe.health.state() == State::Down {
+                    format!("down: {} probe {} failing", layer_of(&b.probe), b.probe)
+                } else if let Some((spec, c)) = failing {
+                    format!(
+                        "down: {} {spec} failing ({})",
+                        spec.check.layer(),
+                        c.failure.as_deref().unwrap_or("no answer")
+                    )
+                } else if agent_down {
+                    "down: its agent says so".into()
+                } else if agent.is_some_and(|a| a.state == AgentState::Drain) {
+                    "drained by its agent".into()
+                } else if check_weight.is_some() {
+                    format!("weight {configured} from its command check")
+                } else if agent.is_some() {
+                    format!("weight {configured} from its agent")
+                } else if probe.came_up_at.is_some() {
+                    "up: slow start".into()
+                } else {
+                    "latency".into()
+                };
+                members.push(Candidate {
+                    index: i,
+                    overridden: configured != dest.configured,
+                    evidence: probe.evidence
+                        || agent.is_some()
+                        || checks.iter().any(|(_, c)| c.evidence),
+                    why,
+                    member: Member {
                         configured,
-                        up: probe.health.state() == State::Up && checks_up && agent_up,
+                        up: probe.health.state() == State::Up && failing.is_none() && !agent_down,
                         up_since: probe.came_up_at,
                         latency_ns: probe.latency.map(|l| l.value_ns()),
                         current: dest.current,
                     },
-                ));
+                });
             }
             let healthy = members
                 .iter()
-                .filter(|m| m.3.up && m.3.configured > 0)
+                .filter(|m| m.member.up && m.member.configured > 0)
                 .count();
             self.alerts
                 .service_health(&service.to_string(), healthy, members.len(), now);
@@ -708,18 +905,18 @@ impl Controller {
                     .is_none_or(|p| p.health.state() == State::Down || fresh(p))
             });
             if use_responses {
-                for (m, &i) in members.iter_mut().zip(&members_idx) {
-                    let probe = &self.probes[&self.plan.bindings[i].probe];
-                    m.3.latency_ns = probe.response.map(|r| r.value_ns());
+                for m in &mut members {
+                    let probe = &self.probes[&self.plan.bindings[m.index].probe];
+                    m.member.latency_ns = probe.response.map(|r| r.value_ns());
                 }
             }
             let (latency_aware, policy) = self.config.weights_for(&service);
             if !latency_aware {
                 for m in &mut members {
-                    m.3.latency_ns = None;
+                    m.member.latency_ns = None;
                 }
             }
-            let pool: Vec<Member> = members.iter().map(|m| m.3).collect();
+            let pool: Vec<Member> = members.iter().map(|m| m.member).collect();
             let result = pool_weights(&pool, &policy, now);
             if result.panic {
                 if self.panicking.insert(service) {
@@ -738,30 +935,38 @@ impl Controller {
             }
             // Only latency-aware pools have latency-made weights to keep.
             let hold_latency = latency_aware && now < self.latency_hold_until;
-            for ((i, overridden, evidence, member), weight) in members.iter().zip(result.weights) {
+            for (m, weight) in members.into_iter().zip(result.weights) {
+                let b = &self.plan.bindings[m.index];
+                let key = (b.service, b.destination.key());
+                if let Some(dest) = self.dests.get_mut(&key) {
+                    dest.computed = Some(weight);
+                }
                 // Before its probe has spoken, and while latency is held,
                 // a server that is up (and not ramping up) keeps its weight,
                 // unless an agent or a command gave it a new one.
+                let member = m.member;
                 let steady_up = member.up && member.up_since.is_none() && member.current > 0;
-                if !evidence
+                if !m.evidence
                     || weight == member.current
-                    || (hold_latency && steady_up && !overridden)
+                    || (hold_latency && steady_up && !m.overridden)
                 {
                     continue;
                 }
-                let b = &self.plan.bindings[*i];
-                let dest = &self.dests[&(b.service, b.destination.key())];
-                updates.push(WeightUpdate {
-                    service,
-                    destination: dest.destination.clone(),
-                    weight,
-                });
+                let dest = &self.dests[&key];
+                updates.push((
+                    WeightUpdate {
+                        service,
+                        destination: dest.destination.clone(),
+                        weight,
+                    },
+                    m.why,
+                ));
             }
         }
         if updates.is_empty() {
             return;
         }
-        for update in &updates {
+        for (update, _) in &updates {
             let key = (update.service, update.destination.key());
             if let Some(track) = self.dests.get(&key) {
                 let mut intent = record(track);
@@ -772,7 +977,8 @@ impl Controller {
                 }
             }
         }
-        let failed: HashSet<usize> = match ipvs.set_weights(&updates) {
+        let batch: Vec<WeightUpdate> = updates.iter().map(|(u, _)| u.clone()).collect();
+        let failed: HashSet<usize> = match ipvs.set_weights(&batch) {
             Ok(failures) => failures
                 .into_iter()
                 .map(|f| {
@@ -782,27 +988,31 @@ impl Controller {
                 .collect(),
             Err(e) => {
                 warn!("writing weights: {e}");
-                (0..updates.len()).collect()
+                self.totals.netlink_errors += 1;
+                (0..batch.len()).collect()
             }
         };
-        for (index, update) in updates.iter().enumerate() {
+        self.totals.weight_write_errors += failed.len() as u64;
+        for (index, (update, why)) in updates.into_iter().enumerate() {
+            let key = (update.service, update.destination.key());
             if failed.contains(&index) {
                 // Not written: the intent saved above is withdrawn.
-                let key = (update.service, update.destination.key());
                 if let Some(track) = self.dests.get(&key) {
                     let _ = store.set_weight(weight_key(&key.0, &key.1), record(track));
                 }
                 continue;
             }
-            let key = (update.service, update.destination.key());
+            self.totals.weight_writes += 1;
             if let Some(track) = self.dests.get_mut(&key) {
                 info!(
                     service = %update.service,
                     destination = %key.1,
+                    why = %why,
                     "set weight {} -> {}",
                     track.current,
                     update.weight
                 );
+                track.last_change = Some(change(track.current, update.weight, why));
                 track.current = update.weight;
                 track.written = Some(update.weight);
                 if let Err(e) = store.set_weight(weight_key(&key.0, &key.1), record(track)) {
@@ -810,6 +1020,47 @@ impl Controller {
                 }
             }
         }
+    }
+}
+
+/// One member of a pool as this tick sees it.
+struct Candidate {
+    /// Its binding.
+    index: usize,
+    /// An agent or a command set its weight.
+    overridden: bool,
+    /// Something has spoken about it this run.
+    evidence: bool,
+    /// What drives its weight now, for the log and `prober status`.
+    why: String,
+    member: Member,
+}
+
+fn change(from: u32, to: u32, why: String) -> crate::status::Change {
+    crate::status::Change {
+        time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        from,
+        to,
+        why,
+    }
+}
+
+fn forwarding_name(f: prober_ipvs::Forwarding) -> String {
+    match f {
+        prober_ipvs::Forwarding::Masquerade => "masq".into(),
+        prober_ipvs::Forwarding::DirectRoute => "route".into(),
+        prober_ipvs::Forwarding::Tunnel => "tunnel".into(),
+        prober_ipvs::Forwarding::Local => "local".into(),
+        prober_ipvs::Forwarding::Other(n) => format!("other({n})"),
+    }
+}
+
+fn layer_of(probe: &ProbeSpec) -> &'static str {
+    match probe.kind {
+        crate::probe::ProbeKind::IcmpEcho => "L3",
+        crate::probe::ProbeKind::TcpSyn { .. } => "L4",
     }
 }
 

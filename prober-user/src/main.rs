@@ -5,31 +5,64 @@ mod ipvs_list;
 
 use std::{
     io::IsTerminal,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use prober_user::{
-    agent, agents, checks, config, controller, datapath, passive, preflight, probe, stats,
+    agent, agents, checks, config, control, controller, datapath, metrics, passive, preflight,
+    probe, stats,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
+
+const EXIT_STATUS: &str = "\
+EXIT STATUS
+    0  success (for `run`: stopped by SIGINT or SIGTERM, datapath detached)
+    1  an error, printed on standard error with what and where
+    2  bad command line (usage printed)
+    3  no daemon runs (status, reload, stats)";
+
+const FILES: &str = "\
+FILES
+    /sys/fs/bpf/prober/      pinned maps (--pin-dir); see the README's \"Pinned maps\"
+    /run/prober/NAME.sock    control socket of the daemon whose pin directory is NAME
+    /etc/prober/prober.toml  the usual configuration file (the systemd unit's)";
 
 #[derive(Parser)]
 #[command(
     name = "prober",
     version,
-    about = "eBPF health checker for IPVS directors"
+    about = "eBPF health checker for IPVS directors",
+    long_about = "prober checks the real servers of every IPVS virtual service from an \
+eBPF datapath (L3/L4 probes at line rate, passive response times of client traffic), \
+runs L7 checks and user commands, listens to agents on the real servers, and sets \
+each real server's IPVS weight from its health and response time.",
+    after_long_help = format!("{EXIT_STATUS}\n\n{FILES}\n\nENVIRONMENT\n    PROBER_LOG    log filter (error, warn, info, debug, trace; or tracing directives)")
 )]
 struct Cli {
     /// Directory on bpffs where the daemon pins its maps.
     #[arg(long, global = true, default_value = prober_common::PIN_DIR, value_name = "DIR")]
     pin_dir: PathBuf,
+    /// The daemon's control socket (default: /run/prober/<pin dir name>.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -37,6 +70,7 @@ enum Command {
     /// Attach the datapath to an interface and run until SIGINT or SIGTERM
     /// (then detach and unpin): manage the weights of every IPVS service,
     /// or, with --probe, only probe and report.
+    #[command(after_long_help = format!("SIGNALS\n    SIGHUP        reload the configuration file (as `prober reload`)\n    SIGINT, SIGTERM  detach, unpin and exit 0\n\nEXAMPLES\n    prober run --iface eth0 --config /etc/prober/prober.toml\n    prober run --iface eth0 --probe tcp:10.0.0.2:80 --probe icmp:10.0.0.3 --interval 200ms\n\n{EXIT_STATUS}\n\n{FILES}"))]
     Run {
         /// The director's interface: probes leave by it, replies are matched
         /// on it.
@@ -56,8 +90,25 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Every virtual service and real server as the running daemon sees
+    /// them: state per layer, RTTs, weights, last change and why.
+    #[command(after_long_help = format!("COLUMNS\n    state         up, down or drain, all layers together\n    L3 L4 L7      the host's ICMP probe, the L4 probe, the L7 checks passing\n    agent         the agent's weight or state, while it reports\n    rtt           latency estimate (EWMA) / p50 / p99 of probe RTTs, ms\n    hs, resp      passive handshake RTT and response time p50/p99, ms (NAT)\n    weight        configured / computed by prober / in IPVS\n\n{EXIT_STATUS}"))]
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh in place every INTERVAL (default 1s) until interrupted.
+        #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "1s", value_parser = humantime::parse_duration)]
+        watch: Option<Duration>,
+    },
+    /// Make the running daemon re-read its configuration file (as SIGHUP):
+    /// applied without detaching, resetting health or rewriting unchanged
+    /// weights; a broken file is refused and the old configuration stays.
+    #[command(after_long_help = EXIT_STATUS)]
+    Reload,
     /// Print the running daemon's counters and per-probe results (from its
     /// pinned maps).
+    #[command(after_long_help = EXIT_STATUS)]
     Stats {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -65,6 +116,9 @@ enum Command {
     },
     /// Run on a real server: report its state and weight to the director's
     /// agent port every interval (see README, "Agent feedback").
+    #[command(
+        after_long_help = "EXAMPLES\n    prober agent --director 10.0.0.1:5555 --weight 80\n    echo drain > /run/lb-state; prober agent --director 10.0.0.1:5555 --from-file /run/lb-state"
+    )]
     Agent {
         /// The director's address and agent port, e.g. 10.0.0.1:5555.
         #[arg(long, value_name = "ADDR:PORT")]
@@ -106,22 +160,36 @@ enum IpvsCommand {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PROBER_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("PROBER_LOG").unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| control::socket_path(&cli.pin_dir));
     let result = match cli.command {
         Command::Run {
             iface,
             probes,
             interval,
             config,
-        } => run(&iface, &cli.pin_dir, &probes, interval, config.as_deref()),
+        } => run(&Daemon {
+            interface: iface,
+            pin_dir: cli.pin_dir.clone(),
+            socket,
+            probes,
+            interval,
+            config_path: config,
+        }),
+        Command::Status { json, watch } => print_status(&socket, json, watch),
+        Command::Reload => reload_daemon(&socket),
         Command::Stats { json } => print_stats(&cli.pin_dir, json),
         Command::Agent {
             director,
@@ -141,8 +209,73 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("prober: error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<control::NotRunning>().is_some()
+                || e.to_string().starts_with("prober is not running")
+            {
+                ExitCode::from(3)
+            } else {
+                ExitCode::FAILURE
+            }
         }
+    }
+}
+
+/// What `prober run` was asked.
+struct Daemon {
+    interface: String,
+    pin_dir: PathBuf,
+    socket: PathBuf,
+    probes: Vec<probe::ProbeSpec>,
+    interval: Option<Duration>,
+    config_path: Option<PathBuf>,
+}
+
+impl Daemon {
+    /// The configuration file with the command line's overrides.
+    fn config(&self) -> Result<config::Config> {
+        let mut config = match &self.config_path {
+            Some(path) => config::Config::load(path)?,
+            None => config::Config::default(),
+        };
+        if let Some(interval) = self.interval {
+            if interval < Duration::from_millis(10) {
+                anyhow::bail!("--interval {interval:?} is below the 10ms minimum");
+            }
+            config.interval = interval;
+            config.timeout = config.timeout.min(interval);
+        }
+        Ok(config)
+    }
+
+    /// Where agents report, when the config has `[agent]`.
+    fn agent_address(&self, config: &config::Config) -> Result<Option<Ipv4Addr>> {
+        let Some(agent) = config.agent else {
+            return Ok(None);
+        };
+        match agent.address {
+            Some(address) => Ok(Some(address)),
+            None => preflight::interface_ipv4(&self.interface).map(Some).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "[agent]: interface '{}' has no IPv4 address for agents to report to; set `address`",
+                    self.interface
+                )
+            }),
+        }
+    }
+
+    /// Re-reads the file and hands it to the controller; the old
+    /// configuration stays on any error.
+    fn reload(&self, controller: &mut controller::Controller) -> Result<String> {
+        let Some(path) = &self.config_path else {
+            return Ok("no --config file: nothing to reload".into());
+        };
+        let config = self.config()?;
+        let agent_address = self.agent_address(&config)?;
+        if config.metrics != controller.config().metrics {
+            warn!("[metrics] changes take effect at the next start");
+        }
+        controller.reload(config, agent_address, Instant::now())?;
+        Ok(format!("configuration {} applied", path.display()))
     }
 }
 
@@ -154,24 +287,8 @@ enum Mode {
     Ipvs(Box<controller::Controller>),
 }
 
-fn run(
-    interface: &str,
-    pin_dir: &Path,
-    probes: &[probe::ProbeSpec],
-    interval: Option<Duration>,
-    config_path: Option<&Path>,
-) -> Result<()> {
-    let mut config = match config_path {
-        Some(path) => config::Config::load(path)?,
-        None => config::Config::default(),
-    };
-    if let Some(interval) = interval {
-        if interval < Duration::from_millis(10) {
-            anyhow::bail!("--interval {interval:?} is below the 10ms minimum");
-        }
-        config.interval = interval;
-        config.timeout = config.timeout.min(interval);
-    }
+fn run(daemon: &Daemon) -> Result<()> {
+    let config = daemon.config()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -180,31 +297,24 @@ fn run(
         // before we can clean up.
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
-        let mut datapath = datapath::Datapath::attach(interface, pin_dir)?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        let interface = daemon.interface.as_str();
+        let mut datapath = datapath::Datapath::attach(interface, &daemon.pin_dir)?;
         let (maps, probe_tx) = datapath.prober_parts()?;
         let ifindex = preflight::interface_index(interface)?;
-        let mut prober = probe::Prober::new(maps, probe_tx, interface, ifindex, probes)?;
-        let mut mode = if probes.is_empty() {
+        let mut prober = probe::Prober::new(maps, probe_tx, interface, ifindex, &daemon.probes)?;
+        let mut mode = if daemon.probes.is_empty() {
             let passive = passive::Passive::new(datapath.passive_maps()?);
-            let agents = match config.agent {
-                Some(agent) => {
-                    let address = match agent.address {
-                        Some(address) => address,
-                        None => preflight::interface_ipv4(interface).ok_or_else(|| {
-                            anyhow::anyhow!(
-                                "[agent]: interface '{interface}' has no IPv4 address for agents to report to; set `address`"
-                            )
-                        })?,
-                    };
-                    prober.set_agent(address, agent.port)?;
-                    info!(%address, port = agent.port, deadline = ?agent.deadline, "agent reports accepted");
-                    Some(agents::Agents::new(datapath.agents_map()?, agent.deadline))
-                }
-                None => None,
-            };
+            if let (Some(agent), Some(address)) = (config.agent, daemon.agent_address(&config)?) {
+                prober.set_agent(address, agent.port)?;
+                info!(%address, port = agent.port, deadline = ?agent.deadline, "agent reports accepted");
+            }
             let extras = controller::Extras {
                 gate: Some(checks::dr::Gate::new(datapath.dr_checks_map()?)),
-                agents,
+                agents: Some(agents::Agents::new(
+                    datapath.agents_map()?,
+                    config.agent.map(|a| a.deadline),
+                )),
             };
             Mode::Ipvs(Box::new(controller::Controller::new(
                 config.clone(),
@@ -216,26 +326,61 @@ fn run(
         } else {
             Mode::ProbesOnly(Box::new(prober))
         };
-        let tick = match &mode {
+        let mut control = control::ControlServer::listen(&daemon.socket)?;
+        if let (Some(listen), Mode::Ipvs(_)) = (config.metrics, &mode) {
+            metrics::serve(listen, control.sender()).await?;
+        }
+        let tick_of = |mode: &Mode| match mode {
             Mode::Ipvs(c) => c.tick_interval(),
             Mode::ProbesOnly(_) => config.interval,
         };
+        let mut tick = tick_of(&mode);
         info!(
-            probes = probes.len(),
+            probes = daemon.probes.len(),
             mode = if matches!(mode, Mode::Ipvs(_)) {
                 "IPVS"
             } else {
                 "probes only"
             },
             ?tick,
+            socket = %daemon.socket.display(),
             "running; stop with SIGINT or SIGTERM"
         );
+        let started = Instant::now();
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let name = loop {
+            let mut reloaded = None;
             tokio::select! {
                 _ = interrupt.recv() => break "SIGINT",
                 _ = terminate.recv() => break "SIGTERM",
+                _ = hangup.recv() => {
+                    info!("SIGHUP: reloading the configuration");
+                    reloaded = Some(apply_reload(daemon, &mut mode));
+                }
+                Some((request, reply)) = control.next() => {
+                    let response = match (request, &mut mode) {
+                        (control::Request::Status, Mode::Ipvs(c)) => control::Response::Status(
+                            Box::new(snapshot(daemon, c, started)),
+                        ),
+                        (control::Request::Metrics, Mode::Ipvs(c)) => control::Response::Metrics(
+                            metrics::encode_status(snapshot(daemon, c, started)),
+                        ),
+                        (control::Request::Reload, _) => {
+                            let result = apply_reload(daemon, &mut mode);
+                            let response = match &result {
+                                Ok(message) => control::Response::Reload { ok: true, message: message.clone() },
+                                Err(message) => control::Response::Reload { ok: false, message: message.clone() },
+                            };
+                            reloaded = Some(result);
+                            response
+                        }
+                        (_, Mode::ProbesOnly(_)) => control::Response::Error(
+                            "this daemon only probes (--probe): see `prober stats`".into(),
+                        ),
+                    };
+                    let _ = reply.send(response);
+                }
                 _ = ticker.tick() => match &mut mode {
                     Mode::Ipvs(controller) => {
                         let mut open_store = || datapath.open_state();
@@ -253,11 +398,110 @@ fn run(
                     }
                 },
             }
+            // A new interval takes effect at once.
+            if let Some(Ok(_)) = reloaded {
+                let new_tick = tick_of(&mode);
+                if new_tick != tick {
+                    tick = new_tick;
+                    ticker = tokio::time::interval(tick);
+                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+            }
         };
         info!(signal = name, "stopping");
+        drop(control);
         drop(mode);
         datapath.detach()
     })
+}
+
+/// Reloads, logging the outcome; the error is the message for the caller.
+fn apply_reload(daemon: &Daemon, mode: &mut Mode) -> Result<String, String> {
+    let Mode::Ipvs(controller) = mode else {
+        return Err("this daemon only probes (--probe): nothing to reload".into());
+    };
+    match daemon.reload(controller) {
+        Ok(message) => {
+            info!("reload: {message}");
+            Ok(message)
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            warn!("reload refused, the running configuration stays: {message}");
+            Err(message)
+        }
+    }
+}
+
+fn snapshot(
+    daemon: &Daemon,
+    controller: &controller::Controller,
+    started: Instant,
+) -> prober_user::status::Status {
+    let mut status = controller.status(Instant::now());
+    status.pid = std::process::id();
+    status.interface = daemon.interface.clone();
+    status.config = daemon.config_path.as_ref().map(|p| p.display().to_string());
+    status.uptime_s = started.elapsed().as_secs_f64();
+    status.interval_ms = controller.config().interval.as_millis() as u64;
+    match stats::read_counters(&daemon.pin_dir) {
+        Ok(c) => {
+            status.datapath = prober_user::status::DatapathTotals {
+                packets: c.packets,
+                bytes: c.bytes,
+                replies_matched: c.replies_matched,
+                replies_rejected: c.replies_rejected,
+                resets_sent: c.resets_sent,
+                probes_built: c.probes_built,
+                probe_errors: c.probe_errors,
+                agent_reports: c.agent_reports,
+                agent_malformed: c.agent_malformed,
+                agent_unknown: c.agent_unknown,
+            }
+        }
+        Err(e) => warn!("reading COUNTERS: {e:#}"),
+    }
+    status
+}
+
+fn print_status(socket: &Path, json: bool, watch: Option<Duration>) -> Result<()> {
+    loop {
+        let status = match control::request(socket, control::Request::Status)? {
+            control::Response::Status(status) => status,
+            control::Response::Error(e) => anyhow::bail!("{e}"),
+            other => anyhow::bail!("unexpected answer: {other:?}"),
+        };
+        let text = if json {
+            serde_json::to_string_pretty(&status)?
+        } else {
+            prober_user::status::table(&status)
+        };
+        match watch {
+            None => {
+                println!("{text}");
+                return Ok(());
+            }
+            Some(every) => {
+                // Home and clear, then the new table: refreshed in place.
+                println!("\x1b[H\x1b[2J{text}");
+                std::thread::sleep(every);
+            }
+        }
+    }
+}
+
+fn reload_daemon(socket: &Path) -> Result<()> {
+    match control::request(socket, control::Request::Reload)? {
+        control::Response::Reload { ok: true, message } => {
+            println!("{message}");
+            Ok(())
+        }
+        control::Response::Reload { ok: false, message } => {
+            anyhow::bail!("reload refused, the running configuration stays: {message}")
+        }
+        control::Response::Error(e) => anyhow::bail!("{e}"),
+        other => anyhow::bail!("unexpected answer: {other:?}"),
+    }
 }
 
 fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {

@@ -157,6 +157,24 @@ impl Passive {
         Ok(())
     }
 
+    /// A followed server's handshake and response-time histograms (log2
+    /// µs), summed over CPUs.
+    pub fn histograms(&self, server: &Server) -> Option<(Vec<u64>, Vec<u64>)> {
+        let id = self.ids.get(server)?;
+        let per_cpu = self.maps.stats.get(id, 0).ok()?;
+        let mut handshake = vec![0u64; prober_common::RTT_BUCKETS];
+        let mut response = vec![0u64; prober_common::RTT_BUCKETS];
+        for cpu in per_cpu.iter() {
+            for (sum, n) in handshake.iter_mut().zip(cpu.handshake_log2_us) {
+                *sum += n;
+            }
+            for (sum, n) in response.iter_mut().zip(cpu.response_log2_us) {
+                *sum += n;
+            }
+        }
+        Some((handshake, response))
+    }
+
     /// What each followed server's traffic showed since the last call.
     pub fn take_deltas(&mut self) -> Result<HashMap<Server, Delta>> {
         let mut out = HashMap::with_capacity(self.ids.len());

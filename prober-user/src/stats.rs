@@ -31,6 +31,16 @@ pub struct Stats {
     pub passive: Vec<crate::passive::ServerReport>,
 }
 
+/// The datapath counters summed over CPUs.
+pub fn read_counters(pin_dir: &Path) -> Result<DatapathCounters> {
+    let array: PerCpuArray<MapData, DatapathCounters> =
+        report::open_pinned(pin_dir, map_names::COUNTERS)?;
+    Ok(array
+        .get(&0, 0)?
+        .iter()
+        .fold(DatapathCounters::default(), |sum, c| sum.saturating_add(*c)))
+}
+
 pub fn read(pin_dir: &Path) -> Result<Stats> {
     let array: PerCpuArray<MapData, DatapathCounters> =
         report::open_pinned(pin_dir, map_names::COUNTERS)?;

@@ -74,19 +74,22 @@ fn without_bpffs_it_says_how_to_mount_it() {
 }
 
 #[test]
-fn stats_without_a_daemon_says_it_is_not_running() {
-    let out = Command::new(prober_bin())
-        .arg("--pin-dir")
-        .arg(PinDir::new())
-        .arg("stats")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("prober is not running"),
-        "{}",
-        stderr(&out)
-    );
+fn stats_status_and_reload_without_a_daemon_say_it_is_not_running() {
+    let pin_dir = PinDir::new();
+    for command in ["stats", "status", "reload"] {
+        let out = Command::new(prober_bin())
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg(command)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{command}: exit 3 (documented)");
+        assert!(
+            stderr(&out).contains("prober is not running"),
+            "{command}: {}",
+            stderr(&out)
+        );
+    }
 }
 
 /// This machine's kernel has no IPVS (shared/docs/toolchain.md): the

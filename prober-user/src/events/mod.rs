@@ -127,6 +127,11 @@ impl Alerts {
         }
     }
 
+    /// New flapping settings (on reload).
+    pub fn set_config(&mut self, config: AlertConfig) {
+        self.config = config;
+    }
+
     /// Which services use which host, and which checks exist (after each
     /// IPVS discovery): what is gone is forgotten.
     pub fn set_topology(

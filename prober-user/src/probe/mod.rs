@@ -62,6 +62,17 @@ pub struct Counts {
     pub last_rtt_ns: u64,
 }
 
+/// What `Prober::report` gives.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeReport {
+    pub sent: u64,
+    pub answered: u64,
+    pub refused: u64,
+    pub unreachable: u64,
+    pub timed_out: u64,
+    pub rtt_log2_us: Vec<u64>,
+}
+
 /// One configured probe and what the kernel told us about its path.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -185,6 +196,26 @@ impl Prober {
             }
         }
         Ok(counts)
+    }
+
+    /// Counters and the RTT histogram of one target, for status and metrics.
+    pub fn report(&self, id: u32) -> Result<ProbeReport> {
+        let state = self.maps.state.get(&id, 0)?;
+        let mut report = ProbeReport {
+            sent: state.sent,
+            timed_out: state.timed_out,
+            rtt_log2_us: vec![0; prober_common::RTT_BUCKETS],
+            ..Default::default()
+        };
+        for cpu in self.maps.results.get(&id, 0)?.iter() {
+            report.answered += cpu.answered;
+            report.refused += cpu.refused;
+            report.unreachable += cpu.unreachable;
+            for (sum, n) in report.rtt_log2_us.iter_mut().zip(cpu.rtt_log2_us) {
+                *sum += n;
+            }
+        }
+        Ok(report)
     }
 
     /// Makes the target set exactly `specs`: a probe already there keeps

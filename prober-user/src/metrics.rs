@@ -1,0 +1,352 @@
+//! Prometheus metrics (off unless `[metrics] listen` is set): a tiny HTTP
+//! endpoint serving `GET /metrics` in the OpenMetrics text format, encoded
+//! by `prometheus-client` from a status snapshot taken for each scrape.
+//! Histograms come straight from the datapath's log2 buckets.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{text::encode, DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::{Registry, Unit},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::mpsc,
+};
+use tracing::{info, warn};
+
+use crate::{
+    control::{ask, Pending, Request, Response},
+    status::Status,
+};
+
+/// Serves `/metrics` on `listen` (call within a runtime).
+pub async fn serve(listen: SocketAddr, forward: mpsc::Sender<Pending>) -> Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("[metrics] listen = \"{listen}\": cannot listen there"))?;
+    info!(%listen, "metrics served at /metrics");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let forward = forward.clone();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 2048];
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    stream.read(&mut head),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let request = String::from_utf8_lossy(&head[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("");
+                let (status, kind, body) = if path == "/metrics" {
+                    match ask(&forward, Request::Metrics).await {
+                        Response::Metrics(text) => (
+                            "200 OK",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            text,
+                        ),
+                        other => (
+                            "503 Service Unavailable",
+                            "text/plain",
+                            format!("{other:?}\n"),
+                        ),
+                    }
+                } else {
+                    ("404 Not Found", "text/plain", "try /metrics\n".into())
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                if let Err(e) = stream.write_all(answer.as_bytes()).await {
+                    warn!("metrics: {e}");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// The snapshot in the exposition format.
+pub fn encode_status(status: Status) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot(status)));
+    let mut text = String::new();
+    encode(&mut text, &registry).expect("writing to a String cannot fail");
+    text
+}
+
+#[derive(Debug)]
+struct Snapshot(Status);
+
+type Labels = Vec<(&'static str, String)>;
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    series: &[(Labels, f64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, value) in series {
+        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in series {
+        ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// A histogram from log2-µs buckets, in seconds; bucket i's upper bound is
+/// 2^(i+1) µs, the sum is estimated from the buckets' midpoints.
+fn histogram(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, &[u64])],
+) -> Result<(), std::fmt::Error> {
+    let mut family =
+        encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+    for (labels, log2) in series {
+        let mut cumulative = 0u64;
+        let mut sum = 0.0;
+        let mut buckets = Vec::with_capacity(log2.len() + 1);
+        for (i, &n) in log2.iter().enumerate() {
+            cumulative += n;
+            let upper = (1u64 << (i + 1)) as f64 / 1e6;
+            sum += n as f64 * upper * 0.75;
+            if i + 1 < log2.len() {
+                buckets.push((upper, cumulative));
+            }
+        }
+        buckets.push((f64::INFINITY, cumulative));
+        family
+            .encode_family(labels)?
+            .encode_histogram::<Labels>(sum, cumulative, &buckets, None)?;
+    }
+    Ok(())
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        gauge(
+            &mut e,
+            "prober_up",
+            "1 while the daemon runs",
+            None,
+            &[(vec![], 1.0)],
+        )?;
+        gauge(
+            &mut e,
+            "prober_ipvs_readable",
+            "1 if the last IPVS discovery succeeded",
+            None,
+            &[(vec![], if s.ipvs_problem.is_none() { 1.0 } else { 0.0 })],
+        )?;
+        let mut healthy = Vec::new();
+        let mut weights = Vec::new();
+        let mut checks = Vec::new();
+        let mut sent = Vec::new();
+        let mut results = Vec::new();
+        let mut rtts = Vec::new();
+        let mut handshakes = Vec::new();
+        let mut responses = Vec::new();
+        let mut seen_probes = std::collections::HashSet::new();
+        let mut seen_servers = std::collections::HashSet::new();
+        for service in &s.services {
+            for srv in &service.servers {
+                let labels = || -> Labels {
+                    vec![
+                        ("service", service.service.clone()),
+                        ("server", srv.server.clone()),
+                    ]
+                };
+                healthy.push((labels(), if srv.state == "up" { 1.0 } else { 0.0 }));
+                for (source, value) in [
+                    ("configured", Some(srv.weight.configured)),
+                    ("computed", srv.weight.computed),
+                    ("ipvs", Some(srv.weight.ipvs)),
+                ] {
+                    if let Some(value) = value {
+                        let mut l = labels();
+                        l.push(("source", source.into()));
+                        weights.push((l, value as f64));
+                    }
+                }
+                for check in &srv.l7 {
+                    let mut l = labels();
+                    l.push(("check", check.check.clone()));
+                    checks.push((l, if check.state == "up" { 1.0 } else { 0.0 }));
+                }
+                // A probe shared by services is one series.
+                if let Some(p) = &srv.l4 {
+                    if seen_probes.insert(p.probe.clone()) {
+                        let l = || -> Labels { vec![("probe", p.probe.clone())] };
+                        sent.push((l(), p.sent));
+                        for (result, n) in [
+                            ("answered", p.answered),
+                            ("refused", p.refused),
+                            ("unreachable", p.unreachable),
+                            ("timed_out", p.timed_out),
+                        ] {
+                            let mut l = l();
+                            l.push(("result", result.into()));
+                            results.push((l, n));
+                        }
+                        rtts.push((l(), p.rtt_log2_us.as_slice()));
+                    }
+                }
+                if !srv.rtt.handshake_log2_us.is_empty() && seen_servers.insert(srv.server.clone())
+                {
+                    let l = vec![("server", srv.server.clone())];
+                    handshakes.push((l.clone(), srv.rtt.handshake_log2_us.as_slice()));
+                    responses.push((l, srv.rtt.response_log2_us.as_slice()));
+                }
+            }
+        }
+        gauge(
+            &mut e,
+            "prober_real_server_healthy",
+            "1 if the real server passes every layer for this virtual service",
+            None,
+            &healthy,
+        )?;
+        gauge(
+            &mut e,
+            "prober_real_server_weight",
+            "Weight of the real server: configured, computed by prober, and held by IPVS",
+            None,
+            &weights,
+        )?;
+        gauge(
+            &mut e,
+            "prober_check_healthy",
+            "1 if the L7 check or command passes",
+            None,
+            &checks,
+        )?;
+        counter(&mut e, "prober_probes_sent", "Active probes sent", &sent)?;
+        counter(
+            &mut e,
+            "prober_probe_results",
+            "Active probe outcomes by result",
+            &results,
+        )?;
+        histogram(
+            &mut e,
+            "prober_probe_rtt",
+            "Round-trip time of answered active probes",
+            &rtts,
+        )?;
+        histogram(
+            &mut e,
+            "prober_passive_handshake",
+            "Client handshake RTT (SYN forwarded to SYN-ACK) seen passively",
+            &handshakes,
+        )?;
+        histogram(
+            &mut e,
+            "prober_passive_response",
+            "Time from a client request to the first response byte, seen passively",
+            &responses,
+        )?;
+        counter(
+            &mut e,
+            "prober_weight_writes",
+            "IPVS weight writes that succeeded",
+            &[(vec![], s.weight_writes)],
+        )?;
+        counter(
+            &mut e,
+            "prober_weight_write_errors",
+            "IPVS weight writes that failed",
+            &[(vec![], s.weight_write_errors)],
+        )?;
+        counter(
+            &mut e,
+            "prober_netlink_errors",
+            "Failed IPVS netlink exchanges (dumps and write batches)",
+            &[(vec![], s.netlink_errors)],
+        )?;
+        let d = &s.datapath;
+        counter(
+            &mut e,
+            "prober_xdp_runs",
+            "Runs of the ingress XDP program (one per received frame)",
+            &[(vec![], d.packets)],
+        )?;
+        counter(
+            &mut e,
+            "prober_xdp_bytes",
+            "Bytes of the frames the ingress XDP program saw",
+            &[(vec![], d.bytes)],
+        )?;
+        counter(
+            &mut e,
+            "prober_probe_tx_runs",
+            "Probe frames built by the probe_tx program",
+            &[(vec![], d.probes_built)],
+        )?;
+        counter(
+            &mut e,
+            "prober_probe_tx_errors",
+            "probe_tx runs that sent nothing",
+            &[(vec![], d.probe_errors)],
+        )?;
+        counter(
+            &mut e,
+            "prober_replies",
+            "Replies to probe ports by verdict (rejected: cookie did not match)",
+            &[
+                (vec![("verdict", "matched".into())], d.replies_matched),
+                (vec![("verdict", "rejected".into())], d.replies_rejected),
+            ],
+        )?;
+        counter(
+            &mut e,
+            "prober_resets_sent",
+            "RSTs sent for SYN-ACKs (no half-open connections)",
+            &[(vec![], d.resets_sent)],
+        )?;
+        counter(
+            &mut e,
+            "prober_agent_datagrams",
+            "Datagrams to the agent port by outcome",
+            &[
+                (vec![("outcome", "recorded".into())], d.agent_reports),
+                (vec![("outcome", "malformed".into())], d.agent_malformed),
+                (vec![("outcome", "unknown_source".into())], d.agent_unknown),
+            ],
+        )?;
+        let events: Vec<(Labels, u64)> = s
+            .events
+            .iter()
+            .map(|(kind, n)| (vec![("kind", kind.clone())], *n))
+            .collect();
+        counter(&mut e, "prober_events", "Alerts raised, by kind", &events)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,298 @@
+//! What `prober status` shows and the metrics endpoint exports: a snapshot
+//! of every virtual service and real server as the running controller
+//! sees it, taken on request through the control socket.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use prober_common::RTT_BUCKETS;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub interface: String,
+    pub config: Option<String>,
+    pub uptime_s: f64,
+    /// The configured probe interval (changes with a reload).
+    pub interval_ms: u64,
+    /// Why IPVS cannot be read, while it cannot.
+    pub ipvs_problem: Option<String>,
+    pub datapath: DatapathTotals,
+    pub weight_writes: u64,
+    pub weight_write_errors: u64,
+    pub netlink_errors: u64,
+    /// Alerts raised, by kind.
+    pub events: BTreeMap<String, u64>,
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DatapathTotals {
+    pub packets: u64,
+    pub bytes: u64,
+    pub replies_matched: u64,
+    pub replies_rejected: u64,
+    pub resets_sent: u64,
+    pub probes_built: u64,
+    pub probe_errors: u64,
+    pub agent_reports: u64,
+    pub agent_malformed: u64,
+    pub agent_unknown: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// As ipvsadm shows it: "TCP 203.0.113.10:80", "FWM 7".
+    pub service: String,
+    /// Weights kept because too much of the pool is down.
+    pub panic: bool,
+    pub servers: Vec<ServerStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerStatus {
+    /// "ADDR:PORT".
+    pub server: String,
+    /// "masq", "route", "tunnel", ...
+    pub forwarding: String,
+    /// "up", "down" or "drain" (agent), all layers together.
+    pub state: String,
+    /// The host's L3 (ICMP) probe: "up", "down", or none.
+    pub l3: Option<String>,
+    pub l4: Option<ProbeStatus>,
+    pub l7: Vec<CheckStatus>,
+    pub agent: Option<AgentStatus>,
+    pub weight: WeightStatus,
+    pub rtt: RttStatus,
+    pub last_change: Option<Change>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProbeStatus {
+    pub probe: String,
+    pub state: String,
+    pub sent: u64,
+    pub answered: u64,
+    pub refused: u64,
+    pub unreachable: u64,
+    pub timed_out: u64,
+    /// Log2 buckets of answer RTTs: bucket i = [2^i, 2^(i+1)) µs.
+    pub rtt_log2_us: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CheckStatus {
+    pub check: String,
+    /// "L7" or "command".
+    pub layer: String,
+    pub state: String,
+    /// Why its last run failed.
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub state: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WeightStatus {
+    /// What the operator set (as IPVS had it, or as changed by hand).
+    pub configured: u32,
+    /// What prober's policy wants now (none before the first evaluation).
+    pub computed: Option<u32>,
+    /// What IPVS holds.
+    pub ipvs: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RttStatus {
+    /// The latency estimate weights use (EWMA of probe and handshake RTTs).
+    pub active_ewma_ms: Option<f64>,
+    pub active_p50_ms: Option<f64>,
+    pub active_p99_ms: Option<f64>,
+    /// Passive, from the clients' own connections (NAT only).
+    pub handshake_p50_ms: Option<f64>,
+    pub handshake_p99_ms: Option<f64>,
+    pub response_p50_ms: Option<f64>,
+    pub response_p99_ms: Option<f64>,
+    pub handshake_log2_us: Vec<u64>,
+    pub response_log2_us: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Change {
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub from: u32,
+    pub to: u32,
+    pub why: String,
+}
+
+/// The `q` quantile (0..1) of a log2-µs histogram, in ms, interpolated
+/// linearly inside its bucket; none without samples.
+pub fn quantile_ms(buckets: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut below = 0u64;
+    for (i, &n) in buckets.iter().enumerate().take(RTT_BUCKETS) {
+        if n == 0 {
+            continue;
+        }
+        if (below + n) as f64 >= rank {
+            let low = if i == 0 { 0.0 } else { (1u64 << i) as f64 };
+            let high = (1u64 << (i + 1)) as f64;
+            let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+            return Some((low + within * (high - low)) / 1000.0);
+        }
+        below += n;
+    }
+    None
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.1}"),
+        None => "-".into(),
+    }
+}
+
+/// The status as a table, one line per real server of each service.
+pub fn table(status: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "prober (pid {}) on {}, up {:.0} s{}; IPVS weight writes {}, failed {}",
+        status.pid,
+        status.interface,
+        status.uptime_s,
+        status
+            .config
+            .as_ref()
+            .map(|c| format!(", config {c}"))
+            .unwrap_or_default(),
+        status.weight_writes,
+        status.weight_write_errors,
+    );
+    if let Some(problem) = &status.ipvs_problem {
+        let _ = writeln!(out, "IPVS: {problem}");
+    }
+    let _ = writeln!(
+        out,
+        "{:<18} {:<6} {:<4} {:<5} {:<14} {:<6} {:>15} {:>13} {:>13} {:>15}  last change",
+        "real server",
+        "state",
+        "L3",
+        "L4",
+        "L7",
+        "agent",
+        "rtt ewma/p50/p99",
+        "hs p50/p99",
+        "resp p50/p99",
+        "weight cfg/cmp/ipvs"
+    );
+    for service in &status.services {
+        let _ = writeln!(
+            out,
+            "{}{}",
+            service.service,
+            if service.panic {
+                "  PANIC: weights kept"
+            } else {
+                ""
+            }
+        );
+        for s in &service.servers {
+            let l7 = if s.l7.is_empty() {
+                "-".to_string()
+            } else {
+                let up = s.l7.iter().filter(|c| c.state == "up").count();
+                format!("{up}/{} up", s.l7.len())
+            };
+            let agent = s
+                .agent
+                .as_ref()
+                .map(|a| {
+                    if a.state == "up" {
+                        a.weight.to_string()
+                    } else {
+                        a.state.clone()
+                    }
+                })
+                .unwrap_or_else(|| "-".into());
+            let change = s
+                .last_change
+                .as_ref()
+                .map(|c| format!("{} -> {}: {}", c.from, c.to, c.why))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<6} {:<4} {:<5} {:<14} {:<6} {:>15} {:>13} {:>13} {:>15}  {}",
+                s.server,
+                s.state,
+                s.l3.as_deref().unwrap_or("-"),
+                s.l4.as_ref().map_or("-", |p| p.state.as_str()),
+                l7,
+                agent,
+                format!(
+                    "{}/{}/{}",
+                    ms(s.rtt.active_ewma_ms),
+                    ms(s.rtt.active_p50_ms),
+                    ms(s.rtt.active_p99_ms)
+                ),
+                format!(
+                    "{}/{}",
+                    ms(s.rtt.handshake_p50_ms),
+                    ms(s.rtt.handshake_p99_ms)
+                ),
+                format!(
+                    "{}/{}",
+                    ms(s.rtt.response_p50_ms),
+                    ms(s.rtt.response_p99_ms)
+                ),
+                format!(
+                    "{}/{}/{}",
+                    s.weight.configured,
+                    s.weight
+                        .computed
+                        .map_or_else(|| "-".to_string(), |w| w.to_string()),
+                    s.weight.ipvs
+                ),
+                change
+            );
+            for check in s.l7.iter().filter(|c| c.state != "up") {
+                let _ = writeln!(
+                    out,
+                    "      {} {}: {}",
+                    check.layer,
+                    check.check,
+                    check.failure.as_deref().unwrap_or("down")
+                );
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_inside_log2_buckets() {
+        let mut b = vec![0u64; RTT_BUCKETS];
+        assert_eq!(quantile_ms(&b, 0.5), None);
+        b[10] = 100; // [1024, 2048) µs
+        let p50 = quantile_ms(&b, 0.5).unwrap();
+        assert!((p50 - 1.536).abs() < 1e-9, "{p50}");
+        b[14] = 2; // two slow ones in [16384, 32768) µs
+        let p99 = quantile_ms(&b, 0.99).unwrap();
+        assert!((16.384..32.768).contains(&p99), "{p99}");
+        assert!(quantile_ms(&b, 0.5).unwrap() < 2.048);
+    }
+}
