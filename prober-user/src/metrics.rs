@@ -130,21 +130,21 @@ fn histogram(
     let mut family =
         encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
     for (labels, log2) in series {
-        let mut cumulative = 0u64;
+        // Per-bucket counts: the encoder makes them cumulative. The last
+        // log2 bucket holds everything above, so it is +Inf.
+        let mut count = 0u64;
         let mut sum = 0.0;
-        let mut buckets = Vec::with_capacity(log2.len() + 1);
+        let mut buckets = Vec::with_capacity(log2.len());
         for (i, &n) in log2.iter().enumerate() {
-            cumulative += n;
+            count += n;
             let upper = (1u64 << (i + 1)) as f64 / 1e6;
             sum += n as f64 * upper * 0.75;
-            if i + 1 < log2.len() {
-                buckets.push((upper, cumulative));
-            }
+            let bound = if i + 1 < log2.len() { upper } else { f64::INFINITY };
+            buckets.push((bound, n));
         }
-        buckets.push((f64::INFINITY, cumulative));
         family
             .encode_family(labels)?
-            .encode_histogram::<Labels>(sum, cumulative, &buckets, None)?;
+            .encode_histogram::<Labels>(sum, count, &buckets, None)?;
     }
     Ok(())
 }

@@ -339,7 +339,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `prober run --iface <interface>` inside `netns` and waits (at
-    /// most 10 s) until it says it is running (maps pinned, XDP attached).
+    /// most 30 s: emulated guests under load are slow) until it says it is running (maps pinned, XDP attached).
     pub fn start(netns: &NetNs, interface: &str, pin_dir: &Path) -> Result<Self> {
         Self::start_with(netns, interface, pin_dir, &[])
     }
@@ -377,13 +377,13 @@ impl Daemon {
             pin_dir: pin_dir.to_path_buf(),
             stderr_path,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !daemon.log().contains(READY_LINE) {
             if let Some(status) = daemon.child.try_wait()? {
                 bail!("prober exited with {status}: {}", daemon.log());
             }
             if Instant::now() > deadline {
-                bail!("prober was not ready within 10 s: {}", daemon.log());
+                bail!("prober was not ready within 30 s: {}", daemon.log());
             }
             thread::sleep(Duration::from_millis(20));
         }

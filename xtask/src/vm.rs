@@ -41,6 +41,7 @@ pub const GUEST_TESTS: &[&str] = &[
     "guest_controller",
     "guest_passive",
     "guest_checks",
+    "guest_operator",
 ];
 
 /// Modules the initramfs loads to mount the host's root over virtio 9p

@@ -1,0 +1,395 @@
+//! What an operator runs against the daemon, in the qemu guest with real
+//! IPVS: `prober status --json` against IPVS and the pinned maps, the
+//! Prometheus endpoint through a real Prometheus text parser, and reloads
+//! (SIGHUP and `prober reload`), good and broken.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    thread,
+    time::Duration,
+};
+
+use prober_tests::{prober_bin, unique_name, wait_for, Daemon, Lan, PinDir, LAN_IF};
+
+const VS: &str = "203.0.113.10:80";
+const METRICS: &str = "127.0.0.1:9464";
+
+fn config_text(interval: &str) -> String {
+    format!(
+        r#"
+[daemon]
+interval = "{interval}"
+discovery = "1s"
+
+[weights]
+latency_aware = false
+
+[metrics]
+listen = "{METRICS}"
+"#
+    )
+}
+
+fn write_config(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// Two NAT real servers listening, both at weight 100.
+fn service() -> (Lan, Vec<std::net::TcpListener>) {
+    let lan = Lan::new(2).unwrap();
+    let listeners = (0..2)
+        .map(|i| {
+            lan.servers[i]
+                .listen(SocketAddrV4::new(Lan::server_addr(i), 80))
+                .unwrap()
+        })
+        .collect();
+    lan.ipvsadm(&["-A", "-t", VS, "-s", "wrr"]).unwrap();
+    for i in 0..2 {
+        let rs = format!("{}:80", Lan::server_addr(i));
+        lan.ipvsadm(&["-a", "-t", VS, "-r", &rs, "-m", "-w", "100"])
+            .unwrap();
+    }
+    (lan, listeners)
+}
+
+fn prober(pin_dir: &Path, args: &[&str]) -> Output {
+    Command::new(prober_bin())
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn status(pin_dir: &Path) -> serde_json::Value {
+    let out = prober(pin_dir, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn start(lan: &Lan, pin_dir: &PinDir, config: &Path) -> Daemon {
+    Daemon::start_with(
+        &lan.director,
+        LAN_IF,
+        pin_dir,
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap()
+}
+
+fn temp_config() -> PathBuf {
+    std::env::temp_dir().join(format!("{}.toml", unique_name("prober-op-")))
+}
+
+#[test]
+fn status_json_matches_ipvs_and_the_maps() {
+    let (lan, _listeners) = service();
+    let config = temp_config();
+    write_config(&config, &config_text("200ms"));
+    let pin_dir = PinDir::new();
+    let daemon = start(&lan, &pin_dir, &config);
+    thread::sleep(Duration::from_secs(2));
+    // One real server's weight changed by hand: status shows IPVS's.
+    let rs1 = format!("{}:80", Lan::server_addr(1));
+    lan.ipvsadm(&["-e", "-t", VS, "-r", &rs1, "-m", "-w", "60"])
+        .unwrap();
+    thread::sleep(Duration::from_millis(1500));
+
+    let before = daemon.stats().unwrap();
+    let s = status(&pin_dir);
+    let after = daemon.stats().unwrap();
+    let ipvs = lan.weights(VS).unwrap();
+    assert_eq!(s["interface"], LAN_IF);
+    assert_eq!(s["interval_ms"], 200);
+    let services = s["services"].as_array().unwrap();
+    assert_eq!(services.len(), 1, "{s:#}");
+    assert_eq!(services[0]["service"], format!("TCP {VS}"));
+    let servers = services[0]["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2);
+    for server in servers {
+        let name = server["server"].as_str().unwrap();
+        assert_eq!(
+            server["weight"]["ipvs"].as_u64().unwrap(),
+            ipvs[name] as u64,
+            "{name}: IPVS weight"
+        );
+        assert_eq!(server["state"], "up");
+        assert_eq!(server["forwarding"], "masq");
+        assert_eq!(server["l3"], "up", "the host's ICMP probe");
+        let probe = &server["l4"];
+        let probe_name = format!("tcp:{name}");
+        assert_eq!(probe["probe"], probe_name.as_str());
+        // The maps, read by `prober stats` just before and just after.
+        let sent = probe["sent"].as_u64().unwrap();
+        let field = |stats: &serde_json::Value, f: &str| prober_tests::field(stats, &probe_name, f);
+        assert!(
+            field(&before, "sent") <= sent && sent <= field(&after, "sent"),
+            "{name}: sent {sent} between the maps' {} and {}",
+            field(&before, "sent"),
+            field(&after, "sent")
+        );
+        let answered = probe["answered"].as_u64().unwrap();
+        assert!(field(&before, "answered") <= answered && answered <= field(&after, "answered"));
+        let buckets: u64 = probe["rtt_log2_us"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .sum();
+        assert_eq!(buckets, answered, "{name}: every answer in the histogram");
+        let p50 = server["rtt"]["active_p50_ms"].as_f64().unwrap();
+        let p99 = server["rtt"]["active_p99_ms"].as_f64().unwrap();
+        assert!(
+            0.0 < p50 && p50 <= p99 && p99 < 50.0,
+            "{name}: p50 {p50} p99 {p99}"
+        );
+        println!(
+            "{name}: weight cfg {} / computed {} / ipvs {}, sent {sent}, rtt p50 {p50:.2} ms p99 {p99:.2} ms",
+            server["weight"]["configured"], server["weight"]["computed"], server["weight"]["ipvs"]
+        );
+    }
+    let manual = servers
+        .iter()
+        .find(|s| s["server"] == rs1.as_str())
+        .unwrap();
+    assert_eq!(manual["weight"]["configured"], 60, "taken as configured");
+    assert!(s["datapath"]["packets"].as_u64().unwrap() >= after["packets"].as_u64().unwrap() / 2);
+
+    // The table says the same, and names the columns.
+    let table = String::from_utf8(prober(&pin_dir, &["status"]).stdout).unwrap();
+    println!("{table}");
+    assert!(table.contains(&format!("TCP {VS}")) && table.contains("weight cfg/cmp/ipvs"));
+    assert!(table.contains(&rs1));
+}
+
+/// GET /metrics from inside the director's namespace.
+fn scrape(lan: &Lan) -> (String, String) {
+    lan.director
+        .enter(|| {
+            let mut stream = TcpStream::connect(METRICS).unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).unwrap();
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+            (head.to_string(), body.to_string())
+        })
+        .unwrap()
+}
+
+#[test]
+fn the_metrics_endpoint_serves_valid_exposition_text() {
+    let (lan, _listeners) = service();
+    let config = temp_config();
+    write_config(&config, &config_text("200ms"));
+    let pin_dir = PinDir::new();
+    let _daemon = start(&lan, &pin_dir, &config);
+    thread::sleep(Duration::from_secs(2));
+    let (head, body) = scrape(&lan);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    assert!(body.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let scrape =
+        prometheus_parse::Scrape::parse(lines).expect("a Prometheus text parser accepts it");
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        assert!(
+            matches!(
+                prometheus_parse::LineInfo::parse(line),
+                prometheus_parse::LineInfo::Sample { .. }
+            ),
+            "not a sample line: {line}"
+        );
+    }
+    let find = |name: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{body}"))
+    };
+    let service = format!("TCP {VS}");
+    for i in 0..2 {
+        let server = format!("{}:80", Lan::server_addr(i));
+        let healthy = find(
+            "prober_real_server_healthy",
+            &[("service", &service), ("server", &server)],
+        );
+        assert!(matches!(healthy.value, prometheus_parse::Value::Gauge(v) if v == 1.0));
+        let weight = find(
+            "prober_real_server_weight",
+            &[
+                ("service", &service),
+                ("server", &server),
+                ("source", "ipvs"),
+            ],
+        );
+        assert!(matches!(weight.value, prometheus_parse::Value::Gauge(v) if v == 100.0));
+        let probe = format!("tcp:{server}");
+        let sent = find("prober_probes_sent_total", &[("probe", &probe)]);
+        assert!(
+            matches!(sent.value, prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) if v >= 5.0),
+            "{sent:?}"
+        );
+        // The RTT histogram: cumulative buckets ending at +Inf = the count.
+        let histogram = find("prober_probe_rtt_seconds", &[("probe", &probe)]);
+        assert!(matches!(
+            histogram.value,
+            prometheus_parse::Value::Histogram(_)
+        ));
+        let buckets: Vec<f64> = body
+            .lines()
+            .filter(|l| {
+                l.starts_with("prober_probe_rtt_seconds_bucket{")
+                    && l.contains(&format!("probe=\"{probe}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(buckets.len(), 24, "one per log2 bucket");
+        assert!(
+            buckets.windows(2).all(|w| w[0] <= w[1]),
+            "cumulative: {buckets:?}"
+        );
+        let last = *buckets.last().unwrap();
+        let count_line = format!("prober_probe_rtt_seconds_count{{probe=\"{probe}\"}} ");
+        let count: f64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix(&count_line))
+            .unwrap_or_else(|| panic!("no {count_line} in:\n{body}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(count, last, "+Inf bucket = count");
+        assert!(count >= 5.0, "{count} answers");
+    }
+    for name in [
+        "prober_weight_writes_total",
+        "prober_netlink_errors_total",
+        "prober_xdp_runs_total",
+        "prober_probe_tx_runs_total",
+        "prober_up",
+    ] {
+        find(name, &[]);
+    }
+    println!(
+        "{} samples in {} families, e.g. {}",
+        scrape.samples.len(),
+        scrape.docs.len(),
+        body.lines()
+            .find(|l| l.starts_with("prober_probe_rtt_seconds_bucket"))
+            .unwrap()
+    );
+}
+
+fn weight_writes(daemon: &Daemon) -> usize {
+    daemon.log().matches("set weight").count()
+}
+
+#[test]
+fn reload_applies_a_new_interval_without_writing_weights_and_refuses_a_broken_file() {
+    let (lan, _listeners) = service();
+    let config = temp_config();
+    write_config(&config, &config_text("200ms"));
+    let pin_dir = PinDir::new();
+    let mut daemon = start(&lan, &pin_dir, &config);
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(weight_writes(&daemon), 0, "{}", daemon.log());
+    let health_before = status(&pin_dir);
+
+    // SIGHUP with a new interval.
+    write_config(&config, &config_text("500ms"));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+    wait_for(Duration::from_secs(5), || {
+        Ok((status(&pin_dir)["interval_ms"] == 500).then_some(()))
+    })
+    .unwrap();
+    let sent = |s: &serde_json::Value| {
+        s["services"][0]["servers"][0]["l4"]["sent"]
+            .as_u64()
+            .unwrap()
+    };
+    let first = status(&pin_dir);
+    thread::sleep(Duration::from_secs(3));
+    let second = status(&pin_dir);
+    let rate = (sent(&second) - sent(&first)) as f64 / 3.0;
+    println!(
+        "after SIGHUP: interval {} ms, {rate:.1} probes/s to one server (was 5/s)",
+        second["interval_ms"]
+    );
+    assert!(rate <= 3.0, "{rate} probes/s at a 500 ms interval");
+    assert_eq!(
+        weight_writes(&daemon),
+        0,
+        "a reload writes no unchanged weight: {}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("reload: configuration"),
+        "{}",
+        daemon.log()
+    );
+    for (a, b) in health_before["services"][0]["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(second["services"][0]["servers"].as_array().unwrap())
+    {
+        assert_eq!(a["l4"]["state"], b["l4"]["state"], "health kept");
+        assert!(
+            sent(&second) > 0 && b["l4"]["sent"].as_u64() >= a["l4"]["sent"].as_u64(),
+            "counters kept"
+        );
+    }
+
+    // A broken file: SIGHUP and `prober reload` both refuse it, naming
+    // file and line; the running configuration stays.
+    write_config(&config, "[daemon]\ninterval = \"200ms\"\nfall = 0\n");
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+    let path = config.display().to_string();
+    wait_for(Duration::from_secs(5), || {
+        Ok(daemon.log().contains("reload refused").then_some(()))
+    })
+    .unwrap();
+    let log = daemon.log();
+    let refused = log.lines().find(|l| l.contains("reload refused")).unwrap();
+    assert!(
+        refused.contains(&path) && refused.contains("line 3"),
+        "{refused}"
+    );
+    println!("SIGHUP, broken file: {refused}");
+    let out = prober(&pin_dir, &["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reload refused") && err.contains("line 3"),
+        "{err}"
+    );
+    println!("prober reload, broken file: {}", err.trim());
+    assert_eq!(
+        status(&pin_dir)["interval_ms"],
+        500,
+        "old configuration kept"
+    );
+    assert_eq!(weight_writes(&daemon), 0);
+
+    // Fixed again: `prober reload` applies it.
+    write_config(&config, &config_text("200ms"));
+    let out = prober(&pin_dir, &["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status(&pin_dir)["interval_ms"], 200);
+    assert_eq!(daemon.stop(libc::SIGTERM).unwrap().code(), Some(0));
+}
