@@ -163,6 +163,20 @@ fn status_json_matches_ipvs_and_the_maps() {
     assert_eq!(manual["weight"]["configured"], 60, "taken as configured");
     assert!(s["datapath"]["packets"].as_u64().unwrap() >= after["packets"].as_u64().unwrap() / 2);
 
+    // bpftool prints the pinned maps with field names (BTF).
+    for map in ["WEIGHT_STATE", "AGENTS"] {
+        let out = Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(pin_dir.join(map))
+            .output()
+            .unwrap();
+        let dump = String::from_utf8_lossy(&out.stdout);
+        println!("# bpftool map dump pinned {}/{map}\n{dump}", pin_dir.display());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let field = if map == "AGENTS" { "\"last_ns\"" } else { "\"configured\"" };
+        assert!(dump.contains(field), "{map}: {dump}");
+    }
+
     // The table says the same, and names the columns.
     let table = String::from_utf8(prober(&pin_dir, &["status"]).stdout).unwrap();
     println!("{table}");
