@@ -95,6 +95,10 @@ pub fn probe_tx(ctx: XdpContext) -> u32 {
             if let Some(c) = counters() {
                 c.probe_errors += 1;
             }
+            aya_log_ebpf::warn!(
+                &ctx,
+                "probe_tx: nothing sent (bad target entry or batch overrun)"
+            );
             xdp_action::XDP_DROP
         }
     }

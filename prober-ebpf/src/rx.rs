@@ -142,9 +142,7 @@ fn tcp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
         tcp.source,
         IPPROTO_TCP,
     ) {
-        if let Some(c) = counters() {
-            c.replies_rejected += 1;
-        }
+        rejected(ctx, ip.saddr);
         crate::passive::ingress(ip, &tcp);
         return Ok(xdp_action::XDP_PASS);
     }
@@ -251,9 +249,7 @@ fn echo_reply(ctx: &XdpContext, ip: &Ipv4Hdr, icmp: &IcmpHdr) -> Result<u32, ()>
         0,
         IPPROTO_ICMP,
     ) {
-        if let Some(c) = counters() {
-            c.replies_rejected += 1;
-        }
+        rejected(ctx, ip.saddr);
         return Ok(xdp_action::XDP_PASS);
     }
     record(target_id, Outcome::Answered);
@@ -316,13 +312,26 @@ fn unreachable(ctx: &XdpContext) -> Result<u32, ()> {
         None => return Ok(xdp_action::XDP_PASS),
     };
     if !matches {
-        if let Some(c) = counters() {
-            c.replies_rejected += 1;
-        }
+        rejected(ctx, quoted.daddr);
         return Ok(xdp_action::XDP_PASS);
     }
     record(target_id, Outcome::Unreachable);
     Ok(xdp_action::XDP_DROP)
+}
+
+/// A reply to a probe port whose cookie does not match: forged, stale or
+/// misrouted. Counted; logged at debug level (nothing runs when eBPF
+/// logging is off: the level is a constant the verifier prunes on).
+#[inline(always)]
+fn rejected(ctx: &XdpContext, from: [u8; 4]) {
+    if let Some(c) = counters() {
+        c.replies_rejected += 1;
+    }
+    aya_log_ebpf::debug!(
+        ctx,
+        "reply from {:i} rejected: its cookie matches no probe",
+        u32::from_be_bytes(from)
+    );
 }
 
 /// Records a matched reply. Only the first reply to a probe counts and

@@ -43,9 +43,32 @@ const PINNED_MAPS: &[&str] = &[
 ];
 
 /// Loads the eBPF object and its programs into the kernel, attaching
-/// nothing (tests run the programs through BPF_PROG_TEST_RUN).
+/// nothing (tests run the programs through BPF_PROG_TEST_RUN); eBPF-side
+/// logging off.
 pub fn load_programs() -> Result<Ebpf> {
-    let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading prober's eBPF object")?;
+    load_programs_logging(EbpfLog::Off)
+}
+
+/// eBPF-side diagnostics (aya-log), by level. The level is a constant in
+/// the object's read-only data, fixed at load: the verifier prunes every
+/// log statement above it, so `Off` costs nothing at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum EbpfLog {
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+/// Like [`load_programs`], with eBPF-side logging at `level`.
+pub fn load_programs_logging(level: EbpfLog) -> Result<Ebpf> {
+    let level = level as u8;
+    let mut ebpf = aya::EbpfLoader::new()
+        .override_global("AYA_LOG_LEVEL", &level, false)
+        .load(EBPF_OBJECT)
+        .context("loading prober's eBPF object")?;
     for name in [program_names::XDP_INGRESS, program_names::PROBE_TX] {
         let program: &mut Xdp = ebpf
             .program_mut(name)
@@ -112,14 +135,14 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the programs, attaches the XDP program to `interface` and pins
     /// the maps in `pin_dir` (which must be on a bpffs).
-    pub fn attach(interface: &str, pin_dir: &Path) -> Result<Self> {
+    pub fn attach(interface: &str, pin_dir: &Path, log: EbpfLog) -> Result<Self> {
         preflight::check_privileges()?;
         let bpffs_root = pin_dir.parent().unwrap_or(pin_dir);
         preflight::check_bpffs(bpffs_root)?;
         preflight::interface_index(interface)?;
         let pin_dir_lock = lock_pin_dir(pin_dir)?;
 
-        let mut ebpf = load_programs()?;
+        let mut ebpf = load_programs_logging(log)?;
         let program: &mut Xdp = ebpf
             .program_mut(program_names::XDP_INGRESS)
             .expect("loaded by load_programs")
@@ -212,6 +235,19 @@ impl Datapath {
             .take_map(map_names::AGENTS)
             .ok_or_else(|| anyhow!("the eBPF object has no map {}", map_names::AGENTS))?;
         Ok(HashMap::try_from(map)?)
+    }
+
+    /// The reader of eBPF-side log records (none when they are off).
+    pub fn logger(
+        &mut self,
+        log: EbpfLog,
+    ) -> Result<Option<aya_log::EbpfLogger<&'static dyn log::Log>>> {
+        if log == EbpfLog::Off {
+            return Ok(None);
+        }
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+            .map(Some)
+            .context("reading eBPF log records (AYA_LOGS)")
     }
 
     /// The probe transmitter and the maps it uses (call once).

@@ -89,6 +89,11 @@ enum Command {
         /// setting has its default.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// eBPF-side diagnostics (rejected replies, failed sends) into the
+        /// log at this level and above; `off` removes them from the
+        /// programs entirely (the verifier prunes them).
+        #[arg(long, value_enum, default_value_t = datapath::EbpfLog::Off)]
+        ebpf_log: datapath::EbpfLog,
     },
     /// Every virtual service and real server as the running daemon sees
     /// them: state per layer, RTTs, weights, last change and why.
@@ -161,8 +166,11 @@ enum IpvsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("PROBER_LOG").unwrap_or_else(|_| "info".into());
+    // eBPF-side records are already filtered by `--ebpf-log` in the
+    // programs themselves: let every one that was sent through.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PROBER_LOG")
+        .unwrap_or_else(|_| "info".into())
+        .add_directive("prober_ebpf=trace".parse().expect("a valid directive"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -180,7 +188,9 @@ fn main() -> ExitCode {
             probes,
             interval,
             config,
+            ebpf_log,
         } => run(&Daemon {
+            ebpf_log,
             interface: iface,
             pin_dir: cli.pin_dir.clone(),
             socket,
@@ -222,6 +232,7 @@ fn main() -> ExitCode {
 
 /// What `prober run` was asked.
 struct Daemon {
+    ebpf_log: datapath::EbpfLog,
     interface: String,
     pin_dir: PathBuf,
     socket: PathBuf,
@@ -299,7 +310,24 @@ fn run(daemon: &Daemon) -> Result<()> {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut hangup = signal(SignalKind::hangup())?;
         let interface = daemon.interface.as_str();
-        let mut datapath = datapath::Datapath::attach(interface, &daemon.pin_dir)?;
+        let mut datapath = datapath::Datapath::attach(interface, &daemon.pin_dir, daemon.ebpf_log)?;
+        if let Some(logger) = datapath.logger(daemon.ebpf_log)? {
+            // Records reach the log as they come (through the `log` facade).
+            // SAFETY: the logger owns its ring buffer's fd, which stays open
+            // and the same while the AsyncFd holds it.
+            let mut logger = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            }?;
+            tokio::spawn(async move {
+                while let Ok(mut ready) = logger.readable_mut().await {
+                    ready.get_inner_mut().flush();
+                    ready.clear_ready();
+                }
+            });
+        }
         let (maps, probe_tx) = datapath.prober_parts()?;
         let ifindex = preflight::interface_index(interface)?;
         let mut prober = probe::Prober::new(maps, probe_tx, interface, ifindex, &daemon.probes)?;

@@ -139,7 +139,11 @@ fn histogram(
             count += n;
             let upper = (1u64 << (i + 1)) as f64 / 1e6;
             sum += n as f64 * upper * 0.75;
-            let bound = if i + 1 < log2.len() { upper } else { f64::INFINITY };
+            let bound = if i + 1 < log2.len() {
+                upper
+            } else {
+                f64::INFINITY
+            };
             buckets.push((bound, n));
         }
         family

@@ -475,6 +475,54 @@ impl NetNs {
             .with_context(|| format!("listening on {addr}"))
     }
 
+    /// Sends one raw Ethernet frame out of `interface` in this namespace
+    /// (AF_PACKET): forged or malformed traffic, as an attacker would.
+    pub fn send_frame(&self, interface: &str, frame: Vec<u8>) -> Result<()> {
+        let interface = std::ffi::CString::new(interface)?;
+        self.enter(move || -> Result<()> {
+            // SAFETY: plain socket calls on a socket we own and close.
+            unsafe {
+                let ifindex = libc::if_nametoindex(interface.as_ptr());
+                if ifindex == 0 {
+                    bail!("no interface {interface:?}");
+                }
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+                if fd < 0 {
+                    bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+                }
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_ifindex = ifindex as i32;
+                addr.sll_halen = 6;
+                addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+                let sent = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                let error = std::io::Error::last_os_error();
+                libc::close(fd);
+                if sent != frame.len() as isize {
+                    bail!("sending a raw frame: {error}");
+                }
+            }
+            Ok(())
+        })?
+    }
+
+    /// The MAC address of `interface` as bytes.
+    pub fn mac_bytes(&self, interface: &str) -> Result<[u8; 6]> {
+        let text = self.mac(interface)?;
+        let mut mac = [0u8; 6];
+        for (byte, part) in mac.iter_mut().zip(text.split(':')) {
+            *byte = u8::from_str_radix(part, 16).context("parsing a MAC")?;
+        }
+        Ok(mac)
+    }
+
     /// Connections in SYN-RECV state (half-open) in this namespace.
     pub fn half_open_connections(&self) -> Result<usize> {
         let out = run(Command::new("ip").args([

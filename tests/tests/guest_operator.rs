@@ -171,9 +171,20 @@ fn status_json_matches_ipvs_and_the_maps() {
             .output()
             .unwrap();
         let dump = String::from_utf8_lossy(&out.stdout);
-        println!("# bpftool map dump pinned {}/{map}\n{dump}", pin_dir.display());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let field = if map == "AGENTS" { "\"last_ns\"" } else { "\"configured\"" };
+        println!(
+            "# bpftool map dump pinned {}/{map}\n{dump}",
+            pin_dir.display()
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let field = if map == "AGENTS" {
+            "\"last_ns\""
+        } else {
+            "\"configured\""
+        };
         assert!(dump.contains(field), "{map}: {dump}");
     }
 

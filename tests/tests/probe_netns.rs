@@ -211,3 +211,85 @@ fn a_real_server_mac_change_is_followed_and_an_unresolved_neighbour_reported() {
     .unwrap();
     assert!(answered_after >= before + 3);
 }
+
+/// Off-path forged SYN-ACKs (right addresses and ports, wrong cookie)
+/// neither count as answers nor reach the stack; each is counted as
+/// rejected, and with `--ebpf-log debug` the datapath says so in the log.
+#[test]
+fn forged_syn_acks_are_rejected_counted_and_logged_at_debug_level() {
+    use prober_tests::packets::{ethernet, ipv4, tcp, Tcp, ACK, SYN};
+    let pair = VethPair::new().unwrap();
+    let _peer = PeerXdp::attach(&pair.server, VETH).unwrap();
+    let _listener = pair
+        .server
+        .listen(SocketAddrV4::new(pair.server_addr, 8080))
+        .unwrap();
+    let pin_dir = PinDir::new();
+    let probes = ["tcp:192.0.2.2:8080"];
+    let daemon = Daemon::start_with(
+        &pair.client,
+        VETH,
+        &pin_dir,
+        &[
+            "--interval",
+            "100ms",
+            "--probe",
+            probes[0],
+            "--ebpf-log",
+            "debug",
+        ],
+    )
+    .unwrap();
+    let stats = wait_rounds(&daemon, &probes, 3);
+    let rejected_before = stats["replies_rejected"].as_u64().unwrap();
+    let client_mac = pair.client.mac_bytes(VETH).unwrap();
+    let server_mac = pair.server.mac_bytes(VETH).unwrap();
+    let (rs, director) = (pair.server_addr.octets(), pair.client_addr.octets());
+    // The probe's local port is one of the first of the range.
+    let forged = 10u64;
+    for port in 61000..61000 + forged as u16 {
+        let segment = tcp(
+            rs,
+            director,
+            &Tcp {
+                src_port: 8080,
+                dst_port: port,
+                seq: 1,
+                ack: 0xdead_beef,
+                flags: SYN | ACK,
+                options: &[],
+            },
+        );
+        let frame = ethernet(
+            client_mac,
+            server_mac,
+            0x0800,
+            &ipv4(rs, director, 6, 0, &[], &segment),
+        );
+        pair.server.send_frame(VETH, frame).unwrap();
+    }
+    let stats = wait_for(Duration::from_secs(5), || {
+        let stats = daemon.stats()?;
+        Ok((stats["replies_rejected"].as_u64().unwrap() > rejected_before).then_some(stats))
+    })
+    .unwrap();
+    let rejected = stats["replies_rejected"].as_u64().unwrap() - rejected_before;
+    println!("{rejected} of {forged} forged SYN-ACKs hit the probe's port and were rejected");
+    assert_eq!(rejected, 1, "exactly the one aimed at the probe's own port");
+    let logged = wait_for(Duration::from_secs(5), || {
+        Ok(daemon
+            .log()
+            .lines()
+            .find(|l| l.contains("rejected: its cookie matches no probe"))
+            .map(String::from))
+    })
+    .unwrap();
+    assert!(logged.contains("192.0.2.2"), "{logged}");
+    println!("eBPF log: {logged}");
+    let t = target(&stats, probes[0]);
+    assert_eq!(
+        t["refused"].as_u64(),
+        Some(0),
+        "a forged answer moves nothing: {t}"
+    );
+}
