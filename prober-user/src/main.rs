@@ -146,6 +146,7 @@ enum Command {
         count: Option<u64>,
     },
     /// Read the kernel's IPVS table (needs CAP_NET_ADMIN).
+    #[command(after_long_help = EXIT_STATUS)]
     Ipvs {
         #[command(subcommand)]
         command: IpvsCommand,
