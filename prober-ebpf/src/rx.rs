@@ -329,7 +329,7 @@ fn rejected(ctx: &XdpContext, from: [u8; 4]) {
     }
     aya_log_ebpf::debug!(
         ctx,
-        "reply from {:i} rejected: its cookie matches no probe",
+        "reply about a probe of {:i} rejected: its cookie matches none",
         u32::from_be_bytes(from)
     );
 }

@@ -21,7 +21,7 @@
 //! flap_limit = 4           # one "flapping" event, then quiet until stable
 //!
 //! [metrics]                # Prometheus endpoint, off unless set
-//! listen = "127.0.0.1:9100"   # GET /metrics (OpenMetrics text)
+//! listen = "127.0.0.1:9464"   # GET /metrics (OpenMetrics text)
 //!
 //! [agent]                  # real servers report state and weight (UDP)
 //! port = 5555              # off unless set

@@ -6,7 +6,10 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, net::UnixStream as StdUnixStream},
+    os::unix::{
+        fs::{MetadataExt, PermissionsExt},
+        net::UnixStream as StdUnixStream,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -59,6 +62,8 @@ pub type Pending = (Request, oneshot::Sender<Response>);
 /// The listening socket; removed on drop.
 pub struct ControlServer {
     path: PathBuf,
+    /// Device and inode of our socket: removed on drop only if still ours.
+    inode: Option<(u64, u64)>,
     requests: mpsc::Receiver<Pending>,
     sender: mpsc::Sender<Pending>,
 }
@@ -67,20 +72,50 @@ impl ControlServer {
     /// Listens on `path` (call within a runtime). The caller owns the pin
     /// directory, so a socket already there is a dead daemon's.
     pub fn listen(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("listening on control socket {}", path.display()))?;
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                // A live daemon answers: its socket is not ours to take.
+                if StdUnixStream::connect(path).is_ok() {
+                    bail!(
+                        "another prober listens on {} (give this one --socket or another --pin-dir)",
+                        path.display()
+                    );
+                }
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing the stale socket {}", path.display()))?;
+            }
+            Ok(_) => bail!(
+                "{} exists and is not a socket: not removing it",
+                path.display()
+            ),
+            Err(_) => {}
+        }
+        // Root only from the first instant: no window with a wider mode.
+        // SAFETY: umask only changes this process's file creation mask.
+        let old_mask = unsafe { libc::umask(0o077) };
+        let bound = UnixListener::bind(path);
+        unsafe { libc::umask(old_mask) };
+        let listener =
+            bound.with_context(|| format!("listening on control socket {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("restricting {}", path.display()))?;
+        let inode = std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
         let (sender, requests) = mpsc::channel(16);
         let forward = sender.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of fds, say: back off instead of spinning.
+                        warn!("control socket: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                 };
                 let forward = forward.clone();
                 tokio::spawn(async move {
@@ -92,6 +127,7 @@ impl ControlServer {
         });
         Ok(Self {
             path: path.to_path_buf(),
+            inode,
             requests,
             sender,
         })
@@ -110,7 +146,12 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let current = std::fs::metadata(&self.path)
+            .map(|m| (m.dev(), m.ino()))
+            .ok();
+        if current.is_some() && current == self.inode {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

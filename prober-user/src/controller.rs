@@ -143,10 +143,7 @@ impl Controller {
         now: Instant,
     ) -> Self {
         let (checker, check_reports) = Checker::new(config.max_checks, extras.gate);
-        // Time for the host's L3 probe to go down, plus one interval.
-        let diagnosis = config
-            .diagnose
-            .then(|| config.interval * (config.limits.fall + 1));
+        let diagnosis = diagnosis_window(&config);
         Self {
             checker,
             check_reports,
@@ -199,6 +196,7 @@ impl Controller {
             self.sink = Sink::new(&config.alerts);
             self.alerts.set_config(config.alerts.clone());
         }
+        self.alerts.set_diagnosis(diagnosis_window(&config));
         self.config = config;
         self.next_discovery = now;
         Ok(())
@@ -530,15 +528,52 @@ impl Controller {
             .filter(|k| !seen.contains(k))
             .copied()
             .collect();
+        let mut restores = Vec::new();
         for key in gone {
-            self.dests.remove(&key);
+            let Some(track) = self.dests.remove(&key) else {
+                continue;
+            };
             store.remove_weight(&weight_key(&key.0, &key.1));
-            debug!(service = %key.0, destination = %key.1, "destination left IPVS");
+            // Still in IPVS but no longer managed (the config now leaves it
+            // alone): hand it back at its configured weight, not at the
+            // last one prober wrote.
+            let still_there = services
+                .iter()
+                .filter(|vs| vs.service.key == key.0)
+                .flat_map(|vs| &vs.destinations)
+                .find(|d| d.key() == key.1);
+            match still_there {
+                Some(dest) if track.written.is_some() && dest.weight != track.configured => {
+                    info!(service = %key.0, destination = %key.1, "no longer managed: weight {} back to its configured {}", dest.weight, track.configured);
+                    restores.push(WeightUpdate {
+                        service: key.0,
+                        destination: dest.clone(),
+                        weight: track.configured,
+                    });
+                }
+                Some(_) => debug!(service = %key.0, destination = %key.1, "no longer managed"),
+                None => debug!(service = %key.0, destination = %key.1, "destination left IPVS"),
+            }
+        }
+        if !restores.is_empty() {
+            let ipvs = self.ipvs.as_mut().expect("connected above");
+            match ipvs.set_weights(&restores) {
+                Ok(failures) => {
+                    for f in failures {
+                        warn!(service = %f.service, destination = %f.destination, "weight not restored: {}", f.error);
+                    }
+                }
+                Err(e) => warn!("restoring weights: {e}"),
+            }
         }
 
         for (spec, settings) in &plan.probes {
             match self.probes.get_mut(spec) {
-                Some(track) => track.settings = *settings,
+                Some(track) => {
+                    // A shorter interval (a reload) applies from now.
+                    track.next_due = track.next_due.min(now + settings.interval);
+                    track.settings = *settings;
+                }
                 None => {
                     let remembered = store.health(&health_key(spec));
                     let state = match remembered.map(|r| r.state) {
@@ -622,9 +657,21 @@ impl Controller {
     }
 
     /// Starts the plan's new checks, restarts those whose timing changed
-    /// (keeping their health) and stops those no service uses any more.
+    /// (keeping their health) and stops those no service uses any more. A
+    /// check replaced by an edited one on the same server and port (a
+    /// reload) hands it its health: editing a failing check does not
+    /// bring the server back before the new check has spoken.
     fn sync_checks(&mut self, plan: &Plan, now: Instant) {
-        self.checks.retain(|spec, _| plan.checks.contains_key(spec));
+        let removed: Vec<CheckSpec> = self
+            .checks
+            .keys()
+            .filter(|spec| !plan.checks.contains_key(*spec))
+            .cloned()
+            .collect();
+        let mut replaced: Vec<(CheckSpec, CheckTrack)> = removed
+            .into_iter()
+            .filter_map(|spec| self.checks.remove_entry(&spec))
+            .collect();
         for (spec, settings) in &plan.checks {
             match self.checks.get_mut(spec) {
                 Some(track) if track.settings == *settings => {}
@@ -635,15 +682,25 @@ impl Controller {
                 }
                 None => {
                     let task = self.checker.start(spec.clone(), settings.timing);
+                    let before = replaced
+                        .iter()
+                        .position(|(old, _)| {
+                            (old.address, old.port, old.vip) == (spec.address, spec.port, spec.vip)
+                        })
+                        .map(|i| replaced.swap_remove(i).1);
+                    let (health, failure) = match before {
+                        Some(old) => (old.health.clone(), old.failure.clone()),
+                        None => (Health::new(State::Up, now), None),
+                    };
                     self.checks.insert(
                         spec.clone(),
                         CheckTrack {
                             settings: *settings,
                             task,
-                            health: Health::new(State::Up, now),
+                            health,
                             evidence: false,
                             weight: None,
-                            failure: None,
+                            failure,
                         },
                     );
                 }
@@ -817,6 +874,7 @@ impl Controller {
         }
         let mut updates = Vec::new();
         for (service, members_idx) in pools {
+            let slow_start = self.config.weights_for(&service).1.slow_start;
             let mut members: Vec<Candidate> = Vec::with_capacity(members_idx.len());
             for &i in &members_idx {
                 let b = &self.plan.bindings[i];
@@ -863,7 +921,10 @@ impl Controller {
                     format!("weight {configured} from its command check")
                 } else if agent.is_some() {
                     format!("weight {configured} from its agent")
-                } else if probe.came_up_at.is_some() {
+                } else if probe
+                    .came_up_at
+                    .is_some_and(|at| now.duration_since(at) < slow_start)
+                {
                     "up: slow start".into()
                 } else {
                     "latency".into()
@@ -1045,6 +1106,14 @@ fn change(from: u32, to: u32, why: String) -> crate::status::Change {
         to,
         why,
     }
+}
+
+/// How long a failed check waits for its host's L3 probe: time for it to
+/// go down, plus one interval (none without diagnosis).
+fn diagnosis_window(config: &Config) -> Option<Duration> {
+    config
+        .diagnose
+        .then(|| config.interval * (config.limits.fall + 1))
 }
 
 fn forwarding_name(f: prober_ipvs::Forwarding) -> String {

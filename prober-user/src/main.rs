@@ -313,21 +313,12 @@ fn run(daemon: &Daemon) -> Result<()> {
         let interface = daemon.interface.as_str();
         let mut datapath = datapath::Datapath::attach(interface, &daemon.pin_dir, daemon.ebpf_log)?;
         if let Some(logger) = datapath.logger(daemon.ebpf_log)? {
-            // Records reach the log as they come (through the `log` facade).
-            // SAFETY: the logger owns its ring buffer's fd, which stays open
-            // and the same while the AsyncFd holds it.
-            let mut logger = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(
-                    logger,
-                    tokio::io::Interest::READABLE,
-                )
-            }?;
-            tokio::spawn(async move {
-                while let Ok(mut ready) = logger.readable_mut().await {
-                    ready.get_inner_mut().flush();
-                    ready.clear_ready();
-                }
-            });
+            // Records reach the log as they come (through the `log` facade),
+            // drained on a thread of their own: a flood of them (forged
+            // replies at debug level) cannot stall the main loop.
+            std::thread::Builder::new()
+                .name("ebpf-log".into())
+                .spawn(move || drain_ebpf_log(logger))?;
         }
         let (maps, probe_tx) = datapath.prober_parts()?;
         let ifindex = preflight::interface_index(interface)?;
@@ -442,6 +433,28 @@ fn run(daemon: &Daemon) -> Result<()> {
         drop(mode);
         datapath.detach()
     })
+}
+
+/// Waits for eBPF log records and writes them out, until the process ends.
+fn drain_ebpf_log(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    use std::os::fd::AsRawFd;
+    let fd = logger.as_raw_fd();
+    loop {
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own; the fd lives as long as `logger`.
+        if unsafe { libc::poll(&mut poll, 1, 1000) } < 0 {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        // A malformed record must not end eBPF logging for good.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_err() {
+            warn!("an eBPF log record could not be read; skipping it");
+        }
+    }
 }
 
 /// Reloads, logging the outcome; the error is the message for the caller.

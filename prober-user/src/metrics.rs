@@ -30,13 +30,25 @@ pub async fn serve(listen: SocketAddr, forward: mpsc::Sender<Pending>) -> Result
         .await
         .with_context(|| format!("[metrics] listen = \"{listen}\": cannot listen there"))?;
     info!(%listen, "metrics served at /metrics");
+    // Scrapers are few: more connections than this wait for a slot.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let mut stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of fds, say: back off instead of spinning.
+                    warn!("metrics: accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
+                }
             };
             let forward = forward.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let mut head = vec![0u8; 2048];
                 let n = match tokio::time::timeout(
                     std::time::Duration::from_secs(5),
@@ -69,8 +81,12 @@ pub async fn serve(listen: SocketAddr, forward: mpsc::Sender<Pending>) -> Result
                     "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
-                if let Err(e) = stream.write_all(answer.as_bytes()).await {
-                    warn!("metrics: {e}");
+                // A scraper that does not read gets 10 s, not forever.
+                let write = stream.write_all(answer.as_bytes());
+                match tokio::time::timeout(std::time::Duration::from_secs(10), write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!("metrics: {e}"),
+                    Err(_) => warn!("metrics: a scraper did not read its answer within 10 s"),
                 }
             });
         }
@@ -129,7 +145,7 @@ fn histogram(
 ) -> Result<(), std::fmt::Error> {
     let mut family =
         encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
-    for (labels, log2) in series {
+    for (labels, log2) in series.iter().filter(|(_, log2)| !log2.is_empty()) {
         // Per-bucket counts: the encoder makes them cumulative. The last
         // log2 bucket holds everything above, so it is +Inf.
         let mut count = 0u64;
@@ -188,7 +204,8 @@ impl Collector for Snapshot {
                         ("server", srv.server.clone()),
                     ]
                 };
-                healthy.push((labels(), if srv.state == "up" { 1.0 } else { 0.0 }));
+                // Drained servers are healthy (at weight 0).
+                healthy.push((labels(), if srv.state == "down" { 0.0 } else { 1.0 }));
                 for (source, value) in [
                     ("configured", Some(srv.weight.configured)),
                     ("computed", srv.weight.computed),

@@ -134,8 +134,14 @@ impl Passive {
             let id = (0..MAX_PASSIVE_SERVERS)
                 .find(|i| !used.contains(i))
                 .context("more real servers than the passive table holds")?;
-            // Counters of an earlier holder of this id are the baseline.
-            self.last.insert(id, total(&self.maps.stats.get(&id, 0)?));
+            // Counters and histograms of an earlier holder of this id go.
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+            let zeros = aya::maps::PerCpuValues::try_from(vec![PassiveStats::default(); cpus])?;
+            self.maps
+                .stats
+                .set(id, zeros, 0)
+                .context("clearing PASSIVE_STATS")?;
+            self.last.insert(id, Delta::default());
             self.maps
                 .servers
                 .insert(Self::key(server), id, 0)

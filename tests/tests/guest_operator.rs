@@ -26,6 +26,7 @@ discovery = "1s"
 
 [weights]
 latency_aware = false
+panic_threshold = 0.0
 
 [metrics]
 listen = "{METRICS}"
@@ -321,7 +322,7 @@ fn weight_writes(daemon: &Daemon) -> usize {
 
 #[test]
 fn reload_applies_a_new_interval_without_writing_weights_and_refuses_a_broken_file() {
-    let (lan, _listeners) = service();
+    let (lan, mut listeners) = service();
     let config = temp_config();
     write_config(&config, &config_text("200ms"));
     let pin_dir = PinDir::new();
@@ -416,5 +417,35 @@ fn reload_applies_a_new_interval_without_writing_weights_and_refuses_a_broken_fi
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(status(&pin_dir)["interval_ms"], 200);
+
+    // A server down (weight 0 written), then the service left alone by a
+    // reload: IPVS gets its configured weight back, not prober's 0.
+    let rs1 = format!("{}:80", Lan::server_addr(1));
+    listeners.truncate(1);
+    wait_for(Duration::from_secs(10), || {
+        Ok((lan.weights(VS)?[&rs1] == 0).then_some(()))
+    })
+    .unwrap();
+    write_config(
+        &config,
+        &format!(
+            "{}\n[[service]]\nmatch = \"tcp:{VS}\"\nprobe = \"none\"\n",
+            config_text("200ms")
+        ),
+    );
+    let out = prober(&pin_dir, &["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(10), || {
+        Ok((lan.weights(VS)?[&rs1] == 100).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    assert!(daemon
+        .log()
+        .contains("no longer managed: weight 0 back to its configured 100"));
+    println!("probe = \"none\" by reload: {rs1} back to its configured weight 100");
     assert_eq!(daemon.stop(libc::SIGTERM).unwrap().code(), Some(0));
 }

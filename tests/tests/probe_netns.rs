@@ -212,9 +212,10 @@ fn a_real_server_mac_change_is_followed_and_an_unresolved_neighbour_reported() {
     assert!(answered_after >= before + 3);
 }
 
-/// Off-path forged SYN-ACKs (right addresses and ports, wrong cookie)
-/// neither count as answers nor reach the stack; each is counted as
-/// rejected, and with `--ebpf-log debug` the datapath says so in the log.
+/// Off-path forged SYN-ACKs (right addresses and ports, wrong cookie) count
+/// as no answer and move nothing (they are passed on to the stack, which
+/// resets them); each is counted as rejected, and with `--ebpf-log debug`
+/// the datapath says so in the log.
 #[test]
 fn forged_syn_acks_are_rejected_counted_and_logged_at_debug_level() {
     use prober_tests::packets::{ethernet, ipv4, tcp, Tcp, ACK, SYN};
@@ -280,7 +281,7 @@ fn forged_syn_acks_are_rejected_counted_and_logged_at_debug_level() {
         Ok(daemon
             .log()
             .lines()
-            .find(|l| l.contains("rejected: its cookie matches no probe"))
+            .find(|l| l.contains("rejected: its cookie matches none"))
             .map(String::from))
     })
     .unwrap();

@@ -127,6 +127,12 @@ impl Alerts {
         }
     }
 
+    /// A new diagnosis window (on reload).
+    pub fn set_diagnosis(&mut self, diagnosis: Option<Duration>) {
+        self.settle = diagnosis.unwrap_or_default();
+        self.diagnose = diagnosis.is_some();
+    }
+
     /// New flapping settings (on reload).
     pub fn set_config(&mut self, config: AlertConfig) {
         self.config = config;
