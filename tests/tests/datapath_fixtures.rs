@@ -597,3 +597,84 @@ fn probe_tx_past_the_end_of_the_batch_sends_nothing() {
     assert_eq!(run.action, XDP_DROP);
     assert_eq!(f.counters().probe_errors, 1);
 }
+
+/// `probe_tx` reads its input from maps, not from the wire: random target
+/// entries (any kind, encapsulation, family, ports, addresses) and random
+/// batch cursors and ids. Every run sends one well-formed IPv4 frame or
+/// nothing (counted), never anything else.
+#[test]
+fn probe_tx_survives_random_target_entries_and_batch_cursors() {
+    let mut f = fixture();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let runs = 100_000u64;
+    let (mut sent, mut refused) = (0u64, 0u64);
+    let errors_before = f.counters().probe_errors;
+    for i in 0..runs {
+        let mut bytes = [0u8; 16];
+        bytes.iter_mut().for_each(|b| *b = next() as u8);
+        let pick = |choices: &[u8], r: u64| choices[(r % choices.len() as u64) as usize];
+        let target = ProbeTarget {
+            dst_mac: MAC_B,
+            src_mac: MAC_A,
+            kind: pick(
+                &[0, probe_kind::ICMP_ECHO, probe_kind::TCP_SYN, 3, 255],
+                next(),
+            ),
+            family: pick(&[family::IPV4, family::IPV6, 0, 99], next()),
+            encap: pick(&[encap::NONE, encap::IPIP, 2, 255], next()),
+            _pad0: next() as u8,
+            dst_port: next() as u16,
+            src_port: next() as u16,
+            ifindex: 1,
+            src_addr: bytes,
+            dst_addr: {
+                let mut a = bytes;
+                a.rotate_left(3);
+                a
+            },
+            outer_src: bytes,
+            real_server: bytes,
+        };
+        let slot = (next() % 8) as u32;
+        f.maps.targets.set(slot, target, 0).unwrap();
+        // Batch ids sometimes past the end of the target table.
+        let id = if next() % 4 == 0 { next() as u32 } else { slot };
+        f.maps.batch.set(0, id, 0).unwrap();
+        let cursor = BatchCursor {
+            next: (next() % 3) as u32,
+            len: (next() % 3) as u32,
+        };
+        f.maps.cursor.set(0, cursor, 0).unwrap();
+        let run = run_xdp(f.tx.as_fd(), &[0u8; prober_common::PROBE_FRAME_MAX], 1).unwrap();
+        match run.action {
+            XDP_DROP => refused += 1,
+            XDP_REDIRECT => {
+                sent += 1;
+                let frame = &run.frame;
+                assert_eq!(be16(frame, 12), 0x0800, "run {i}: {target:?}");
+                assert_eq!(checksum(&frame[14..34]), 0, "run {i}: IP checksum");
+                assert_eq!(
+                    be16(frame, 16) as usize,
+                    frame.len() - 14,
+                    "run {i}: IP length"
+                );
+                assert!(
+                    [1, 4, 6].contains(&frame[23]),
+                    "run {i}: protocol {}",
+                    frame[23]
+                );
+            }
+            other => panic!("run {i}: verdict {other} for {target:?}, cursor {cursor:?}"),
+        }
+    }
+    let errors = f.counters().probe_errors - errors_before;
+    println!("{runs} random probe_tx runs: {sent} well-formed frames sent, {refused} refused and counted");
+    assert_eq!(errors, refused, "every refusal counted");
+    assert!(sent > 0 && refused > 0);
+}
