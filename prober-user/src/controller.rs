@@ -818,7 +818,7 @@ impl Controller {
                 State::Down => {
                     warn!(probe = %spec, cause = ?t.cause, services = ?names, "real server DOWN");
                     if diagnoses_host {
-                        self.alerts.host_down(host, cause_text(t.cause));
+                        self.alerts.host_down(host, cause_text(t.cause), now);
                     }
                     if !names.is_empty() {
                         let recovery = track.settings.interval * (track.settings.limits.rise + 1);

@@ -82,8 +82,10 @@ struct HostState {
     reported: bool,
     /// When L3 last answered (the diagnosis probe's last success).
     answered_at: Option<Instant>,
-    /// When the host last came back up.
+    /// When the host last came back up (at L3, or at L4 first).
     up_at: Option<Instant>,
+    /// When L3 last went down.
+    down_since: Option<Instant>,
     reason: String,
 }
 
@@ -216,13 +218,14 @@ impl Alerts {
     }
 
     /// The host's L3 probe went down; reported once L4 agrees (`poll`).
-    pub fn host_down(&mut self, host: IpAddr, reason: String) {
+    pub fn host_down(&mut self, host: IpAddr, reason: String, now: Instant) {
         let state = self.hosts.entry(host).or_default();
         if state.answered_at.is_none() {
             return; // never answered L3: it says nothing about the host
         }
         state.down = true;
         state.reason = reason;
+        state.down_since = Some(now);
     }
 
     pub fn host_up(&mut self, host: IpAddr, now: Instant) {
@@ -289,12 +292,23 @@ impl Alerts {
     /// event due. `l4_alive` says whether some L4 probe of a host still
     /// has it up (then an L3 failure alone is not the host's death).
     pub fn poll(&mut self, now: Instant, l4_alive: impl Fn(IpAddr) -> bool) -> Vec<Event> {
-        let mut dead: Vec<IpAddr> = self
-            .hosts
-            .iter()
-            .filter(|(host, state)| state.down && !l4_alive(**host))
-            .map(|(host, _)| *host)
-            .collect();
+        let mut dead: Vec<IpAddr> = Vec::new();
+        for (host, state) in &mut self.hosts {
+            if !state.down {
+                continue;
+            }
+            if !l4_alive(*host) {
+                dead.push(*host);
+            } else if state.reported
+                && state
+                    .down_since
+                    .is_some_and(|since| state.up_at.is_none_or(|up| up < since))
+            {
+                // Reported dead, answering at L4 again before L3: it is
+                // coming back; its checks get their recovery time.
+                state.up_at = Some(now);
+            }
+        }
         dead.sort();
         for host in &dead {
             let confirmed = self.checks.values().any(|c| c.host == *host);
@@ -541,7 +555,7 @@ mod tests {
         }
         let ms = |n| t0 + Duration::from_millis(n);
         assert!(a.poll(ms(300), NONE_ALIVE).is_empty(), "waits for L3");
-        a.host_down(host(HOST), "no answer".into());
+        a.host_down(host(HOST), "no answer".into(), t0);
         let events = a.poll(ms(400), NONE_ALIVE);
         assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!(events[0].kind, Kind::HostDown);
@@ -590,7 +604,7 @@ mod tests {
         let mut a = alerts(500);
         let t0 = Instant::now();
         down(&mut a, HOST, "l4 80", t0);
-        a.host_down(host(HOST), "no answer".into());
+        a.host_down(host(HOST), "no answer".into(), t0);
         let events = a.poll(t0 + SECOND, NONE_ALIVE);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].kind, Kind::CheckDown);
@@ -605,7 +619,7 @@ mod tests {
         let mut a = alerts(500);
         a.host_answered(host(HOST), t0);
         down(&mut a, HOST, "l4 443", t0);
-        a.host_down(host(HOST), "no answer".into());
+        a.host_down(host(HOST), "no answer".into(), t0);
         let events = a.poll(t0 + SECOND, |_| true);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].kind, Kind::CheckDown);
@@ -641,7 +655,7 @@ mod tests {
         let at = |ms| t0 + Duration::from_millis(ms);
         a.host_answered(host(HOST), t0);
         down(&mut a, HOST, "slow", at(10));
-        a.host_down(host(HOST), "no answer".into());
+        a.host_down(host(HOST), "no answer".into(), at(100));
         assert_eq!(a.poll(at(200), NONE_ALIVE).len(), 1, "the host event");
         a.host_up(host(HOST), at(5000));
         assert_eq!(a.poll(at(5000), NONE_ALIVE).len(), 1, "the host's return");
@@ -656,13 +670,36 @@ mod tests {
         );
         // One that stays down past its recovery is its own cause.
         down(&mut a, HOST, "dead", at(9000));
-        a.host_down(host(HOST), "no answer".into());
+        a.host_down(host(HOST), "no answer".into(), at(9100));
         a.poll(at(9100), NONE_ALIVE);
         a.host_up(host(HOST), at(10_000));
         a.poll(at(10_000), NONE_ALIVE);
         let events = a.poll(at(12_001), NONE_ALIVE);
         assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!(events[0].kind, Kind::CheckDown);
+    }
+
+    #[test]
+    fn a_host_answering_l4_before_l3_is_coming_back_not_failing() {
+        let mut a = alerts(800);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        a.host_answered(host(HOST), t0);
+        down(&mut a, HOST, "l7", at(10));
+        a.host_down(host(HOST), "no answer".into(), at(100));
+        assert_eq!(a.poll(at(200), NONE_ALIVE).len(), 1, "the host event");
+        // Plugged back: its L4 probe is up first, L3 and the L7 check
+        // follow within their recovery time.
+        assert!(a.poll(at(5000), |_| true).is_empty(), "no per-check event");
+        assert!(a.poll(at(6000), |_| true).is_empty());
+        a.host_up(host(HOST), at(6100));
+        a.check_up("l7", at(6200));
+        let kinds: Vec<Kind> = a
+            .poll(at(6300), |_| true)
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, [Kind::HostUp]);
     }
 
     #[test]
