@@ -387,21 +387,21 @@ impl Controller {
             agents.refresh();
         }
         self.update_weights(now);
-        let l4_alive: HashSet<IpAddr> = self
-            .probes
-            .iter()
-            .filter(|(spec, track)| {
+        // Asked only about hosts whose L3 probe is down: no per-tick scan.
+        let probes = &self.probes;
+        let l4_alive = |host: IpAddr| {
+            probes.iter().any(|(spec, track)| {
                 matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. })
                     && track.health.state() == State::Up
+                    && spec.real_server() == host
             })
-            .map(|(spec, _)| spec.real_server())
-            .collect();
-        for event in self.alerts.poll(now, |host| l4_alive.contains(&host)) {
-            let kind = serde_json::to_value(event.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default();
-            *self.totals.events.entry(kind).or_default() += 1;
+        };
+        for event in self.alerts.poll(now, l4_alive) {
+            *self
+                .totals
+                .events
+                .entry(event.kind.name().to_string())
+                .or_default() += 1;
             self.sink.send(&event);
         }
         Ok(())
@@ -810,10 +810,7 @@ impl Controller {
                 track.came_up_at = Some(now);
             }
             let names = services_using(&self.plan, |b| b.probe == spec);
-            let layer = match spec.kind {
-                crate::probe::ProbeKind::IcmpEcho => "L3",
-                crate::probe::ProbeKind::TcpSyn { .. } => "L4",
-            };
+            let layer = layer_of(&spec);
             match t.to {
                 State::Down => {
                     warn!(probe = %spec, cause = ?t.cause, services = ?names, "real server DOWN");

@@ -49,6 +49,22 @@ pub enum Kind {
     Stable,
 }
 
+impl Kind {
+    /// The name in events' JSON, `PROBER_EVENT` and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::HostDown => "host_down",
+            Kind::HostUp => "host_up",
+            Kind::CheckDown => "check_down",
+            Kind::CheckUp => "check_up",
+            Kind::ServiceEmpty => "service_empty",
+            Kind::ServiceRestored => "service_restored",
+            Kind::Flapping => "flapping",
+            Kind::Stable => "stable",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event {
     pub kind: Kind,

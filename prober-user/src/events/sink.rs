@@ -83,7 +83,7 @@ impl Sink {
             return;
         }
         let delivery = Arc::new(Delivery {
-            kind: kind_name(event.kind),
+            kind: event.kind.name(),
             message: event.message.clone(),
             json: serde_json::to_string(event).expect("events serialize"),
         });
@@ -96,19 +96,6 @@ impl Sink {
                 );
             }
         }
-    }
-}
-
-fn kind_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::HostDown => "host_down",
-        Kind::HostUp => "host_up",
-        Kind::CheckDown => "check_down",
-        Kind::CheckUp => "check_up",
-        Kind::ServiceEmpty => "service_empty",
-        Kind::ServiceRestored => "service_restored",
-        Kind::Flapping => "flapping",
-        Kind::Stable => "stable",
     }
 }
 
