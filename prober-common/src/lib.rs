@@ -105,16 +105,52 @@ pub const MAX_AGENTS: u32 = 65_536;
 /// | 5 | 1 | state: 1 up, 2 down, 3 drain |
 /// | 6 | 2 | reserved, 0 |
 /// | 8 | 4 | weight (0-65535; larger is taken as 65535) |
-/// | 12 | 4 | sequence number |
+/// | 12 | 4 | reserved, 0 |
+/// | 16 | 8 | sequence: strictly increasing (the sender uses microseconds since the Unix epoch) |
+/// | 24 | 8 | tag: [`agent_wire::tag`] under the shared key, 0 without one |
 ///
-/// Exactly 16 bytes; anything else is malformed and counted.
+/// Exactly 32 bytes; anything else is malformed and counted. A director
+/// with a key takes a report only if its tag is right (an off-path sender
+/// without the key cannot forge one) and its sequence is above the last
+/// one taken from that real server (a captured report cannot be replayed).
 pub mod agent_wire {
     pub const MAGIC: [u8; 4] = *b"PRAG";
     pub const VERSION: u8 = 1;
-    pub const LEN: usize = 16;
+    pub const LEN: usize = 32;
+    /// Bytes covered by the tag: everything before it.
+    pub const SIGNED_LEN: usize = 24;
     pub const STATE_UP: u8 = 1;
     pub const STATE_DOWN: u8 = 2;
     pub const STATE_DRAIN: u8 = 3;
+
+    /// The tag of a datagram: SipHash-2-4 under the shared key of its first
+    /// 24 bytes, the sender's and the director's IPv4 addresses and the
+    /// agent port, so a report is good only from the real server it names
+    /// and to the director it was sent to. Written little-endian.
+    #[inline(always)]
+    pub fn tag(
+        key: [u64; 2],
+        signed: &[u8; SIGNED_LEN],
+        source: [u8; 4],
+        director: [u8; 4],
+        port: u16,
+    ) -> u64 {
+        let word = |i: usize| {
+            u64::from_le_bytes([
+                signed[i],
+                signed[i + 1],
+                signed[i + 2],
+                signed[i + 3],
+                signed[i + 4],
+                signed[i + 5],
+                signed[i + 6],
+                signed[i + 7],
+            ])
+        };
+        let addresses =
+            u32::from_ne_bytes(source) as u64 | (u32::from_ne_bytes(director) as u64) << 32;
+        crate::cookie::siphash24_words(key, [word(0), word(8), word(16), addresses, port as u64])
+    }
 }
 
 /// Capacity of the per-target maps (target ids are 0..MAX_TARGETS).
@@ -154,6 +190,8 @@ pub mod family {
 /// Counters of the datapath as a whole, one value per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "user", serde(default))]
 pub struct DatapathCounters {
     /// Frames seen by the ingress program.
     pub packets: u64,
@@ -175,6 +213,10 @@ pub struct DatapathCounters {
     pub agent_malformed: u64,
     /// Valid agent reports from an address that is not a real server.
     pub agent_unknown: u64,
+    /// Reports refused for a wrong tag (a key is set).
+    pub agent_unauthenticated: u64,
+    /// Reports refused for a sequence not above the last one taken.
+    pub agent_replayed: u64,
 }
 
 impl DatapathCounters {
@@ -191,6 +233,10 @@ impl DatapathCounters {
             agent_reports: self.agent_reports.saturating_add(o.agent_reports),
             agent_malformed: self.agent_malformed.saturating_add(o.agent_malformed),
             agent_unknown: self.agent_unknown.saturating_add(o.agent_unknown),
+            agent_unauthenticated: self
+                .agent_unauthenticated
+                .saturating_add(o.agent_unauthenticated),
+            agent_replayed: self.agent_replayed.saturating_add(o.agent_replayed),
         }
     }
 }
@@ -328,7 +374,12 @@ pub struct ProbeConfig {
     /// The director's address agents report to (IPv4, network order):
     /// datagrams to other addresses are not agents' and pass.
     pub agent_addr: [u8; 4],
-    pub _pad2: [u8; 4],
+    /// 1: agent reports must carry a good tag under `agent_key` and a
+    /// fresh sequence; 0: tags and sequences are not checked.
+    pub agent_auth: u8,
+    pub _pad2: [u8; 3],
+    /// Key shared with the agents (SipHash-2-4, see [`agent_wire::tag`]).
+    pub agent_key: [u64; 2],
 }
 
 /// Key of `DR_CHECKS`: one L7 check connection as the director's side
@@ -367,11 +418,12 @@ pub struct AgentReport {
     pub last_ns: u64,
     /// Reports recorded.
     pub reports: u64,
+    /// Sequence of the last report taken.
+    pub sequence: u64,
     pub weight: u32,
-    pub sequence: u32,
     /// [`agent_wire`] state code.
     pub state: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
 }
 
 /// Progress of the batch `probe_tx` is sending: run i sends the target at
@@ -570,10 +622,11 @@ mod tests {
 
     #[test]
     fn layouts_have_no_holes() {
-        assert_no_holes!(DatapathCounters, 80, {
+        assert_no_holes!(DatapathCounters, 96, {
             packets: u64, bytes: u64, replies_matched: u64, replies_rejected: u64,
             resets_sent: u64, probes_built: u64, probe_errors: u64, agent_reports: u64,
-            agent_malformed: u64, agent_unknown: u64,
+            agent_malformed: u64, agent_unknown: u64, agent_unauthenticated: u64,
+            agent_replayed: u64,
         });
         assert_no_holes!(ProbeTarget, 88, {
             dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, _pad0: u8,
@@ -591,16 +644,17 @@ mod tests {
             answered: u64, refused: u64, unreachable: u64, last_rtt_ns: u64, last_reply_ns: u64,
             rtt_log2_us: [u64; RTT_BUCKETS],
         });
-        assert_no_holes!(ProbeConfig, 48, {
+        assert_no_holes!(ProbeConfig, 64, {
             secret: [u64; 2], previous_secret: [u64; 2], local_port_min: u16, local_port_max: u16,
-            agent_port: u16, _pad: [u8; 2], agent_addr: [u8; 4], _pad2: [u8; 4],
+            agent_port: u16, _pad: [u8; 2], agent_addr: [u8; 4], agent_auth: u8, _pad2: [u8; 3],
+            agent_key: [u64; 2],
         });
         assert_no_holes!(DrCheckKey, 12, {
             local_addr: [u8; 4], local_port: u16, remote_port: u16, protocol: u8, _pad: [u8; 3],
         });
         assert_no_holes!(DrCheckFlow, 8, { real_server: [u8; 4], vip: [u8; 4] });
         assert_no_holes!(AgentReport, 32, {
-            last_ns: u64, reports: u64, weight: u32, sequence: u32, state: u8, _pad: [u8; 7],
+            last_ns: u64, reports: u64, sequence: u64, weight: u32, state: u8, _pad: [u8; 3],
         });
         assert_no_holes!(BatchCursor, 8, { next: u32, len: u32 });
         assert_no_holes!(WeightKey, 44, {

@@ -11,7 +11,9 @@
 //! - Agent reports: UDP datagrams to the agent address and port are
 //!   recorded in `AGENTS` at line rate (no socket per agent) and consumed;
 //!   datagrams there that are no valid report of a known real server are
-//!   counted and passed (they may be someone else's).
+//!   counted and passed (they may be someone else's). With a shared key
+//!   set, a report needs a good tag and a sequence above the last one taken
+//!   (`agent_wire`); refused ones are counted and passed.
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -145,17 +147,19 @@ pub fn udp(ctx: &XdpContext, ip: &Ipv4Hdr, config: &ProbeConfig) -> Result<u32, 
     {
         return Ok(xdp_action::XDP_PASS);
     }
-    let report = agent_report(ctx, ip);
+    let report = agent_report(ctx, ip, config);
     if let Some(c) = counters() {
         match report {
             Report::Recorded => c.agent_reports += 1,
             Report::Malformed => c.agent_malformed += 1,
             Report::Unknown => c.agent_unknown += 1,
+            Report::Unauthenticated => c.agent_unauthenticated += 1,
+            Report::Replayed => c.agent_replayed += 1,
         }
     }
     Ok(match report {
         Report::Recorded => xdp_action::XDP_DROP,
-        Report::Malformed | Report::Unknown => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_PASS,
     })
 }
 
@@ -163,10 +167,12 @@ enum Report {
     Recorded,
     Malformed,
     Unknown,
+    Unauthenticated,
+    Replayed,
 }
 
 #[inline(always)]
-fn agent_report(ctx: &XdpContext, ip: &Ipv4Hdr) -> Report {
+fn agent_report(ctx: &XdpContext, ip: &Ipv4Hdr, config: &ProbeConfig) -> Report {
     let udp_len: u16 = match read_at::<_, u16>(ctx, L4 + 4) {
         Ok(len) => u16::from_be(len),
         Err(()) => return Report::Malformed,
@@ -176,15 +182,18 @@ fn agent_report(ctx: &XdpContext, ip: &Ipv4Hdr) -> Report {
     {
         return Report::Malformed;
     }
-    let Ok(wire) = read_at::<_, [u8; agent_wire::LEN]>(ctx, L4 + UDP_HLEN) else {
+    let Ok(signed) = read_at::<_, [u8; agent_wire::SIGNED_LEN]>(ctx, L4 + UDP_HLEN) else {
         return Report::Malformed;
     };
-    let state = wire[5];
-    if wire[0..4] != agent_wire::MAGIC
-        || wire[4] != agent_wire::VERSION
+    let Ok(tag) = read_at::<_, [u8; 8]>(ctx, L4 + UDP_HLEN + agent_wire::SIGNED_LEN) else {
+        return Report::Malformed;
+    };
+    let state = signed[5];
+    if signed[0..4] != agent_wire::MAGIC
+        || signed[4] != agent_wire::VERSION
         || !(agent_wire::STATE_UP..=agent_wire::STATE_DRAIN).contains(&state)
-        || wire[6] != 0
-        || wire[7] != 0
+        || signed[6..8] != [0, 0]
+        || signed[12..16] != [0, 0, 0, 0]
     {
         return Report::Malformed;
     }
@@ -195,8 +204,27 @@ fn agent_report(ctx: &XdpContext, ip: &Ipv4Hdr) -> Report {
     // SAFETY: an entry of a hash map, valid for the run. Two CPUs writing
     // the same agent's entry at once can only mix two of its own reports.
     let entry = unsafe { &mut *entry };
-    entry.weight = u32::from_be_bytes([wire[8], wire[9], wire[10], wire[11]]).min(65_535);
-    entry.sequence = u32::from_be_bytes([wire[12], wire[13], wire[14], wire[15]]);
+    let sequence = u64::from_be_bytes([
+        signed[16], signed[17], signed[18], signed[19], signed[20], signed[21], signed[22],
+        signed[23],
+    ]);
+    if config.agent_auth != 0 {
+        let expected = agent_wire::tag(
+            config.agent_key,
+            &signed,
+            ip.saddr,
+            ip.daddr,
+            config.agent_port,
+        );
+        if u64::from_le_bytes(tag) != expected {
+            return Report::Unauthenticated;
+        }
+        if entry.reports != 0 && sequence <= entry.sequence {
+            return Report::Replayed;
+        }
+    }
+    entry.weight = u32::from_be_bytes([signed[8], signed[9], signed[10], signed[11]]).min(65_535);
+    entry.sequence = sequence;
     entry.state = state;
     entry.reports += 1;
     // SAFETY: a helper without arguments.

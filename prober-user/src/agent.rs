@@ -1,15 +1,18 @@
 //! `prober agent`: runs on a real server and reports its state and weight
-//! to the director every few seconds, one 16-byte UDP datagram each time
-//! (format: `prober_common::agent_wire`, also in the README).
+//! to the director every few seconds, one 32-byte UDP datagram each time
+//! (format: `prober_common::agent_wire`, also in the README), tagged
+//! under the key shared with the director when `--key-file` is given.
 //!
 //! What it reports comes from its flags, or, when `--from-file` is given
 //! and the file exists, from the file's first line: `up 80`, `drain`,
 //! `down` (so a deploy script can drain a server by writing one line).
 
 use std::{
-    net::{SocketAddr, UdpSocket},
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    os::unix::fs::MetadataExt,
     path::Path,
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
@@ -21,14 +24,83 @@ pub struct Report {
     pub weight: u32,
 }
 
-pub fn encode(report: Report, sequence: u32) -> [u8; agent_wire::LEN] {
+/// The key shared by the director and its agents (SipHash-2-4 key words).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct AgentKey(pub [u64; 2]);
+
+impl fmt::Debug for AgentKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AgentKey(..)")
+    }
+}
+
+/// 32 hex digits (128 bits), surrounding whitespace ignored.
+pub fn parse_key(text: &str) -> Result<AgentKey, String> {
+    let text = text.trim();
+    if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "a key is 32 hex digits (e.g. from `od -An -tx1 -N16 /dev/urandom | tr -d ' \\n'`), found {} characters",
+            text.len()
+        ));
+    }
+    let byte = |i: usize| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex digits");
+    let word = |at: usize| u64::from_le_bytes(std::array::from_fn(|i| byte(at + i)));
+    Ok(AgentKey([word(0), word(8)]))
+}
+
+/// Reads a key file, which only its owner may read or write (it lets
+/// anyone who has it steer weights).
+pub fn read_key(path: &Path) -> Result<AgentKey, String> {
+    let at = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("key file {at}: {e}"))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "key file {at}: mode {:o} lets others read it; chmod 600 it",
+            meta.mode() & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("key file {at}: {e}"))?;
+    parse_key(&text).map_err(|e| format!("key file {at}: {e}"))
+}
+
+/// The datagram of one report. The tag binds it to the sender's and the
+/// director's addresses; without a key it is 0.
+pub fn encode(
+    report: Report,
+    sequence: u64,
+    key: Option<AgentKey>,
+    source: Ipv4Addr,
+    director: SocketAddr,
+) -> [u8; agent_wire::LEN] {
+    let mut signed = [0u8; agent_wire::SIGNED_LEN];
+    signed[0..4].copy_from_slice(&agent_wire::MAGIC);
+    signed[4] = agent_wire::VERSION;
+    signed[5] = report.state;
+    signed[8..12].copy_from_slice(&report.weight.to_be_bytes());
+    signed[16..24].copy_from_slice(&sequence.to_be_bytes());
+    let tag = match (key, director.ip()) {
+        (Some(AgentKey(key)), IpAddr::V4(director_ip)) => agent_wire::tag(
+            key,
+            &signed,
+            source.octets(),
+            director_ip.octets(),
+            director.port(),
+        ),
+        _ => 0,
+    };
     let mut wire = [0u8; agent_wire::LEN];
-    wire[0..4].copy_from_slice(&agent_wire::MAGIC);
-    wire[4] = agent_wire::VERSION;
-    wire[5] = report.state;
-    wire[8..12].copy_from_slice(&report.weight.to_be_bytes());
-    wire[12..16].copy_from_slice(&sequence.to_be_bytes());
+    wire[..agent_wire::SIGNED_LEN].copy_from_slice(&signed);
+    wire[agent_wire::SIGNED_LEN..].copy_from_slice(&tag.to_le_bytes());
     wire
+}
+
+/// The next sequence: microseconds since the Unix epoch, so a restarted
+/// agent goes on above its last report, and at least one above `last`.
+fn next_sequence(last: u64) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    now.max(last.wrapping_add(1))
 }
 
 /// "up", "up 80", "drain", "down" (the weight only matters when up).
@@ -65,6 +137,7 @@ pub fn run(
     fixed: Report,
     from_file: Option<&Path>,
     count: Option<u64>,
+    key: Option<AgentKey>,
 ) -> Result<()> {
     if interval.is_zero() {
         bail!("--interval must be above zero");
@@ -72,13 +145,20 @@ pub fn run(
     if !director.is_ipv4() {
         bail!("--director {director}: agents report over IPv4 (the datapath records IPv4 reports only)");
     }
-    let local: SocketAddr = if director.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
+    let socket = UdpSocket::bind("0.0.0.0:0").context("opening a UDP socket")?;
+    // Connected, so the tag can name the address the kernel sends from.
+    socket
+        .connect(director)
+        .with_context(|| format!("--director {director}: no route"))?;
+    let source = match socket
+        .local_addr()
+        .context("reading the local address")?
+        .ip()
+    {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => bail!("--director {director}: no IPv4 source address"),
     };
-    let socket = UdpSocket::bind(local).context("opening a UDP socket")?;
-    let mut sequence: u32 = 0;
+    let mut sequence = 0u64;
     let mut sent = 0u64;
     let mut last_problem = None;
     loop {
@@ -103,8 +183,8 @@ pub fn run(
             }
             _ => fixed,
         };
-        sequence = sequence.wrapping_add(1);
-        if let Err(e) = socket.send_to(&encode(report, sequence), director) {
+        sequence = next_sequence(sequence);
+        if let Err(e) = socket.send(&encode(report, sequence, key, source, director)) {
             // The director may be briefly unreachable: keep going.
             eprintln!("prober agent: sending to {director}: {e}");
         }
@@ -136,16 +216,34 @@ mod tests {
         assert!(parse_report("sideways", 1).is_err());
         assert!(parse_report("up 70000", 1).is_err());
         assert!(parse_report("up 1 2", 1).is_err());
-        let wire = encode(
-            Report {
-                state: agent_wire::STATE_UP,
-                weight: 300,
-            },
-            7,
-        );
+        let up_300 = Report {
+            state: agent_wire::STATE_UP,
+            weight: 300,
+        };
+        let source = Ipv4Addr::new(192, 0, 2, 10);
+        let director: SocketAddr = "10.0.0.1:5555".parse().unwrap();
+        let wire = encode(up_300, 7, None, source, director);
         assert_eq!(
             &wire[..],
-            b"PRAG\x01\x01\x00\x00\x00\x00\x01\x2c\x00\x00\x00\x07"
+            b"PRAG\x01\x01\x00\x00\x00\x00\x01\x2c\0\0\0\0\0\0\0\0\0\0\0\x07\0\0\0\0\0\0\0\0"
+        );
+        let key = parse_key("000102030405060708090a0b0c0d0e0f\n").unwrap();
+        assert_eq!(key.0[0], 0x0706_0504_0302_0100);
+        let tagged = encode(up_300, 7, Some(key), source, director);
+        assert_eq!(tagged[..24], wire[..24], "the tag only adds bytes");
+        assert_ne!(tagged[24..], [0; 8]);
+        // The tag depends on the key, the sender and the director.
+        let other_key = parse_key("ff0102030405060708090a0b0c0d0e0f").unwrap();
+        assert_ne!(encode(up_300, 7, Some(other_key), source, director), tagged);
+        let other_source = Ipv4Addr::new(192, 0, 2, 11);
+        assert_ne!(encode(up_300, 7, Some(key), other_source, director), tagged);
+        let other_port: SocketAddr = "10.0.0.1:5556".parse().unwrap();
+        assert_ne!(encode(up_300, 7, Some(key), source, other_port), tagged);
+        assert!(parse_key("0001").is_err());
+        assert!(parse_key("zz0102030405060708090a0b0c0d0e0f").is_err());
+        assert!(format!("{key:?}").contains(".."), "Debug hides the key");
+        assert!(
+            next_sequence(u64::MAX - 1) == u64::MAX && next_sequence(5) > 1_700_000_000_000_000
         );
     }
 }

@@ -27,6 +27,8 @@
 //! port = 5555              # off unless set
 //! address = "10.0.0.1"     # default: the interface's first IPv4 address
 //! deadline = "10s"         # silent this long: back to active checks only
+//! key_file = "/etc/prober/agent.key"  # shared key (32 hex digits, mode 600):
+//!                          # reports need its tag and a fresh sequence
 //!
 //! [weights]
 //! latency_aware = true     # false: only health moves weights
@@ -119,6 +121,8 @@ pub struct AgentConfig {
     pub address: Option<std::net::Ipv4Addr>,
     /// An agent silent this long is ignored: active checks alone decide.
     pub deadline: Duration,
+    /// Key shared with the agents: reports without its tag are refused.
+    pub key: Option<crate::agent::AgentKey>,
 }
 
 /// One L7 check or command of a service.
@@ -290,6 +294,7 @@ impl Config {
                 port: a.port.0,
                 address: a.address,
                 deadline: a.deadline.map_or(Duration::from_secs(10), |d| d.0),
+                key: a.key_file.map(|k| k.0),
             }),
         };
         for service in &mut config.services {
@@ -391,6 +396,19 @@ struct AgentSection {
     port: AgentPort,
     address: Option<std::net::Ipv4Addr>,
     deadline: Option<Interval>,
+    key_file: Option<AgentKeyFile>,
+}
+
+/// The path of the agents' key file, read when the config is.
+struct AgentKeyFile(crate::agent::AgentKey);
+
+impl<'de> Deserialize<'de> for AgentKeyFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let path = std::path::PathBuf::deserialize(d)?;
+        crate::agent::read_key(&path)
+            .map(AgentKeyFile)
+            .map_err(de::Error::custom)
+    }
 }
 
 /// A UDP port for agents, outside the ports of direct-routing checks.
@@ -991,5 +1009,34 @@ probe = "none"
             .unwrap_err()
             .to_string()
             .contains("configured twice"));
+    }
+
+    #[test]
+    fn the_agent_key_file_is_read_and_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("prober-key-test-{}", std::process::id()));
+        std::fs::write(&path, "00112233445566778899aabbccddeeff\n").unwrap();
+        let text = format!(
+            "[agent]\nport = 5555\nkey_file = {:?}\n",
+            path.display().to_string()
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("line 3") && err.contains("key_file") && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = Config::parse(&text).unwrap();
+        assert_eq!(
+            config.agent.unwrap().key,
+            Some(crate::agent::parse_key("00112233445566778899aabbccddeeff").unwrap())
+        );
+        std::fs::write(&path, "short\n").unwrap();
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("32 hex digits"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("No such file"), "{err}");
     }
 }

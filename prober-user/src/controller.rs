@@ -186,8 +186,12 @@ impl Controller {
             );
         }
         match (config.agent, agent_address) {
-            (Some(agent), Some(address)) => self.prober.set_agent(address, agent.port)?,
-            _ => self.prober.set_agent(std::net::Ipv4Addr::UNSPECIFIED, 0)?,
+            (Some(agent), Some(address)) => {
+                self.prober.set_agent(address, agent.port, agent.key)?
+            }
+            _ => self
+                .prober
+                .set_agent(std::net::Ipv4Addr::UNSPECIFIED, 0, None)?,
         }
         if let Some(agents) = &mut self.agents {
             agents.set_deadline(config.agent.map(|a| a.deadline));

@@ -144,6 +144,10 @@ enum Command {
         /// Stop after this many reports (default: run until killed).
         #[arg(long)]
         count: Option<u64>,
+        /// Tag reports with the key shared with the director (the file its
+        /// `[agent] key_file` names: 32 hex digits, mode 600).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
     },
     /// Read the kernel's IPVS table (needs CAP_NET_ADMIN).
     #[command(after_long_help = EXIT_STATUS)]
@@ -209,9 +213,16 @@ fn main() -> ExitCode {
             weight,
             from_file,
             count,
-        } => agent::parse_report(&format!("{state} {weight}"), weight)
-            .map_err(anyhow::Error::msg)
-            .and_then(|fixed| agent::run(director, interval, fixed, from_file.as_deref(), count)),
+            key_file,
+        } => (|| {
+            let fixed = agent::parse_report(&format!("{state} {weight}"), weight)
+                .map_err(anyhow::Error::msg)?;
+            let key = key_file
+                .map(|path| agent::read_key(&path))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            agent::run(director, interval, fixed, from_file.as_deref(), count, key)
+        })(),
         Command::Ipvs {
             command: IpvsCommand::List { json },
         } => ipvs_list::run(json),
@@ -326,7 +337,7 @@ fn run(daemon: &Daemon) -> Result<()> {
         let mut mode = if daemon.probes.is_empty() {
             let passive = passive::Passive::new(datapath.passive_maps()?);
             if let (Some(agent), Some(address)) = (config.agent, daemon.agent_address(&config)?) {
-                prober.set_agent(address, agent.port)?;
+                prober.set_agent(address, agent.port, agent.key)?;
                 info!(%address, port = agent.port, deadline = ?agent.deadline, "agent reports accepted");
             }
             let extras = controller::Extras {
@@ -487,20 +498,7 @@ fn snapshot(
     status.uptime_s = started.elapsed().as_secs_f64();
     status.interval_ms = controller.config().interval.as_millis() as u64;
     match stats::read_counters(&daemon.pin_dir) {
-        Ok(c) => {
-            status.datapath = prober_user::status::DatapathTotals {
-                packets: c.packets,
-                bytes: c.bytes,
-                replies_matched: c.replies_matched,
-                replies_rejected: c.replies_rejected,
-                resets_sent: c.resets_sent,
-                probes_built: c.probes_built,
-                probe_errors: c.probe_errors,
-                agent_reports: c.agent_reports,
-                agent_malformed: c.agent_malformed,
-                agent_unknown: c.agent_unknown,
-            }
-        }
+        Ok(c) => status.datapath = c,
         Err(e) => warn!("reading COUNTERS: {e:#}"),
     }
     status
@@ -547,11 +545,12 @@ fn reload_daemon(socket: &Path) -> Result<()> {
 }
 
 fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
-    let stats = stats::read(pin_dir)?;
+    let all = stats::read(pin_dir)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
+        println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
+    let stats = &all.counters;
     println!(
         "ingress: {} frames, {} bytes; replies matched {}, rejected {}; resets sent {}; probes built {}, errors {}",
         stats.packets,
@@ -562,18 +561,23 @@ fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
         stats.probes_built,
         stats.probe_errors
     );
-    if stats.agent_reports + stats.agent_malformed + stats.agent_unknown > 0 {
+    let refused = stats.agent_unauthenticated + stats.agent_replayed;
+    if stats.agent_reports + stats.agent_malformed + stats.agent_unknown + refused > 0 {
         println!(
-            "agent datagrams: {} recorded, {} malformed, {} from outside the pool",
-            stats.agent_reports, stats.agent_malformed, stats.agent_unknown
+            "agent datagrams: {} recorded, {} malformed, {} from outside the pool, {} with a wrong tag, {} replayed",
+            stats.agent_reports,
+            stats.agent_malformed,
+            stats.agent_unknown,
+            stats.agent_unauthenticated,
+            stats.agent_replayed
         );
     }
-    if !stats.targets.is_empty() {
+    if !all.targets.is_empty() {
         println!(
             "{:>5}  {:<40} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
             "id", "probe", "sent", "answered", "refused", "unreach", "timeout", "last rtt"
         );
-        for t in &stats.targets {
+        for t in &all.targets {
             let rtt = if t.last_rtt_ns == 0 {
                 "-".to_string()
             } else {

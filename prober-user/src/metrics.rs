@@ -360,6 +360,11 @@ impl Collector for Snapshot {
                 (vec![("outcome", "recorded".into())], d.agent_reports),
                 (vec![("outcome", "malformed".into())], d.agent_malformed),
                 (vec![("outcome", "unknown_source".into())], d.agent_unknown),
+                (
+                    vec![("outcome", "unauthenticated".into())],
+                    d.agent_unauthenticated,
+                ),
+                (vec![("outcome", "replayed".into())], d.agent_replayed),
             ],
         )?;
         let events: Vec<(Labels, u64)> = s

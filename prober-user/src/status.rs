@@ -17,27 +17,14 @@ pub struct Status {
     pub interval_ms: u64,
     /// Why IPVS cannot be read, while it cannot.
     pub ipvs_problem: Option<String>,
-    pub datapath: DatapathTotals,
+    /// The datapath counters summed over CPUs.
+    pub datapath: prober_common::DatapathCounters,
     pub weight_writes: u64,
     pub weight_write_errors: u64,
     pub netlink_errors: u64,
     /// Alerts raised, by kind.
     pub events: BTreeMap<String, u64>,
     pub services: Vec<ServiceStatus>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DatapathTotals {
-    pub packets: u64,
-    pub bytes: u64,
-    pub replies_matched: u64,
-    pub replies_rejected: u64,
-    pub resets_sent: u64,
-    pub probes_built: u64,
-    pub probe_errors: u64,
-    pub agent_reports: u64,
-    pub agent_malformed: u64,
-    pub agent_unknown: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -17,7 +17,7 @@ use prober_common::{
 };
 use prober_tests::packets::*;
 use prober_user::{
-    agent::{encode, Report},
+    agent::{encode, AgentKey, Report},
     datapath::{load_programs, program_fd},
     test_run::run_xdp,
 };
@@ -42,6 +42,10 @@ struct Fixture {
 }
 
 fn fixture(agent_port: u16) -> Fixture {
+    fixture_with_key(agent_port, None)
+}
+
+fn fixture_with_key(agent_port: u16, key: Option<AgentKey>) -> Fixture {
     let mut ebpf = load_programs().unwrap();
     let ingress = program_fd(&ebpf, program_names::XDP_INGRESS).unwrap();
     let egress = program_fd(&ebpf, program_names::PASSIVE_EGRESS).unwrap();
@@ -55,6 +59,8 @@ fn fixture(agent_port: u16) -> Fixture {
                 local_port_max: 65535,
                 agent_port,
                 agent_addr: DIRECTOR,
+                agent_auth: key.is_some() as u8,
+                agent_key: key.map_or([0; 2], |k| k.0),
                 ..Default::default()
             },
             0,
@@ -120,8 +126,25 @@ impl Fixture {
     }
 }
 
-fn report(state: u8, weight: u32, sequence: u32) -> [u8; 16] {
-    encode(Report { state, weight }, sequence)
+fn report(state: u8, weight: u32, sequence: u64) -> [u8; agent_wire::LEN] {
+    signed(state, weight, sequence, None, RS)
+}
+
+fn signed(
+    state: u8,
+    weight: u32,
+    sequence: u64,
+    key: Option<AgentKey>,
+    source: [u8; 4],
+) -> [u8; agent_wire::LEN] {
+    let director = (std::net::Ipv4Addr::from(DIRECTOR), AGENT_PORT).into();
+    encode(
+        Report { state, weight },
+        sequence,
+        key,
+        source.into(),
+        director,
+    )
 }
 
 #[test]
@@ -164,12 +187,21 @@ fn strangers_and_malformed_datagrams_are_refused_counted_and_passed() {
         "no entry for an address outside the pool"
     );
     let mut malformed: Vec<Vec<u8>> = Vec::new();
-    for (at, value) in [(0, b'X'), (4, 2), (5, 0), (5, 4), (6, 1), (7, 1)] {
+    for (at, value) in [
+        (0, b'X'),
+        (4, 2),
+        (5, 0),
+        (5, 4),
+        (6, 1),
+        (7, 1),
+        (12, 1),
+        (15, 1),
+    ] {
         let mut bad = good;
         bad[at] = value;
         malformed.push(bad.to_vec());
     }
-    for len in 0..32 {
+    for len in 0..48 {
         if len != agent_wire::LEN {
             malformed.push(good.iter().copied().cycle().take(len).collect());
         }
@@ -206,6 +238,79 @@ fn other_udp_and_a_disabled_agent_port_pass_untouched() {
     let to_port = udp_frame(RS, DIRECTOR, 40000, AGENT_PORT, &datagram, true);
     assert_eq!(off.rx(&to_port), (XDP_PASS, to_port.clone()));
     assert_eq!(off.agent(), AgentReport::default());
+}
+
+const KEY: AgentKey = AgentKey([0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210]);
+
+#[test]
+fn with_a_key_only_tagged_fresh_reports_count_and_forgeries_are_refused() {
+    let f = fixture_with_key(AGENT_PORT, Some(KEY));
+    let frame = |wire: &[u8]| udp_frame(RS, DIRECTOR, 40000, AGENT_PORT, wire, true);
+    let good = signed(agent_wire::STATE_UP, 37, 1000, Some(KEY), RS);
+    assert_eq!(f.rx(&frame(&good)).0, XDP_DROP, "a tagged report is taken");
+    assert_eq!((f.agent().weight, f.agent().sequence), (37, 1000));
+
+    // What an off-path attacker can send: reports from the real server's
+    // address with no tag, a tag under another key, a tag made for another
+    // sender, any one bit of a good report flipped.
+    let other_key = AgentKey([1, 2]);
+    let mut forged = vec![
+        signed(agent_wire::STATE_DOWN, 0, 2000, None, RS),
+        signed(agent_wire::STATE_DOWN, 0, 2000, Some(other_key), RS),
+        signed(agent_wire::STATE_DOWN, 0, 2000, Some(KEY), STRANGER),
+    ];
+    let template = signed(agent_wire::STATE_UP, 1, 3000, Some(KEY), RS);
+    for byte in [8, 9, 10, 11, 16, 20, 23, 24, 27, 31] {
+        for bit in 0..8 {
+            let mut flipped = template;
+            flipped[byte] ^= 1 << bit;
+            forged.push(flipped);
+        }
+    }
+    for bad in &forged {
+        let sent = frame(bad);
+        assert_eq!(f.rx(&sent), (XDP_PASS, sent.clone()), "{bad:02x?}");
+    }
+    // A captured report sent again, and an older one: replays.
+    let older = signed(agent_wire::STATE_DOWN, 0, 999, Some(KEY), RS);
+    for replay in [good, older] {
+        let sent = frame(&replay);
+        assert_eq!(f.rx(&sent), (XDP_PASS, sent.clone()));
+    }
+    let entry = f.agent();
+    assert_eq!(
+        (entry.state, entry.weight, entry.sequence, entry.reports),
+        (agent_wire::STATE_UP, 37, 1000, 1),
+        "nothing refused moved the recorded report"
+    );
+    let c = f.counters();
+    assert_eq!(
+        (c.agent_reports, c.agent_unauthenticated, c.agent_replayed),
+        (1, forged.len() as u64, 2)
+    );
+    // The next report of the real agent is taken.
+    let next = signed(agent_wire::STATE_DRAIN, 0, 1001, Some(KEY), RS);
+    assert_eq!(f.rx(&frame(&next)).0, XDP_DROP);
+    assert_eq!(
+        (f.agent().state, f.agent().reports),
+        (agent_wire::STATE_DRAIN, 2)
+    );
+    println!(
+        "{} forged and 2 replayed reports refused and counted; 2 tagged reports taken",
+        forged.len()
+    );
+}
+
+#[test]
+fn without_a_key_tags_and_sequences_are_not_checked() {
+    let f = fixture(AGENT_PORT);
+    let tagged = signed(agent_wire::STATE_UP, 40, 5, Some(KEY), RS);
+    let frame = udp_frame(RS, DIRECTOR, 40000, AGENT_PORT, &tagged, true);
+    assert_eq!(f.rx(&frame).0, XDP_DROP);
+    let older = report(agent_wire::STATE_UP, 41, 4);
+    let frame = udp_frame(RS, DIRECTOR, 40000, AGENT_PORT, &older, true);
+    assert_eq!(f.rx(&frame).0, XDP_DROP);
+    assert_eq!((f.agent().weight, f.agent().reports), (41, 2));
 }
 
 fn tcp_segment(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16) -> Vec<u8> {

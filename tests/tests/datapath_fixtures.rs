@@ -55,10 +55,7 @@ fn fixture() -> Fixture {
         previous_secret: PREVIOUS_SECRET,
         local_port_min: 61000,
         local_port_max: 65535,
-        agent_port: 0,
-        _pad: [0; 2],
-        agent_addr: [0; 4],
-        _pad2: [0; 4],
+        ..Default::default()
     };
     maps.config.set(0, config, 0).unwrap();
     let tcp_spec: ProbeSpec = "tcp:192.0.2.2:80".parse().unwrap();

@@ -19,7 +19,8 @@ use aya::{
     Ebpf,
 };
 use prober_common::{
-    map_names, program_names, DatapathCounters, ProbeConfig, ProbeResults, ProbeState, ReplyKey,
+    agent_wire, map_names, program_names, DatapathCounters, ProbeConfig, ProbeResults, ProbeState,
+    ReplyKey,
 };
 use prober_tests::packets::*;
 use prober_user::{
@@ -147,9 +148,9 @@ fn template(rng: &mut Rng) -> Vec<u8> {
         }
         // Agent datagrams (the agent port is 5555), good-looking and not.
         3 => {
-            let mut wire = b"PRAG\x01\x01\x00\x00\x00\x00\x00\x25\x00\x00\x00\x01".to_vec();
+            let mut wire = agent_datagram(rng);
             if rng.below(2) == 0 {
-                let at = rng.below(16) as usize;
+                let at = rng.below(agent_wire::LEN as u64) as usize;
                 wire[at] = rng.next() as u8;
             }
             udp_frame(RS, DIRECTOR, 40000, 5555, &wire, rng.below(2) == 0)
@@ -403,27 +404,55 @@ fn a_million_hostile_frames_pass_untouched_and_mark_nothing_up() {
     );
 }
 
+/// An untagged agent report (the fixture sets no key) with a random
+/// sequence.
+fn agent_datagram(rng: &mut Rng) -> Vec<u8> {
+    let mut wire = b"PRAG\x01\x01\x00\x00\x00\x00\x00\x25\x00\x00\x00\x00".to_vec();
+    wire.extend_from_slice(&rng.next().to_be_bytes());
+    wire.extend_from_slice(&[0; 8]);
+    wire
+}
+
 /// What a valid agent report from RS to DIRECTOR:5555 looks like, parsed
 /// here independently of the eBPF code.
 fn is_valid_report(frame: &[u8]) -> bool {
-    frame.len() >= 14 + 20 + 8 + 16
+    frame.len() >= 14 + 20 + 8 + 32
         && frame[12..14] == [0x08, 0x00]
         && frame[14] == 0x45
         && be16(frame, 20) & 0x3fff == 0
         && frame[23] == 17
-        && be16(frame, 16) == 44
+        && be16(frame, 16) == 60
         && frame[26..30] == RS
         && frame[30..34] == DIRECTOR
         && be16(frame, 36) == 5555
-        && be16(frame, 38) == 24
+        && be16(frame, 38) == 40
         && frame[42..46] == *b"PRAG"
         && frame[46] == 1
         && (1..=3).contains(&frame[47])
         && frame[48..50] == [0, 0]
+        && frame[54..58] == [0, 0, 0, 0]
 }
 
 #[test]
 fn hostile_agent_datagrams_are_consumed_only_when_valid() {
+    let (consumed, passed, refused) = agent_datagrams(None);
+    assert!(consumed > 0 && passed > 0);
+    assert_eq!(refused, 0, "no key: no tag is checked");
+}
+
+#[test]
+fn with_a_key_no_forged_agent_datagram_is_consumed() {
+    // The datagrams carry no tag or a mutated one: all forged.
+    let (consumed, passed, refused) = agent_datagrams(Some([0x5eed, 0xc0ffee]));
+    assert_eq!(consumed, 0, "a forged report was taken");
+    assert!(refused > 10_000 && passed > 0, "{refused} refused");
+}
+
+/// Sends mutated agent datagrams (most from the real server, some from a
+/// stranger) through the ingress program; checks every consumed one was
+/// valid and recorded, every other passed unchanged. Returns the counts
+/// consumed, passed, and refused for their tag.
+fn agent_datagrams(key: Option<[u64; 2]>) -> (u64, u64, u64) {
     use prober_common::AgentReport;
     let mut ebpf = load_programs().unwrap();
     let ingress = program_fd(&ebpf, program_names::XDP_INGRESS).unwrap();
@@ -437,6 +466,8 @@ fn hostile_agent_datagrams_are_consumed_only_when_valid() {
                 local_port_max: 65535,
                 agent_port: 5555,
                 agent_addr: DIRECTOR,
+                agent_auth: key.is_some() as u8,
+                agent_key: key.unwrap_or_default(),
                 ..Default::default()
             },
             0,
@@ -455,7 +486,7 @@ fn hostile_agent_datagrams_are_consumed_only_when_valid() {
             template(&mut rng)
         } else {
             // Mostly agent datagrams, from the real server or not.
-            let mut wire = b"PRAG\x01\x01\x00\x00\x00\x00\x00\x25\x00\x00\x00\x01".to_vec();
+            let mut wire = agent_datagram(&mut rng);
             wire[5] = 1 + rng.below(3) as u8;
             let source = if rng.below(4) == 0 {
                 [198, 51, 100, 9]
@@ -486,6 +517,19 @@ fn hostile_agent_datagrams_are_consumed_only_when_valid() {
         "every consumed report recorded, nothing else"
     );
     assert_eq!(agents.keys().count(), 1, "no entry for anyone else");
-    println!("{frames} frames: {consumed} valid reports consumed and recorded, {passed} passed unchanged");
-    assert!(consumed > 0 && passed > 0);
+    let counters: PerCpuArray<MapData, DatapathCounters> =
+        PerCpuArray::try_from(ebpf.take_map(map_names::COUNTERS).unwrap()).unwrap();
+    let c = counters
+        .get(&0, 0)
+        .unwrap()
+        .iter()
+        .fold(DatapathCounters::default(), |s, c| s.saturating_add(*c));
+    let refused = c.agent_unauthenticated + c.agent_replayed;
+    println!(
+        "{frames} frames{}: {consumed} valid reports consumed and recorded, {passed} passed unchanged, {} refused for their tag, {} as replays",
+        if key.is_some() { " with a key" } else { "" },
+        c.agent_unauthenticated,
+        c.agent_replayed
+    );
+    (consumed, passed, refused)
 }

@@ -1,7 +1,8 @@
 //! Layered checks against real IPVS in the qemu guest: L7 checks of real
 //! HTTP servers in namespaces, one root-cause event when a host is
 //! unplugged, a check reaching the VIP on a direct-routing real server, and
-//! agents whose reports move weights until they fall silent.
+//! agents whose tagged reports move weights until they fall silent while
+//! forged and replayed ones move nothing.
 
 use std::{
     net::{SocketAddrV4, UdpSocket},
@@ -384,11 +385,21 @@ fn agent_weights_reach_ipvs_and_a_silent_agent_falls_back_to_active_checks() {
     }
     let rs0 = format!("{}:80", Lan::server_addr(0));
     let rs1 = format!("{}:80", Lan::server_addr(1));
+    let key_file = temp_path("prober-agent-", "key");
+    std::fs::write(&key_file, "00112233445566778899aabbccddeeff\n").unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let pin_dir = PinDir::new();
     let daemon = start(
         &lan,
         &pin_dir,
-        &format!("{FAST}\n[agent]\nport = 5555\ndeadline = \"1s\"\n"),
+        &format!(
+            "{FAST}\n[agent]\nport = 5555\ndeadline = \"1s\"\nkey_file = {:?}\n",
+            key_file.display().to_string()
+        ),
     );
     thread::sleep(Duration::from_millis(1500));
 
@@ -406,6 +417,8 @@ fn agent_weights_reach_ipvs_and_a_silent_agent_falls_back_to_active_checks() {
             ])
             .arg("--from-file")
             .arg(&report)
+            .arg("--key-file")
+            .arg(&key_file)
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
@@ -431,6 +444,39 @@ fn agent_weights_reach_ipvs_and_a_silent_agent_falls_back_to_active_checks() {
     assert!(took <= Duration::from_millis(2500), "took {took:?}");
     assert!(daemon.log().contains("agent silent"), "{}", daemon.log());
 
+    // Forgeries from a real server's address: untagged reports (no
+    // --key-file), a tag under another key, and a replay of an old report
+    // of rs0's agent: refused, counted, no weight moves.
+    let untagged = lan.servers[1]
+        .command(prober_bin())
+        .args(["agent", "--director", "192.0.2.1:5555"])
+        .args(["--interval", "50ms", "--weight", "1", "--count", "3"])
+        .status()
+        .unwrap();
+    assert!(untagged.success());
+    let director = "192.0.2.1:5555".parse().unwrap();
+    let up_1 = prober_user::agent::Report {
+        state: 1,
+        weight: 1,
+    };
+    let wrong_key = prober_user::agent::AgentKey([1, 2]);
+    let forged = prober_user::agent::encode(
+        up_1,
+        u64::MAX,
+        Some(wrong_key),
+        Lan::server_addr(1),
+        director,
+    );
+    let key = prober_user::agent::read_key(&key_file).unwrap();
+    let replayed = prober_user::agent::encode(up_1, 1, Some(key), Lan::server_addr(0), director);
+    for (i, datagram) in [(1, forged), (0, replayed)] {
+        lan.servers[i]
+            .enter(move || {
+                let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+                socket.send_to(&datagram, "192.0.2.1:5555").unwrap();
+            })
+            .unwrap();
+    }
     // A report from an address outside the pool, and a malformed one:
     // ignored, counted, no weight moves.
     let stranger = lan.servers[2]
@@ -456,12 +502,20 @@ fn agent_weights_reach_ipvs_and_a_silent_agent_falls_back_to_active_checks() {
         .unwrap();
     let stats = wait_for(Duration::from_secs(5), || {
         let stats = daemon.stats()?;
-        Ok((stats["agent_unknown"] == 3 && stats["agent_malformed"] == 1).then_some(stats))
+        Ok((stats["agent_unknown"] == 3
+            && stats["agent_malformed"] == 1
+            && stats["agent_unauthenticated"] == 4
+            && stats["agent_replayed"] == 1)
+            .then_some(stats))
     })
     .unwrap_or_else(|e| panic!("{e}: {:#}", daemon.stats().unwrap()));
     println!(
-        "agent datagrams: {} recorded, {} malformed, {} from outside the pool",
-        stats["agent_reports"], stats["agent_malformed"], stats["agent_unknown"]
+        "agent datagrams: {} recorded, {} malformed, {} from outside the pool, {} with a wrong tag, {} replayed",
+        stats["agent_reports"],
+        stats["agent_malformed"],
+        stats["agent_unknown"],
+        stats["agent_unauthenticated"],
+        stats["agent_replayed"]
     );
     thread::sleep(Duration::from_millis(600));
     assert_eq!(weight(&lan, vs, &rs0), 100);

@@ -132,7 +132,9 @@ impl Prober {
             agent_port: 0,
             _pad: [0; 2],
             agent_addr: [0; 4],
-            _pad2: [0; 4],
+            agent_auth: 0,
+            _pad2: [0; 3],
+            agent_key: [0; 2],
         };
         let mut prober = Self {
             maps,
@@ -470,10 +472,17 @@ impl Prober {
     }
 
     /// Lets the ingress program record agent reports sent to
-    /// `address`:`port`.
-    pub fn set_agent(&mut self, address: std::net::Ipv4Addr, port: u16) -> Result<()> {
+    /// `address`:`port`, only tagged ones when there is a key.
+    pub fn set_agent(
+        &mut self,
+        address: std::net::Ipv4Addr,
+        port: u16,
+        key: Option<crate::agent::AgentKey>,
+    ) -> Result<()> {
         self.config.agent_port = port;
         self.config.agent_addr = address.octets();
+        self.config.agent_auth = key.is_some() as u8;
+        self.config.agent_key = key.map_or([0; 2], |k| k.0);
         self.maps
             .config
             .set(0, self.config, 0)

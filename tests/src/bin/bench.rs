@@ -112,10 +112,7 @@ fn bench_probe() -> Result<()> {
             previous_secret: secret,
             local_port_min: 61000,
             local_port_max: 65535,
-            agent_port: 0,
-            _pad: [0; 2],
-            agent_addr: [0; 4],
-            _pad2: [0; 4],
+            ..Default::default()
         },
         0,
     )?;
