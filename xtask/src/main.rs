@@ -4,6 +4,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod vm;
@@ -31,6 +32,15 @@ enum Command {
     Test,
     /// Build everything and show prober at work on a throwaway topology.
     Demo,
+    /// Fuzz the parsers of untrusted input (the config file, IPVS's netlink
+    /// replies) with cargo-fuzz on nightly; installs cargo-fuzz first.
+    Fuzz {
+        /// How long to run each target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS, value_name = "N")]
+        seconds: u64,
+        /// Targets to run (config, netlink); default: all.
+        targets: Vec<String>,
+    },
     /// Run a benchmark and print its figures (medians of several runs).
     Bench {
         /// Which one: probe.
@@ -62,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Test => test::run(),
         Command::Demo => demo::run(),
+        Command::Fuzz { seconds, targets } => fuzz::command(seconds, &targets),
         Command::Bench { name } => bench::run(&name),
         Command::VmTest {
             tests,

@@ -4,7 +4,10 @@ use std::{process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{build_ebpf, run_command, setup, vm, workspace_root};
+use crate::{build_ebpf, fuzz, run_command, setup, vm, workspace_root};
+
+/// How long `cargo xtask fuzz` runs each target in the test command.
+const FUZZ_SECONDS: u64 = 30;
 
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
@@ -50,6 +53,17 @@ pub fn run() -> Result<()> {
         "unit and integration tests",
         cargo().args(["test", "--workspace", "--exclude", "prober-ebpf"]),
     )?;
+    // The parsers of untrusted input (config file, IPVS's netlink replies)
+    // under libFuzzer, briefly: a new panic in them shows here.
+    let started_fuzz = Instant::now();
+    println!("[test] fuzzing ({FUZZ_SECONDS} s per target)");
+    fuzz::run(FUZZ_SECONDS, &[])
+        .and_then(|outcomes| fuzz::check(&outcomes))
+        .context("step failed: fuzzing")?;
+    println!(
+        "[test] fuzzing: ok ({:.1} s)",
+        started_fuzz.elapsed().as_secs_f64()
+    );
     // Not optional: the IPVS client is only proven against a real IPVS.
     let started_guest = Instant::now();
     println!("[test] guest tests (real IPVS in a qemu guest)");
