@@ -53,13 +53,20 @@ pub fn parse_key(text: &str) -> Result<AgentKey, String> {
 pub fn read_key(path: &Path) -> Result<AgentKey, String> {
     let at = path.display();
     let meta = std::fs::metadata(path).map_err(|e| format!("key file {at}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("key file {at}: not a regular file"));
+    }
     if meta.mode() & 0o077 != 0 {
         return Err(format!(
             "key file {at}: mode {:o} lets others read it; chmod 600 it",
             meta.mode() & 0o777
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("key file {at}: {e}"))?;
+    // A key is 32 digits: reading more than a line's worth proves nothing.
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| std::io::Read::read_to_string(&mut std::io::Read::take(f, 256), &mut text))
+        .map_err(|e| format!("key file {at}: {e}"))?;
     parse_key(&text).map_err(|e| format!("key file {at}: {e}"))
 }
 

@@ -747,6 +747,7 @@ impl Controller {
         let last = std::mem::replace(&mut track.last, counts);
         let mut seen = Observations::default();
         let mut rtt_sample = None;
+        let mut revalidate = false;
         if track.outstanding {
             seen.answered = counts.answered.saturating_sub(last.answered);
             seen.refused = counts.refused.saturating_sub(last.refused);
@@ -767,6 +768,16 @@ impl Controller {
                 // not answer ARP. A probe that could not be sent for other
                 // reasons (route by another interface...) is no evidence.
                 seen.timed_out = 1;
+                if sent {
+                    revalidate = true;
+                }
+            }
+        }
+        if revalidate {
+            if let Some(id) = self.prober.id_of(&spec) {
+                if let Err(e) = self.prober.revalidate_neighbour(id) {
+                    warn!(probe = %spec, "asking the kernel to check the neighbour: {e:#}");
+                }
             }
         }
         // Passive evidence (see README, "Passive measurement"): client
@@ -927,6 +938,8 @@ impl Controller {
                     .is_some_and(|at| now.duration_since(at) < slow_start)
                 {
                     "up: slow start".into()
+                } else if dest.current == 0 {
+                    "up: back in service".into()
                 } else {
                     "latency".into()
                 };

@@ -262,6 +262,14 @@ impl Datapath {
         crate::state::StateStore::open(&mut self.ebpf, &self.pin_dir)
     }
 
+    /// The interface is gone and its programs with it: forgets the links
+    /// so `detach` only unpins (the programs' links are closed with the
+    /// object).
+    pub fn interface_removed(&mut self) {
+        self.link = None;
+        self.egress_link = None;
+    }
+
     /// Detaches the XDP program and removes the pins. Idempotent.
     pub fn detach(&mut self) -> Result<()> {
         if let Some(link) = self.link.take() {

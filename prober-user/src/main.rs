@@ -18,14 +18,15 @@ use prober_user::{
     probe, stats,
 };
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 const EXIT_STATUS: &str = "\
 EXIT STATUS
     0  success (for `run`: stopped by SIGINT or SIGTERM, datapath detached)
     1  an error, printed on standard error with what and where
     2  bad command line (usage printed)
-    3  no daemon runs (status, reload, stats)";
+    3  no daemon runs (status, reload, stats)
+    4  `run`: its interface was removed (IPVS left as it was; start again once it is back)";
 
 const FILES: &str = "\
 FILES
@@ -235,12 +236,34 @@ fn main() -> ExitCode {
                 || e.to_string().starts_with("prober is not running")
             {
                 ExitCode::from(3)
+            } else if e.downcast_ref::<InterfaceRemoved>().is_some() {
+                ExitCode::from(4)
             } else {
                 ExitCode::FAILURE
             }
         }
     }
 }
+
+/// `prober run` stopped because its interface went away: exit status 4,
+/// which the systemd unit restarts on (unlike 1).
+#[derive(Debug)]
+struct InterfaceRemoved {
+    interface: String,
+    ifindex: u32,
+}
+
+impl std::fmt::Display for InterfaceRemoved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interface '{}' (index {}) was removed while prober ran; IPVS was left as it was; start prober again once it is back",
+            self.interface, self.ifindex
+        )
+    }
+}
+
+impl std::error::Error for InterfaceRemoved {}
 
 /// What `prober run` was asked.
 struct Daemon {
@@ -380,6 +403,7 @@ fn run(daemon: &Daemon) -> Result<()> {
         let started = Instant::now();
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ifindex = preflight::interface_index(interface)?;
         let name = loop {
             let mut reloaded = None;
             tokio::select! {
@@ -412,7 +436,14 @@ fn run(daemon: &Daemon) -> Result<()> {
                     };
                     let _ = reply.send(response);
                 }
-                _ = ticker.tick() => match &mut mode {
+                _ = ticker.tick() => {
+                    // Its programs went with it: probes would stop and
+                    // every server would look dead. Stop without touching
+                    // IPVS; a supervisor restarts us once it is back.
+                    if preflight::interface_index(interface).ok() != Some(ifindex) {
+                        break "interface removed";
+                    }
+                    match &mut mode {
                     Mode::Ipvs(controller) => {
                         let mut open_store = || datapath.open_state();
                         if let Err(e) = controller.tick(Instant::now(), &mut open_store) {
@@ -427,6 +458,7 @@ fn run(daemon: &Daemon) -> Result<()> {
                             warn!("sending probes: {e:#}");
                         }
                     }
+                    }
                 },
             }
             // A new interval takes effect at once.
@@ -439,9 +471,22 @@ fn run(daemon: &Daemon) -> Result<()> {
                 }
             }
         };
-        info!(signal = name, "stopping");
         drop(control);
         drop(mode);
+        if name == "interface removed" {
+            error!(
+                interface,
+                ifindex, "interface removed: stopping, IPVS weights left as they are"
+            );
+            datapath.interface_removed();
+            datapath.detach()?;
+            return Err(InterfaceRemoved {
+                interface: interface.to_string(),
+                ifindex,
+            }
+            .into());
+        }
+        info!(signal = name, "stopping");
         datapath.detach()
     })
 }

@@ -257,6 +257,9 @@ pub struct Changes {
     pub routes: bool,
     /// Neighbour entries: MACs must be read again.
     pub neighbours: bool,
+    /// Notifications were lost (ENOBUFS: more changes than the socket
+    /// buffer holds), so everything counts as changed.
+    pub lost: bool,
 }
 
 /// A non-blocking rtnetlink socket subscribed to neighbour, route, address
@@ -317,6 +320,7 @@ impl ChangeWatch {
                     return Changes {
                         routes: true,
                         neighbours: true,
+                        lost: true,
                     };
                 }
             }

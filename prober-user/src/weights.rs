@@ -143,6 +143,10 @@ pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> 
                 // Slow start holds growth back; it never cuts a weight the
                 // server already has (kept, say, through a panic).
                 target = target.min(cap.max(m.current as f64));
+            } else if m.current == 0 {
+                // Back in service without slow start: its weight at once,
+                // not in max_step writes (that is what slow start is for).
+                return (target.round() as u32).clamp(configured.min(1.0) as u32, m.configured);
             }
             damp(m.current, target, configured, policy)
         })
@@ -286,6 +290,24 @@ mod tests {
         back.current = 50;
         let w30 = pool_weights(&[member(1.0, 100), back], &policy, at(30)).weights[1];
         assert_eq!(w30, 75);
+    }
+
+    #[test]
+    fn without_slow_start_a_server_back_in_service_gets_its_weight_in_one_write() {
+        let now = Instant::now();
+        let policy = WeightPolicy {
+            slow_start: Duration::ZERO,
+            ..WeightPolicy::default()
+        };
+        let mut back = member(1.0, 0);
+        back.up_since = Some(now);
+        let out = pool_weights(&[member(1.0, 100), back], &policy, now);
+        assert_eq!(out.weights, vec![100, 100], "not 25 % steps");
+        let mut slower = member(2.0, 0);
+        slower.up_since = Some(now);
+        let out = pool_weights(&[member(1.0, 100), slower], &policy, now);
+        // (1 ms + 5 ms slack) / (2 ms + 5 ms) of 100.
+        assert_eq!(out.weights[1], 86, "its latency share at once");
     }
 
     #[test]

@@ -113,6 +113,11 @@ pub struct Prober {
     changes: ChangeWatch,
     last_route_lookup: Instant,
     frame: Vec<u8>,
+    /// When each next hop was last asked to be re-resolved after a timeout.
+    revalidated: HashMap<IpAddr, Instant>,
+    /// Times rtnetlink notifications were lost, and when that was logged.
+    notifications_lost: u64,
+    lost_logged: Option<Instant>,
 }
 
 impl Prober {
@@ -149,6 +154,9 @@ impl Prober {
             changes: ChangeWatch::open()?,
             last_route_lookup: Instant::now(),
             frame: vec![0u8; PROBE_FRAME_MAX],
+            revalidated: HashMap::new(),
+            notifications_lost: 0,
+            lost_logged: None,
         };
         prober
             .maps
@@ -178,6 +186,38 @@ impl Prober {
             .get(id as usize)
             .and_then(Option::as_ref)
             .is_some_and(|t| t.neighbour_unresolved)
+    }
+
+    /// Target `id`'s probe went unanswered: the real server may have a new
+    /// MAC address that the kernel's neighbour entry does not know yet (our
+    /// probes bypass the stack, so nothing else makes the kernel check).
+    /// NTF_USE is a no-op while the entry is fresh; once it is stale the
+    /// kernel probes it again, and a new MAC reaches the maps through the
+    /// neighbour notification. At most once a second per next hop.
+    pub fn revalidate_neighbour(&mut self, id: u32) -> Result<()> {
+        let Some(Ok(path)) = self
+            .targets
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .map(|t| t.path.as_ref())
+        else {
+            return Ok(());
+        };
+        let (ifindex, next_hop) = (path.ifindex, path.next_hop);
+        let now = Instant::now();
+        if self
+            .revalidated
+            .get(&next_hop)
+            .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        if self.revalidated.len() > 4 * self.ids.len() + 1024 {
+            self.revalidated
+                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(1));
+        }
+        self.revalidated.insert(next_hop, now);
+        self.routes.request_resolution(ifindex, next_hop)
     }
 
     /// What the datapath recorded for target `id`.
@@ -322,6 +362,19 @@ impl Prober {
     /// unresolved. Cheap when nothing changed: one non-blocking read.
     pub fn follow_kernel(&mut self) -> Result<()> {
         let changes = self.changes.poll();
+        if changes.lost {
+            self.notifications_lost += 1;
+            if self
+                .lost_logged
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+            {
+                info!(
+                    times = self.notifications_lost,
+                    "route and neighbour notifications lost (ENOBUFS): reading every path again"
+                );
+                self.lost_logged = Some(Instant::now());
+            }
+        }
         let stale = self.last_route_lookup.elapsed() >= ROUTE_REFRESH;
         if changes.routes || stale {
             self.look_up_routes();
