@@ -31,6 +31,36 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// Where [`record`] appends its lines: `cargo xtask reliability` sets it
+/// (and `cargo xtask vm-test` points it at its result share in the guest).
+pub const RECORDS_ENV: &str = "PROBER_RECORDS";
+
+/// One row of RELIABILITY.md: a fault or hostile input (`what`), how many
+/// times it was tried, what was observed and what was lost ("nothing" is
+/// the goal). Printed, and appended as a JSON line to `$PROBER_RECORDS`
+/// when that is set. Call it after the test's assertions passed, so a row
+/// is only written for what held.
+pub fn record(area: &str, what: &str, tries: u64, observed: &str, lost: &str) {
+    let row = serde_json::json!({
+        "area": area,
+        "what": what,
+        "tries": tries,
+        "observed": observed,
+        "lost": lost,
+    });
+    println!("reliability: {row}");
+    if let Some(path) = std::env::var_os(RECORDS_ENV) {
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{row}"));
+        if let Err(e) = written {
+            panic!("appending to {}: {e}", Path::new(&path).display());
+        }
+    }
+}
+
 /// Runs a command and fails with its stderr when it fails.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;

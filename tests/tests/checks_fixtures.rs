@@ -299,6 +299,16 @@ fn with_a_key_only_tagged_fresh_reports_count_and_forgeries_are_refused() {
         "{} forged and 2 replayed reports refused and counted; 2 tagged reports taken",
         forged.len()
     );
+    prober_tests::record(
+        "spoofing",
+        "agent reports from a real server's address: untagged, another key's tag, another sender's tag, every bit of weight, sequence and tag flipped; replayed and older reports",
+        forged.len() as u64 + 2,
+        &format!(
+            "{} refused as unauthenticated, 2 as replays, all counted; the recorded report never moved",
+            forged.len()
+        ),
+        "nothing",
+    );
 }
 
 #[test]

@@ -71,6 +71,13 @@ fn without_bpffs_it_says_how_to_mount_it() {
         stderr(&out)
     );
     assert_eq!(pair.server.xdp_program_id(VETH).unwrap(), None);
+    prober_tests::record(
+        "daemon",
+        "bpffs not mounted at start",
+        1,
+        "exit status 1, the message says how to mount it, nothing attached",
+        "nothing",
+    );
 }
 
 #[test]

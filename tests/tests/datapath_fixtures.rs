@@ -674,4 +674,11 @@ fn probe_tx_survives_random_target_entries_and_batch_cursors() {
     println!("{runs} random probe_tx runs: {sent} well-formed frames sent, {refused} refused and counted");
     assert_eq!(errors, refused, "every refusal counted");
     assert!(sent > 0 && refused > 0);
+    prober_tests::record(
+        "hostile input",
+        "random probe target entries and batch cursors handed to probe_tx",
+        runs,
+        &format!("{sent} well-formed IPv4 frames sent, {refused} runs refused and counted, no malformed frame"),
+        "nothing",
+    );
 }

@@ -402,6 +402,16 @@ fn a_million_hostile_frames_pass_untouched_and_mark_nothing_up() {
         c.replies_rejected > 0,
         "the generator reaches the cookie check"
     );
+    prober_tests::record(
+        "hostile packets",
+        "generated and mutated frames (truncated at every offset, bad lengths and checksums, IP options, fragments, VLAN/QinQ, IPv6 extension headers, random bytes) through the ingress XDP and TC egress programs",
+        FRAMES as u64,
+        &format!(
+            "{ran} program runs: every verdict pass with the frame unchanged; {} forged replies to probe ports rejected by cookie, 0 matched, 0 resets, no probe marked up, probe maps untouched",
+            c.replies_rejected
+        ),
+        "nothing",
+    );
 }
 
 /// An untagged agent report (the fixture sets no key) with a random
@@ -438,6 +448,13 @@ fn hostile_agent_datagrams_are_consumed_only_when_valid() {
     let (consumed, passed, refused) = agent_datagrams(None);
     assert!(consumed > 0 && passed > 0);
     assert_eq!(refused, 0, "no key: no tag is checked");
+    prober_tests::record(
+        "hostile packets",
+        "mutated agent datagrams, from a real server and strangers (no key set)",
+        consumed + passed,
+        &format!("{consumed} valid reports consumed and recorded, {passed} others passed unchanged; no entry for anyone outside the pool"),
+        "nothing",
+    );
 }
 
 #[test]
@@ -446,6 +463,13 @@ fn with_a_key_no_forged_agent_datagram_is_consumed() {
     let (consumed, passed, refused) = agent_datagrams(Some([0x5eed, 0xc0ffee]));
     assert_eq!(consumed, 0, "a forged report was taken");
     assert!(refused > 10_000 && passed > 0, "{refused} refused");
+    prober_tests::record(
+        "spoofing",
+        "forged agent datagrams (no or mutated tag) with a shared key set",
+        consumed + passed,
+        &format!("0 taken; {refused} well-formed ones refused for their tag and counted, all passed unchanged"),
+        "nothing",
+    );
 }
 
 /// Sends mutated agent datagrams (most from the real server, some from a

@@ -287,6 +287,13 @@ fn forged_syn_acks_are_rejected_counted_and_logged_at_debug_level() {
     .unwrap();
     assert!(logged.contains("192.0.2.2"), "{logged}");
     println!("eBPF log: {logged}");
+    prober_tests::record(
+        "spoofing",
+        "forged SYN-ACKs from the real server's address to 10 local ports, the probe's among them, through a running daemon",
+        forged,
+        "the one reaching the probe's port rejected by cookie, counted and logged at debug; the probe stayed down (refused)",
+        "nothing",
+    );
     let t = target(&stats, probes[0]);
     assert_eq!(
         t["refused"].as_u64(),

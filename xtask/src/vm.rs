@@ -42,6 +42,7 @@ pub const GUEST_TESTS: &[&str] = &[
     "guest_passive",
     "guest_checks",
     "guest_operator",
+    "guest_faults",
 ];
 
 /// Modules the initramfs loads to mount the host's root over virtio 9p
@@ -550,6 +551,8 @@ fn run_guest(
     }
     let out_q = shell_quote(out_text);
     let _ = writeln!(script, "cut -d' ' -f1 /proc/uptime > {out_q}/booted");
+    // Reliability rows of the guest tests (see `prober_tests::record`).
+    let _ = writeln!(script, "export PROBER_RECORDS={out_q}/records.jsonl");
     // IPVS checks a real server's address against the routing tables,
     // which exist once an interface is up.
     let _ = writeln!(script, "ip link set lo up");
