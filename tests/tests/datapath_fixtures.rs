@@ -447,6 +447,127 @@ fn icmp_unreachable_quoting_a_probe_is_recorded() {
     assert_eq!(f.results(TCP_TARGET).unreachable, 0);
 }
 
+/// An off-path attacker knows the addresses and ports but not the cookie:
+/// it can only guess. Forged SYN-ACKs, RSTs, echo replies and ICMP errors
+/// with guessed cookies (and the real one plus or minus small offsets) move
+/// no result of either probe; every one is passed and the rejected
+/// replies counted.
+#[test]
+fn guessed_cookies_in_forged_replies_move_no_probe_result() {
+    let f = fixture();
+    let tcp_cookie = cookie(SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6);
+    let icmp_cookie = cookie(SECRET, ICMP_ID, 0, 1);
+    let mut guess = 0x9e37_79b9u32;
+    let mut next_guess = |real: u32| loop {
+        guess ^= guess << 13;
+        guess ^= guess >> 17;
+        guess ^= guess << 5;
+        // Near misses and random guesses, never the value that counts.
+        let candidate = if guess.is_multiple_of(4) {
+            real.wrapping_add(2 + guess % 64)
+        } else {
+            guess
+        };
+        if candidate != real.wrapping_add(1) && candidate != real {
+            return candidate;
+        }
+    };
+    let tcp_to_us = |flags: u8, ack: u32| {
+        tcp_frame(
+            RS,
+            DIRECTOR,
+            &Tcp {
+                src_port: SERVICE_PORT,
+                dst_port: TCP_LOCAL_PORT,
+                seq: 777,
+                ack,
+                flags,
+                options: &[],
+            },
+        )
+    };
+    let rounds = 2_500u64;
+    let mut forged = 0u64;
+    for _ in 0..rounds {
+        let mut frames = vec![
+            tcp_to_us(SYN | ACK, next_guess(tcp_cookie)),
+            tcp_to_us(RST | ACK, next_guess(tcp_cookie)),
+        ];
+        let echo_cookie = next_guess(icmp_cookie);
+        let mut rest = ICMP_ID.to_be_bytes().to_vec();
+        rest.extend_from_slice(&(echo_cookie as u16).to_be_bytes());
+        let mut payload = echo_cookie.to_be_bytes().to_vec();
+        payload.extend_from_slice(&[0; 4]);
+        frames.push(ethernet(
+            MAC_B,
+            MAC_A,
+            0x0800,
+            &ipv4(
+                RS,
+                DIRECTOR,
+                1,
+                0,
+                &[],
+                &icmp(0, 0, rest.try_into().unwrap(), &payload),
+            ),
+        ));
+        let quoted_probe = tcp(
+            DIRECTOR,
+            RS,
+            &Tcp {
+                src_port: TCP_LOCAL_PORT,
+                dst_port: SERVICE_PORT,
+                seq: next_guess(tcp_cookie.wrapping_sub(1)),
+                ack: 0,
+                flags: SYN,
+                options: &[],
+            },
+        );
+        let quoted = ipv4(DIRECTOR, RS, 6, 0, &[], &quoted_probe);
+        frames.push(ethernet(
+            MAC_B,
+            MAC_A,
+            0x0800,
+            &ipv4(
+                [198, 51, 100, 1],
+                DIRECTOR,
+                1,
+                0,
+                &[],
+                &icmp(3, 1, [0; 4], &quoted[..28]),
+            ),
+        ));
+        for frame in frames {
+            assert_eq!(
+                f.rx(&frame),
+                (XDP_PASS, frame.clone()),
+                "a forgery was taken"
+            );
+            forged += 1;
+        }
+    }
+    for target in [TCP_TARGET, ICMP_TARGET] {
+        let r = f.results(target);
+        assert_eq!(
+            (r.answered, r.refused, r.unreachable),
+            (0, 0, 0),
+            "target {target} moved"
+        );
+    }
+    let rejected = f.counters().replies_rejected;
+    assert!(rejected >= 3 * rounds, "{rejected} rejected of {forged}");
+    println!(
+        "{forged} forged replies with guessed cookies: 0 taken, {rejected} counted as rejected"
+    );
+    prober_tests::record(
+        "spoofing",
+        "forged SYN-ACKs, RSTs, echo replies and ICMP unreachables with guessed cookies (right addresses and ports)",
+        forged,
+        &format!("0 taken: no probe marked up, refused or unreachable; all passed unchanged, {rejected} counted as rejected"),
+        "nothing",
+    );
+}
+
 fn tx_target(kind: u8, encapsulation: u8, dst: [u8; 4], port: u16, local_port: u16) -> ProbeTarget {
     ProbeTarget {
         dst_mac: MAC_B,
