@@ -43,8 +43,13 @@ pub mod map_names {
     /// Slot port / 64: bit port % 64 set when some tracked server uses that
     /// port, so untracked traffic is told apart with one array read.
     pub const PASSIVE_PORTS: &str = "PASSIVE_PORTS";
-    /// LRU [`FlowKey`](crate::FlowKey) -> [`FlowState`](crate::FlowState).
+    /// LRU [`FlowKey`](crate::FlowKey) -> [`FlowState`](crate::FlowState):
+    /// half-open flows (SYN seen, the client's ACK not yet).
     pub const PASSIVE_FLOWS: &str = "PASSIVE_FLOWS";
+    /// LRU [`FlowKey`](crate::FlowKey) -> [`FlowState`](crate::FlowState):
+    /// connections whose client answered the SYN-ACK, apart from the
+    /// half-open ones so that a SYN flood cannot evict them.
+    pub const PASSIVE_CONNS: &str = "PASSIVE_CONNS";
     /// Server id -> per-CPU [`PassiveStats`](crate::PassiveStats).
     pub const PASSIVE_STATS: &str = "PASSIVE_STATS";
     /// [`DrCheckKey`](crate::DrCheckKey) -> [`DrCheckFlow`](crate::DrCheckFlow):
@@ -70,7 +75,8 @@ pub mod program_names {
     pub const PASSIVE_EGRESS: &str = "passive_egress";
 }
 
-/// Capacity of the passive flow table (LRU: the oldest flows go first).
+/// Capacity of each passive flow table, half-open and connections (LRU:
+/// the oldest flows go first).
 pub const MAX_PASSIVE_FLOWS: u32 = 262_144;
 
 /// Capacity of the tracked real-server set.
@@ -700,6 +706,7 @@ mod tests {
             map_names::PASSIVE_SERVERS,
             map_names::PASSIVE_PORTS,
             map_names::PASSIVE_FLOWS,
+            map_names::PASSIVE_CONNS,
             map_names::PASSIVE_STATS,
             map_names::DR_CHECKS,
             map_names::AGENTS,

@@ -67,6 +67,8 @@ static PASSIVE_PORTS: Array<u64, 1024> = Array::new();
 #[btf_map]
 static PASSIVE_FLOWS: LruHashMap<FlowKey, FlowState, FLOWS> = LruHashMap::new();
 #[btf_map]
+static PASSIVE_CONNS: LruHashMap<FlowKey, FlowState, FLOWS> = LruHashMap::new();
+#[btf_map]
 static PASSIVE_STATS: PerCpuArray<PassiveStats, SERVERS> = PerCpuArray::new();
 
 #[btf_map]

@@ -6,14 +6,29 @@
 //! Per real server: handshake RTT (SYN forwarded -> SYN-ACK; not for resent
 //! SYNs, after Karn), response time (request data forwarded -> first
 //! response data; one request at a time per connection), server RSTs, and
-//! SYNs resent by clients (no SYN-ACK in time). Flows live in an LRU table:
-//! a flood of new flows evicts the oldest ones, never corrupts others.
-//! Untracked traffic costs one array read (the port bitmap).
+//! SYNs resent by clients (no SYN-ACK in time).
+//!
+//! Flows live in two LRU tables of 262,144 entries each, so that a SYN
+//! flood or scan cannot push out the connections that give response times:
+//! - `PASSIVE_FLOWS`, half-open: a SYN opens an entry there, the SYN-ACK
+//!   takes the handshake sample. Flood and scan SYNs only ever land here
+//!   and evict each other and handshakes in flight, oldest first.
+//! - `PASSIVE_CONNS`, connections: the client's first ACK after the
+//!   SYN-ACK (a client that really answered the real server) moves its flow
+//!   here; request -> first response byte is timed here. A spoofed source
+//!   never answers, a SYN scan answers with RST, so a flood adds nothing
+//!   here; only new real connections evict old ones.
+//!
+//! FIN or RST from either side ends a flow in whichever table holds it.
+//! Untracked traffic costs one array read (the port bitmap); a packet of an
+//! established connection one lookup each way.
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, programs::TcContext};
 use prober_common::{family, flow_flags, rtt_bucket, FlowKey, FlowState, PassiveStats, ServerKey};
 
-use crate::{packet::*, PASSIVE_FLOWS, PASSIVE_PORTS, PASSIVE_SERVERS, PASSIVE_STATS};
+use crate::{
+    packet::*, PASSIVE_CONNS, PASSIVE_FLOWS, PASSIVE_PORTS, PASSIVE_SERVERS, PASSIVE_STATS,
+};
 
 const L4: usize = ETH_HLEN + IPV4_HLEN;
 
@@ -119,18 +134,40 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_UNSPEC);
     }
     if tcp.flags & (TCP_FIN | TCP_RST) != 0 {
-        let _ = PASSIVE_FLOWS.remove(key);
+        if PASSIVE_CONNS.remove(key).is_err() {
+            let _ = PASSIVE_FLOWS.remove(key);
+        }
         return Ok(TC_ACT_UNSPEC);
     }
-    if payload_len(&ip, &tcp) > 0 {
-        if let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(key) {
-            // SAFETY: an entry of an LRU hash map, valid for the run.
-            let flow = unsafe { &mut *flow };
-            if flow.flags & flow_flags::AWAITING_RESPONSE == 0 {
-                flow.request_ns = now();
-                flow.flags |= flow_flags::AWAITING_RESPONSE;
-            }
+    let request = payload_len(&ip, &tcp) > 0;
+    if let Some(flow) = PASSIVE_CONNS.get_ptr_mut(key) {
+        // SAFETY: an entry of an LRU hash map, valid for the run.
+        let flow = unsafe { &mut *flow };
+        if request && flow.flags & flow_flags::AWAITING_RESPONSE == 0 {
+            flow.request_ns = now();
+            flow.flags |= flow_flags::AWAITING_RESPONSE;
         }
+        return Ok(TC_ACT_UNSPEC);
+    }
+    if tcp.flags & TCP_ACK == 0 {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    // The client's first ACK after the real server's SYN-ACK: the flow
+    // becomes a connection.
+    // SAFETY: the value is copied out at once.
+    let Some(&half_open) = (unsafe { PASSIVE_FLOWS.get(key) }) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    if half_open.flags & flow_flags::HANDSHAKE_DONE == 0 {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let mut flow = half_open;
+    if request {
+        flow.request_ns = now();
+        flow.flags |= flow_flags::AWAITING_RESPONSE;
+    }
+    if PASSIVE_CONNS.insert(key, flow, 0).is_ok() {
+        let _ = PASSIVE_FLOWS.remove(key);
     }
     Ok(TC_ACT_UNSPEC)
 }
@@ -143,23 +180,43 @@ pub fn ingress(ip: &Ipv4Hdr, tcp: &TcpHdr) {
         return;
     }
     let key = flow_key(ip.saddr, tcp.source, ip.daddr, tcp.dest);
-    let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(key) else {
-        return;
-    };
-    // SAFETY: an entry of an LRU hash map, valid for the run.
-    let flow = unsafe { &mut *flow };
     // Time and stats only when a sample is taken: the common packet of a
-    // tracked flow (more data of a response) costs one lookup.
+    // connection (more data of a response) costs one lookup.
     if tcp.flags & TCP_RST != 0 {
-        if let Some(s) = stats(flow.server_id) {
+        // Refused (half-open) or aborted (connection): counted either way.
+        // Half-open first: a scan of a closed port is answered so.
+        let server_id = if let Some(flow) = PASSIVE_FLOWS.get_ptr(key) {
+            // SAFETY: an entry of an LRU hash map, read before its removal.
+            let id = unsafe { (*flow).server_id };
+            let _ = PASSIVE_FLOWS.remove(key);
+            id
+        } else if let Some(flow) = PASSIVE_CONNS.get_ptr(key) {
+            // SAFETY: as above.
+            let id = unsafe { (*flow).server_id };
+            let _ = PASSIVE_CONNS.remove(key);
+            id
+        } else {
+            return;
+        };
+        if let Some(s) = stats(server_id) {
             s.resets += 1;
         }
-        let _ = PASSIVE_FLOWS.remove(key);
         return;
     }
     if tcp.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        let Some(flow) = PASSIVE_FLOWS.get_ptr_mut(key) else {
+            return;
+        };
+        // SAFETY: an entry of an LRU hash map, valid for the run.
+        let flow = unsafe { &mut *flow };
         if flow.flags & flow_flags::HANDSHAKE_DONE == 0 && flow.syn_ns != 0 {
             flow.flags |= flow_flags::HANDSHAKE_DONE;
+            // A connection left from an earlier use of these ports (its
+            // end unseen) must not stand in for this one. (A lookup first:
+            // it is inlined and takes no lock, and there rarely is one.)
+            if PASSIVE_CONNS.get_ptr(key).is_some() {
+                let _ = PASSIVE_CONNS.remove(key);
+            }
             if flow.flags & flow_flags::SYN_RETRANSMITTED == 0 {
                 let Some(s) = stats(flow.server_id) else {
                     return;
@@ -176,6 +233,14 @@ pub fn ingress(ip: &Ipv4Hdr, tcp: &TcpHdr) {
         }
         return;
     }
+    let Some(flow) = PASSIVE_CONNS.get_ptr_mut(key) else {
+        if tcp.flags & TCP_FIN != 0 {
+            let _ = PASSIVE_FLOWS.remove(key);
+        }
+        return;
+    };
+    // SAFETY: an entry of an LRU hash map, valid for the run.
+    let flow = unsafe { &mut *flow };
     if flow.flags & flow_flags::AWAITING_RESPONSE != 0 && payload_len(ip, tcp) > 0 {
         flow.flags &= !flow_flags::AWAITING_RESPONSE;
         let Some(s) = stats(flow.server_id) else {
@@ -191,6 +256,6 @@ pub fn ingress(ip: &Ipv4Hdr, tcp: &TcpHdr) {
         }
     }
     if tcp.flags & TCP_FIN != 0 {
-        let _ = PASSIVE_FLOWS.remove(key);
+        let _ = PASSIVE_CONNS.remove(key);
     }
 }

@@ -37,6 +37,7 @@ const PINNED_MAPS: &[&str] = &[
     map_names::PROBE_CONFIG,
     map_names::PASSIVE_SERVERS,
     map_names::PASSIVE_FLOWS,
+    map_names::PASSIVE_CONNS,
     map_names::PASSIVE_STATS,
     map_names::DR_CHECKS,
     map_names::AGENTS,

@@ -405,7 +405,7 @@ fn a_million_hostile_frames_pass_untouched_and_mark_nothing_up() {
     prober_tests::record(
         "hostile packets",
         "generated and mutated frames (truncated at every offset, bad lengths and checksums, IP options, fragments, VLAN/QinQ, IPv6 extension headers, random bytes) through the ingress XDP and TC egress programs",
-        FRAMES as u64,
+        FRAMES,
         &format!(
             "{ran} program runs: every verdict pass with the frame unchanged; {} forged replies to probe ports rejected by cookie, 0 matched, 0 resets, no probe marked up, probe maps untouched",
             c.replies_rejected

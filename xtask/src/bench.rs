@@ -1,5 +1,8 @@
 //! `cargo xtask bench <name>`: builds everything, then runs the benchmark
 //! program of the tests crate (`tests/src/bin/bench.rs`), optimised, as root.
+//! `passive-flood` is the ignored `bench_passive_flood` of
+//! `tests/tests/passive_flood.rs`, which shares its flood with the test
+//! that proves what a flood evicts.
 
 use std::process::Command;
 
@@ -11,19 +14,35 @@ pub fn run(name: &str) -> Result<()> {
     require_root()?;
     let tools = setup::run()?;
     build_ebpf::run(&tools)?;
-    run_command(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(workspace_root())
-            .args([
-                "run",
-                "--quiet",
-                "--release",
-                "--package",
-                "prober-tests",
-                "--bin",
-                "bench",
-                "--",
-                name,
-            ]),
-    )
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    if name == "passive-flood" {
+        command.args([
+            "test",
+            "--quiet",
+            "--release",
+            "--package",
+            "prober-tests",
+            "--test",
+            "passive_flood",
+            "--",
+            "--ignored",
+            "--exact",
+            "bench_passive_flood",
+            "--nocapture",
+        ]);
+    } else {
+        command.args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "prober-tests",
+            "--bin",
+            "bench",
+            "--",
+            name,
+        ]);
+    }
+    run_command(&mut command)
 }
