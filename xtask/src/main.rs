@@ -5,6 +5,7 @@ mod bench;
 mod build_ebpf;
 mod demo;
 mod fuzz;
+mod reliability;
 mod setup;
 mod test;
 mod vm;
@@ -41,6 +42,10 @@ enum Command {
         /// Targets to run (config, netlink); default: all.
         targets: Vec<String>,
     },
+    /// Try every fault and hostile input (host tests, fuzzing, faults
+    /// against real IPVS in the guest) and write RELIABILITY.md from what
+    /// they recorded.
+    Reliability,
     /// Run a benchmark and print its figures (medians of several runs).
     Bench {
         /// Which one: probe.
@@ -73,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test => test::run(),
         Command::Demo => demo::run(),
         Command::Fuzz { seconds, targets } => fuzz::command(seconds, &targets),
+        Command::Reliability => reliability::run(),
         Command::Bench { name } => bench::run(&name),
         Command::VmTest {
             tests,
