@@ -107,7 +107,7 @@ pub const MAX_AGENTS: u32 = 65_536;
 /// | offset | size | field |
 /// | --- | --- | --- |
 /// | 0 | 4 | magic `PRAG` |
-/// | 4 | 1 | version, 1 |
+/// | 4 | 1 | version, 2 |
 /// | 5 | 1 | state: 1 up, 2 down, 3 drain |
 /// | 6 | 2 | reserved, 0 |
 /// | 8 | 4 | weight (0-65535; larger is taken as 65535) |
@@ -118,10 +118,11 @@ pub const MAX_AGENTS: u32 = 65_536;
 /// Exactly 32 bytes; anything else is malformed and counted. A director
 /// with a key takes a report only if its tag is right (an off-path sender
 /// without the key cannot forge one) and its sequence is above the last
-/// one taken from that real server (a captured report cannot be replayed).
+/// one taken from that real server and within a minute of the director's
+/// clock (a captured report cannot be replayed).
 pub mod agent_wire {
     pub const MAGIC: [u8; 4] = *b"PRAG";
-    pub const VERSION: u8 = 1;
+    pub const VERSION: u8 = 2;
     pub const LEN: usize = 32;
     /// Bytes covered by the tag: everything before it.
     pub const SIGNED_LEN: usize = 24;
@@ -153,8 +154,9 @@ pub mod agent_wire {
                 signed[i + 7],
             ])
         };
+        // Little-endian words on every side, whatever the sender's CPU.
         let addresses =
-            u32::from_ne_bytes(source) as u64 | (u32::from_ne_bytes(director) as u64) << 32;
+            u32::from_le_bytes(source) as u64 | (u32::from_le_bytes(director) as u64) << 32;
         crate::cookie::siphash24_words(key, [word(0), word(8), word(16), addresses, port as u64])
     }
 }
@@ -221,7 +223,8 @@ pub struct DatapathCounters {
     pub agent_unknown: u64,
     /// Reports refused for a wrong tag (a key is set).
     pub agent_unauthenticated: u64,
-    /// Reports refused for a sequence not above the last one taken.
+    /// Reports refused for a sequence not above the last one taken, or
+    /// outside the window of the director's clock.
     pub agent_replayed: u64,
 }
 
@@ -386,6 +389,13 @@ pub struct ProbeConfig {
     pub _pad2: [u8; 3],
     /// Key shared with the agents (SipHash-2-4, see [`agent_wire::tag`]).
     pub agent_key: [u64; 2],
+    /// With `agent_auth`: sequences (the agents' clocks, µs since the Unix
+    /// epoch) outside this window of the director's clock are refused, so
+    /// a captured report is stale within a minute even for an entry that
+    /// was just created, and a clock far ahead cannot lock an agent out.
+    /// Userspace moves the window every second.
+    pub agent_sequence_min: u64,
+    pub agent_sequence_max: u64,
 }
 
 /// Key of `DR_CHECKS`: one L7 check connection as the director's side
@@ -533,7 +543,9 @@ pub struct FlowKey {
 pub struct FlowState {
     /// When the client's SYN was forwarded (0: not seen).
     pub syn_ns: u64,
-    /// When the request being answered was forwarded.
+    /// When the request being answered was forwarded; while half-open with
+    /// the SYN-ACK seen, the acknowledgement number the client's ACK must
+    /// carry (the real server's sequence number + 1).
     pub request_ns: u64,
     /// The real server's id in `PASSIVE_SERVERS`.
     pub server_id: u32,
@@ -650,10 +662,10 @@ mod tests {
             answered: u64, refused: u64, unreachable: u64, last_rtt_ns: u64, last_reply_ns: u64,
             rtt_log2_us: [u64; RTT_BUCKETS],
         });
-        assert_no_holes!(ProbeConfig, 64, {
+        assert_no_holes!(ProbeConfig, 80, {
             secret: [u64; 2], previous_secret: [u64; 2], local_port_min: u16, local_port_max: u16,
             agent_port: u16, _pad: [u8; 2], agent_addr: [u8; 4], agent_auth: u8, _pad2: [u8; 3],
-            agent_key: [u64; 2],
+            agent_key: [u64; 2], agent_sequence_min: u64, agent_sequence_max: u64,
         });
         assert_no_holes!(DrCheckKey, 12, {
             local_addr: [u8; 4], local_port: u16, remote_port: u16, protocol: u8, _pad: [u8; 3],

@@ -219,7 +219,10 @@ fn agent_report(ctx: &XdpContext, ip: &Ipv4Hdr, config: &ProbeConfig) -> Report 
         if u64::from_le_bytes(tag) != expected {
             return Report::Unauthenticated;
         }
-        if entry.reports != 0 && sequence <= entry.sequence {
+        if sequence < config.agent_sequence_min
+            || sequence > config.agent_sequence_max
+            || (entry.reports != 0 && sequence <= entry.sequence)
+        {
             return Report::Replayed;
         }
     }

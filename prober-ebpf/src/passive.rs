@@ -158,10 +158,13 @@ pub fn try_passive_egress(ctx: &TcContext) -> Result<i32, ()> {
     let Some(&half_open) = (unsafe { PASSIVE_FLOWS.get(key) }) else {
         return Ok(TC_ACT_UNSPEC);
     };
-    if half_open.flags & flow_flags::HANDSHAKE_DONE == 0 {
+    if half_open.flags & flow_flags::HANDSHAKE_DONE == 0
+        || u32::from_be_bytes(tcp.ack_seq) as u64 != half_open.request_ns
+    {
         return Ok(TC_ACT_UNSPEC);
     }
     let mut flow = half_open;
+    flow.request_ns = 0;
     if request {
         flow.request_ns = now();
         flow.flags |= flow_flags::AWAITING_RESPONSE;
@@ -211,6 +214,9 @@ pub fn ingress(ip: &Ipv4Hdr, tcp: &TcpHdr) {
         let flow = unsafe { &mut *flow };
         if flow.flags & flow_flags::HANDSHAKE_DONE == 0 && flow.syn_ns != 0 {
             flow.flags |= flow_flags::HANDSHAKE_DONE;
+            // The ACK that makes it a connection must acknowledge this
+            // SYN-ACK: a blind sender cannot promote flows with made-up ACKs.
+            flow.request_ns = u32::from_be_bytes(tcp.seq).wrapping_add(1) as u64;
             // A connection left from an earlier use of these ports (its
             // end unseen) must not stand in for this one. (A lookup first:
             // it is inlined and takes no lock, and there rarely is one.)

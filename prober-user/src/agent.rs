@@ -153,21 +153,10 @@ pub fn run(
         bail!("--director {director}: agents report over IPv4 (the datapath records IPv4 reports only)");
     }
     let socket = UdpSocket::bind("0.0.0.0:0").context("opening a UDP socket")?;
-    // Connected, so the tag can name the address the kernel sends from.
-    socket
-        .connect(director)
-        .with_context(|| format!("--director {director}: no route"))?;
-    let source = match socket
-        .local_addr()
-        .context("reading the local address")?
-        .ip()
-    {
-        IpAddr::V4(v4) => v4,
-        IpAddr::V6(_) => bail!("--director {director}: no IPv4 source address"),
-    };
     let mut sequence = 0u64;
     let mut sent = 0u64;
     let mut last_problem = None;
+    let mut send_problem = None;
     loop {
         let report = match from_file.map(std::fs::read_to_string) {
             Some(Ok(text)) => {
@@ -191,9 +180,29 @@ pub fn run(
             _ => fixed,
         };
         sequence = next_sequence(sequence);
-        if let Err(e) = socket.send(&encode(report, sequence, key, source, director)) {
-            // The director may be briefly unreachable: keep going.
-            eprintln!("prober agent: sending to {director}: {e}");
+        // Connected again each time, so the tag names the address the
+        // kernel sends from now (routes and addresses change); the
+        // director may be briefly unreachable: say so once, keep going.
+        let sending = socket
+            .connect(director)
+            .and_then(|()| socket.local_addr())
+            .and_then(|local| match local.ip() {
+                IpAddr::V4(source) => socket.send(&encode(report, sequence, key, source, director)),
+                IpAddr::V6(_) => Err(std::io::Error::other("no IPv4 source address")),
+            });
+        match sending {
+            Ok(_) => {
+                if send_problem.take().is_some() {
+                    eprintln!("prober agent: sending to {director} again");
+                }
+            }
+            Err(e) => {
+                let problem = format!("sending to {director}: {e}");
+                if send_problem.as_ref() != Some(&problem) {
+                    eprintln!("prober agent: {problem}");
+                    send_problem = Some(problem);
+                }
+            }
         }
         sent += 1;
         if count.is_some_and(|c| sent >= c) {
@@ -232,7 +241,7 @@ mod tests {
         let wire = encode(up_300, 7, None, source, director);
         assert_eq!(
             &wire[..],
-            b"PRAG\x01\x01\x00\x00\x00\x00\x01\x2c\0\0\0\0\0\0\0\0\0\0\0\x07\0\0\0\0\0\0\0\0"
+            b"PRAG\x02\x01\x00\x00\x00\x00\x01\x2c\0\0\0\0\0\0\0\0\0\0\0\x07\0\0\0\0\0\0\0\0"
         );
         let key = parse_key("000102030405060708090a0b0c0d0e0f\n").unwrap();
         assert_eq!(key.0[0], 0x0706_0504_0302_0100);

@@ -26,7 +26,8 @@ EXIT STATUS
     1  an error, printed on standard error with what and where
     2  bad command line (usage printed)
     3  no daemon runs (status, reload, stats)
-    4  `run`: its interface was removed (IPVS left as it was; start again once it is back)";
+    4  `run`: its interface is missing or was removed (IPVS left as it was;
+       the systemd unit starts it again until the interface is there)";
 
 const FILES: &str = "\
 FILES
@@ -236,7 +237,12 @@ fn main() -> ExitCode {
                 || e.to_string().starts_with("prober is not running")
             {
                 ExitCode::from(3)
-            } else if e.downcast_ref::<InterfaceRemoved>().is_some() {
+            } else if e.downcast_ref::<InterfaceRemoved>().is_some()
+                || matches!(
+                    e.downcast_ref::<preflight::PreflightError>(),
+                    Some(preflight::PreflightError::UnknownInterface(_))
+                )
+            {
                 ExitCode::from(4)
             } else {
                 ExitCode::FAILURE
@@ -440,7 +446,7 @@ fn run(daemon: &Daemon) -> Result<()> {
                     // Its programs went with it: probes would stop and
                     // every server would look dead. Stop without touching
                     // IPVS; a supervisor restarts us once it is back.
-                    if preflight::interface_index(interface).ok() != Some(ifindex) {
+                    if !preflight::interface_exists(ifindex) {
                         break "interface removed";
                     }
                     match &mut mode {

@@ -76,6 +76,19 @@ pub fn interface_index(name: &str) -> Result<u32, PreflightError> {
     }
 }
 
+/// Whether interface `index` still exists (under any name: a renamed
+/// interface keeps its programs). Only "no such device" counts as gone; any
+/// other failure of the lookup says nothing and counts as present.
+pub fn interface_exists(index: u32) -> bool {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname needs.
+    if !unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null() {
+        return true;
+    }
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    !matches!(errno, Some(libc::ENXIO) | Some(libc::ENODEV))
+}
+
 /// The first IPv4 address of an interface, if it has one.
 pub fn interface_ipv4(name: &str) -> Option<std::net::Ipv4Addr> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();

@@ -143,7 +143,7 @@ pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> 
                 // Slow start holds growth back; it never cuts a weight the
                 // server already has (kept, say, through a panic).
                 target = target.min(cap.max(m.current as f64));
-            } else if m.current == 0 {
+            } else if m.current == 0 && policy.slow_start.is_zero() {
                 // Back in service without slow start: its weight at once,
                 // not in max_step writes (that is what slow start is for).
                 return (target.round() as u32).clamp(configured.min(1.0) as u32, m.configured);

@@ -50,11 +50,14 @@ pub fn record(area: &str, what: &str, tries: u64, observed: &str, lost: &str) {
     });
     println!("reliability: {row}");
     if let Some(path) = std::env::var_os(RECORDS_ENV) {
+        // One write(2) per row: rows of tests running in parallel threads
+        // never interleave (O_APPEND).
+        let line = format!("{row}\n");
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .and_then(|mut f| writeln!(f, "{row}"));
+            .and_then(|mut f| f.write_all(line.as_bytes()));
         if let Err(e) = written {
             panic!("appending to {}: {e}", Path::new(&path).display());
         }

@@ -46,6 +46,15 @@ fn fixture(agent_port: u16) -> Fixture {
 }
 
 fn fixture_with_key(agent_port: u16, key: Option<AgentKey>) -> Fixture {
+    fixture_with_window(agent_port, key, 0..=u64::MAX)
+}
+
+/// `window`: the sequences the director's clock accepts now.
+fn fixture_with_window(
+    agent_port: u16,
+    key: Option<AgentKey>,
+    window: std::ops::RangeInclusive<u64>,
+) -> Fixture {
     let mut ebpf = load_programs().unwrap();
     let ingress = program_fd(&ebpf, program_names::XDP_INGRESS).unwrap();
     let egress = program_fd(&ebpf, program_names::PASSIVE_EGRESS).unwrap();
@@ -61,6 +70,8 @@ fn fixture_with_key(agent_port: u16, key: Option<AgentKey>) -> Fixture {
                 agent_addr: DIRECTOR,
                 agent_auth: key.is_some() as u8,
                 agent_key: key.map_or([0; 2], |k| k.0),
+                agent_sequence_min: *window.start(),
+                agent_sequence_max: *window.end(),
                 ..Default::default()
             },
             0,
@@ -189,7 +200,7 @@ fn strangers_and_malformed_datagrams_are_refused_counted_and_passed() {
     let mut malformed: Vec<Vec<u8>> = Vec::new();
     for (at, value) in [
         (0, b'X'),
-        (4, 2),
+        (4, 1),
         (5, 0),
         (5, 4),
         (6, 1),
@@ -309,6 +320,28 @@ fn with_a_key_only_tagged_fresh_reports_count_and_forgeries_are_refused() {
         ),
         "nothing",
     );
+}
+
+/// Even the first report after the director (re)started, with no last
+/// sequence to compare to, must be within a minute of the director's
+/// clock: an old captured report is refused, and so is one from a clock
+/// far ahead (which would otherwise lock the agent out).
+#[test]
+fn with_a_key_sequences_outside_the_clock_window_are_refused() {
+    let f = fixture_with_window(AGENT_PORT, Some(KEY), 5_000..=9_000);
+    let frame = |sequence: u64| {
+        let wire = signed(agent_wire::STATE_UP, 30, sequence, Some(KEY), RS);
+        udp_frame(RS, DIRECTOR, 40000, AGENT_PORT, &wire, true)
+    };
+    for stale_or_ahead in [1, 4_999, 9_001, u64::MAX] {
+        let sent = frame(stale_or_ahead);
+        assert_eq!(f.rx(&sent), (XDP_PASS, sent.clone()), "{stale_or_ahead}");
+    }
+    assert_eq!(f.agent(), AgentReport::default(), "nothing recorded");
+    assert_eq!(f.rx(&frame(5_000)).0, XDP_DROP);
+    assert_eq!(f.rx(&frame(9_000)).0, XDP_DROP);
+    let c = f.counters();
+    assert_eq!((c.agent_reports, c.agent_replayed), (2, 4));
 }
 
 #[test]

@@ -417,7 +417,7 @@ fn a_million_hostile_frames_pass_untouched_and_mark_nothing_up() {
 /// An untagged agent report (the fixture sets no key) with a random
 /// sequence.
 fn agent_datagram(rng: &mut Rng) -> Vec<u8> {
-    let mut wire = b"PRAG\x01\x01\x00\x00\x00\x00\x00\x25\x00\x00\x00\x00".to_vec();
+    let mut wire = b"PRAG\x02\x01\x00\x00\x00\x00\x00\x25\x00\x00\x00\x00".to_vec();
     wire.extend_from_slice(&rng.next().to_be_bytes());
     wire.extend_from_slice(&[0; 8]);
     wire
@@ -437,7 +437,7 @@ fn is_valid_report(frame: &[u8]) -> bool {
         && be16(frame, 36) == 5555
         && be16(frame, 38) == 40
         && frame[42..46] == *b"PRAG"
-        && frame[46] == 1
+        && frame[46] == 2
         && (1..=3).contains(&frame[47])
         && frame[48..50] == [0, 0]
         && frame[54..58] == [0, 0, 0, 0]

@@ -146,8 +146,10 @@ fn segment(
         &Tcp {
             src_port: sport,
             dst_port: dport,
-            seq: 1,
-            ack: 1,
+            // The server's sequence numbers from 1000, the client's from
+            // 1: a client's ACK acknowledges the SYN-ACK.
+            seq: if sport == RS_PORT { 1000 } else { 1 },
+            ack: if sport == RS_PORT { 1 } else { 1001 },
             flags,
             options: &[],
         },
@@ -188,6 +190,43 @@ fn clients_on_the_ports_of_direct_routing_checks_are_measured_too() {
     f.out(&segment(CLIENT, RS, client_port, RS_PORT, SYN, 0));
     f.back(&segment(RS, CLIENT, RS_PORT, client_port, SYN | ACK, 0));
     assert_eq!(f.stats().handshakes, 1);
+}
+
+/// A blind sender (spoofed client address, no view of the real server's
+/// answers) cannot turn flows into connections: its ACK does not
+/// acknowledge the SYN-ACK, so nothing it sends is timed and no connection
+/// table entry is spent on it.
+#[test]
+fn an_ack_not_acknowledging_the_syn_ack_makes_no_connection() {
+    let f = fixture();
+    f.out(&to_server(RS, SYN, 0));
+    f.back(&from_server(SYN | ACK, 0));
+    let blind = |ack: u32, flags: u8, payload: usize| {
+        let mut bytes = tcp(
+            CLIENT,
+            RS,
+            &Tcp {
+                src_port: CLIENT_PORT,
+                dst_port: RS_PORT,
+                seq: 1,
+                ack,
+                flags,
+                options: &[],
+            },
+        );
+        bytes.extend(std::iter::repeat_n(b'x', payload));
+        ethernet(MAC_B, MAC_A, 0x0800, &ipv4(CLIENT, RS, 6, 0, &[], &bytes))
+    };
+    for guess in [0, 1, 1000, 1002, 0xdead_beef] {
+        f.out(&blind(guess, ACK, 0));
+        f.out(&blind(guess, ACK | PSH, 100));
+    }
+    f.back(&from_server(ACK | PSH, 1400));
+    assert_eq!(f.stats().responses, 0, "a blind ACK made a connection");
+    // The real client's ACK (1001: the server's 1000 + 1) does.
+    f.out(&to_server(RS, ACK | PSH, 100));
+    f.back(&from_server(ACK | PSH, 1400));
+    assert_eq!(f.stats().responses, 1);
 }
 
 #[test]

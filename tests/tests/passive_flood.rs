@@ -117,8 +117,14 @@ fn segment(
         &Tcp {
             src_port: sport,
             dst_port: dport,
-            seq: 1,
-            ack: if flags & ACK != 0 { 1 } else { 0 },
+            // The server's sequence numbers from 1000, the client's from
+            // 1: a client's ACK acknowledges the SYN-ACK.
+            seq: if sport == RS_PORT { 1000 } else { 1 },
+            ack: match (flags & ACK != 0, sport == RS_PORT) {
+                (false, _) => 0,
+                (true, true) => 1,
+                (true, false) => 1001,
+            },
             flags,
             options: &[],
         },

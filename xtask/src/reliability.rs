@@ -35,7 +35,7 @@ pub fn run() -> Result<()> {
     let tools = setup::run()?;
     build_ebpf::run(&tools)?;
     let root = workspace_root();
-    let out = root.join("target").join("reliability");
+    let out = vm::target_dir().join("reliability");
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
     let host_records = out.join("host.jsonl");
@@ -65,7 +65,7 @@ pub fn run() -> Result<()> {
         ..Default::default()
     })
     .context("guest tests failed: RELIABILITY.md not written")?;
-    let guest_records = root.join("target").join("vm-test").join("records.jsonl");
+    let guest_records = vm::target_dir().join("vm-test").join("records.jsonl");
 
     let mut rows = read_rows(&host_records)?;
     rows.extend(read_rows(&guest_records)?);

@@ -40,6 +40,10 @@ pub const DEFAULT_LOCAL_PORTS: (u16, u16) = (61000, 65535);
 /// probes are still accepted, older ones are not.
 pub const SECRET_ROTATION: Duration = Duration::from_secs(60);
 
+/// How far an agent's clock (its reports' sequence) may be from ours when
+/// reports are authenticated; the window moves every second.
+pub const AGENT_CLOCK_WINDOW: Duration = Duration::from_secs(60);
+
 /// The maps the prober writes, taken out of the loaded object.
 pub struct ProbeMaps {
     pub targets: Array<MapData, ProbeTarget>,
@@ -114,10 +118,21 @@ pub struct Prober {
     last_route_lookup: Instant,
     frame: Vec<u8>,
     /// When each next hop was last asked to be re-resolved after a timeout.
-    revalidated: HashMap<IpAddr, Instant>,
+    /// NTF_USE after unanswered probes: at most once a second per next
+    /// hop. It costs nothing while the kernel's entry is fresh, and at most
+    /// its few unicast re-checks once it is stale.
+    revalidations: Nudges,
+    /// Resolution requests for next hops without a MAC (each a broadcast
+    /// ARP request): backed off to one a minute, so a dead rack costs a
+    /// few ARP requests a minute per server, not one per tick.
+    resolutions: Nudges,
+    /// When neighbours were last read because some target had none.
+    last_unresolved_refresh: Option<Instant>,
     /// Times rtnetlink notifications were lost, and when that was logged.
     notifications_lost: u64,
     lost_logged: Option<Instant>,
+    /// When the window of acceptable agent sequences was last moved.
+    agent_window_at: Option<Instant>,
 }
 
 impl Prober {
@@ -140,6 +155,8 @@ impl Prober {
             agent_auth: 0,
             _pad2: [0; 3],
             agent_key: [0; 2],
+            agent_sequence_min: 0,
+            agent_sequence_max: 0,
         };
         let mut prober = Self {
             maps,
@@ -154,9 +171,12 @@ impl Prober {
             changes: ChangeWatch::open()?,
             last_route_lookup: Instant::now(),
             frame: vec![0u8; PROBE_FRAME_MAX],
-            revalidated: HashMap::new(),
+            revalidations: Nudges::new(Duration::from_secs(1)),
+            resolutions: Nudges::new(Duration::from_secs(60)),
+            last_unresolved_refresh: None,
             notifications_lost: 0,
             lost_logged: None,
+            agent_window_at: None,
         };
         prober
             .maps
@@ -204,19 +224,12 @@ impl Prober {
             return Ok(());
         };
         let (ifindex, next_hop) = (path.ifindex, path.next_hop);
-        let now = Instant::now();
-        if self
-            .revalidated
-            .get(&next_hop)
-            .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(1))
+        if !self
+            .revalidations
+            .allow(next_hop, Instant::now(), self.ids.len())
         {
             return Ok(());
         }
-        if self.revalidated.len() > 4 * self.ids.len() + 1024 {
-            self.revalidated
-                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(1));
-        }
-        self.revalidated.insert(next_hop, now);
         self.routes.request_resolution(ifindex, next_hop)
     }
 
@@ -379,11 +392,16 @@ impl Prober {
         if changes.routes || stale {
             self.look_up_routes();
         }
-        if changes.routes
-            || changes.neighbours
-            || stale
-            || self.targets.iter().flatten().any(|t| t.entry.is_none())
-        {
+        // Targets without a neighbour are retried once a second: the
+        // kernel's answer also comes as a notification.
+        let unresolved_due = self
+            .last_unresolved_refresh
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+            && self.targets.iter().flatten().any(|t| t.entry.is_none());
+        if unresolved_due {
+            self.last_unresolved_refresh = Some(Instant::now());
+        }
+        if changes.routes || changes.neighbours || stale || unresolved_due {
             self.refresh_neighbours()?;
         }
         Ok(())
@@ -424,6 +442,11 @@ impl Prober {
             .filter_map(|n| Some(((n.ifindex, n.addr), n.mac?)))
             .collect();
         let src_mac = self.routes.link_mac(self.ifindex)?;
+        let now = Instant::now();
+        // A hop resolved again starts its backoff afresh next time.
+        for (_, addr) in neighbours.keys() {
+            self.resolutions.forget(addr);
+        }
         let mut resolution_requested = std::collections::HashSet::new();
         for id in 0..self.targets.len() {
             let Some(target) = &self.targets[id] else {
@@ -440,7 +463,9 @@ impl Prober {
                         *mac,
                     )),
                     None => {
-                        if resolution_requested.insert(path.next_hop) {
+                        if resolution_requested.insert(path.next_hop)
+                            && self.resolutions.allow(path.next_hop, now, self.ids.len())
+                        {
                             self.routes
                                 .request_resolution(path.ifindex, path.next_hop)?;
                         }
@@ -501,6 +526,13 @@ impl Prober {
         if self.last_rotation.elapsed() >= SECRET_ROTATION {
             self.rotate_secret()?;
         }
+        if self.config.agent_auth != 0
+            && self
+                .agent_window_at
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        {
+            self.move_agent_window()?;
+        }
         let mut len = 0u32;
         for &id in ids {
             let ready = self
@@ -536,6 +568,18 @@ impl Prober {
         self.config.agent_addr = address.octets();
         self.config.agent_auth = key.is_some() as u8;
         self.config.agent_key = key.map_or([0; 2], |k| k.0);
+        self.move_agent_window()
+    }
+
+    /// Accepts agent sequences within [`AGENT_CLOCK_WINDOW`] of now.
+    fn move_agent_window(&mut self) -> Result<()> {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let slack = AGENT_CLOCK_WINDOW.as_micros() as u64;
+        self.config.agent_sequence_min = now_us.saturating_sub(slack);
+        self.config.agent_sequence_max = now_us.saturating_add(slack);
+        self.agent_window_at = Some(Instant::now());
         self.maps
             .config
             .set(0, self.config, 0)
@@ -551,6 +595,44 @@ impl Prober {
             .context("writing PROBE_CONFIG")?;
         self.last_rotation = Instant::now();
         Ok(())
+    }
+}
+
+/// Requests to the kernel about next hops, at most one per next hop per
+/// backoff: 1 s, doubling up to `most` (1 s: no backoff), fresh again after
+/// a quiet `most`.
+struct Nudges {
+    most: Duration,
+    next: HashMap<IpAddr, (Instant, Duration)>,
+}
+
+impl Nudges {
+    const FIRST: Duration = Duration::from_secs(1);
+
+    fn new(most: Duration) -> Self {
+        Self {
+            most,
+            next: HashMap::new(),
+        }
+    }
+
+    /// Whether `hop` may be nudged now; if so, books the next time.
+    fn allow(&mut self, hop: IpAddr, now: Instant, targets: usize) -> bool {
+        let backoff = match self.next.get(&hop) {
+            Some((next, _)) if now < *next => return false,
+            Some((next, backoff)) if now < *next + self.most => (*backoff * 2).min(self.most),
+            _ => Self::FIRST,
+        };
+        if self.next.len() > 2 * targets + 1024 {
+            let most = self.most;
+            self.next.retain(|_, (next, _)| now < *next + most);
+        }
+        self.next.insert(hop, (now + backoff, backoff));
+        true
+    }
+
+    fn forget(&mut self, hop: &IpAddr) {
+        self.next.remove(hop);
     }
 }
 
