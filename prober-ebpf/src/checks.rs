@@ -13,7 +13,8 @@
 //!   datagrams there that are no valid report of a known real server are
 //!   counted and passed (they may be someone else's). With a shared key
 //!   set, a report needs a good tag and a sequence above the last one taken
-//!   (`agent_wire`); refused ones are counted and passed.
+//!   and within a minute of the director's clock (`agent_wire`); refused
+//!   ones are counted and passed.
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},

@@ -152,7 +152,12 @@ pub fn run(
     if !director.is_ipv4() {
         bail!("--director {director}: agents report over IPv4 (the datapath records IPv4 reports only)");
     }
+    // Reports go out of an unconnected socket: on a connected one, the
+    // ICMP error that a refused report brings back would make the next
+    // send fail, and that report would be lost. A second socket, connected
+    // but never sending, tells which source address the kernel picks.
     let socket = UdpSocket::bind("0.0.0.0:0").context("opening a UDP socket")?;
+    let route = UdpSocket::bind("0.0.0.0:0").context("opening a UDP socket")?;
     let mut sequence = 0u64;
     let mut sent = 0u64;
     let mut last_problem = None;
@@ -180,14 +185,16 @@ pub fn run(
             _ => fixed,
         };
         sequence = next_sequence(sequence);
-        // Connected again each time, so the tag names the address the
-        // kernel sends from now (routes and addresses change); the
-        // director may be briefly unreachable: say so once, keep going.
-        let sending = socket
+        // The route looked up again each time, so the tag names the
+        // address the kernel sends from now (routes and addresses change);
+        // the director may be briefly unreachable: say so once, go on.
+        let sending = route
             .connect(director)
-            .and_then(|()| socket.local_addr())
+            .and_then(|()| route.local_addr())
             .and_then(|local| match local.ip() {
-                IpAddr::V4(source) => socket.send(&encode(report, sequence, key, source, director)),
+                IpAddr::V4(source) => {
+                    socket.send_to(&encode(report, sequence, key, source, director), director)
+                }
                 IpAddr::V6(_) => Err(std::io::Error::other("no IPv4 source address")),
             });
         match sending {

@@ -117,7 +117,6 @@ pub struct Prober {
     changes: ChangeWatch,
     last_route_lookup: Instant,
     frame: Vec<u8>,
-    /// When each next hop was last asked to be re-resolved after a timeout.
     /// NTF_USE after unanswered probes: at most once a second per next
     /// hop. It costs nothing while the kernel's entry is fresh, and at most
     /// its few unicast re-checks once it is stale.
