@@ -63,7 +63,7 @@ impl Default for VmTestOptions {
         Self {
             tests: Vec::new(),
             test_args: Vec::new(),
-            timeout: Duration::from_secs(1200),
+            timeout: Duration::from_secs(1800),
         }
     }
 }
