@@ -37,6 +37,8 @@ const PASSIVE_BURST: u64 = 5;
 
 /// Latency estimates are saved for restarts this often.
 const LATENCY_SAVE: Duration = Duration::from_secs(2);
+/// Batches of IPVS writes this large are logged with their duration.
+const LARGE_BATCH: usize = 100;
 
 struct ProbeTrack {
     settings: ProbeSettings,
@@ -1053,7 +1055,19 @@ impl Controller {
             }
         }
         let batch: Vec<WeightUpdate> = updates.iter().map(|(u, _)| u.clone()).collect();
-        let failed: HashSet<usize> = match ipvs.set_weights(&batch) {
+        let started = std::time::Instant::now();
+        let written = ipvs.set_weights(&batch);
+        // A large batch (a rack down, a mass recovery) gets one line with
+        // its rate; single changes have their own lines below.
+        if batch.len() >= LARGE_BATCH {
+            info!(
+                writes = batch.len(),
+                "IPVS batch of {} weights written in {:.1} ms",
+                batch.len(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        let failed: HashSet<usize> = match written {
             Ok(failures) => failures
                 .into_iter()
                 .map(|f| {

@@ -2,20 +2,31 @@
 //! program of the tests crate (`tests/src/bin/bench.rs`), optimised, as root.
 //! `passive-flood` is the ignored `bench_passive_flood` of
 //! `tests/tests/passive_flood.rs`, which shares its flood with the test
-//! that proves what a flood evicts.
+//! that proves what a flood evicts. `scale` runs `tests/src/bin/scale.rs`
+//! in the guest (real IPVS) against keepalived and writes BENCHMARKS.md.
 
-use std::process::Command;
+use std::{fmt::Write as _, process::Command, time::Duration};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
-use crate::{build_ebpf, run_command, setup, test::require_root, workspace_root};
+use crate::{
+    build_ebpf, run_command,
+    setup::{self, command_stdout},
+    test::require_root,
+    vm, workspace_root,
+};
 
-pub fn run(name: &str) -> Result<()> {
+pub fn run(name: &str, args: &[String]) -> Result<()> {
     require_root()?;
     let tools = setup::run()?;
     build_ebpf::run(&tools)?;
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.current_dir(workspace_root());
+    if name == "scale" {
+        return scale(args);
+    }
+    if !args.is_empty() {
+        bail!("benchmark '{name}' takes no arguments (only scale does)");
+    }
+    let mut command = cargo();
     if name == "passive-flood" {
         command.args([
             "test",
@@ -46,3 +57,172 @@ pub fn run(name: &str) -> Result<()> {
     }
     run_command(&mut command)
 }
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+/// keepalived is the checker compared against: Debian's package, run in
+/// the guest from the host's root like every other program there.
+const SCALE_PACKAGES: &[&str] = &["keepalived"];
+
+/// `cargo xtask bench scale [-- --runs N --cases 1000@1s,...]`.
+fn scale(args: &[String]) -> Result<()> {
+    setup::install_debian_packages("[bench]", SCALE_PACKAGES)?;
+    run_command(cargo().args(["build", "--quiet", "--release", "--package", "prober-user"]))?;
+    run_command(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "--package",
+        "prober-tests",
+        "--bin",
+        "scale",
+    ]))?;
+    let release = vm::target_dir().join("release");
+    // The guest's writable share: emptied when the guest starts.
+    let table = vm::target_dir().join("vm-test").join("scale.md");
+    let mut program_args = vec![
+        "--prober".to_string(),
+        release.join("prober").display().to_string(),
+        "--out".to_string(),
+        table.display().to_string(),
+    ];
+    program_args.extend(args.iter().cloned());
+    let program = vm::GuestProgram {
+        name: "scale".into(),
+        path: release.join("scale"),
+        args: program_args.clone(),
+    };
+    let started = std::time::Instant::now();
+    let results = vm::run_programs(&[program], Duration::from_secs(4 * 3600))?;
+    if results.iter().any(|r| r.status != Some(0)) {
+        bail!("the scale benchmark failed in the guest");
+    }
+    let table = std::fs::read_to_string(&table)
+        .with_context(|| format!("the benchmark wrote no table to {}", table.display()))?;
+    let path = workspace_root().join("BENCHMARKS.md");
+    std::fs::write(&path, benchmarks_page(&table, args, started.elapsed())?)?;
+    println!("[bench] table written to {}", path.display());
+    Ok(())
+}
+
+fn benchmarks_page(table: &str, args: &[String], took: Duration) -> Result<String> {
+    let text = |program: &str, args: &[&str]| {
+        command_stdout(Command::new(program).args(args))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into())
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let commit = text(
+        "git",
+        &[
+            "-C",
+            &workspace_root().display().to_string(),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ],
+    );
+    let dirty = !text(
+        "git",
+        &[
+            "-C",
+            &workspace_root().display().to_string(),
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ],
+    )
+    .is_empty();
+    let keepalived = text("dpkg-query", &["-W", "-f", "${Version}", "keepalived"]);
+    let mut page = String::from("# Benchmarks\n\n");
+    let _ = writeln!(
+        page,
+        "## Scale: prober against keepalived\n\n\
+         Written by `cargo xtask bench scale{}` on {}, in {:.0} min. Medians of the runs \
+         shown in each ratio row.\n",
+        if args.is_empty() {
+            String::new()
+        } else {
+            format!(" -- {}", args.join(" "))
+        },
+        text("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        took.as_secs_f64() / 60.0
+    );
+    let _ = writeln!(
+        page,
+        "- **Machine:** {cpu}, {} cores, host kernel {}; the guest (both checkers, IPVS) \
+         is qemu with TCG (software emulation, 2 vCPUs, 2 GiB) running {}.\n\
+         - **Commit:** {commit}{}; prober release build.\n\
+         - **keepalived:** {keepalived} (Debian).\n",
+        text("nproc", &[]),
+        text("uname", &["-r"]),
+        guest_kernel(),
+        if dirty {
+            " with uncommitted changes"
+        } else {
+            ""
+        },
+    );
+    page.push_str(table);
+    page.push_str(METHOD);
+    Ok(page)
+}
+
+fn guest_kernel() -> String {
+    std::fs::read_dir("/lib/modules")
+        .ok()
+        .and_then(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|r| r.starts_with("6.1."))
+                .max()
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+const METHOD: &str = "
+### How it is measured
+
+- **The bed**, built once per size inside the guest: a director namespace (IPVS, its `eth0`)
+  joined by veth to a real-server namespace that owns 10.64.0.0/16 as local addresses
+  (AnyIP: every address answers, as N hosts would) with one listener on 0.0.0.0:80 that
+  accepts and closes. NAT services `TCP 10.200.x.y:80` of 50 real servers each.
+- **Both checkers, same settings**, one after the other on the same bed, alternating
+  run by run: prober with its L4 SYN probes (`interval` = `timeout` = the case's interval,
+  `fall = 3`, `diagnose = false`, `panic_threshold = 0`, everything else default);
+  keepalived (`--check`) with a `TCP_CHECK` per real server, `delay_loop` = `connect_timeout` =
+  `delay_before_retry` = the interval, `retry 2` (3 failures in a row, like `fall = 3`),
+  `inhibit_on_failure` (weight 0, like prober's down). prober finds the services in IPVS;
+  keepalived puts them there itself.
+- **CPU** is user + system time of the checker's processes (keepalived: its parent and its
+  checker process) over a 10 s window after 5 s of warm-up, from `/proc/PID/stat`; *whole
+  guest* is every CPU's busy time in that window from `/proc/stat`, real-server side and
+  softirqs included. **Checks** are the client SYNs reaching the real servers in the window,
+  counted by one tc filter for both. **Peak RSS** is VmHWM at the end of the run (summed
+  over keepalived's processes).
+- **Death -> weight 0**: one real server's address is blackholed (its SYNs vanish, as when a
+  host dies); the time until IPVS shows its weight 0, polled over netlink every 5 ms.
+- **Latency -> weight**: one real server's replies are delayed 50 ms by netem; the time until
+  its weight in IPVS is at or below 80 % of what it was (keepalived never weighs by latency:
+  it is given 10 s).
+- **All weights 0 after**: every real server's address is blackholed at once; the time until
+  IPVS (dumped over netlink) has no weight above 0. **IPVS writes/s**: prober's own log of its
+  write batches (\"IPVS batch of N weights written in X ms\"); keepalived writes one weight
+  per failed check, so its figure is the servers taken down divided by the time from the first
+  weight 0 seen to the last.
+- **TCG** slows everything in the guest, kernel and user space alike, by a large and uneven
+  factor, so absolute figures are far above what the same programs cost on hardware. Both
+  checkers run under the same emulation, so the ratios are the comparison.
+";

@@ -48,8 +48,12 @@ enum Command {
     Reliability,
     /// Run a benchmark and print its figures (medians of several runs).
     Bench {
-        /// Which one: probe.
+        /// Which one: probe, passive, passive-flood, scale.
         name: String,
+        /// Arguments for the benchmark (scale: --runs N, --cases
+        /// SERVERS@INTERVAL,...).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Run the guest test binaries (real IPVS) inside a qemu guest booted
     /// from Debian's 6.1 kernel; installs what the guest needs first.
@@ -79,7 +83,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => demo::run(),
         Command::Fuzz { seconds, targets } => fuzz::command(seconds, &targets),
         Command::Reliability => reliability::run(),
-        Command::Bench { name } => bench::run(&name),
+        Command::Bench { name, args } => bench::run(&name, &args),
         Command::VmTest {
             tests,
             timeout,
