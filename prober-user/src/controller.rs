@@ -356,10 +356,14 @@ impl Controller {
         if let Err(e) = self.prober.follow_kernel() {
             warn!("following route and neighbour changes: {e:#}");
         }
+        // Due times and ticks share one period: a tick that wakes a little
+        // earlier in its period than the tick that set a due time must
+        // still send, or that probe waits a whole extra period.
+        let due_by = now + self.tick_interval() / 2;
         let due: Vec<ProbeSpec> = self
             .probes
             .iter()
-            .filter(|(_, t)| t.next_due <= now)
+            .filter(|(_, t)| t.next_due <= due_by)
             .map(|(s, _)| *s)
             .collect();
         let mut ids = Vec::with_capacity(due.len());
@@ -370,6 +374,9 @@ impl Controller {
                 }
             }
             Err(e) => warn!("reading passive measurements: {e:#}"),
+        }
+        if let Err(e) = self.prober.refresh_counts() {
+            warn!("reading probe results in one batch: {e:#}; reading them one by one");
         }
         for spec in due {
             // One probe's unreadable counters must not stop the others.
@@ -743,7 +750,7 @@ impl Controller {
             return Ok(true);
         };
         let counts = match self.prober.id_of(&spec) {
-            Some(id) => self.prober.counts(id)?,
+            Some(id) => self.prober.fresh_counts(id)?,
             None => track.last,
         };
         let last = std::mem::replace(&mut track.last, counts);
@@ -826,7 +833,7 @@ impl Controller {
             if t.to == State::Up {
                 track.came_up_at = Some(now);
             }
-            let names = services_using(&self.plan, |b| b.probe == spec);
+            let names = self.plan.services_of_probe(&spec);
             let layer = layer_of(&spec);
             match t.to {
                 State::Down => {

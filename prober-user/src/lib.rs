@@ -9,6 +9,7 @@ pub mod controller;
 pub mod datapath;
 pub mod events;
 pub mod health;
+pub mod map_batch;
 pub mod metrics;
 pub mod passive;
 pub mod preflight;

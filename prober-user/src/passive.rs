@@ -13,7 +13,10 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use prober_common::{family, map_names, PassiveStats, ServerKey, MAX_PASSIVE_SERVERS};
 use serde::Serialize;
 
-use crate::probe::{addr16, report::open_pinned};
+use crate::{
+    map_batch::ArraySnapshot,
+    probe::{addr16, report::open_pinned},
+};
 
 pub struct PassiveMaps {
     pub servers: BpfHashMap<MapData, ServerKey, u32>,
@@ -51,7 +54,7 @@ impl Delta {
     }
 }
 
-fn total(per_cpu: &[PassiveStats]) -> Delta {
+fn total(per_cpu: impl IntoIterator<Item = PassiveStats>) -> Delta {
     let mut d = Delta::default();
     for c in per_cpu {
         d.add(Delta {
@@ -87,6 +90,8 @@ pub struct Passive {
     maps: PassiveMaps,
     ids: HashMap<Server, u32>,
     last: HashMap<u32, Delta>,
+    /// PASSIVE_STATS as of the last `take_deltas`, read in one syscall.
+    stats: ArraySnapshot<PassiveStats>,
 }
 
 impl Passive {
@@ -95,6 +100,7 @@ impl Passive {
             maps,
             ids: HashMap::new(),
             last: HashMap::new(),
+            stats: ArraySnapshot::default(),
         }
     }
 
@@ -126,16 +132,21 @@ impl Passive {
                 self.last.remove(&id);
             }
         }
+        let mut used: HashSet<u32> = self.ids.values().copied().collect();
+        let mut free = (0..MAX_PASSIVE_SERVERS)
+            .filter(|i| !used.contains(i))
+            .collect::<Vec<_>>()
+            .into_iter();
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         for server in &wanted {
             if self.ids.contains_key(server) {
                 continue;
             }
-            let used: HashSet<u32> = self.ids.values().copied().collect();
-            let id = (0..MAX_PASSIVE_SERVERS)
-                .find(|i| !used.contains(i))
+            let id = free
+                .next()
                 .context("more real servers than the passive table holds")?;
+            used.insert(id);
             // Counters and histograms of an earlier holder of this id go.
-            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
             let zeros = aya::maps::PerCpuValues::try_from(vec![PassiveStats::default(); cpus])?;
             self.maps
                 .stats
@@ -184,8 +195,13 @@ impl Passive {
     /// What each followed server's traffic showed since the last call.
     pub fn take_deltas(&mut self) -> Result<HashMap<Server, Delta>> {
         let mut out = HashMap::with_capacity(self.ids.len());
+        let count = self.ids.values().max().map_or(0, |id| id + 1);
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        self.stats
+            .read_per_cpu(&self.maps.stats, count, cpus)
+            .context("reading PASSIVE_STATS")?;
         for (server, id) in &self.ids {
-            let now = total(&self.maps.stats.get(id, 0)?);
+            let now = total(self.stats.per_cpu(*id as usize));
             let before = self.last.insert(*id, now).unwrap_or_default();
             let delta = minus(now, before);
             if delta != Delta::default() {
@@ -215,7 +231,7 @@ pub fn read_pinned(pin_dir: &Path) -> Result<Vec<ServerReport>> {
     let mut out = Vec::new();
     for entry in servers.iter() {
         let (key, id) = entry?;
-        let t = total(&stats.get(&id, 0)?);
+        let t = total(stats.get(&id, 0)?.iter().copied());
         let addr = IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]]);
         out.push(ServerReport {
             server: format!("{addr}:{}", u16::from_be(key.port)),

@@ -57,6 +57,23 @@ pub struct Plan {
     pub hosts: HashMap<IpAddr, ProbeSpec>,
     /// Destinations left alone, and why.
     pub skipped: Vec<(ServiceKey, DestinationKey, &'static str)>,
+    /// Indexes into `bindings` by probe: who is affected when a probe's
+    /// state changes, without a scan of every binding (50,000 at scale).
+    pub by_probe: HashMap<ProbeSpec, Vec<usize>>,
+}
+
+impl Plan {
+    /// The names of the services whose bindings use `probe`, sorted.
+    pub fn services_of_probe(&self, probe: &ProbeSpec) -> Vec<String> {
+        let names: std::collections::BTreeSet<String> = self
+            .by_probe
+            .get(probe)
+            .into_iter()
+            .flatten()
+            .map(|&i| self.bindings[i].service.to_string())
+            .collect();
+        names.into_iter().collect()
+    }
 }
 
 pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
@@ -155,6 +172,9 @@ pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
     };
     for probe in plan.hosts.values() {
         plan.probes.entry(*probe).or_insert(host_settings);
+    }
+    for (i, binding) in plan.bindings.iter().enumerate() {
+        plan.by_probe.entry(binding.probe).or_default().push(i);
     }
     plan
 }

@@ -803,3 +803,73 @@ fn probe_tx_survives_random_target_entries_and_batch_cursors() {
         "nothing",
     );
 }
+
+/// The controller reads every target's counters in one batch per map and
+/// writes the send batch in one call: the values must be the ones a read
+/// of each entry gives, per CPU too, and a read past the map's end stops
+/// at it.
+#[test]
+fn batched_map_reads_and_writes_match_per_entry_ones() {
+    use prober_user::map_batch::{write_array_prefix, ArraySnapshot};
+    let mut ebpf = load_programs().unwrap();
+    let mut maps = take_probe_maps(&mut ebpf).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    const N: u32 = 300;
+    for id in 0..N {
+        let id64 = u64::from(id);
+        maps.state
+            .set(
+                id,
+                ProbeState {
+                    sent: id64 * 3,
+                    timed_out: id64,
+                    last_sent_ns: 7,
+                    last_reply_ns: id64 + 1,
+                },
+                0,
+            )
+            .unwrap();
+        let per_cpu: Vec<ProbeResults> = (0..cpus as u64)
+            .map(|cpu| ProbeResults {
+                answered: id64 * 10 + cpu,
+                last_rtt_ns: cpu + 1,
+                ..Default::default()
+            })
+            .collect();
+        maps.results
+            .set(id, aya::maps::PerCpuValues::try_from(per_cpu).unwrap(), 0)
+            .unwrap();
+    }
+    let mut states = ArraySnapshot::default();
+    states.read(&maps.state, N).unwrap();
+    assert_eq!(states.len(), N as usize);
+    let mut results = ArraySnapshot::default();
+    results.read_per_cpu(&maps.results, N, cpus).unwrap();
+    assert_eq!(results.len(), N as usize);
+    for id in 0..N {
+        assert_eq!(
+            states.get(id as usize, 0),
+            Some(maps.state.get(&id, 0).unwrap())
+        );
+        let one_by_one = maps.results.get(&id, 0).unwrap();
+        let batched: Vec<ProbeResults> = results.per_cpu(id as usize).collect();
+        assert_eq!(batched.len(), cpus);
+        for (cpu, value) in batched.iter().enumerate() {
+            assert_eq!(
+                value.answered, one_by_one[cpu].answered,
+                "id {id} cpu {cpu}"
+            );
+            assert_eq!(value.last_rtt_ns, one_by_one[cpu].last_rtt_ns);
+        }
+    }
+    assert_eq!(states.get(N as usize, 0), None);
+
+    // BATCH_CURSOR has one entry: a read of five stops after it.
+    let mut cursor = ArraySnapshot::<BatchCursor>::default();
+    cursor.read(&maps.cursor, 5).unwrap();
+    assert_eq!(cursor.len(), 1);
+
+    write_array_prefix(&maps.batch, &[41, 42, 43]).unwrap();
+    let written: Vec<u32> = (0..3).map(|i| maps.batch.get(&i, 0).unwrap()).collect();
+    assert_eq!(written, [41, 42, 43]);
+}

@@ -26,7 +26,10 @@ use tracing::{info, warn};
 
 pub use spec::{Forwarding, ProbeKind, ProbeSpec};
 
-use crate::rtnetlink::{ChangeWatch, RouteSocket};
+use crate::{
+    map_batch::{self, ArraySnapshot},
+    rtnetlink::{ChangeWatch, RouteSocket},
+};
 
 /// Routes are looked up again at least this often, in case a change
 /// notification was lost.
@@ -64,6 +67,25 @@ pub struct Counts {
     pub unreachable: u64,
     /// RTT of the newest positive reply, ns (0: none yet).
     pub last_rtt_ns: u64,
+}
+
+/// One target's state and its per-CPU results folded into [`Counts`].
+fn sum_counts(state: ProbeState, results: impl Iterator<Item = ProbeResults>) -> Counts {
+    let mut counts = Counts {
+        sent: state.sent,
+        ..Default::default()
+    };
+    let mut newest = 0;
+    for cpu in results {
+        counts.answered += cpu.answered;
+        counts.refused += cpu.refused;
+        counts.unreachable += cpu.unreachable;
+        if cpu.last_reply_ns > newest {
+            newest = cpu.last_reply_ns;
+            counts.last_rtt_ns = cpu.last_rtt_ns;
+        }
+    }
+    counts
 }
 
 /// What `Prober::report` gives.
@@ -132,6 +154,11 @@ pub struct Prober {
     lost_logged: Option<Instant>,
     /// When the window of acceptable agent sequences was last moved.
     agent_window_at: Option<Instant>,
+    /// Every target's counters as of [`Prober::refresh_counts`]: one
+    /// syscall per map per tick, not one per target.
+    states: ArraySnapshot<ProbeState>,
+    results: ArraySnapshot<ProbeResults>,
+    cpus: usize,
 }
 
 impl Prober {
@@ -176,6 +203,10 @@ impl Prober {
             notifications_lost: 0,
             lost_logged: None,
             agent_window_at: None,
+            states: ArraySnapshot::default(),
+            results: ArraySnapshot::default(),
+            cpus: aya::util::nr_cpus()
+                .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))?,
         };
         prober
             .maps
@@ -235,21 +266,39 @@ impl Prober {
     /// What the datapath recorded for target `id`.
     pub fn counts(&self, id: u32) -> Result<Counts> {
         let state = self.maps.state.get(&id, 0)?;
-        let mut counts = Counts {
-            sent: state.sent,
-            ..Default::default()
-        };
-        let mut newest = 0;
-        for cpu in self.maps.results.get(&id, 0)?.iter() {
-            counts.answered += cpu.answered;
-            counts.refused += cpu.refused;
-            counts.unreachable += cpu.unreachable;
-            if cpu.last_reply_ns > newest {
-                newest = cpu.last_reply_ns;
-                counts.last_rtt_ns = cpu.last_rtt_ns;
-            }
+        Ok(sum_counts(
+            state,
+            self.maps.results.get(&id, 0)?.iter().copied(),
+        ))
+    }
+
+    /// Reads every target's counters in one batch per map, for
+    /// [`Prober::fresh_counts`].
+    pub fn refresh_counts(&mut self) -> Result<()> {
+        let count = self.targets.len() as u32;
+        let read = self
+            .states
+            .read(&self.maps.state, count)
+            .context("reading PROBE_STATE")
+            .and_then(|()| {
+                self.results
+                    .read_per_cpu(&self.maps.results, count, self.cpus)
+                    .context("reading PROBE_RESULTS")
+            });
+        if read.is_err() {
+            // Nothing stale is used: fresh_counts reads each target itself.
+            self.states = ArraySnapshot::default();
         }
-        Ok(counts)
+        read
+    }
+
+    /// [`Prober::counts`] as of the last [`Prober::refresh_counts`] (read
+    /// directly for a target added since).
+    pub fn fresh_counts(&self, id: u32) -> Result<Counts> {
+        let Some(state) = self.states.get(id as usize, 0) else {
+            return self.counts(id);
+        };
+        Ok(sum_counts(state, self.results.per_cpu(id as usize)))
     }
 
     /// Counters and the RTT histogram of one target, for status and metrics.
@@ -312,6 +361,8 @@ impl Prober {
                 .insert(target.local_port);
         }
         let mut added = false;
+        // Free ids are searched from where the last one was found.
+        let mut free_from = 0;
         for spec in specs {
             if self.ids.contains_key(spec) {
                 continue;
@@ -326,8 +377,8 @@ impl Prober {
                     )
                 })?;
             taken.insert(local_port);
-            let id = match self.targets.iter().position(Option::is_none) {
-                Some(free) => free,
+            let id = match self.targets[free_from..].iter().position(Option::is_none) {
+                Some(free) => free_from + free,
                 None => {
                     self.targets.push(None);
                     self.targets.len() - 1
@@ -342,6 +393,7 @@ impl Prober {
                 neighbour_unresolved: false,
             });
             self.ids.insert(*spec, id as u32);
+            free_from = id + 1;
             added = true;
         }
         if added {
@@ -532,21 +584,18 @@ impl Prober {
         {
             self.move_agent_window()?;
         }
-        let mut len = 0u32;
-        for &id in ids {
-            let ready = self
-                .targets
-                .get(id as usize)
-                .and_then(Option::as_ref)
-                .is_some_and(|t| t.entry.is_some());
-            if ready {
-                self.maps
-                    .batch
-                    .set(len, id, 0)
-                    .context("writing PROBE_BATCH")?;
-                len += 1;
-            }
-        }
+        let ready: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&id| {
+                self.targets
+                    .get(id as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|t| t.entry.is_some())
+            })
+            .collect();
+        map_batch::write_array_prefix(&self.maps.batch, &ready).context("writing PROBE_BATCH")?;
+        let len = ready.len() as u32;
         self.maps
             .cursor
             .set(0, BatchCursor { next: 0, len }, 0)

@@ -49,7 +49,11 @@ const SLOW_BY_MS: u32 = 50;
 /// A weight at or below this share of its old value counts as moved by
 /// latency (the first step prober takes is 25 %; noise moves less).
 const LATENCY_MOVED: f64 = 0.8;
-const IF: &str = "eth0";
+/// The director's end of the veth pair and the real servers' end: named
+/// apart so their NAPI threads (`napi/dir0-N`, `napi/srv0-N`) can be told
+/// apart.
+const DIRECTOR_IF: &str = "dir0";
+const SERVER_IF: &str = "srv0";
 const WEIGHT: u32 = 100;
 
 fn main() -> Result<()> {
@@ -64,8 +68,8 @@ fn main() -> Result<()> {
         );
         let bed = Bed::new(case.servers)?;
         for run in 1..=options.runs {
-            for tool in [Tool::Prober, Tool::Keepalived] {
-                let sample = measure(&bed, tool, case.interval, &options.prober)
+            for &tool in &options.tools {
+                let sample = measure(&bed, tool, case.interval, &options)
                     .with_context(|| format!("{} run {run}, {case:?}", tool.name()))?;
                 println!(
                     "[scale] {} real servers, run {run}/{}, {}: {}",
@@ -102,6 +106,9 @@ struct Options {
     runs: usize,
     prober: PathBuf,
     out: Option<PathBuf>,
+    tools: Vec<Tool>,
+    /// Where `perf report`s of the steady window go (perf on the host).
+    profile: Option<PathBuf>,
 }
 
 impl Options {
@@ -111,6 +118,8 @@ impl Options {
             runs: 3,
             prober: prober_bin(),
             out: None,
+            tools: vec![Tool::Prober, Tool::Keepalived],
+            profile: None,
         };
         while let Some(arg) = args.next() {
             let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -126,9 +135,20 @@ impl Options {
                 "--cases" => options.cases = parse_cases(&value()?)?,
                 "--prober" => options.prober = value()?.into(),
                 "--out" => options.out = Some(value()?.into()),
-                other => {
-                    bail!("unknown argument '{other}' (known: --runs, --cases, --prober, --out)")
+                "--profile" => options.profile = Some(value()?.into()),
+                "--tools" => {
+                    options.tools = value()?
+                        .split(',')
+                        .map(|t| match t {
+                            "prober" => Ok(Tool::Prober),
+                            "keepalived" => Ok(Tool::Keepalived),
+                            other => bail!("--tools: unknown checker '{other}' (prober, keepalived)"),
+                        })
+                        .collect::<Result<_>>()?
                 }
+                other => bail!(
+                    "unknown argument '{other}' (known: --runs, --cases, --tools, --prober, --out, --profile)"
+                ),
             }
         }
         Ok(options)
@@ -196,19 +216,19 @@ impl Bed {
         director.ip(&[
             "link",
             "add",
-            IF,
+            DIRECTOR_IF,
             "type",
             "veth",
             "peer",
             "name",
-            IF,
+            SERVER_IF,
             "netns",
             &servers.name,
         ])?;
-        director.ip(&["addr", "add", "192.0.2.1/24", "dev", IF])?;
-        servers.ip(&["addr", "add", "192.0.2.2/24", "dev", IF])?;
-        director.ip(&["link", "set", IF, "up"])?;
-        servers.ip(&["link", "set", IF, "up"])?;
+        director.ip(&["addr", "add", "192.0.2.1/24", "dev", DIRECTOR_IF])?;
+        servers.ip(&["addr", "add", "192.0.2.2/24", "dev", SERVER_IF])?;
+        director.ip(&["link", "set", DIRECTOR_IF, "up"])?;
+        servers.ip(&["link", "set", SERVER_IF, "up"])?;
         servers.ip(&["route", "add", "local", "10.64.0.0/16", "dev", "lo"])?;
         director.ip(&["route", "add", "10.64.0.0/16", "via", "192.0.2.2"])?;
         // keepalived's connects must not be refused by a full accept queue
@@ -218,18 +238,20 @@ impl Bed {
         director.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
         let tc = |args: &[&str]| run(Command::new("tc").args(["-n", &servers.name]).args(args));
         // Checks, counted as client SYNs (SYN without ACK) arriving.
-        tc(&["qdisc", "add", "dev", IF, "clsact"])?;
+        tc(&["qdisc", "add", "dev", SERVER_IF, "clsact"])?;
         tc(&[
-            "filter", "add", "dev", IF, "ingress", "protocol", "ip", "u32", "match", "ip",
+            "filter", "add", "dev", SERVER_IF, "ingress", "protocol", "ip", "u32", "match", "ip",
             "protocol", "6", "0xff", "match", "u8", "0x02", "0x12", "at", "33", "action", "ok",
         ])?;
         // Replies of the real server the latency phase slows go to band 3.
-        tc(&["qdisc", "add", "dev", IF, "root", "handle", "1:", "prio"])?;
+        tc(&[
+            "qdisc", "add", "dev", SERVER_IF, "root", "handle", "1:", "prio",
+        ])?;
         tc(&[
             "qdisc",
             "add",
             "dev",
-            IF,
+            SERVER_IF,
             "parent",
             "1:3",
             "handle",
@@ -238,7 +260,32 @@ impl Bed {
             "delay",
             &format!("{SLOW_BY_MS}ms"),
         ])?;
-        let peer_xdp = PeerXdp::attach(&servers, IF)?;
+        let peer_xdp = PeerXdp::attach(&servers, SERVER_IF)?;
+        // Each end's receive work in its own NAPI thread: the real servers'
+        // (SYN-ACKs, accepts) is then charged to neither checker, and the
+        // director's (replies to the checker) to the director's thread,
+        // which counts as the checker's. GRO on gives the director's end a
+        // NAPI instance without XDP (keepalived's runs).
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &director.name,
+            "ethtool",
+            "-K",
+            DIRECTOR_IF,
+            "gro",
+            "on",
+        ]))?;
+        for (ns, interface) in [(&director, DIRECTOR_IF), (&servers, SERVER_IF)] {
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &ns.name,
+                "sh",
+                "-c",
+                &format!("echo 1 > /sys/class/net/{interface}/threaded"),
+            ]))?;
+        }
         let listener = Listener::start(&servers)?;
         let ipvs = director.enter(IpvsClient::connect)??;
         Ok(Self {
@@ -264,7 +311,7 @@ impl Bed {
             "filter",
             "show",
             "dev",
-            IF,
+            SERVER_IF,
             "ingress",
         ]))?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -385,7 +432,7 @@ impl Bed {
             "filter",
             "add",
             "dev",
-            IF,
+            SERVER_IF,
             "parent",
             "1:",
             "protocol",
@@ -410,7 +457,7 @@ impl Bed {
             "filter",
             "del",
             "dev",
-            IF,
+            SERVER_IF,
             "parent",
             "1:",
             "protocol",
@@ -543,7 +590,7 @@ impl Checker {
                 let child = Self::command(bed, prober)
                     .arg("--pin-dir")
                     .arg(&*pin_dir)
-                    .args(["run", "--iface", IF, "--config"])
+                    .args(["run", "--iface", DIRECTOR_IF, "--config"])
                     .arg(&config)
                     .stdout(Stdio::null())
                     .stderr(File::create(&log)?)
@@ -603,12 +650,15 @@ impl Checker {
         pids
     }
 
-    /// User plus system CPU seconds of the checker's processes so far.
+    /// User plus system CPU seconds so far of the checker's processes and
+    /// of the director's NAPI threads (its receive path: the replies to
+    /// this checker, the only one running).
     fn cpu_seconds(&self) -> f64 {
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         self.pids()
             .into_iter()
+            .chain(threads_named(&format!("napi/{DIRECTOR_IF}-")))
             .filter_map(stat_fields)
             .map(|f| {
                 let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
@@ -669,6 +719,21 @@ impl Drop for Checker {
             let _ = std::fs::remove_file(file);
         }
     }
+}
+
+/// Processes (kernel threads included) whose name starts with `prefix`.
+fn threads_named(prefix: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.starts_with(prefix))
+        })
+        .collect()
 }
 
 /// /proc/PID/stat after the command name: field 3 (state) onwards.
@@ -795,12 +860,20 @@ fn secs(value: Option<f64>) -> String {
     value.map_or("never".to_string(), |v| format!("{v:.2} s"))
 }
 
-fn measure(bed: &Bed, tool: Tool, interval: Duration, prober: &Path) -> Result<Sample> {
+fn measure(bed: &Bed, tool: Tool, interval: Duration, options: &Options) -> Result<Sample> {
     bed.flush()?;
     bed.revive_all()?;
     let started_at = Instant::now();
-    let mut checker = Checker::start(bed, tool, interval, prober)?;
-    let result = measure_running(bed, &mut checker, tool, interval, started_at);
+    let mut checker = Checker::start(bed, tool, interval, &options.prober)?;
+    let profile = options.profile.as_ref().map(|dir| {
+        dir.join(format!(
+            "{}-{}-{}ms.txt",
+            tool.name(),
+            bed.n,
+            interval.as_millis()
+        ))
+    });
+    let result = measure_running(bed, &mut checker, tool, interval, started_at, profile);
     let stopped = checker.stop();
     bed.revive_all()?;
     let _ = bed.unslow();
@@ -816,6 +889,7 @@ fn measure_running(
     tool: Tool,
     interval: Duration,
     started_at: Instant,
+    profile: Option<PathBuf>,
 ) -> Result<Sample> {
     let n = bed.n;
     let mut sample = Sample {
@@ -849,7 +923,10 @@ fn measure_running(
         bed.syns()?,
         Instant::now(),
     );
-    thread::sleep(STEADY);
+    match &profile {
+        Some(path) => record_profile(checker, path)?,
+        None => thread::sleep(STEADY),
+    }
     sample.cpu = checker.cpu_seconds() - cpu0;
     sample.machine_cpu = machine_cpu_seconds()? - machine0;
     sample.checks = bed.syns()? - syns0;
@@ -919,6 +996,41 @@ fn measure_running(
     Ok(sample)
 }
 
+/// `perf record` of the checker's processes over the steady window, its
+/// report (kernel and user symbols, resolved here in the guest) to `path`.
+fn record_profile(checker: &Checker, path: &Path) -> Result<()> {
+    let data = path.with_extension("data");
+    let pids: Vec<String> = checker.pids().iter().map(u32::to_string).collect();
+    run(Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "199",
+            "--call-graph",
+            "dwarf,8192",
+            "-o",
+        ])
+        .arg(&data)
+        .args(["-p", &pids.join(","), "--", "sleep"])
+        .arg(STEADY.as_secs().to_string()))?;
+    let report = run(Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--percent-limit",
+            "0.5",
+            "-i",
+        ])
+        .arg(&data))?;
+    std::fs::write(path, &report.stdout)?;
+    let _ = std::fs::remove_file(&data);
+    Ok(())
+}
+
 /// How long until real server `i`'s weight in IPVS satisfies `done`.
 fn wait_weight(
     bed: &Bed,
@@ -944,7 +1056,7 @@ fn prober_write_rate(log: &str, since: SystemTime) -> Option<f64> {
         let at = line
             .split_whitespace()
             .next()
-            .and_then(|t| parse_rfc3339(t))?;
+            .and_then(parse_rfc3339)?;
         if at < since {
             continue;
         }
@@ -1089,11 +1201,10 @@ impl Report {
                     })
                     .map(|(_, _, s)| Medians::of(s))
             };
-            let (Some(p), Some(k)) = (of(Tool::Prober), of(Tool::Keepalived)) else {
-                continue;
-            };
+            let (p, k) = (of(Tool::Prober), of(Tool::Keepalived));
             let interval = format!("{} ms", case.interval.as_millis());
             for (name, m) in [("prober", &p), ("keepalived", &k)] {
+                let Some(m) = m else { continue };
                 let all_down = match m.all_down {
                     Some(v) => format!("{v:.2} s"),
                     None => format!("not in time ({:.0} up)", m.left_up),
@@ -1113,6 +1224,9 @@ impl Report {
                     m.write_rate.map_or("-".to_string(), thousands),
                 );
             }
+            let (Some(p), Some(k)) = (p, k) else {
+                continue;
+            };
             let ratio = |k: f64, p: f64| {
                 if p > 0.0 && k > 0.0 {
                     format!("{:.1}x", k / p)
