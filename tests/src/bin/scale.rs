@@ -49,9 +49,7 @@ const SLOW_BY_MS: u32 = 50;
 /// A weight at or below this share of its old value counts as moved by
 /// latency (the first step prober takes is 25 %; noise moves less).
 const LATENCY_MOVED: f64 = 0.8;
-/// The director's end of the veth pair and the real servers' end: named
-/// apart so their NAPI threads (`napi/dir0-N`, `napi/srv0-N`) can be told
-/// apart.
+/// The director's end of the veth pair and the real servers' end.
 const DIRECTOR_IF: &str = "dir0";
 const SERVER_IF: &str = "srv0";
 const WEIGHT: u32 = 100;
@@ -69,16 +67,34 @@ fn main() -> Result<()> {
         let bed = Bed::new(case.servers)?;
         for run in 1..=options.runs {
             for &tool in &options.tools {
-                let sample = measure(&bed, tool, case.interval, &options)
-                    .with_context(|| format!("{} run {run}, {case:?}", tool.name()))?;
-                println!(
-                    "[scale] {} real servers, run {run}/{}, {}: {}",
-                    case.servers,
-                    options.runs,
-                    tool.name(),
-                    sample.summary()
-                );
-                report.add(case, tool, sample);
+                // A run that fails (a checker that never got going at this
+                // size) is reported and counted, and the others go on.
+                match measure(&bed, tool, case.interval, &options) {
+                    Ok(sample) => {
+                        println!(
+                            "[scale] {} real servers, run {run}/{}, {}: {}",
+                            case.servers,
+                            options.runs,
+                            tool.name(),
+                            sample.summary()
+                        );
+                        report.add(case, tool, sample);
+                    }
+                    Err(e) => {
+                        println!(
+                            "[scale] {} real servers, run {run}/{}, {}: FAILED: {e:#}",
+                            case.servers,
+                            options.runs,
+                            tool.name()
+                        );
+                        report.failures.push(format!(
+                            "{} real servers at {} ms, {} run {run}: {e:#}",
+                            case.servers,
+                            case.interval.as_millis(),
+                            tool.name()
+                        ));
+                    }
+                }
             }
         }
     }
@@ -261,31 +277,6 @@ impl Bed {
             &format!("{SLOW_BY_MS}ms"),
         ])?;
         let peer_xdp = PeerXdp::attach(&servers, SERVER_IF)?;
-        // Each end's receive work in its own NAPI thread: the real servers'
-        // (SYN-ACKs, accepts) is then charged to neither checker, and the
-        // director's (replies to the checker) to the director's thread,
-        // which counts as the checker's. GRO on gives the director's end a
-        // NAPI instance without XDP (keepalived's runs).
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            &director.name,
-            "ethtool",
-            "-K",
-            DIRECTOR_IF,
-            "gro",
-            "on",
-        ]))?;
-        for (ns, interface) in [(&director, DIRECTOR_IF), (&servers, SERVER_IF)] {
-            run(Command::new("ip").args([
-                "netns",
-                "exec",
-                &ns.name,
-                "sh",
-                "-c",
-                &format!("echo 1 > /sys/class/net/{interface}/threaded"),
-            ]))?;
-        }
         let listener = Listener::start(&servers)?;
         let ipvs = director.enter(IpvsClient::connect)??;
         Ok(Self {
@@ -650,15 +641,14 @@ impl Checker {
         pids
     }
 
-    /// User plus system CPU seconds so far of the checker's processes and
-    /// of the director's NAPI threads (its receive path: the replies to
-    /// this checker, the only one running).
+    /// User plus system CPU seconds of the checker's processes so far.
+    /// On veth the kernel does the real servers' side of each exchange in
+    /// the sender's context, so this includes it, for both checkers.
     fn cpu_seconds(&self) -> f64 {
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         self.pids()
             .into_iter()
-            .chain(threads_named(&format!("napi/{DIRECTOR_IF}-")))
             .filter_map(stat_fields)
             .map(|f| {
                 let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
@@ -719,21 +709,6 @@ impl Drop for Checker {
             let _ = std::fs::remove_file(file);
         }
     }
-}
-
-/// Processes (kernel threads included) whose name starts with `prefix`.
-fn threads_named(prefix: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|comm| comm.starts_with(prefix))
-        })
-        .collect()
 }
 
 /// /proc/PID/stat after the command name: field 3 (state) onwards.
@@ -1053,10 +1028,7 @@ fn wait_weight(
 fn prober_write_rate(log: &str, since: SystemTime) -> Option<f64> {
     let (mut writes, mut ms) = (0.0, 0.0);
     for line in log.lines().filter(|l| l.contains("IPVS batch of")) {
-        let at = line
-            .split_whitespace()
-            .next()
-            .and_then(parse_rfc3339)?;
+        let at = line.split_whitespace().next().and_then(parse_rfc3339)?;
         if at < since {
             continue;
         }
@@ -1100,6 +1072,7 @@ fn tail(text: &str, lines: usize) -> String {
 #[derive(Default)]
 struct Report {
     rows: Vec<(Case, Tool, Vec<Sample>)>,
+    failures: Vec<String>,
 }
 
 fn median(mut values: Vec<f64>) -> Option<f64> {
@@ -1255,6 +1228,9 @@ impl Report {
                     _ => "-".to_string(),
                 },
             );
+        }
+        for failure in &self.failures {
+            let _ = writeln!(out, "\nFailed run: {}", failure.replace('\n', " "));
         }
         out
     }
