@@ -356,14 +356,10 @@ impl Controller {
         if let Err(e) = self.prober.follow_kernel() {
             warn!("following route and neighbour changes: {e:#}");
         }
-        // Due times and ticks share one period: a tick that wakes a little
-        // earlier in its period than the tick that set a due time must
-        // still send, or that probe waits a whole extra period.
-        let due_by = now + self.tick_interval() / 2;
         let due: Vec<ProbeSpec> = self
             .probes
             .iter()
-            .filter(|(_, t)| t.next_due <= due_by)
+            .filter(|(_, t)| t.next_due <= now)
             .map(|(s, _)| *s)
             .collect();
         let mut ids = Vec::with_capacity(due.len());
@@ -400,14 +396,23 @@ impl Controller {
             agents.refresh();
         }
         self.update_weights(now);
-        // Asked only about hosts whose L3 probe is down: no per-tick scan.
+        // Asked only about hosts whose L3 probe is down: the hosts with an
+        // L4 probe up are gathered once, on the first question of a tick.
         let probes = &self.probes;
+        let l4_up_hosts = std::cell::OnceCell::new();
         let l4_alive = |host: IpAddr| {
-            probes.iter().any(|(spec, track)| {
-                matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. })
-                    && track.health.state() == State::Up
-                    && spec.real_server() == host
-            })
+            l4_up_hosts
+                .get_or_init(|| {
+                    probes
+                        .iter()
+                        .filter(|(spec, track)| {
+                            matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. })
+                                && track.health.state() == State::Up
+                        })
+                        .map(|(spec, _)| spec.real_server())
+                        .collect::<HashSet<IpAddr>>()
+                })
+                .contains(&host)
         };
         for event in self.alerts.poll(now, l4_alive) {
             *self

@@ -208,10 +208,15 @@ const METHOD: &str = "
   keepalived puts them there itself.
 - **CPU** is user + system time of the checker's processes (keepalived: its parent and its
   checker process) over a 10 s window after 5 s of warm-up, from `/proc/PID/stat`; *whole
-  guest* is every CPU's busy time in that window from `/proc/stat`, real-server side and
-  softirqs included. **Checks** are the client SYNs reaching the real servers in the window,
-  counted by one tc filter for both. **Peak RSS** is VmHWM at the end of the run (summed
-  over keepalived's processes).
+  guest* is every CPU's busy time in that window from `/proc/stat`, the listener and softirqs
+  included. On veth the kernel does the real servers' side of each exchange (the SYN-ACK, the
+  RST or the accept and FIN) in the context of the process that sent, so both checkers'
+  figures include the real servers' kernel work, which a director never does; that narrows
+  the ratio. (Threaded NAPI would move it out, but veth's 256-frame ring then drops most of
+  a burst of probes sent at once.) **Checks** are the client SYNs reaching the real servers
+  in the window, counted by one tc filter for both. **RSS** is VmRSS at the end of the window,
+  the peak (VmHWM, at the end of the run, after the mass death) in brackets, summed over
+  keepalived's processes.
 - **Death -> weight 0**: one real server's address is blackholed (its SYNs vanish, as when a
   host dies); the time until IPVS shows its weight 0, polled over netlink every 5 ms.
 - **Latency -> weight**: one real server's replies are delayed 50 ms by netem; the time until

@@ -326,8 +326,16 @@ impl Alerts {
             }
         }
         dead.sort();
+        // Sets, not scans: a rack down is thousands of dead hosts against
+        // tens of thousands of checks.
+        let dead_set: HashSet<IpAddr> = dead.iter().copied().collect();
+        let hosts_with_checks: HashSet<IpAddr> = if dead.is_empty() {
+            HashSet::new()
+        } else {
+            self.checks.values().map(|c| c.host).collect()
+        };
         for host in &dead {
-            let confirmed = self.checks.values().any(|c| c.host == *host);
+            let confirmed = hosts_with_checks.contains(host);
             let state = self.hosts.get_mut(host).expect("listed above");
             if state.reported || !confirmed {
                 continue;
@@ -356,7 +364,7 @@ impl Alerts {
             if down.reported {
                 continue;
             }
-            if dead.contains(&down.host) {
+            if dead_set.contains(&down.host) {
                 continue; // the host's own event covers it
             }
             let host = self.hosts.get(&down.host);

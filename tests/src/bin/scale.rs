@@ -659,15 +659,16 @@ impl Checker {
             .sum()
     }
 
-    /// Peak resident memory of the checker's processes, summed, in KiB.
-    fn peak_rss_kib(&self) -> u64 {
+    /// Resident memory of the checker's processes, summed, in KiB: now
+    /// (`VmRSS`) or at its peak (`VmHWM`).
+    fn memory_kib(&self, field: &str) -> u64 {
         self.pids()
             .into_iter()
             .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
             .filter_map(|status| {
                 status
                     .lines()
-                    .find(|l| l.starts_with("VmHWM:"))?
+                    .find(|l| l.starts_with(field))?
                     .split_whitespace()
                     .nth(1)?
                     .parse::<u64>()
@@ -778,7 +779,11 @@ struct Sample {
     checks: u64,
     window: f64,
     asked_per_second: f64,
+    servers: usize,
+    /// Resident memory at the end of the steady window, and the peak over
+    /// the whole run (the mass death's batch included).
     rss_kib: u64,
+    peak_rss_kib: u64,
     /// Seconds from the checker's start until it checked.
     started: f64,
     death: Option<f64>,
@@ -811,7 +816,7 @@ impl Sample {
     fn summary(&self) -> String {
         format!(
             "{:.0} checks/s of {:.0} asked, {:.3} CPU s per 10k checks ({:.1} % of a core; \
-             whole guest {:.3}), peak RSS {:.1} MiB, started in {:.1} s, death -> 0 in {}, \
+             whole guest {:.3}), RSS {:.1} MiB (peak {:.1}), started in {:.1} s, death -> 0 in {}, \
              latency -> weight in {}, all {} at 0 in {} ({} still up), {} writes/s",
             self.checks_per_second(),
             self.asked_per_second,
@@ -819,10 +824,11 @@ impl Sample {
             self.core_share() * 100.0,
             self.machine_cpu_per_10k(),
             self.rss_kib as f64 / 1024.0,
+            self.peak_rss_kib as f64 / 1024.0,
             self.started,
             secs(self.death),
             secs(self.latency),
-            self.asked_per_second,
+            self.servers,
             secs(self.all_down),
             self.left_up,
             self.write_rate
@@ -869,6 +875,7 @@ fn measure_running(
     let n = bed.n;
     let mut sample = Sample {
         asked_per_second: n as f64 / interval.as_secs_f64(),
+        servers: n,
         ..Sample::default()
     };
     // Up: prober said so and SYNs flow; keepalived has put every real
@@ -903,6 +910,7 @@ fn measure_running(
         None => thread::sleep(STEADY),
     }
     sample.cpu = checker.cpu_seconds() - cpu0;
+    sample.rss_kib = checker.memory_kib("VmRSS:");
     sample.machine_cpu = machine_cpu_seconds()? - machine0;
     sample.checks = bed.syns()? - syns0;
     sample.window = t0.elapsed().as_secs_f64();
@@ -966,7 +974,7 @@ fn measure_running(
             _ => None,
         },
     };
-    sample.rss_kib = checker.peak_rss_kib();
+    sample.peak_rss_kib = checker.memory_kib("VmHWM:");
     checker.check_alive()?;
     Ok(sample)
 }
@@ -1091,6 +1099,7 @@ struct Medians {
     checks_per_second: f64,
     asked: f64,
     rss_mib: f64,
+    peak_rss_mib: f64,
     death: Option<f64>,
     latency: Option<f64>,
     all_down: Option<f64>,
@@ -1119,6 +1128,7 @@ impl Medians {
             checks_per_second: m(&|s| s.checks_per_second()),
             asked: m(&|s| s.asked_per_second),
             rss_mib: m(&|s| s.rss_kib as f64 / 1024.0),
+            peak_rss_mib: m(&|s| s.peak_rss_kib as f64 / 1024.0),
             death: mo(&|s| s.death),
             latency: mo(&|s| s.latency),
             all_down: mo(&|s| s.all_down),
@@ -1152,7 +1162,7 @@ impl Report {
     fn table(&self) -> String {
         let mut out = String::from(
             "| real servers | interval | checker | CPU s per 10k checks | of one core | \
-             whole guest CPU s per 10k | checks/s (asked) | peak RSS | death -> weight 0 | \
+             whole guest CPU s per 10k | checks/s (asked) | RSS (peak) | death -> weight 0 | \
              latency -> weight | all weights 0 after | IPVS writes/s |\n\
              |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
@@ -1184,7 +1194,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {interval} | {name} | {:.4} | {:.1} % | {:.4} | {:.0} ({:.0}) | {:.1} MiB | {} | {} | {all_down} | {} |",
+                    "| {} | {interval} | {name} | {:.4} | {:.1} % | {:.4} | {:.0} ({:.0}) | {:.1} MiB ({:.1}) | {} | {} | {all_down} | {} |",
                     thousands(case.servers as f64),
                     m.cpu_per_10k,
                     m.core_share * 100.0,
@@ -1192,6 +1202,7 @@ impl Report {
                     m.checks_per_second,
                     m.asked,
                     m.rss_mib,
+                    m.peak_rss_mib,
                     secs(m.death),
                     secs(m.latency),
                     m.write_rate.map_or("-".to_string(), thousands),
