@@ -13,8 +13,9 @@
 //! counted as SYNs arriving at the real servers (a tc filter), the same
 //! counter for both checkers.
 //!
-//! Usage: `scale [--runs N] [--cases 1000@1s,10000@1s,...] [--prober PATH]
-//! [--out FILE]`.
+//! Usage: `scale [--runs N] [--cases 1000@1s,10000@1s,...] [--tools
+//! prober,keepalived] [--prober PATH] [--out FILE] [--profile DIR]
+//! [--logs DIR]`.
 
 use std::{
     fmt::Write as _,
@@ -125,6 +126,8 @@ struct Options {
     tools: Vec<Tool>,
     /// Where `perf report`s of the steady window go (perf on the host).
     profile: Option<PathBuf>,
+    /// Where the checkers' logs go (appended run after run).
+    logs: Option<PathBuf>,
 }
 
 impl Options {
@@ -136,6 +139,7 @@ impl Options {
             out: None,
             tools: vec![Tool::Prober, Tool::Keepalived],
             profile: None,
+            logs: None,
         };
         while let Some(arg) = args.next() {
             let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -152,6 +156,7 @@ impl Options {
                 "--prober" => options.prober = value()?.into(),
                 "--out" => options.out = Some(value()?.into()),
                 "--profile" => options.profile = Some(value()?.into()),
+                "--logs" => options.logs = Some(value()?.into()),
                 "--tools" => {
                     options.tools = value()?
                         .split(',')
@@ -163,7 +168,7 @@ impl Options {
                         .collect::<Result<_>>()?
                 }
                 other => bail!(
-                    "unknown argument '{other}' (known: --runs, --cases, --tools, --prober, --out, --profile)"
+                    "unknown argument '{other}' (known: --runs, --cases, --tools, --prober, --out, --profile, --logs)"
                 ),
             }
         }
@@ -247,11 +252,13 @@ impl Bed {
         servers.ip(&["link", "set", SERVER_IF, "up"])?;
         servers.ip(&["route", "add", "local", "10.64.0.0/16", "dev", "lo"])?;
         director.ip(&["route", "add", "10.64.0.0/16", "via", "192.0.2.2"])?;
-        // keepalived's connects must not be refused by a full accept queue
-        // or run out of ports: that would be the bed failing, not it.
+        // keepalived's connects must not be refused by a full accept queue:
+        // that would be the bed failing, not it. The director keeps Linux's
+        // ephemeral range (below prober's 61000-65535): a wider one let
+        // keepalived's connections leave TIME_WAIT entries on prober's
+        // probe ports, and prober's next run saw its servers as dead.
         servers.sysctl("net.core.somaxconn", "65535")?;
         servers.sysctl("net.ipv4.tcp_max_syn_backlog", "65535")?;
-        director.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
         let tc = |args: &[&str]| run(Command::new("tc").args(["-n", &servers.name]).args(args));
         // Checks, counted as client SYNs (SYN without ACK) arriving.
         tc(&["qdisc", "add", "dev", SERVER_IF, "clsact"])?;
@@ -856,6 +863,14 @@ fn measure(bed: &Bed, tool: Tool, interval: Duration, options: &Options) -> Resu
     });
     let result = measure_running(bed, &mut checker, tool, interval, started_at, profile);
     let stopped = checker.stop();
+    if let Some(dir) = &options.logs {
+        let name = format!("{}-{}-{}ms.log", tool.name(), bed.n, interval.as_millis());
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(name))?;
+        file.write_all(checker.log().as_bytes())?;
+    }
     bed.revive_all()?;
     let _ = bed.unslow();
     bed.flush()?;
