@@ -58,6 +58,7 @@ const WEIGHT: u32 = 100;
 fn main() -> Result<()> {
     let options = Options::parse(std::env::args().skip(1))?;
     run_modprobe()?;
+    let _syslog = Syslog::start()?;
     let mut report = Report::default();
     for case in &options.cases {
         println!(
@@ -80,6 +81,10 @@ fn main() -> Result<()> {
                             sample.summary()
                         );
                         report.add(case, tool, sample);
+                        // The table so far, in case the run is cut short.
+                        if let Some(out) = &options.out {
+                            let _ = std::fs::write(out, report.table());
+                        }
                     }
                     Err(e) => {
                         println!(
@@ -467,6 +472,56 @@ impl Bed {
     }
 }
 
+/// Where keepalived's syslog messages go.
+const KEEPALIVED_LOG: &str = "/tmp/scale-keepalived.log";
+
+/// `/dev/log` for keepalived, as a director's syslog daemon has it: one
+/// datagram per message, appended to [`KEEPALIVED_LOG`]. The guest has no
+/// syslog daemon, and keepalived's `--log-console` writes to the emulated
+/// serial console, which stalled it for tens of seconds.
+struct Syslog {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syslog {
+    fn start() -> Result<Self> {
+        let _ = std::fs::remove_file("/dev/log");
+        let socket = std::os::unix::net::UnixDatagram::bind("/dev/log")
+            .context("binding /dev/log for keepalived")?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(KEEPALIVED_LOG)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut message = vec![0u8; 8192];
+            while !stopping.load(Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut message) {
+                    let _ = file.write_all(&message[..n]);
+                    let _ = file.write_all(b"\n");
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Syslog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file("/dev/log");
+    }
+}
+
 /// The real servers' one listener: accepts and closes, on two threads.
 struct Listener {
     stop: Arc<AtomicBool>,
@@ -602,8 +657,10 @@ impl Checker {
                     |name: &str| std::env::temp_dir().join(format!("{}.pid", unique_name(name)));
                 let pids = [pid("ka-"), pid("ka-check-"), pid("ka-vrrp-")];
                 files.extend(pids.iter().cloned());
+                // Its log is what /dev/log receives (see `Syslog`).
+                File::create(KEEPALIVED_LOG)?;
                 let child = Self::command(bed, Path::new("keepalived"))
-                    .args(["--dont-fork", "--log-console", "--check", "--use-file"])
+                    .args(["--dont-fork", "--check", "--use-file"])
                     .arg(&config)
                     .arg("--pid")
                     .arg(&pids[0])
@@ -611,12 +668,16 @@ impl Checker {
                     .arg(&pids[1])
                     .arg("--vrrp_pid")
                     .arg(&pids[2])
-                    .stdout(File::create(&log)?)
+                    .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
                     .context("starting keepalived")?;
                 (child, None)
             }
+        };
+        let log = match tool {
+            Tool::Prober => log,
+            Tool::Keepalived => PathBuf::from(KEEPALIVED_LOG),
         };
         Ok(Self {
             child,
@@ -960,7 +1021,7 @@ fn measure_running(
     let died_at = SystemTime::now();
     let t0 = Instant::now();
     bed.kill_all()?;
-    let mass_limit = interval * (4 * FALL) + Duration::from_secs(60);
+    let mass_limit = interval * (4 * FALL) + Duration::from_secs(40);
     let mut first_down = None;
     loop {
         let (_, up) = bed.census()?;
