@@ -195,8 +195,8 @@ fn guest_kernel() -> String {
 const METHOD: &str = "
 ### How it is measured
 
-- **The bed**, built once per size inside the guest: a director namespace (IPVS, its `eth0`)
-  joined by veth to a real-server namespace that owns 10.64.0.0/16 as local addresses
+- **The bed**, built once per size inside the guest: a director namespace (IPVS, its `dir0`)
+  joined by veth to a real-server namespace (`srv0`) that owns 10.64.0.0/16 as local addresses
   (AnyIP: every address answers, as N hosts would) with one listener on 0.0.0.0:80 that
   accepts and closes. NAT services `TCP 10.200.x.y:80` of 50 real servers each.
 - **Both checkers, same settings**, one after the other on the same bed, alternating
