@@ -39,7 +39,7 @@
 //! hysteresis = 0.1         # smaller changes are not written
 //! max_step = 0.25          # most change per interval
 //! slow_start = "30s"       # ramp after recovery ("0s": none)
-//! panic_threshold = 0.5    # this share down or more: keep weights (0: never)
+//! panic_threshold = 0      # healthy share below this: keep weights (0: off)
 //!
 //! [[service]]
 //! match = "tcp:192.0.2.10:80"  # or "fwmark:7"

@@ -22,6 +22,7 @@ use crate::{
     agents::{AgentState, Agents},
     checks::{self, CheckReport, CheckSpec, Checker, Outcome},
     config::{Config, ManualWeights},
+    director_fault::{self, DirectorPath},
     events::{sink::Sink, Alerts},
     health::{Cause, Health, Observations, State},
     passive::{self, Passive},
@@ -114,6 +115,9 @@ pub struct Controller {
     sink: Sink,
     dests: HashMap<(ServiceKey, DestinationKey), DestTrack>,
     panicking: HashSet<ServiceKey>,
+    /// Whether the director's own path is the likely fault (then every
+    /// weight is kept).
+    path: DirectorPath,
     totals: Totals,
     next_discovery: Instant,
     ipvs_problem: Option<String>,
@@ -162,6 +166,7 @@ impl Controller {
             probes: HashMap::new(),
             dests: HashMap::new(),
             panicking: HashSet::new(),
+            path: DirectorPath::new(),
             totals: Totals::default(),
             next_discovery: now,
             ipvs_problem: None,
@@ -310,6 +315,7 @@ impl Controller {
         let _ = now;
         Status {
             ipvs_problem: self.ipvs_problem.clone(),
+            director_fault: self.path.suspected().map(|s| s.to_string()),
             weight_writes: self.totals.weight_writes,
             weight_write_errors: self.totals.weight_write_errors,
             netlink_errors: self.totals.netlink_errors,
@@ -390,6 +396,7 @@ impl Controller {
         if let Err(e) = self.prober.send(&ids) {
             warn!("sending probes: {e:#}");
         }
+        self.judge_director_path(now);
         self.restart_ended_checks();
         self.take_check_reports(now);
         if let Some(agents) = &mut self.agents {
@@ -423,6 +430,34 @@ impl Controller {
             self.sink.send(&event);
         }
         Ok(())
+    }
+
+    /// Decides, from this tick's probe results and the link, whether the
+    /// director itself is the likely fault; says so once each way.
+    fn judge_director_path(&mut self, now: Instant) {
+        let up = self
+            .probes
+            .values()
+            .filter(|t| t.health.state() == State::Up)
+            .count();
+        let link_up = director_fault::link_up(self.prober.interface());
+        match self.path.end_tick(up, link_up) {
+            Some(director_fault::Change::Suspected(why)) => {
+                warn!(
+                    interface = self.prober.interface(),
+                    "director-side fault suspected: {why}; keeping every weight as it is (fail open) until probes are answered again"
+                );
+                self.alerts.director_fault(why.to_string(), now);
+            }
+            Some(director_fault::Change::Cleared) => {
+                info!(
+                    interface = self.prober.interface(),
+                    "director-side fault over: weights follow health again"
+                );
+                self.alerts.director_recovered(now);
+            }
+            None => {}
+        }
     }
 
     /// Feeds the L7 checks' results into their health.
@@ -626,6 +661,7 @@ impl Controller {
             .filter(|s| !plan.probes.contains_key(s))
             .copied()
             .collect();
+        self.path.retain(|p| plan.probes.contains_key(p));
         for spec in dropped {
             self.probes.remove(&spec);
             store.remove_health(&health_key(&spec));
@@ -787,6 +823,15 @@ impl Controller {
                 }
             }
         }
+        if track.outstanding {
+            // Only the active probe's own result says whether the path
+            // works; a timeout counts against it only for a probe that
+            // was up (a dead server's silence is old news).
+            let replied = seen.answered + seen.refused + seen.unreachable > 0;
+            if replied || (seen.timed_out > 0 && track.health.state() == State::Up) {
+                self.path.probe_result(spec, spec.real_server(), replied);
+            }
+        }
         if revalidate {
             if let Some(id) = self.prober.id_of(&spec) {
                 if let Err(e) = self.prober.revalidate_neighbour(id) {
@@ -840,13 +885,16 @@ impl Controller {
             }
             let names = self.plan.services_of_probe(&spec);
             let layer = layer_of(&spec);
+            // While the director is suspected its one alert stands for
+            // every server it cannot reach.
+            let director_suspected = self.path.suspected().is_some();
             match t.to {
                 State::Down => {
                     warn!(probe = %spec, cause = ?t.cause, services = ?names, "real server DOWN");
-                    if diagnoses_host {
+                    if diagnoses_host && !director_suspected {
                         self.alerts.host_down(host, cause_text(t.cause), now);
                     }
-                    if !names.is_empty() {
+                    if !names.is_empty() && !director_suspected {
                         let recovery = track.settings.interval * (track.settings.limits.rise + 1);
                         self.alerts.check_down(
                             host,
@@ -957,6 +1005,7 @@ impl Controller {
                 } else {
                     "latency".into()
                 };
+                let given = check_weight.is_some() || agent.is_some();
                 members.push(Candidate {
                     index: i,
                     overridden: configured != dest.configured,
@@ -970,6 +1019,7 @@ impl Controller {
                         up_since: probe.came_up_at,
                         latency_ns: probe.latency.map(|l| l.value_ns()),
                         current: dest.current,
+                        exact: given,
                     },
                 });
             }
@@ -977,8 +1027,11 @@ impl Controller {
                 .iter()
                 .filter(|m| m.member.up && m.member.configured > 0)
                 .count();
-            self.alerts
-                .service_health(&service.to_string(), healthy, members.len(), now);
+            let suspected = self.path.suspected().is_some();
+            if !suspected {
+                self.alerts
+                    .service_health(&service.to_string(), healthy, members.len(), now);
+            }
             // Clients' response times weigh a pool when every server in it
             // that is up has a fresh one; else probe RTTs for all, so the
             // servers are compared on one measure.
@@ -1005,15 +1058,19 @@ impl Controller {
                     m.member.latency_ns = None;
                 }
             }
+            if suspected {
+                continue; // fail open: the director, not the pool, is at fault
+            }
             let pool: Vec<Member> = members.iter().map(|m| m.member).collect();
             let result = pool_weights(&pool, &policy, now);
             if result.panic {
                 if self.panicking.insert(service) {
-                    let down = pool.iter().filter(|m| !m.up).count();
+                    let serving = pool.iter().filter(|m| m.configured > 0);
+                    let healthy = serving.clone().filter(|m| m.up).count();
                     warn!(
                         %service,
-                        "PANIC: {down} of {} real servers down, at or above the panic threshold of {:.0} %: keeping the last weights (fail open)",
-                        pool.len(),
+                        "PANIC: {healthy} of {} serving real servers healthy, below the panic threshold of {:.0} %: keeping the last weights (fail open)",
+                        serving.count(),
                         policy.panic_threshold * 100.0
                     );
                 }

@@ -52,6 +52,17 @@ pub struct RiseFall {
     pub fall: u32,
 }
 
+impl RiseFall {
+    /// What two users of one check both accept: down at the smaller fall,
+    /// up only at the larger rise.
+    pub fn strictest(self, other: Self) -> Self {
+        Self {
+            rise: self.rise.max(other.rise),
+            fall: self.fall.min(other.fall),
+        }
+    }
+}
+
 impl Default for RiseFall {
     /// HAProxy's defaults (keepalived's retry is 1 by default).
     fn default() -> Self {

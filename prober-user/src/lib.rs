@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod controller;
 pub mod datapath;
+pub mod director_fault;
 pub mod events;
 pub mod health;
 pub mod map_batch;

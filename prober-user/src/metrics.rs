@@ -186,6 +186,13 @@ impl Collector for Snapshot {
             None,
             &[(vec![], if s.ipvs_problem.is_none() { 1.0 } else { 0.0 })],
         )?;
+        gauge(
+            &mut e,
+            "prober_director_fault_suspected",
+            "1 while the evidence points at the director's own path (weights kept)",
+            None,
+            &[(vec![], if s.director_fault.is_some() { 1.0 } else { 0.0 })],
+        )?;
         let mut healthy = Vec::new();
         let mut weights = Vec::new();
         let mut checks = Vec::new();

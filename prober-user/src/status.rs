@@ -17,6 +17,10 @@ pub struct Status {
     pub interval_ms: u64,
     /// Why IPVS cannot be read, while it cannot.
     pub ipvs_problem: Option<String>,
+    /// Why the director's own path is suspected, while it is (every
+    /// weight is then kept).
+    #[serde(default)]
+    pub director_fault: Option<String>,
     /// The datapath counters summed over CPUs.
     pub datapath: prober_common::DatapathCounters,
     pub weight_writes: u64,
@@ -168,6 +172,12 @@ pub fn table(status: &Status) -> String {
     );
     if let Some(problem) = &status.ipvs_problem {
         let _ = writeln!(out, "IPVS: {problem}");
+    }
+    if let Some(why) = &status.director_fault {
+        let _ = writeln!(
+            out,
+            "DIRECTOR-SIDE FAULT SUSPECTED: {why}; every weight kept"
+        );
     }
     let _ = writeln!(
         out,

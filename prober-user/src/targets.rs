@@ -29,8 +29,8 @@ pub struct Binding {
     pub checks: Vec<CheckSpec>,
 }
 
-/// How often and how strictly one probe runs: the settings of the first
-/// service (in IPVS order) that uses it.
+/// How often and how strictly one probe runs: the strictest settings of the
+/// services that use it (see [`ProbeSettings::strictest`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProbeSettings {
     pub interval: std::time::Duration,
@@ -38,12 +38,50 @@ pub struct ProbeSettings {
     pub limits: RiseFall,
 }
 
-/// How often and how strictly one L7 check runs: the settings of the first
-/// service (in IPVS order) that uses it.
+impl ProbeSettings {
+    /// A probe shared by services runs as the most demanding of them asks:
+    /// the shortest interval and timeout and the smallest fall, whatever
+    /// order IPVS lists them in. Rise is the largest: no service sees a
+    /// server back sooner than it asked.
+    fn strictest(self, other: Self) -> Self {
+        Self {
+            interval: self.interval.min(other.interval),
+            timeout: self.timeout.min(other.timeout),
+            limits: self.limits.strictest(other.limits),
+        }
+    }
+}
+
+/// How often and how strictly one L7 check runs: the strictest settings of
+/// the services that use it, as for probes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CheckSettings {
     pub timing: CheckTiming,
     pub limits: RiseFall,
+}
+
+impl CheckSettings {
+    fn strictest(self, other: Self) -> Self {
+        Self {
+            timing: CheckTiming {
+                interval: self.timing.interval.min(other.timing.interval),
+                timeout: self.timing.timeout.min(other.timing.timeout),
+            },
+            limits: self.limits.strictest(other.limits),
+        }
+    }
+}
+
+/// Adds `settings` for `key`, merged with what other services asked.
+fn merge_into<K: std::hash::Hash + Eq, S: Copy>(
+    map: &mut HashMap<K, S>,
+    key: K,
+    settings: S,
+    strictest: fn(S, S) -> S,
+) {
+    map.entry(key)
+        .and_modify(|s| *s = strictest(*s, settings))
+        .or_insert(settings);
 }
 
 #[derive(Debug, Default)]
@@ -101,7 +139,12 @@ pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
         for dest in &vs.destinations {
             match probe_for(&key, dest, choice, settings.and_then(|s| s.port)) {
                 Ok(probe) => {
-                    plan.probes.entry(probe).or_insert(probe_settings);
+                    merge_into(
+                        &mut plan.probes,
+                        probe,
+                        probe_settings,
+                        ProbeSettings::strictest,
+                    );
                     // Direct routing: the real server answers on the VIP,
                     // at the service's port, whatever the L4 probe is.
                     let vip = match (dest.forwarding, key) {
@@ -141,7 +184,12 @@ pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
                                     fall: c.fall.unwrap_or(probe_settings.limits.fall),
                                 },
                             };
-                            plan.checks.entry(spec.clone()).or_insert(check_settings);
+                            merge_into(
+                                &mut plan.checks,
+                                spec.clone(),
+                                check_settings,
+                                CheckSettings::strictest,
+                            );
                             spec
                         })
                         .collect();
@@ -369,6 +417,68 @@ mod tests {
         assert_eq!(plan.bindings.len(), 1);
         assert_eq!(plan.bindings[0].probe.to_string(), "tcp:192.0.2.3:9000");
         assert_eq!(plan.probes[&plan.bindings[0].probe].limits.fall, 7);
+    }
+
+    #[test]
+    fn a_shared_probe_runs_with_the_strictest_settings_in_any_order() {
+        let config = Config::parse(
+            r#"
+[[service]]
+match = "tcp:203.0.113.10:80"
+interval = "500ms"
+timeout = "400ms"
+fall = 5
+rise = 1
+[service.check]
+type = "http"
+path = "/health"
+interval = "3s"
+fall = 4
+[[service]]
+match = "tcp:203.0.113.11:80"
+interval = "2s"
+timeout = "300ms"
+fall = 2
+rise = 3
+[service.check]
+type = "http"
+path = "/health"
+interval = "1s"
+fall = 6
+"#,
+        )
+        .unwrap();
+        let a = vs(
+            "tcp:203.0.113.10:80",
+            vec![dest("192.0.2.2", 8080, IpvsForwarding::Masquerade)],
+        );
+        let b = vs(
+            "tcp:203.0.113.11:80",
+            vec![dest("192.0.2.2", 8080, IpvsForwarding::Masquerade)],
+        );
+        let forward = plan(&[a.clone(), b.clone()], &config);
+        let backward = plan(&[b, a], &config);
+        let probe = forward.bindings[0].probe;
+        let settings = forward.probes[&probe];
+        assert_eq!(
+            settings, backward.probes[&probe],
+            "IPVS order changes nothing"
+        );
+        assert_eq!(
+            settings,
+            ProbeSettings {
+                interval: std::time::Duration::from_millis(500),
+                timeout: std::time::Duration::from_millis(300),
+                limits: RiseFall { rise: 3, fall: 2 },
+            }
+        );
+        let check = &forward.bindings[0].checks[0];
+        let check_settings = forward.checks[check];
+        assert_eq!(check_settings, backward.checks[check]);
+        assert_eq!(
+            (check_settings.timing.interval, check_settings.limits.fall),
+            (std::time::Duration::from_secs(1), 4)
+        );
     }
 
     #[test]

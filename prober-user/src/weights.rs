@@ -60,8 +60,11 @@ pub struct WeightPolicy {
     pub max_step: f64,
     /// After recovery a server ramps from its floor to its weight over this.
     pub slow_start: Duration,
-    /// When this share of a pool or more is down, keep the last weights
-    /// (fail open) instead of emptying the pool (Envoy's panic threshold).
+    /// When the healthy share of a pool falls below this, keep the last
+    /// weights (fail open) instead of emptying the pool: Envoy's panic
+    /// threshold. 0 (the default) turns it off: dead servers go to 0,
+    /// as keepalived and HAProxy do; failing open is left to evidence
+    /// against the director itself (see `director_fault`).
     pub panic_threshold: f64,
 }
 
@@ -75,7 +78,7 @@ impl Default for WeightPolicy {
             hysteresis: 0.1,
             max_step: 0.25,
             slow_start: Duration::from_secs(30),
-            panic_threshold: 0.5,
+            panic_threshold: 0.0,
         }
     }
 }
@@ -92,23 +95,32 @@ pub struct Member {
     pub latency_ns: Option<f64>,
     /// The weight IPVS has now.
     pub current: u32,
+    /// Its weight was given outright (an agent's weight or drain, a
+    /// command check's weight): written as it is in one step, neither
+    /// scaled by latency nor damped.
+    pub exact: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolWeights {
     pub weights: Vec<u32>,
-    /// `panic_threshold` of the pool or more is down: weights were kept.
+    /// The healthy share fell below `panic_threshold`: weights were kept.
     pub panic: bool,
+}
+
+/// Whether a pool's healthy share is below the panic threshold. Servers
+/// drained on purpose (configured weight 0) count neither way.
+pub fn in_panic(members: &[Member], threshold: f64) -> bool {
+    let serving = members.iter().filter(|m| m.configured > 0);
+    let total = serving.clone().count();
+    let healthy = serving.filter(|m| m.up).count();
+    // A threshold of 0 turns panic mode off (Envoy's convention).
+    threshold > 0.0 && total > 0 && (healthy as f64) < threshold * total as f64
 }
 
 /// The weights a pool should have now.
 pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> PoolWeights {
-    let down = members.iter().filter(|m| !m.up).count();
-    // A threshold of 0 turns panic mode off (Envoy's convention).
-    if down > 0
-        && policy.panic_threshold > 0.0
-        && down as f64 / members.len() as f64 >= policy.panic_threshold
-    {
+    if in_panic(members, policy.panic_threshold) {
         return PoolWeights {
             weights: members.iter().map(|m| m.current).collect(),
             panic: true,
@@ -127,6 +139,9 @@ pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> 
         .map(|m| {
             if !m.up {
                 return 0;
+            }
+            if m.exact {
+                return m.configured;
             }
             let configured = m.configured as f64;
             let speed = match m.latency_ns {
@@ -192,6 +207,7 @@ mod tests {
             up_since: None,
             latency_ns: Some(latency_ms * 1e6),
             current,
+            exact: false,
         }
     }
 
@@ -311,37 +327,93 @@ mod tests {
     }
 
     #[test]
-    fn the_panic_threshold_down_keeps_the_last_weights() {
+    fn by_default_dead_servers_go_to_zero_in_pools_of_any_size() {
         let now = Instant::now();
         let policy = WeightPolicy::default();
-        let mut pool = vec![member(1.0, 100), member(1.0, 80), member(1.0, 60)];
-        pool[0].up = false;
-        pool[1].up = false;
-        let out = pool_weights(&pool, &policy, now);
-        assert!(out.panic);
-        assert_eq!(out.weights, vec![100, 80, 60]);
-        // Half down reaches a 50 % threshold; a third does not.
-        let mut pool = vec![member(1.0, 100), member(1.0, 100)];
-        pool[0].up = false;
-        assert!(pool_weights(&pool, &policy, now).panic);
-        let mut pool = vec![member(1.0, 100), member(1.0, 100), member(1.0, 100)];
-        pool[0].up = false;
-        let out = pool_weights(&pool, &policy, now);
-        assert_eq!((out.weights, out.panic), (vec![0, 100, 100], false));
+        for size in [1usize, 2, 4, 50] {
+            for dead in 1..=size {
+                let mut pool = vec![member(1.0, 100); size];
+                for m in &mut pool[..dead] {
+                    m.up = false;
+                }
+                let out = pool_weights(&pool, &policy, now);
+                assert!(!out.panic, "{dead} of {size} down");
+                assert!(
+                    out.weights[..dead].iter().all(|w| *w == 0),
+                    "{dead} of {size} down: {:?}",
+                    out.weights
+                );
+                assert!(out.weights[dead..].iter().all(|w| *w == 100));
+            }
+        }
     }
 
     #[test]
-    fn a_zero_panic_threshold_lets_a_whole_pool_go_down() {
+    fn a_panic_threshold_keeps_weights_when_the_healthy_share_falls_below_it() {
         let now = Instant::now();
         let policy = WeightPolicy {
-            panic_threshold: 0.0,
+            panic_threshold: 0.5,
             ..WeightPolicy::default()
         };
-        let mut pool = [member(1.0, 100), member(1.0, 100)];
+        // Half healthy is not below half: the dead go to 0.
+        let mut pool = vec![
+            member(1.0, 100),
+            member(1.0, 80),
+            member(1.0, 100),
+            member(1.0, 100),
+        ];
         pool[0].up = false;
         pool[1].up = false;
         let out = pool_weights(&pool, &policy, now);
-        assert_eq!((out.weights, out.panic), (vec![0, 0], false));
+        assert_eq!((out.weights, out.panic), (vec![0, 0, 100, 100], false));
+        // A quarter healthy is: fail open.
+        pool[2].up = false;
+        let out = pool_weights(&pool, &policy, now);
+        assert!(out.panic);
+        assert_eq!(out.weights, vec![100, 80, 100, 100]);
+    }
+
+    #[test]
+    fn drained_servers_count_neither_healthy_nor_down_for_panic() {
+        let policy = WeightPolicy {
+            panic_threshold: 0.5,
+            ..WeightPolicy::default()
+        };
+        let mut pool = vec![
+            member(1.0, 100),
+            member(1.0, 100),
+            member(1.0, 0),
+            member(1.0, 0),
+        ];
+        pool[2].configured = 0;
+        pool[3].configured = 0;
+        // Two drained, one of the other two down: half of the serving
+        // ones are healthy, so no panic (counting the drained as down
+        // would have made it three of four).
+        pool[0].up = false;
+        assert!(!in_panic(&pool, policy.panic_threshold));
+        pool[1].up = false;
+        assert!(in_panic(&pool, policy.panic_threshold));
+    }
+
+    #[test]
+    fn a_drain_or_a_given_weight_is_written_in_one_step() {
+        let now = Instant::now();
+        let policy = WeightPolicy::default();
+        let mut drained = member(1.0, 100);
+        drained.configured = 0;
+        drained.exact = true;
+        let out = pool_weights(&[member(1.0, 100), drained], &policy, now);
+        assert_eq!(out.weights, vec![100, 0], "not 1 per interval");
+        let mut given = member(30.0, 100);
+        given.configured = 7;
+        given.exact = true;
+        let out = pool_weights(&[member(1.0, 100), given], &policy, now);
+        assert_eq!(
+            out.weights,
+            vec![100, 7],
+            "not 25 % steps, not scaled by latency"
+        );
     }
 
     #[test]

@@ -170,7 +170,45 @@ fn a_slow_server_gets_less_weight_and_stable_latencies_write_nothing() {
 }
 
 #[test]
-fn half_the_pool_down_under_a_50_percent_panic_threshold_keeps_the_weights() {
+fn with_no_configuration_dead_servers_go_out_and_the_slow_one_gets_less() {
+    // The newcomer's pool: fast, 30 ms slow, refusing, black-holed.
+    let (lan, mut listeners) = service(4);
+    lan.servers[1].netem(LAN_IF, &["delay", "30ms"]).unwrap();
+    listeners[2] = None;
+    lan.servers[3]
+        .ip(&[
+            "route",
+            "add",
+            "blackhole",
+            &Lan::director_addr().to_string(),
+        ])
+        .unwrap();
+    let pin_dir = PinDir::new();
+    // `prober run --iface eth0`, no config file: 1 s interval, fall 3.
+    let daemon = Daemon::start(&lan.director, LAN_IF, &pin_dir).unwrap();
+    let settled = wait_for(Duration::from_secs(60), || {
+        let w = lan.weights(VS)?;
+        let out = w[&rs(2)] == 0 && w[&rs(3)] == 0;
+        Ok((out && w[&rs(1)] < w[&rs(0)]).then_some(w))
+    })
+    .unwrap_or_else(|e| panic!("{e}: weights {:?}; {}", lan.weights(VS), daemon.log()));
+    println!("zero-config weights (fast, slow, refusing, black-holed): {settled:?}");
+    assert_eq!(settled[&rs(0)], 100);
+
+    // Then the fast one dies too: three of four dead still go to 0.
+    listeners[0] = None;
+    wait_for(Duration::from_secs(20), || {
+        Ok((lan.weights(VS)?[&rs(0)] == 0).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: weights {:?}; {}", lan.weights(VS), daemon.log()));
+    let log = daemon.log();
+    assert!(!log.contains("PANIC"), "{log}");
+    assert!(!log.contains("director-side fault suspected"), "{log}");
+    assert!(lan.weights(VS).unwrap()[&rs(1)] > 0, "the slow one serves");
+}
+
+#[test]
+fn a_panic_threshold_fails_open_only_below_its_healthy_share() {
     let (lan, mut listeners) = service(4);
     let pin_dir = PinDir::new();
     let daemon = start(
@@ -181,20 +219,126 @@ fn half_the_pool_down_under_a_50_percent_panic_threshold_keeps_the_weights() {
     thread::sleep(Duration::from_millis(1500));
     listeners[0] = None;
     listeners[1] = None;
+    // Half healthy is not below half: both go to 0.
+    wait_for(Duration::from_secs(10), || {
+        let w = lan.weights(VS)?;
+        Ok((w[&rs(0)] == 0 && w[&rs(1)] == 0).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    assert!(!daemon.log().contains("PANIC"), "{}", daemon.log());
+    listeners[2] = None;
     wait_for(Duration::from_secs(10), || {
         Ok(daemon.log().contains("PANIC").then_some(()))
     })
     .unwrap();
     thread::sleep(Duration::from_secs(1));
+    let weights = lan.weights(VS).unwrap();
     assert_eq!(
-        lan.weights(VS).unwrap(),
-        all(100, 4),
-        "fail open: no server emptied"
+        (weights[&rs(2)], weights[&rs(3)]),
+        (100, 100),
+        "a quarter healthy: fail open"
     );
     let log = daemon.log();
     let warning = log.lines().find(|l| l.contains("PANIC")).unwrap();
     println!("{warning}");
-    assert!(warning.contains("2 of 4 real servers down"), "{warning}");
+    assert!(
+        warning.contains("1 of 4 serving real servers healthy"),
+        "{warning}"
+    );
+}
+
+#[test]
+fn replies_lost_on_the_directors_side_keep_every_weight_with_one_alert() {
+    let (lan, _listeners) = service(4);
+    let pin_dir = PinDir::new();
+    let events = std::env::temp_dir().join(format!("{}.jsonl", unique_name("prober-events-")));
+    let daemon = start(
+        &lan,
+        &pin_dir,
+        &format!(
+            "{FAST}\n[weights]\nlatency_aware = false\n[alerts]\nnotify = [\"/bin/sh\", \"-c\", \"cat >> {}\"]\n",
+            events.display()
+        ),
+    );
+    thread::sleep(Duration::from_millis(1500));
+    // Every reply to the director is lost at its switch port: all probes
+    // of all four hosts go unanswered in the same interval.
+    run_tc(
+        &lan.switch,
+        &["qdisc", "add", "dev", "d0", "root", "netem", "loss", "100%"],
+    );
+    wait_for(Duration::from_secs(10), || {
+        Ok(daemon
+            .log()
+            .contains("director-side fault suspected")
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    // Well past fall x interval: the servers are down in health, not in IPVS.
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(lan.weights(VS).unwrap(), all(100, 4), "{}", daemon.log());
+    run_tc(&lan.switch, &["qdisc", "del", "dev", "d0", "root"]);
+    wait_for(Duration::from_secs(10), || {
+        Ok(daemon
+            .log()
+            .contains("director-side fault over")
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+
+    // The director's link itself goes: its carrier is gone.
+    lan.switch.ip(&["link", "set", "d0", "down"]).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        Ok((daemon
+            .log()
+            .matches("director-side fault suspected")
+            .count()
+            == 2)
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(lan.weights(VS).unwrap(), all(100, 4), "{}", daemon.log());
+    lan.switch.ip(&["link", "set", "d0", "up"]).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        Ok((daemon.log().matches("director-side fault over").count() == 2).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(lan.weights(VS).unwrap(), all(100, 4));
+    assert_eq!(writes(&daemon), 0, "{}", daemon.log());
+    let log = daemon.log();
+    let faults: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("director-side fault suspected"))
+        .collect();
+    println!("{faults:#?}");
+    assert!(
+        faults[0].contains("went unanswered at once"),
+        "{}",
+        faults[0]
+    );
+    assert!(faults[1].contains("no carrier"), "{}", faults[1]);
+    // One alert per fault, none per server or service.
+    let kinds: Vec<String> = std::fs::read_to_string(&events)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "\"director_fault\"",
+            "\"director_recovered\"",
+            "\"director_fault\"",
+            "\"director_recovered\""
+        ],
+        "{log}"
+    );
+}
+
+fn run_tc(ns: &prober_tests::NetNs, args: &[&str]) {
+    prober_tests::run(ns.command("tc").args(args)).unwrap();
 }
 
 #[test]

@@ -47,6 +47,11 @@ pub enum Kind {
     Flapping,
     /// A flapping subject has been stable for a whole window.
     Stable,
+    /// The evidence points at the director's own path (its interface, its
+    /// network): weights are kept instead of emptying pools.
+    DirectorFault,
+    /// Probes are answered again: weights follow health again.
+    DirectorRecovered,
 }
 
 impl Kind {
@@ -61,6 +66,8 @@ impl Kind {
             Kind::ServiceRestored => "service_restored",
             Kind::Flapping => "flapping",
             Kind::Stable => "stable",
+            Kind::DirectorFault => "director_fault",
+            Kind::DirectorRecovered => "director_recovered",
         }
     }
 }
@@ -268,6 +275,40 @@ impl Alerts {
             message,
             now,
         );
+    }
+
+    /// The director's own path is suspected (one event, whatever the
+    /// number of servers whose probes fail).
+    pub fn director_fault(&mut self, reason: String, now: Instant) {
+        let message = format!(
+            "director-side fault suspected: {reason}; keeping every weight as it is (fail open)"
+        );
+        self.emit(
+            Kind::DirectorFault,
+            "director".into(),
+            "",
+            reason,
+            self.all_services(),
+            message,
+            now,
+        );
+    }
+
+    pub fn director_recovered(&mut self, now: Instant) {
+        self.emit(
+            Kind::DirectorRecovered,
+            "director".into(),
+            "",
+            String::new(),
+            self.all_services(),
+            "director-side fault over: probes are answered again, weights follow health".into(),
+            now,
+        );
+    }
+
+    fn all_services(&self) -> Vec<String> {
+        let all: BTreeSet<&String> = self.services_of_host.values().flatten().collect();
+        all.into_iter().cloned().collect()
     }
 
     /// How many members of a virtual service are healthy.

@@ -225,6 +225,11 @@ impl Prober {
             .filter_map(|(id, t)| Some((id as u32, t.as_ref()?)))
     }
 
+    /// The interface probes leave by.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
     /// The id of a probe, if it is a target.
     pub fn id_of(&self, spec: &ProbeSpec) -> Option<u32> {
         self.ids.get(spec).copied()

@@ -1,0 +1,239 @@
+//! When to fail open: only when the evidence points at the director's own
+//! path, not at the real servers. A real server that dies goes to weight 0
+//! (keepalived's and HAProxy's behaviour); keeping weights is right only
+//! when the director itself has lost the network: its interface has no
+//! carrier, or every probe that was answering stopped being answered at
+//! once across several hosts. Pure: the controller feeds it each probe's
+//! result and asks it once per tick.
+//!
+//! A refusal (RST) or an ICMP unreachable is an answer for this purpose:
+//! something on the far side spoke, so the director's path works.
+
+use std::{collections::HashSet, net::IpAddr};
+
+use crate::probe::ProbeSpec;
+
+/// Fewest distinct real-server hosts whose probes must all go silent
+/// together before the director is suspected: one or two hosts dying at
+/// once is an ordinary failure and goes to weight 0.
+pub const MIN_SILENT_HOSTS: usize = 3;
+
+/// Why the director's own path is suspected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Suspicion {
+    /// The probing interface has no carrier (or is administratively down).
+    LinkDown,
+    /// Every probe that was answering went unanswered since the last
+    /// answer: `probes` probes of `hosts` hosts.
+    AllSilent { probes: usize, hosts: usize },
+}
+
+impl std::fmt::Display for Suspicion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Suspicion::LinkDown => write!(f, "the probing interface has no carrier"),
+            Suspicion::AllSilent { probes, hosts } => write!(
+                f,
+                "all {probes} probes of {hosts} real server hosts went unanswered at once"
+            ),
+        }
+    }
+}
+
+/// A change of the verdict, to log and alert once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Suspected(Suspicion),
+    Cleared,
+}
+
+#[derive(Debug, Default)]
+pub struct DirectorPath {
+    /// Probes that were up when the last answer came (the ones that
+    /// must all fall silent).
+    up_at_last_answer: usize,
+    /// Whether any probe has been answered in this run: silence from the
+    /// start says nothing about the director.
+    answered_ever: bool,
+    /// Probes, and their hosts, that went unanswered since the last answer.
+    silent: HashSet<ProbeSpec>,
+    silent_hosts: HashSet<IpAddr>,
+    answered_this_tick: bool,
+    suspicion: Option<Suspicion>,
+}
+
+impl DirectorPath {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One probe's settled result: `replied` when anything answered it
+    /// (SYN-ACK, RST, echo reply, ICMP error), false for a timeout.
+    pub fn probe_result(&mut self, probe: ProbeSpec, host: IpAddr, replied: bool) {
+        if replied {
+            self.answered_this_tick = true;
+        } else if self.silent.insert(probe) {
+            self.silent_hosts.insert(host);
+        }
+    }
+
+    /// The verdict after a tick's results; `up_probes` is how many probes
+    /// are up now, `link_up` whether the interface has carrier.
+    pub fn end_tick(&mut self, up_probes: usize, link_up: bool) -> Option<Change> {
+        if std::mem::take(&mut self.answered_this_tick) {
+            self.answered_ever = true;
+            self.up_at_last_answer = up_probes;
+            self.silent.clear();
+            self.silent_hosts.clear();
+        }
+        let now = if !link_up {
+            Some(Suspicion::LinkDown)
+        } else if self.answered_ever
+            && self.up_at_last_answer > 0
+            && self.silent.len() >= self.up_at_last_answer
+            && self.silent_hosts.len() >= MIN_SILENT_HOSTS
+        {
+            Some(Suspicion::AllSilent {
+                probes: self.silent.len(),
+                hosts: self.silent_hosts.len(),
+            })
+        } else {
+            None
+        };
+        match (&self.suspicion, &now) {
+            (None, Some(s)) => {
+                self.suspicion = now.clone();
+                Some(Change::Suspected(s.clone()))
+            }
+            (Some(_), None) => {
+                self.suspicion = None;
+                Some(Change::Cleared)
+            }
+            // A suspicion that changes reason stays one suspicion.
+            _ => None,
+        }
+    }
+
+    /// Whether weights are to be kept (fail open) now.
+    pub fn suspected(&self) -> Option<&Suspicion> {
+        self.suspicion.as_ref()
+    }
+
+    /// Probes that left the plan no longer count.
+    pub fn retain(&mut self, keep: impl Fn(&ProbeSpec) -> bool) {
+        self.silent.retain(|p| keep(p));
+        self.silent_hosts = self.silent.iter().map(|p| p.real_server()).collect();
+    }
+}
+
+/// Whether interface `name` has carrier: `/sys/class/net/NAME/carrier`
+/// reads 1. An interface that is administratively down refuses the read
+/// (EINVAL): no carrier either. An unreadable file for other reasons
+/// (sysfs not mounted in this namespace) says nothing: up.
+pub fn link_up(name: &str) -> bool {
+    match std::fs::read_to_string(format!("/sys/class/net/{name}/carrier")) {
+        Ok(text) => text.trim() != "0",
+        Err(e) => e.raw_os_error() != Some(libc::EINVAL),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::{Forwarding, ProbeKind};
+
+    fn probe(host: u8) -> ProbeSpec {
+        ProbeSpec {
+            kind: ProbeKind::TcpSyn { port: 80 },
+            destination: IpAddr::from([192, 0, 2, host]),
+            forwarding: Forwarding::Direct,
+        }
+    }
+
+    /// One tick: `answers` hosts reply, `silent` hosts time out.
+    fn tick(
+        path: &mut DirectorPath,
+        answers: &[u8],
+        silent: &[u8],
+        up: usize,
+        link: bool,
+    ) -> Option<Change> {
+        for &h in answers {
+            path.probe_result(probe(h), probe(h).real_server(), true);
+        }
+        for &h in silent {
+            path.probe_result(probe(h), probe(h).real_server(), false);
+        }
+        path.end_tick(up, link)
+    }
+
+    #[test]
+    fn servers_dying_while_others_answer_are_no_director_fault() {
+        let mut path = DirectorPath::new();
+        assert_eq!(tick(&mut path, &[1, 2, 3, 4], &[], 4, true), None);
+        for _ in 0..5 {
+            assert_eq!(tick(&mut path, &[4], &[1, 2, 3], 4, true), None);
+        }
+        assert_eq!(path.suspected(), None);
+    }
+
+    #[test]
+    fn one_or_two_hosts_going_silent_together_are_no_director_fault() {
+        for pool in [1u8, 2] {
+            let hosts: Vec<u8> = (1..=pool).collect();
+            let mut path = DirectorPath::new();
+            tick(&mut path, &hosts, &[], hosts.len(), true);
+            for _ in 0..5 {
+                assert_eq!(tick(&mut path, &[], &hosts, hosts.len(), true), None);
+            }
+        }
+    }
+
+    #[test]
+    fn every_answering_probe_silent_at_once_is_suspected_and_clears_on_an_answer() {
+        let mut path = DirectorPath::new();
+        tick(&mut path, &[1, 2, 3, 4], &[], 4, true);
+        assert_eq!(
+            tick(&mut path, &[], &[1, 2, 3, 4], 4, true),
+            Some(Change::Suspected(Suspicion::AllSilent {
+                probes: 4,
+                hosts: 4
+            }))
+        );
+        assert_eq!(tick(&mut path, &[], &[1, 2, 3, 4], 4, true), None, "once");
+        assert!(path.suspected().is_some());
+        assert_eq!(
+            tick(&mut path, &[2], &[1, 3, 4], 4, true),
+            Some(Change::Cleared)
+        );
+    }
+
+    #[test]
+    fn silence_spread_over_ticks_counts_until_an_answer() {
+        let mut path = DirectorPath::new();
+        tick(&mut path, &[1, 2, 3], &[], 3, true);
+        assert_eq!(tick(&mut path, &[], &[1, 2], 3, true), None);
+        assert!(matches!(
+            tick(&mut path, &[], &[3], 3, true),
+            Some(Change::Suspected(_))
+        ));
+    }
+
+    #[test]
+    fn silence_from_the_start_says_nothing() {
+        let mut path = DirectorPath::new();
+        for _ in 0..3 {
+            assert_eq!(tick(&mut path, &[], &[1, 2, 3, 4], 4, true), None);
+        }
+    }
+
+    #[test]
+    fn a_link_without_carrier_is_suspected_at_once() {
+        let mut path = DirectorPath::new();
+        assert_eq!(
+            tick(&mut path, &[1], &[], 1, false),
+            Some(Change::Suspected(Suspicion::LinkDown))
+        );
+        assert_eq!(tick(&mut path, &[1], &[], 1, true), Some(Change::Cleared));
+    }
+}
