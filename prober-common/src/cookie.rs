@@ -6,6 +6,9 @@
 //! rotates, as masscan and ZMap do. A reply counts only if it echoes the
 //! cookie: an off-path sender who does not see the probes cannot forge one,
 //! and a reply to a probe from before the last-but-one rotation is stale.
+//! Each send also hashes in a nonce (the target's send count), so a reply
+//! answers exactly one probe: a late answer to the previous one is no
+//! answer to the current one.
 //! The same code runs in the eBPF programs and in userspace.
 
 const C0: u64 = 0x736f_6d65_7073_6575;
@@ -62,9 +65,14 @@ fn addr_words(addr: &[u8; 16]) -> (u64, u64) {
     (u64::from_le_bytes(lo), u64::from_le_bytes(hi))
 }
 
+/// Bits of the per-send nonce that go into a cookie: enough to tell a
+/// probe from the ones before it (16 million sends of one target).
+pub const NONCE_BITS: u32 = 24;
+
 /// The cookie of a probe from `local_addr:local_port` to
 /// `remote_addr:remote_port` (ports as they sit in the packet, network byte
-/// order; for ICMP the echo identifier and 0).
+/// order; for ICMP the echo identifier and 0), sent as the target's
+/// `nonce`-th probe: a reply echoing it answers that probe and no other.
 #[inline(always)]
 pub fn probe_cookie(
     secret: [u64; 2],
@@ -73,10 +81,13 @@ pub fn probe_cookie(
     local_port: u16,
     remote_port: u16,
     protocol: u8,
+    nonce: u32,
 ) -> u32 {
     let (l0, l1) = addr_words(local_addr);
     let (r0, r1) = addr_words(remote_addr);
-    let ports = local_port as u64 | (remote_port as u64) << 16 | (protocol as u64) << 32;
+    let nonce = (nonce & ((1 << NONCE_BITS) - 1)) as u64;
+    let ports =
+        local_port as u64 | (remote_port as u64) << 16 | (protocol as u64) << 32 | nonce << 40;
     siphash24_words(secret, [l0, l1, r0, r1, ports]) as u32
 }
 
@@ -108,12 +119,22 @@ mod tests {
         let secret = [1, 2];
         let a = [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let b = [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        let base = probe_cookie(secret, &a, &b, 1000, 80, 6);
-        assert_ne!(base, probe_cookie([1, 3], &a, &b, 1000, 80, 6));
-        assert_ne!(base, probe_cookie(secret, &b, &a, 1000, 80, 6));
-        assert_ne!(base, probe_cookie(secret, &a, &b, 1001, 80, 6));
-        assert_ne!(base, probe_cookie(secret, &a, &b, 1000, 81, 6));
-        assert_ne!(base, probe_cookie(secret, &a, &b, 1000, 80, 1));
-        assert_eq!(base, probe_cookie(secret, &a, &b, 1000, 80, 6));
+        let base = probe_cookie(secret, &a, &b, 1000, 80, 6, 9);
+        assert_ne!(base, probe_cookie([1, 3], &a, &b, 1000, 80, 6, 9));
+        assert_ne!(base, probe_cookie(secret, &b, &a, 1000, 80, 6, 9));
+        assert_ne!(base, probe_cookie(secret, &a, &b, 1001, 80, 6, 9));
+        assert_ne!(base, probe_cookie(secret, &a, &b, 1000, 81, 6, 9));
+        assert_ne!(base, probe_cookie(secret, &a, &b, 1000, 80, 1, 9));
+        assert_ne!(
+            base,
+            probe_cookie(secret, &a, &b, 1000, 80, 6, 8),
+            "the previous probe's"
+        );
+        assert_ne!(
+            base,
+            probe_cookie(secret, &a, &b, 1000, 80, 6, 10),
+            "the next probe's"
+        );
+        assert_eq!(base, probe_cookie(secret, &a, &b, 1000, 80, 6, 9));
     }
 }

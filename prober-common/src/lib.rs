@@ -209,6 +209,9 @@ pub struct DatapathCounters {
     pub replies_matched: u64,
     /// Replies to a probe port whose cookie did not match: forged or stale.
     pub replies_rejected: u64,
+    /// Replies to the probe before the outstanding one: later than the
+    /// next send, so a timeout, never an answer.
+    pub replies_late: u64,
     /// RSTs sent back for SYN-ACKs (no half-open connection left behind).
     pub resets_sent: u64,
     /// Probe frames written by `probe_tx`.
@@ -236,6 +239,7 @@ impl DatapathCounters {
             bytes: self.bytes.saturating_add(o.bytes),
             replies_matched: self.replies_matched.saturating_add(o.replies_matched),
             replies_rejected: self.replies_rejected.saturating_add(o.replies_rejected),
+            replies_late: self.replies_late.saturating_add(o.replies_late),
             resets_sent: self.resets_sent.saturating_add(o.resets_sent),
             probes_built: self.probes_built.saturating_add(o.probes_built),
             probe_errors: self.probe_errors.saturating_add(o.probe_errors),
@@ -304,7 +308,8 @@ pub struct ReplyKey {
 }
 
 /// Per-target send state. Written by `probe_tx` (sent, timed_out,
-/// last_sent_ns) and by the ingress program (last_reply_ns).
+/// last_sent_ns) and by the ingress program (last_reply_ns). `sent` is also
+/// the nonce of the outstanding probe's cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProbeState {

@@ -71,35 +71,63 @@ fn is_probe_port(config: &ProbeConfig, port_be: u16) -> bool {
     port >= config.local_port_min && port <= config.local_port_max && config.local_port_max != 0
 }
 
-/// True if `value` is the cookie under the current or the previous secret.
+/// Which probe a reply's cookie answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answers {
+    /// The outstanding probe.
+    Current,
+    /// The probe before it: the reply came after the next send.
+    Previous,
+    /// None of ours: forged, stale or misrouted.
+    Nothing,
+}
+
+/// The nonce of a target's outstanding probe (its send count).
 #[inline(always)]
-fn cookie_matches(
+fn outstanding_nonce(target_id: u32) -> u32 {
+    PROBE_STATE.get(target_id).map_or(0, |s| s.sent as u32)
+}
+
+/// Which probe `value` answers, under the current or the previous secret;
+/// `cookie_of(secret, nonce)` computes a cookie (`mask` keeps the bits a
+/// reply carries: all of them, or the 16 an ICMP error quotes of an echo).
+#[inline(always)]
+fn answers(
     config: &ProbeConfig,
     value: u32,
-    local: &[u8; 16],
-    remote: &[u8; 16],
-    local_port: u16,
-    remote_port: u16,
-    protocol: u8,
-) -> bool {
-    value
-        == probe_cookie(
-            config.secret,
-            local,
-            remote,
-            local_port,
-            remote_port,
-            protocol,
-        )
-        || value
-            == probe_cookie(
-                config.previous_secret,
-                local,
-                remote,
-                local_port,
-                remote_port,
-                protocol,
-            )
+    mask: u32,
+    nonce: u32,
+    cookie_of: impl Fn([u64; 2], u32) -> u32,
+) -> Answers {
+    let matches = |n: u32| {
+        value == cookie_of(config.secret, n) & mask
+            || value == cookie_of(config.previous_secret, n) & mask
+    };
+    if matches(nonce) {
+        Answers::Current
+    } else if matches(nonce.wrapping_sub(1)) {
+        Answers::Previous
+    } else {
+        Answers::Nothing
+    }
+}
+
+/// Whether a checked reply counts; counts and logs the ones that do not.
+#[inline(always)]
+fn accept(ctx: &XdpContext, verdict: Answers, from: [u8; 4]) -> bool {
+    match verdict {
+        Answers::Current => true,
+        Answers::Previous => {
+            if let Some(c) = counters() {
+                c.replies_late += 1;
+            }
+            false
+        }
+        Answers::Nothing => {
+            rejected(ctx, from);
+            false
+        }
+    }
 }
 
 fn tcp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
@@ -133,16 +161,24 @@ fn tcp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
     };
     // Our SYN carried seq = cookie: the answer acknowledges cookie + 1.
     let acked = u32::from_be_bytes(tcp.ack_seq).wrapping_sub(1);
-    if !cookie_matches(
+    let verdict = answers(
         config,
         acked,
-        &local,
-        &remote,
-        tcp.dest,
-        tcp.source,
-        IPPROTO_TCP,
-    ) {
-        rejected(ctx, ip.saddr);
+        u32::MAX,
+        outstanding_nonce(target_id),
+        |secret, nonce| {
+            probe_cookie(
+                secret,
+                &local,
+                &remote,
+                tcp.dest,
+                tcp.source,
+                IPPROTO_TCP,
+                nonce,
+            )
+        },
+    );
+    if !accept(ctx, verdict, ip.saddr) {
         crate::passive::ingress(ip, &tcp);
         return Ok(xdp_action::XDP_PASS);
     }
@@ -240,16 +276,14 @@ fn echo_reply(ctx: &XdpContext, ip: &Ipv4Hdr, icmp: &IcmpHdr) -> Result<u32, ()>
         return Ok(xdp_action::XDP_PASS);
     };
     let cookie: [u8; 4] = read_at(ctx, L4 + size_of::<IcmpHdr>())?;
-    if !cookie_matches(
+    let verdict = answers(
         config,
         u32::from_be_bytes(cookie),
-        &local,
-        &remote,
-        icmp.id,
-        0,
-        IPPROTO_ICMP,
-    ) {
-        rejected(ctx, ip.saddr);
+        u32::MAX,
+        outstanding_nonce(target_id),
+        |secret, nonce| probe_cookie(secret, &local, &remote, icmp.id, 0, IPPROTO_ICMP, nonce),
+    );
+    if !accept(ctx, verdict, ip.saddr) {
         return Ok(xdp_action::XDP_PASS);
     }
     record(target_id, Outcome::Answered);
@@ -268,36 +302,27 @@ fn unreachable(ctx: &XdpContext) -> Result<u32, ()> {
     let config = config()?;
     let local = v4_to_16(quoted.saddr);
     let remote = v4_to_16(quoted.daddr);
-    let (remote_port, local_port, matches) = match quoted.protocol {
+    // Which probe the quoted headers name: its ports, then its cookie.
+    let (remote_port, local_port, quoted_cookie, mask) = match quoted.protocol {
         IPPROTO_TCP => {
             // source port, destination port, sequence number
             let head: [u16; 4] = read_at(ctx, QUOTED_L4)?;
             let seq = (u16::from_be(head[2]) as u32) << 16 | u16::from_be(head[3]) as u32;
-            let ok = is_probe_port(config, head[0])
-                && cookie_matches(config, seq, &local, &remote, head[0], head[1], IPPROTO_TCP);
-            (head[1], head[0], ok)
+            (head[1], head[0], seq, u32::MAX)
         }
         IPPROTO_ICMP => {
             // Only the echo identifier and the cookie's low 16 bits are quoted.
             let echo: IcmpHdr = read_at(ctx, QUOTED_L4)?;
-            let current =
-                probe_cookie(config.secret, &local, &remote, echo.id, 0, IPPROTO_ICMP) as u16;
-            let previous = probe_cookie(
-                config.previous_secret,
-                &local,
-                &remote,
-                echo.id,
-                0,
-                IPPROTO_ICMP,
-            ) as u16;
-            let seq = u16::from_be(echo.seq);
-            let ok = echo.icmp_type == ICMP_ECHO_REQUEST
-                && is_probe_port(config, echo.id)
-                && (seq == current || seq == previous);
-            (0, echo.id, ok)
+            if echo.icmp_type != ICMP_ECHO_REQUEST {
+                return Ok(xdp_action::XDP_PASS);
+            }
+            (0, echo.id, u16::from_be(echo.seq) as u32, 0xffff)
         }
         _ => return Ok(xdp_action::XDP_PASS),
     };
+    if !is_probe_port(config, local_port) {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let key = ReplyKey {
         remote_addr: remote,
         remote_port,
@@ -311,8 +336,25 @@ fn unreachable(ctx: &XdpContext) -> Result<u32, ()> {
         Some(&id) => id,
         None => return Ok(xdp_action::XDP_PASS),
     };
-    if !matches {
-        rejected(ctx, quoted.daddr);
+    let protocol = quoted.protocol;
+    let verdict = answers(
+        config,
+        quoted_cookie,
+        mask,
+        outstanding_nonce(target_id),
+        |secret, nonce| {
+            probe_cookie(
+                secret,
+                &local,
+                &remote,
+                local_port,
+                remote_port,
+                protocol,
+                nonce,
+            )
+        },
+    );
+    if !accept(ctx, verdict, quoted.daddr) {
         return Ok(xdp_action::XDP_PASS);
     }
     record(target_id, Outcome::Unreachable);

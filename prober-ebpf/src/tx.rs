@@ -47,36 +47,40 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
     if target.family != family::IPV4 {
         return Err(()); // IPv6 probes: the layouts are ready, the writer is not
     }
+    // SAFETY: an array slot, shared with the ingress program, which only
+    // stores last_reply_ns; 8-byte stores are atomic.
+    let state = unsafe { &mut *PROBE_STATE.get_ptr_mut(target_id).ok_or(())? };
+    // This probe's nonce: the send count it makes (the ingress program
+    // checks replies against the count as it stands).
+    let nonce = state.sent.wrapping_add(1) as u32;
+    let secret = config.secret;
 
     match (target.kind, target.encap) {
         (probe_kind::TCP_SYN, encap::NONE) => {
             resize(ctx, ETH_HLEN + IPV4_HLEN + size_of::<TcpSyn>())?;
             write_eth(ctx, target)?;
-            write_tcp_syn::<ETH_HLEN>(ctx, target, config.secret)?;
+            write_tcp_syn::<ETH_HLEN>(ctx, target, secret, nonce)?;
         }
         (probe_kind::TCP_SYN, encap::IPIP) => {
             resize(ctx, ETH_HLEN + 2 * IPV4_HLEN + size_of::<TcpSyn>())?;
             write_eth(ctx, target)?;
             write_outer_ipip(ctx, target, IPV4_HLEN + size_of::<TcpSyn>())?;
-            write_tcp_syn::<{ ETH_HLEN + IPV4_HLEN }>(ctx, target, config.secret)?;
+            write_tcp_syn::<{ ETH_HLEN + IPV4_HLEN }>(ctx, target, secret, nonce)?;
         }
         (probe_kind::ICMP_ECHO, encap::NONE) => {
             resize(ctx, ETH_HLEN + IPV4_HLEN + size_of::<IcmpEcho>())?;
             write_eth(ctx, target)?;
-            write_icmp_echo::<ETH_HLEN>(ctx, target, config.secret)?;
+            write_icmp_echo::<ETH_HLEN>(ctx, target, secret, nonce)?;
         }
         (probe_kind::ICMP_ECHO, encap::IPIP) => {
             resize(ctx, ETH_HLEN + 2 * IPV4_HLEN + size_of::<IcmpEcho>())?;
             write_eth(ctx, target)?;
             write_outer_ipip(ctx, target, IPV4_HLEN + size_of::<IcmpEcho>())?;
-            write_icmp_echo::<{ ETH_HLEN + IPV4_HLEN }>(ctx, target, config.secret)?;
+            write_icmp_echo::<{ ETH_HLEN + IPV4_HLEN }>(ctx, target, secret, nonce)?;
         }
         _ => return Err(()),
     }
 
-    // SAFETY: an array slot, shared with the ingress program, which only
-    // stores last_reply_ns; 8-byte stores are atomic.
-    let state = unsafe { &mut *PROBE_STATE.get_ptr_mut(target_id).ok_or(())? };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if state.last_sent_ns != 0 && state.last_reply_ns < state.last_sent_ns {
@@ -135,6 +139,7 @@ fn write_tcp_syn<const IP: usize>(
     ctx: &XdpContext,
     target: &ProbeTarget,
     secret: [u64; 2],
+    nonce: u32,
 ) -> Result<(), ()> {
     let (saddr, daddr) = (v4(&target.src_addr), v4(&target.dst_addr));
     let cookie = probe_cookie(
@@ -144,6 +149,7 @@ fn write_tcp_syn<const IP: usize>(
         target.src_port,
         target.dst_port,
         IPPROTO_TCP,
+        nonce,
     );
     let mut syn = TcpSyn {
         tcp: TcpHdr {
@@ -173,6 +179,7 @@ fn write_icmp_echo<const IP: usize>(
     ctx: &XdpContext,
     target: &ProbeTarget,
     secret: [u64; 2],
+    nonce: u32,
 ) -> Result<(), ()> {
     let (saddr, daddr) = (v4(&target.src_addr), v4(&target.dst_addr));
     let cookie = probe_cookie(
@@ -182,6 +189,7 @@ fn write_icmp_echo<const IP: usize>(
         target.src_port,
         0,
         IPPROTO_ICMP,
+        nonce,
     );
     let mut echo = IcmpEcho {
         icmp: IcmpHdr {

@@ -53,8 +53,12 @@ struct ProbeTrack {
     response: Option<LatencyEwma>,
     response_at: Option<Instant>,
     last: Counts,
+    /// When the next probe may go out: an interval after the last send.
     next_due: Instant,
+    /// A probe is out and not yet settled.
     outstanding: bool,
+    /// When the outstanding probe was handed to the kernel (at the latest).
+    sent_at: Instant,
     /// When it last came up in this run (slow start).
     came_up_at: Option<Instant>,
     latency_saved_at: Instant,
@@ -121,6 +125,11 @@ pub struct Controller {
     totals: Totals,
     next_discovery: Instant,
     ipvs_problem: Option<String>,
+    /// When the next probe is due to be settled or sent.
+    wake_at: Option<Instant>,
+    /// Tests only: each discovery takes this much longer, as one under
+    /// load or behind a slow netlink reply does (PROBER_DEBUG_SLOW_DISCOVERY_MS).
+    discovery_delay: Option<Duration>,
     /// Until then latency moves no weight: estimates (fresh, or restored
     /// from a run that may have saved them up to `LATENCY_SAVE` ago) first
     /// follow one decay period of live samples, so a restart moves nothing.
@@ -171,6 +180,11 @@ impl Controller {
             next_discovery: now,
             ipvs_problem: None,
             latency_hold_until: now + config.policy.decay,
+            wake_at: None,
+            discovery_delay: std::env::var("PROBER_DEBUG_SLOW_DISCOVERY_MS")
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis),
             config,
         }
     }
@@ -330,6 +344,12 @@ impl Controller {
         &self.config
     }
 
+    /// When a probe is next to be settled or sent, if sooner than the next
+    /// regular tick: `tick` should run then, so timeouts are exact.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.wake_at
+    }
+
     /// The shortest probe interval: how often `tick` should run.
     pub fn tick_interval(&self) -> Duration {
         self.config
@@ -362,13 +382,9 @@ impl Controller {
         if let Err(e) = self.prober.follow_kernel() {
             warn!("following route and neighbour changes: {e:#}");
         }
-        let due: Vec<ProbeSpec> = self
-            .probes
-            .iter()
-            .filter(|(_, t)| t.next_due <= now)
-            .map(|(s, _)| *s)
-            .collect();
-        let mut ids = Vec::with_capacity(due.len());
+        // Discovery may have taken a while: probe times are judged
+        // against the clock as it is now, not as the tick began.
+        let now = Instant::now();
         match self.passive.take_deltas() {
             Ok(deltas) => {
                 for (server, delta) in deltas {
@@ -380,6 +396,34 @@ impl Controller {
         if let Err(e) = self.prober.refresh_counts() {
             warn!("reading probe results in one batch: {e:#}; reading them one by one");
         }
+        // A probe is settled when its reply is in or its own timeout,
+        // counted from its own send, has passed; the next one goes out an
+        // interval after that send, never sooner, however late a tick ran.
+        let mut wake: Option<Instant> = None;
+        let mut due = Vec::new();
+        for (spec, track) in &self.probes {
+            let at = if track.outstanding {
+                let replied = self
+                    .prober
+                    .id_of(spec)
+                    .and_then(|id| self.prober.fresh_counts(id).ok())
+                    .is_some_and(|c| c.replies() > track.last.replies());
+                if replied {
+                    now
+                } else {
+                    track.sent_at + track.settings.timeout
+                }
+            } else {
+                track.next_due
+            };
+            if at <= now {
+                due.push(*spec);
+            } else {
+                wake = Some(wake.map_or(at, |w| w.min(at)));
+            }
+        }
+        let mut sending = Vec::with_capacity(due.len());
+        let mut ids = Vec::with_capacity(due.len());
         for spec in due {
             // One probe's unreadable counters must not stop the others.
             let send = self.evaluate(spec, now).unwrap_or_else(|e| {
@@ -387,15 +431,36 @@ impl Controller {
                 true
             });
             let track = self.probes.get_mut(&spec).expect("due probes are tracked");
-            track.outstanding = send;
-            track.next_due = (track.next_due + track.settings.interval).max(now);
+            track.outstanding = false;
+            if now < track.next_due {
+                // Settled early (its reply is in): the next one waits.
+                wake = Some(wake.map_or(track.next_due, |w| w.min(track.next_due)));
+                continue;
+            }
+            // Not sent (a client's handshake just showed it answering):
+            // looked at again an interval from now.
+            track.next_due = now + track.settings.interval;
+            wake = Some(wake.map_or(track.next_due, |w| w.min(track.next_due)));
             if let (true, Some(id)) = (send, self.prober.id_of(&spec)) {
                 ids.push(id);
+                sending.push(spec);
             }
         }
         if let Err(e) = self.prober.send(&ids) {
             warn!("sending probes: {e:#}");
         }
+        // Taken after the send returned: no probe left later than this,
+        // so no timeout counted from it is ever short.
+        let sent_at = Instant::now();
+        for spec in sending {
+            let track = self.probes.get_mut(&spec).expect("sent probes are tracked");
+            track.outstanding = true;
+            track.sent_at = sent_at;
+            track.next_due = sent_at + track.settings.interval;
+            let settle = sent_at + track.settings.timeout;
+            wake = Some(wake.map_or(settle, |w| w.min(settle)));
+        }
+        self.wake_at = wake;
         self.judge_director_path(now);
         self.restart_ended_checks();
         self.take_check_reports(now);
@@ -522,6 +587,9 @@ impl Controller {
             self.ipvs = Some(IpvsClient::connect()?);
         }
         let services = self.ipvs.as_mut().expect("connected above").dump()?;
+        if let Some(delay) = self.discovery_delay {
+            std::thread::sleep(delay);
+        }
         if self.store.is_none() {
             self.store = Some(open_store()?);
         }
@@ -648,6 +716,7 @@ impl Controller {
                             last: Counts::default(),
                             next_due: now,
                             outstanding: false,
+                            sent_at: now,
                             came_up_at: None,
                             latency_saved_at: now,
                         },
@@ -831,6 +900,12 @@ impl Controller {
             if replied || (seen.timed_out > 0 && track.health.state() == State::Up) {
                 self.path.probe_result(spec, spec.real_server(), replied);
             }
+            // While the director's own path is suspected, silence is no
+            // evidence against the server: its health waits, so nothing
+            // is taken out when the path comes back.
+            if !replied && self.path.suspected().is_some() {
+                seen.timed_out = 0;
+            }
         }
         if revalidate {
             if let Some(id) = self.prober.id_of(&spec) {
@@ -890,7 +965,7 @@ impl Controller {
             let director_suspected = self.path.suspected().is_some();
             match t.to {
                 State::Down => {
-                    warn!(probe = %spec, cause = ?t.cause, services = ?names, "real server DOWN");
+                    warn!(probe = %spec, cause = ?t.cause, sent = counts.sent, services = ?names, "real server DOWN");
                     if diagnoses_host && !director_suspected {
                         self.alerts.host_down(host, cause_text(t.cause), now);
                     }

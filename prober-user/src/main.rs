@@ -407,8 +407,9 @@ fn run(daemon: &Daemon) -> Result<()> {
             "running; stop with SIGINT or SIGTERM"
         );
         let started = Instant::now();
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The next tick: a regular one every `tick`, or sooner when a probe
+        // is due to be settled or sent (its own timeout, its own interval).
+        let mut next_tick = Instant::now();
         let ifindex = preflight::interface_index(interface)?;
         let name = loop {
             let mut reloaded = None;
@@ -442,7 +443,8 @@ fn run(daemon: &Daemon) -> Result<()> {
                     };
                     let _ = reply.send(response);
                 }
-                _ = ticker.tick() => {
+                _ = tokio::time::sleep_until(next_tick.into()) => {
+                    let regular = Instant::now() + tick;
                     // Its programs went with it: probes would stop and
                     // every server would look dead. Stop without touching
                     // IPVS; a supervisor restarts us once it is back.
@@ -465,6 +467,11 @@ fn run(daemon: &Daemon) -> Result<()> {
                         }
                     }
                     }
+                    let wake = match &mode {
+                        Mode::Ipvs(controller) => controller.next_wake(),
+                        Mode::ProbesOnly(_) => None,
+                    };
+                    next_tick = next_tick_at(regular, wake, tick);
                 },
             }
             // A new interval takes effect at once.
@@ -472,8 +479,7 @@ fn run(daemon: &Daemon) -> Result<()> {
                 let new_tick = tick_of(&mode);
                 if new_tick != tick {
                     tick = new_tick;
-                    ticker = tokio::time::interval(tick);
-                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    next_tick = next_tick.min(Instant::now() + tick);
                 }
             }
         };
@@ -495,6 +501,16 @@ fn run(daemon: &Daemon) -> Result<()> {
         info!(signal = name, "stopping");
         datapath.detach()
     })
+}
+
+/// When to tick next: at the regular time, or sooner for a probe that is
+/// due; a probe due just after the regular time takes its place rather
+/// than costing a second tick a moment later.
+fn next_tick_at(regular: Instant, wake: Option<Instant>, tick: Duration) -> Instant {
+    match wake {
+        Some(w) if w <= regular + tick / 8 => w,
+        _ => regular,
+    }
 }
 
 /// Waits for eBPF log records and writes them out, until the process ends.
@@ -603,10 +619,11 @@ fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
     }
     let stats = &all.counters;
     println!(
-        "ingress: {} frames, {} bytes; replies matched {}, rejected {}; resets sent {}; probes built {}, errors {}",
+        "ingress: {} frames, {} bytes; replies matched {}, late {}, rejected {}; resets sent {}; probes built {}, errors {}",
         stats.packets,
         stats.bytes,
         stats.replies_matched,
+        stats.replies_late,
         stats.replies_rejected,
         stats.resets_sent,
         stats.probes_built,

@@ -351,6 +351,7 @@ impl Collector for Snapshot {
             &[
                 (vec![("verdict", "matched".into())], d.replies_matched),
                 (vec![("verdict", "rejected".into())], d.replies_rejected),
+                (vec![("verdict", "late".into())], d.replies_late),
             ],
         )?;
         counter(

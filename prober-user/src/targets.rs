@@ -128,9 +128,14 @@ pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
             // A SYN cannot check a UDP or SCTP service: check the host.
             ServiceKey::Address { .. } => ProbeChoice::Icmp,
         });
+        let interval = settings.and_then(|s| s.interval).unwrap_or(config.interval);
         let probe_settings = ProbeSettings {
-            interval: settings.and_then(|s| s.interval).unwrap_or(config.interval),
-            timeout: settings.and_then(|s| s.timeout).unwrap_or(config.timeout),
+            interval,
+            // A probe is settled before the next one goes out.
+            timeout: settings
+                .and_then(|s| s.timeout)
+                .unwrap_or(config.timeout)
+                .min(interval),
             limits: RiseFall {
                 rise: settings.and_then(|s| s.rise).unwrap_or(config.limits.rise),
                 fall: settings.and_then(|s| s.fall).unwrap_or(config.limits.fall),
@@ -215,7 +220,7 @@ pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
     // probes the host that way.
     let host_settings = ProbeSettings {
         interval: config.interval,
-        timeout: config.timeout,
+        timeout: config.timeout.min(config.interval),
         limits: config.limits,
     };
     for probe in plan.hosts.values() {

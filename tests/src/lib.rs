@@ -393,6 +393,17 @@ impl Daemon {
         pin_dir: &Path,
         args: &[&str],
     ) -> Result<Self> {
+        Self::start_with_env(netns, interface, pin_dir, args, &[])
+    }
+
+    /// As [`Daemon::start_with`], with extra environment variables.
+    pub fn start_with_env(
+        netns: &NetNs,
+        interface: &str,
+        pin_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let stderr_path =
             std::env::temp_dir().join(format!("{}.log", unique_name("prober-daemon-")));
         let child = netns
@@ -401,6 +412,7 @@ impl Daemon {
             .arg(pin_dir)
             .args(["run", "--iface", interface])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr_path)?)
             .spawn()

@@ -115,7 +115,19 @@ impl Fixture {
     }
 }
 
+/// The cookie of the fixture's outstanding probe (each target has sent one).
 fn cookie(secret: [u64; 2], local_port: u16, remote_port: u16, protocol: u8) -> u32 {
+    cookie_of_send(secret, local_port, remote_port, protocol, 1)
+}
+
+/// The cookie of a target's `nonce`-th probe.
+fn cookie_of_send(
+    secret: [u64; 2],
+    local_port: u16,
+    remote_port: u16,
+    protocol: u8,
+    nonce: u32,
+) -> u32 {
     probe_cookie(
         secret,
         &addr16(DIRECTOR.into()),
@@ -123,6 +135,7 @@ fn cookie(secret: [u64; 2], local_port: u16, remote_port: u16, protocol: u8) -> 
         local_port.to_be(),
         remote_port.to_be(),
         protocol,
+        nonce,
     )
 }
 
@@ -178,6 +191,41 @@ fn valid_syn_ack_is_answered_and_turned_into_a_reset() {
     let (action, _) = f.rx(&valid_syn_ack());
     assert_eq!(action, XDP_TX);
     assert_eq!(f.results(TCP_TARGET).answered, 1);
+}
+
+#[test]
+fn a_reply_answers_only_the_probe_it_echoes() {
+    // The target has sent its first probe: an answer to a probe before it
+    // (nonce 0) or to one not yet sent (nonce 2) is no answer, and the late
+    // one is counted as late, not as forged.
+    let f = fixture();
+    let late = syn_ack(cookie_of_send(SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6, 0).wrapping_add(1));
+    let (action, out) = f.rx(&late);
+    assert_eq!((action, out), (XDP_PASS, late));
+    let early = syn_ack(cookie_of_send(SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6, 2).wrapping_add(1));
+    assert_eq!(f.rx(&early).0, XDP_PASS);
+    assert_eq!(f.results(TCP_TARGET).answered, 0);
+    let c = f.counters();
+    assert_eq!(
+        (c.replies_late, c.replies_rejected, c.replies_matched),
+        (1, 1, 0)
+    );
+    // Its own answer counts.
+    assert_eq!(f.rx(&valid_syn_ack()).0, XDP_TX);
+    assert_eq!(f.results(TCP_TARGET).answered, 1);
+}
+
+#[test]
+fn a_late_echo_reply_is_no_answer() {
+    let f = fixture();
+    let late = cookie_of_send(SECRET, ICMP_ID, 0, 1, 0);
+    let (action, _) = f.rx(&echo_reply_with(late));
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(f.results(ICMP_TARGET).answered, 0);
+    assert_eq!(f.counters().replies_late, 1);
+    let (action, _) = f.rx(&echo_reply_with(cookie(SECRET, ICMP_ID, 0, 1)));
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(f.results(ICMP_TARGET).answered, 1);
 }
 
 #[test]
@@ -344,6 +392,27 @@ fn truncated_replies_pass_untouched_at_every_length() {
         assert_eq!(out, frame, "cut at {len}");
     }
     assert_eq!(f.results(TCP_TARGET).answered, 0);
+}
+
+/// An echo reply to the fixture's echo target carrying `cookie`.
+fn echo_reply_with(cookie: u32) -> Vec<u8> {
+    let mut payload = cookie.to_be_bytes().to_vec();
+    payload.extend_from_slice(&[0; 4]);
+    let mut rest = ICMP_ID.to_be_bytes().to_vec();
+    rest.extend_from_slice(&(cookie as u16).to_be_bytes());
+    ethernet(
+        MAC_B,
+        MAC_A,
+        0x0800,
+        &ipv4(
+            RS,
+            DIRECTOR,
+            1,
+            0,
+            &[],
+            &icmp(0, 0, rest.try_into().unwrap(), &payload),
+        ),
+    )
 }
 
 #[test]
@@ -626,7 +695,8 @@ fn probe_tx_writes_a_syn_with_the_cookie() {
             &addr16(RS.into()),
             61234u16.to_be(),
             8080u16.to_be(),
-            6
+            6,
+            1
         )
     );
     assert_eq!(tcp_checksum(DIRECTOR, RS, tcp), 0);
@@ -699,6 +769,7 @@ fn probe_tx_writes_an_echo_request_carrying_the_cookie() {
             &addr16(RS.into()),
             61001u16.to_be(),
             0,
+            1,
             1
         )
     );

@@ -69,6 +69,13 @@ pub struct Counts {
     pub last_rtt_ns: u64,
 }
 
+impl Counts {
+    /// Replies of any kind: answers, refusals, ICMP errors.
+    pub fn replies(&self) -> u64 {
+        self.answered + self.refused + self.unreachable
+    }
+}
+
 /// One target's state and its per-CPU results folded into [`Counts`].
 fn sum_counts(state: ProbeState, results: impl Iterator<Item = ProbeResults>) -> Counts {
     let mut counts = Counts {

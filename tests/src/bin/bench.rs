@@ -223,6 +223,8 @@ fn bench_probe() -> Result<()> {
     //    next to an empty XDP program measured the same way.
     let director_addr = pair.client_addr.octets();
     let server_addr = pair.server_addr.octets();
+    // The answer to target 0's outstanding probe (its send count is the nonce).
+    let nonce = director.maps.state.get(&0, 0)?.sent as u32;
     let ack = probe_cookie(
         secret,
         &addr16(pair.client_addr.into()),
@@ -230,6 +232,7 @@ fn bench_probe() -> Result<()> {
         61000u16.to_be(),
         SERVICE_PORT.to_be(),
         6,
+        nonce,
     )
     .wrapping_add(1);
     let reply = tcp_frame(
