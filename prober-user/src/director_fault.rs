@@ -126,15 +126,35 @@ impl DirectorPath {
     }
 }
 
-/// Whether interface `name` has carrier: `/sys/class/net/NAME/carrier`
-/// reads 1. An interface that is administratively down refuses the read
-/// (EINVAL): no carrier either. An unreadable file for other reasons
-/// (sysfs not mounted in this namespace) says nothing: up.
+/// Whether interface `name` is up with carrier (IFF_UP and IFF_RUNNING),
+/// asked of the kernel in this network namespace (sysfs may show another
+/// namespace's interfaces when /sys was not remounted, as under
+/// `nsenter`). A failed question says nothing: up.
 pub fn link_up(name: &str) -> bool {
-    match std::fs::read_to_string(format!("/sys/class/net/{name}/carrier")) {
-        Ok(text) => text.trim() != "0",
-        Err(e) => e.raw_os_error() != Some(libc::EINVAL),
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return true;
     }
+    // SAFETY: plain socket(2); the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return true;
+    }
+    // SAFETY: an all-zero ifreq is valid; the name fits with its NUL.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `request`.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut request) };
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return true;
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = i32::from(unsafe { request.ifr_ifru.ifru_flags });
+    flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0
 }
 
 #[cfg(test)]
@@ -225,6 +245,12 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(tick(&mut path, &[], &[1, 2, 3, 4], 4, true), None);
         }
+    }
+
+    #[test]
+    fn loopback_is_up_and_a_missing_interface_says_nothing() {
+        assert!(link_up("lo"));
+        assert!(link_up("no-such-if0"));
     }
 
     #[test]

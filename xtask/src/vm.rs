@@ -94,6 +94,16 @@ pub fn test_in_guest(options: &VmTestOptions) -> Result<()> {
     for binary in &mut binaries {
         binary.args = args.clone();
     }
+    // The demo checks that it shows what the README says: part of every
+    // full run, in the same boot.
+    if options.tests.is_empty() {
+        run_command(cargo().args(["build", "--package", "prober-tests", "--bin", "demo"]))?;
+        binaries.push(GuestProgram {
+            name: "demo".into(),
+            path: target_dir().join("debug").join("demo"),
+            args: Vec::new(),
+        });
+    }
     let results = run_guest(&guest, &binaries, options.timeout)?;
     let failed: Vec<&str> = results
         .iter()
