@@ -645,9 +645,9 @@ mod tests {
 
     #[test]
     fn layouts_have_no_holes() {
-        assert_no_holes!(DatapathCounters, 96, {
+        assert_no_holes!(DatapathCounters, 104, {
             packets: u64, bytes: u64, replies_matched: u64, replies_rejected: u64,
-            resets_sent: u64, probes_built: u64, probe_errors: u64, agent_reports: u64,
+            replies_late: u64, resets_sent: u64, probes_built: u64, probe_errors: u64, agent_reports: u64,
             agent_malformed: u64, agent_unknown: u64, agent_unauthenticated: u64,
             agent_replayed: u64,
         });
