@@ -42,6 +42,36 @@ pub struct WeightFailure {
     pub error: IpvsError,
 }
 
+/// A weight to set only if the destination still holds `expected`: the
+/// destination's other settings are read fresh just before the write, so
+/// whatever an operator changed since the last dump (forwarding,
+/// thresholds, tunnel) is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightChange {
+    pub service: ServiceKey,
+    pub destination: DestinationKey,
+    /// The weight prober believes IPVS holds.
+    pub expected: u32,
+    pub weight: u32,
+}
+
+/// What came of a batch of [`WeightChange`]s, by position in the batch.
+#[derive(Debug, Default)]
+pub struct ChangeOutcome {
+    /// Written and acknowledged.
+    pub applied: Vec<usize>,
+    /// Not written: the destination holds another weight than expected
+    /// (someone else changed it); it is given as read.
+    pub changed_by_others: Vec<(usize, Destination)>,
+    /// Not written: the destination or its service is gone.
+    pub gone: Vec<usize>,
+    /// Refused by the kernel.
+    pub failed: Vec<WeightFailure>,
+    /// The socket failed: these changes' outcome is unknown (some may
+    /// have applied), and the error.
+    pub unknown: Option<(Vec<usize>, IpvsError)>,
+}
+
 /// Where requests go and replies come from: the kernel's netlink socket,
 /// or in unit tests a scripted stand-in.
 pub(crate) trait Transport: Send {
@@ -246,6 +276,73 @@ impl IpvsClient {
             Some(failure) => Err(failure.error),
             None => Ok(()),
         }
+    }
+
+    /// Writes many weights, each by a fresh read-modify-write: the
+    /// destinations of every service touched are read once, just before
+    /// the batch; a change whose destination no longer holds the expected
+    /// weight is not written (an operator's change wins) and one whose
+    /// destination is gone is skipped. The rest go out pipelined as in
+    /// [`IpvsClient::set_weights`].
+    pub fn change_weights(&mut self, changes: &[WeightChange]) -> ChangeOutcome {
+        let mut outcome = ChangeOutcome::default();
+        let mut fresh: std::collections::HashMap<ServiceKey, Vec<Destination>> =
+            std::collections::HashMap::new();
+        let mut updates = Vec::with_capacity(changes.len());
+        let mut positions = Vec::with_capacity(changes.len());
+        for (index, change) in changes.iter().enumerate() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = fresh.entry(change.service) {
+                match self.destinations(&change.service) {
+                    Ok(list) => {
+                        slot.insert(list);
+                    }
+                    Err(IpvsError::NoSuchService { .. }) => {
+                        slot.insert(Vec::new());
+                    }
+                    Err(error) => {
+                        let rest = (index..changes.len()).collect();
+                        outcome.unknown = Some((rest, error));
+                        return outcome;
+                    }
+                }
+            }
+            let current = fresh[&change.service]
+                .iter()
+                .find(|d| d.key() == change.destination);
+            match current {
+                None => outcome.gone.push(index),
+                Some(d) if d.weight != change.expected => {
+                    outcome.changed_by_others.push((index, d.clone()))
+                }
+                Some(d) => {
+                    updates.push(WeightUpdate {
+                        service: change.service,
+                        destination: d.clone(),
+                        weight: change.weight,
+                    });
+                    positions.push(index);
+                }
+            }
+        }
+        match self.set_weights(&updates) {
+            Ok(failures) => {
+                let refused: std::collections::HashSet<usize> =
+                    failures.iter().map(|f| f.index).collect();
+                outcome.applied = (0..updates.len())
+                    .filter(|i| !refused.contains(i))
+                    .map(|i| positions[i])
+                    .collect();
+                outcome.failed = failures
+                    .into_iter()
+                    .map(|mut f| {
+                        f.index = positions[f.index];
+                        f
+                    })
+                    .collect();
+            }
+            Err(error) => outcome.unknown = Some((positions, error)),
+        }
+        outcome
     }
 
     /// Writes many weights, pipelined: up to [`BATCH_WINDOW`] requests per

@@ -20,7 +20,7 @@ use std::{
 
 use serde::Serialize;
 
-pub use client::{IpvsClient, WeightFailure, WeightUpdate};
+pub use client::{ChangeOutcome, IpvsClient, WeightChange, WeightFailure, WeightUpdate};
 pub use error::IpvsError;
 
 /// Largest weight IPVS takes: the kernel stores it in an `int` and rejects

@@ -14,7 +14,9 @@ use std::{
 
 use anyhow::Result;
 use prober_common::HealthRecord;
-use prober_ipvs::{Destination, DestinationKey, IpvsClient, ServiceKey, WeightUpdate};
+use prober_ipvs::{
+    Destination, DestinationKey, IpvsClient, ServiceKey, WeightChange, WeightUpdate,
+};
 use tokio::{sync::mpsc, task::AbortHandle};
 use tracing::{debug, info, warn};
 
@@ -32,12 +34,14 @@ use crate::{
     weights::{pool_weights, LatencyEwma, Member},
 };
 
-/// Server resets plus resent client SYNs in one interval that count as a
-/// failure (when they outnumber the handshakes that succeeded).
+/// Server resets plus resent client SYNs in one interval that are logged
+/// (at debug) when they outnumber the handshakes that succeeded.
 const PASSIVE_BURST: u64 = 5;
 
 /// Latency estimates are saved for restarts this often.
 const LATENCY_SAVE: Duration = Duration::from_secs(2);
+/// Unprobed destinations named one by one in a discovery's warnings.
+const UNCHECKED_NAMED: usize = 20;
 /// Batches of IPVS writes this large are logged with their duration.
 const LARGE_BATCH: usize = 100;
 
@@ -89,6 +93,9 @@ struct DestTrack {
     destination: Destination,
     /// What the policy last wanted (written or not).
     computed: Option<u32>,
+    /// A weight prober tried to write when the socket failed mid-batch:
+    /// found in IPVS, it is prober's own, not an operator's.
+    unsure: Option<u32>,
     last_change: Option<crate::status::Change>,
 }
 
@@ -122,6 +129,10 @@ pub struct Controller {
     /// Whether the director's own path is the likely fault (then every
     /// weight is kept).
     path: DirectorPath,
+    /// Whether the interface had carrier at the last tick.
+    link_was_up: bool,
+    /// Unchecked destinations already warned about.
+    warned_unchecked: HashSet<(ServiceKey, DestinationKey)>,
     totals: Totals,
     next_discovery: Instant,
     ipvs_problem: Option<String>,
@@ -176,6 +187,8 @@ impl Controller {
             dests: HashMap::new(),
             panicking: HashSet::new(),
             path: DirectorPath::new(),
+            link_was_up: true,
+            warned_unchecked: HashSet::new(),
             totals: Totals::default(),
             next_discovery: now,
             ipvs_problem: None,
@@ -335,6 +348,16 @@ impl Controller {
             netlink_errors: self.totals.netlink_errors,
             events: self.totals.events.clone(),
             services: services.into_values().collect(),
+            unchecked: self
+                .plan
+                .skipped
+                .iter()
+                .map(|(service, dest, why)| UncheckedStatus {
+                    service: service.to_string(),
+                    server: dest.to_string(),
+                    why: why.to_string(),
+                })
+                .collect(),
             ..Default::default()
         }
     }
@@ -506,6 +529,12 @@ impl Controller {
             .filter(|t| t.health.state() == State::Up)
             .count();
         let link_up = director_fault::link_up(self.prober.interface());
+        if link_up && !std::mem::replace(&mut self.link_was_up, link_up) {
+            // The kernel flushed its neighbours with the carrier: resolve
+            // them again now, not after the usual back-off.
+            self.prober.resolve_neighbours_now();
+        }
+        self.link_was_up = link_up;
         match self.path.end_tick(up, link_up) {
             Some(director_fault::Change::Suspected(why)) => {
                 warn!(
@@ -606,6 +635,12 @@ impl Controller {
             match self.dests.get_mut(&key) {
                 Some(track) => {
                     track.destination = dest.clone();
+                    // A write of unknown outcome that IPVS holds: ours.
+                    if track.unsure.take() == Some(dumped) {
+                        track.written = Some(dumped);
+                        track.current = dumped;
+                        store.set_weight(wkey, record(track))?;
+                    }
                     // What IPVS should hold: what prober wrote, else what
                     // it held before.
                     let expected = track.written.unwrap_or(track.current);
@@ -623,6 +658,7 @@ impl Controller {
                         current: dumped,
                         destination: dest.clone(),
                         computed: None,
+                        unsure: None,
                         last_change: None,
                     };
                     // A write an earlier run had started: its own, if IPVS
@@ -735,9 +771,29 @@ impl Controller {
             self.probes.remove(&spec);
             store.remove_health(&health_key(&spec));
         }
+        // An operator must not believe these are checked: each is said
+        // once at warn level (an explicit `probe = "none"` at debug), the
+        // first few by name and the rest in one line.
+        let mut unnamed = 0;
         for (service, dest, why) in &plan.skipped {
-            debug!(%service, destination = %dest, "not probed: {why}");
+            if why.starts_with("the config says") {
+                debug!(%service, destination = %dest, "not probed: {why}");
+            } else if self.warned_unchecked.insert((*service, *dest)) {
+                if unnamed < UNCHECKED_NAMED {
+                    warn!(%service, destination = %dest, "not probed, its weight left alone: {why}");
+                }
+                unnamed += 1;
+            }
         }
+        if unnamed > UNCHECKED_NAMED {
+            warn!(
+                "{} more destinations not probed, their weights left alone (prober status lists them)",
+                unnamed - UNCHECKED_NAMED
+            );
+        }
+        let skipped: HashSet<(ServiceKey, DestinationKey)> =
+            plan.skipped.iter().map(|(s, d, _)| (*s, *d)).collect();
+        self.warned_unchecked.retain(|k| skipped.contains(k));
         self.sync_checks(&plan, now);
         if let Some(agents) = &mut self.agents {
             agents.sync(plan.bindings.iter().map(|b| b.destination.addr))?;
@@ -915,19 +971,23 @@ impl Controller {
             }
         }
         // Passive evidence (see README, "Passive measurement"): client
-        // handshakes count as one success and feed the RTT estimate; a
-        // burst of server resets or resent client SYNs as one failure.
+        // handshakes count as one success and feed the RTT estimate.
+        // Server resets and resent client SYNs are never a failure: any
+        // client can send duplicate SYNs or stray segments through the
+        // VIP, and nothing a stranger sends may take a server out (its own
+        // probes decide).
         if let Some(handshake) = passive.mean_handshake_ns() {
             seen.answered += 1;
             rtt_sample = Some(rtt_sample.map_or(handshake, |active| (active + handshake) / 2.0));
         }
         let bad = passive.resets + passive.syn_retransmits;
         if bad >= PASSIVE_BURST && bad > passive.handshakes {
-            if passive.resets >= passive.syn_retransmits {
-                seen.refused += 1;
-            } else {
-                seen.timed_out += 1;
-            }
+            debug!(
+                probe = %spec,
+                resets = passive.resets,
+                syn_retransmits = passive.syn_retransmits,
+                "client traffic saw resets or resent SYNs: shown, not judged"
+            );
         }
         if let Some(response) = passive.mean_response_ns() {
             match &mut track.response {
@@ -1014,9 +1074,9 @@ impl Controller {
     /// Works out every managed service's weights and writes the changed
     /// ones in one batch.
     fn update_weights(&mut self, now: Instant) {
-        let (Some(ipvs), Some(store)) = (self.ipvs.as_mut(), self.store.as_mut()) else {
+        if self.ipvs.is_none() || self.store.is_none() {
             return;
-        };
+        }
         let mut pools: BTreeMap<ServiceKey, Vec<usize>> = BTreeMap::new();
         for (i, b) in self.plan.bindings.iter().enumerate() {
             pools.entry(b.service).or_default().push(i);
@@ -1173,22 +1233,34 @@ impl Controller {
                 {
                     continue;
                 }
-                let dest = &self.dests[&key];
                 updates.push((
-                    WeightUpdate {
+                    WeightChange {
                         service,
-                        destination: dest.destination.clone(),
+                        destination: key.1,
+                        expected: member.current,
                         weight,
                     },
                     m.why,
                 ));
             }
         }
+        self.write_weights(updates);
+    }
+
+    /// Writes a batch of weight changes, each a fresh read-modify-write
+    /// that yields to a change made by someone else since the last dump,
+    /// and records what applied. A write whose outcome is unknown (the
+    /// socket failed mid-batch) is remembered, so finding it in IPVS later
+    /// is taken as prober's own write, not an operator's.
+    fn write_weights(&mut self, updates: Vec<(WeightChange, String)>) {
+        let (Some(ipvs), Some(store)) = (self.ipvs.as_mut(), self.store.as_mut()) else {
+            return;
+        };
         if updates.is_empty() {
             return;
         }
         for (update, _) in &updates {
-            let key = (update.service, update.destination.key());
+            let key = (update.service, update.destination);
             if let Some(track) = self.dests.get(&key) {
                 let mut intent = record(track);
                 intent.pending = update.weight;
@@ -1198,9 +1270,9 @@ impl Controller {
                 }
             }
         }
-        let batch: Vec<WeightUpdate> = updates.iter().map(|(u, _)| u.clone()).collect();
+        let batch: Vec<WeightChange> = updates.iter().map(|(u, _)| u.clone()).collect();
         let started = std::time::Instant::now();
-        let written = ipvs.set_weights(&batch);
+        let outcome = ipvs.change_weights(&batch);
         // A large batch (a rack down, a mass recovery) gets one line with
         // its rate; single changes have their own lines below.
         if batch.len() >= LARGE_BATCH {
@@ -1211,30 +1283,59 @@ impl Controller {
                 started.elapsed().as_secs_f64() * 1e3
             );
         }
-        let failed: HashSet<usize> = match written {
-            Ok(failures) => failures
-                .into_iter()
-                .map(|f| {
-                    warn!(service = %f.service, destination = %f.destination, "weight not written: {}", f.error);
-                    f.index
-                })
-                .collect(),
-            Err(e) => {
-                warn!("writing weights: {e}");
-                self.totals.netlink_errors += 1;
-                (0..batch.len()).collect()
-            }
-        };
-        self.totals.weight_write_errors += failed.len() as u64;
-        for (index, (update, why)) in updates.into_iter().enumerate() {
-            let key = (update.service, update.destination.key());
-            if failed.contains(&index) {
-                // Not written: the intent saved above is withdrawn.
-                if let Some(track) = self.dests.get(&key) {
-                    let _ = store.set_weight(weight_key(&key.0, &key.1), record(track));
+        let withdraw =
+            |store: &mut StateStore, track: &DestTrack, key: &(ServiceKey, DestinationKey)| {
+                if let Err(e) = store.set_weight(weight_key(&key.0, &key.1), record(track)) {
+                    warn!("saving state: {e:#}");
                 }
+            };
+        for failure in &outcome.failed {
+            warn!(service = %failure.service, destination = %failure.destination, "weight not written: {}", failure.error);
+            let key = (failure.service, failure.destination);
+            if let Some(track) = self.dests.get(&key) {
+                withdraw(store, track, &key);
+            }
+        }
+        self.totals.weight_write_errors += outcome.failed.len() as u64;
+        for &index in &outcome.gone {
+            let key = (batch[index].service, batch[index].destination);
+            debug!(service = %key.0, destination = %key.1, "not written: the destination left IPVS");
+            if let Some(track) = self.dests.get(&key) {
+                withdraw(store, track, &key);
+            }
+        }
+        for (index, fresh) in &outcome.changed_by_others {
+            let key = (batch[*index].service, batch[*index].destination);
+            let Some(track) = self.dests.get_mut(&key) else {
+                continue;
+            };
+            // Someone set this weight since the last dump: theirs stands,
+            // as at a discovery; the next tick works from it.
+            manual_change(&self.config, &key.0, fresh, track.current, track);
+            track.current = fresh.weight;
+            track.destination = fresh.clone();
+            withdraw(store, track, &key);
+        }
+        if let Some((unknown, error)) = &outcome.unknown {
+            warn!("writing weights: {error}; {} writes may or may not have applied: the next discovery tells", unknown.len());
+            self.totals.netlink_errors += 1;
+            for &index in unknown {
+                let key = (batch[index].service, batch[index].destination);
+                if let Some(track) = self.dests.get_mut(&key) {
+                    // The intent saved above stays, for a restart too.
+                    track.unsure = Some(batch[index].weight);
+                }
+            }
+        }
+        let mut written = vec![false; batch.len()];
+        for &index in &outcome.applied {
+            written[index] = true;
+        }
+        for (index, (update, why)) in updates.into_iter().enumerate() {
+            if !written[index] {
                 continue;
             }
+            let key = (update.service, update.destination);
             self.totals.weight_writes += 1;
             if let Some(track) = self.dests.get_mut(&key) {
                 info!(
@@ -1248,6 +1349,7 @@ impl Controller {
                 track.last_change = Some(change(track.current, update.weight, why));
                 track.current = update.weight;
                 track.written = Some(update.weight);
+                track.unsure = None;
                 if let Err(e) = store.set_weight(weight_key(&key.0, &key.1), record(track)) {
                     warn!("saving state: {e:#}");
                 }

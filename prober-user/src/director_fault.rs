@@ -21,7 +21,8 @@ pub const MIN_SILENT_HOSTS: usize = 3;
 /// Why the director's own path is suspected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Suspicion {
-    /// The probing interface has no carrier (or is administratively down).
+    /// The probing interface has no carrier (or is administratively
+    /// down), or has not carried an answer since it came back.
     LinkDown,
     /// Every probe that was answering went unanswered since the last
     /// answer: `probes` probes of `hosts` hosts.
@@ -59,6 +60,9 @@ pub struct DirectorPath {
     silent: HashSet<ProbeSpec>,
     silent_hosts: HashSet<IpAddr>,
     answered_this_tick: bool,
+    /// The link went down: suspected until a probe is answered after it
+    /// is back (neighbours are resolved again meanwhile).
+    awaiting_answer: bool,
     suspicion: Option<Suspicion>,
 }
 
@@ -85,8 +89,14 @@ impl DirectorPath {
             self.up_at_last_answer = up_probes;
             self.silent.clear();
             self.silent_hosts.clear();
+            if link_up {
+                self.awaiting_answer = false;
+            }
         }
         let now = if !link_up {
+            self.awaiting_answer = true;
+            Some(Suspicion::LinkDown)
+        } else if self.awaiting_answer {
             Some(Suspicion::LinkDown)
         } else if self.answered_ever
             && self.up_at_last_answer > 0
@@ -260,6 +270,12 @@ mod tests {
             tick(&mut path, &[1], &[], 1, false),
             Some(Change::Suspected(Suspicion::LinkDown))
         );
+        assert_eq!(tick(&mut path, &[1], &[], 1, true), Some(Change::Cleared));
+        // Back up but nothing answered yet (neighbours being resolved
+        // again): still the director's fault.
+        tick(&mut path, &[], &[], 1, false);
+        assert_eq!(tick(&mut path, &[], &[1], 1, true), None);
+        assert!(path.suspected().is_some());
         assert_eq!(tick(&mut path, &[1], &[], 1, true), Some(Change::Cleared));
     }
 }

@@ -188,6 +188,13 @@ impl Collector for Snapshot {
         )?;
         gauge(
             &mut e,
+            "prober_unchecked_destinations",
+            "destinations prober does not check (see prober status), weights left alone",
+            None,
+            &[(vec![], s.unchecked.len() as f64)],
+        )?;
+        gauge(
+            &mut e,
             "prober_director_fault_suspected",
             "1 while the evidence points at the director's own path (weights kept)",
             None,

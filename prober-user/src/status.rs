@@ -29,6 +29,17 @@ pub struct Status {
     /// Alerts raised, by kind.
     pub events: BTreeMap<String, u64>,
     pub services: Vec<ServiceStatus>,
+    /// Destinations prober does not check, and why (their weights are
+    /// left as IPVS has them).
+    #[serde(default)]
+    pub unchecked: Vec<UncheckedStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UncheckedStatus {
+    pub service: String,
+    pub server: String,
+    pub why: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -172,6 +183,13 @@ pub fn table(status: &Status) -> String {
     );
     if let Some(problem) = &status.ipvs_problem {
         let _ = writeln!(out, "IPVS: {problem}");
+    }
+    for u in &status.unchecked {
+        let _ = writeln!(
+            out,
+            "UNCHECKED: {} {}: {} (weight left as it is)",
+            u.service, u.server, u.why
+        );
     }
     if let Some(why) = &status.director_fault {
         let _ = writeln!(

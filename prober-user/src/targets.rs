@@ -261,15 +261,18 @@ fn probe_for(
             },
             vport,
         ),
-        (IpvsForwarding::Tunnel, Some((vip, vport))) if dest.tunnel.kind == TunnelType::Ipip => (
+        (IpvsForwarding::Tunnel, _) if dest.tunnel.kind != TunnelType::Ipip => {
+            return Err("GUE and GRE tunnels are not probed yet (a plain SYN would miss the VIP)")
+        }
+        (IpvsForwarding::Tunnel, Some((vip, vport))) => (
             vip,
             Forwarding::Tunnel {
                 real_server: dest.addr,
             },
             vport,
         ),
-        // Fwmark services have no VIP to aim at; GUE/GRE tunnels are not
-        // written by probe_tx: check the real server's own address.
+        // Fwmark services have no VIP to aim at: check the real server's
+        // own address.
         _ => (dest.addr, Forwarding::Direct, dest.port),
     };
     let kind = match choice {
@@ -379,6 +382,24 @@ mod tests {
         );
         assert_eq!(plan.skipped.len(), 1);
         assert!(plan.skipped[0].2.contains("local"));
+    }
+
+    #[test]
+    fn gue_and_gre_tunnels_and_ipv6_are_skipped_with_a_reason() {
+        let mut gue = dest("192.0.2.4", 80, IpvsForwarding::Tunnel);
+        gue.tunnel.kind = TunnelType::Gue;
+        let services = vec![
+            vs("tcp:203.0.113.10:80", vec![gue]),
+            vs(
+                "tcp:[2001:db8::1]:80",
+                vec![dest("2001:db8::10", 80, IpvsForwarding::Masquerade)],
+            ),
+        ];
+        let plan = plan(&services, &Config::default());
+        assert!(plan.bindings.is_empty(), "{:?}", plan.bindings);
+        let why: Vec<&str> = plan.skipped.iter().map(|s| s.2).collect();
+        assert!(why[0].contains("GUE and GRE"), "{why:?}");
+        assert!(why[1].contains("IPv6"), "{why:?}");
     }
 
     #[test]

@@ -455,6 +455,72 @@ fn verdicts(daemon: &Daemon, what: &str) -> Vec<String> {
         .collect()
 }
 
+#[test]
+fn an_operators_change_since_the_last_dump_survives_prober_s_writes() {
+    let (lan, mut listeners) = service(2);
+    let pin_dir = PinDir::new();
+    // Discoveries a minute apart: prober's last dump is stale when it
+    // writes, so only a fresh read before each write can keep what the
+    // operator did meanwhile.
+    let daemon = start(
+        &lan,
+        &pin_dir,
+        "[daemon]\ninterval = \"200ms\"\nrise = 2\nfall = 3\ndiscovery = \"60s\"\n[weights]\nlatency_aware = false\nslow_start = \"0s\"\n",
+    );
+    thread::sleep(Duration::from_millis(1500));
+    lan.ipvsadm(&[
+        "-e",
+        "-t",
+        VS,
+        "-r",
+        &rs(0),
+        "-m",
+        "-w",
+        "50",
+        "-x",
+        "500",
+        "-y",
+        "100",
+    ])
+    .unwrap();
+    listeners[0] = None; // then the server stops answering
+    wait_for(Duration::from_secs(10), || {
+        Ok((lan.weights(VS)?[&rs(0)] == 0).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    assert_eq!(thresholds(&lan, &rs(0)), (500, 100), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("changed by hand from 100 to 50"),
+        "{}",
+        daemon.log()
+    );
+    listeners[0] = Some(
+        lan.servers[0]
+            .listen(SocketAddrV4::new(Lan::server_addr(0), 80))
+            .unwrap(),
+    );
+    // Back at the operator's weight, not at the one prober first saw.
+    wait_for(Duration::from_secs(10), || {
+        Ok((lan.weights(VS)?[&rs(0)] > 0).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(lan.weights(VS).unwrap()[&rs(0)], 50, "{}", daemon.log());
+    assert_eq!(thresholds(&lan, &rs(0)), (500, 100));
+    assert_eq!(lan.weights(VS).unwrap()[&rs(1)], 100);
+}
+
+/// A real server's upper and lower connection thresholds, from ipvsadm.
+fn thresholds(lan: &Lan, server: &str) -> (u32, u32) {
+    let table = lan.ipvsadm(&["-Ln", "--thresholds", "-t", VS]).unwrap();
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&"->") && f.get(1) == Some(&server))
+        .map(|f| (f[2].parse().unwrap(), f[3].parse().unwrap()))
+        .unwrap_or_else(|| panic!("{server} not in {table}"))
+}
+
 fn run_tc(ns: &prober_tests::NetNs, args: &[&str]) {
     prober_tests::run(ns.command("tc").args(args)).unwrap();
 }

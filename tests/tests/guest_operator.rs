@@ -449,3 +449,75 @@ fn reload_applies_a_new_interval_without_writing_weights_and_refuses_a_broken_fi
     println!("probe = \"none\" by reload: {rs1} back to its configured weight 100");
     assert_eq!(daemon.stop(libc::SIGTERM).unwrap().code(), Some(0));
 }
+
+#[test]
+fn destinations_prober_cannot_probe_are_warned_about_and_shown_unchecked() {
+    let (lan, _listeners) = service();
+    // An IPv6 NAT service and a GUE-tunnelled real server: neither is
+    // probed yet, and the operator must be told so.
+    lan.ipvsadm(&["-A", "-t", "[2001:db8::1]:80", "-s", "wrr"])
+        .unwrap();
+    lan.ipvsadm(&[
+        "-a",
+        "-t",
+        "[2001:db8::1]:80",
+        "-r",
+        "[2001:db8::10]:80",
+        "-m",
+        "-w",
+        "100",
+    ])
+    .unwrap();
+    lan.ipvsadm(&[
+        "-a",
+        "-t",
+        VS,
+        "-r",
+        "192.0.2.20:80",
+        "-i",
+        "--tun-type",
+        "gue",
+        "--tun-port",
+        "6080",
+        "-w",
+        "100",
+    ])
+    .unwrap();
+    let config = temp_config();
+    write_config(&config, &config_text("200ms"));
+    let pin_dir = PinDir::new();
+    let daemon = start(&lan, &pin_dir, &config);
+    let unchecked = wait_for(Duration::from_secs(10), || {
+        let s = status(&pin_dir);
+        let list = s["unchecked"].as_array().cloned().unwrap_or_default();
+        Ok((list.len() == 2).then_some(list))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    println!("{unchecked:#?}");
+    let why = |server: &str| {
+        unchecked
+            .iter()
+            .find(|u| u["server"].as_str().is_some_and(|s| s.contains(server)))
+            .map(|u| u["why"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("{server} not unchecked: {unchecked:?}"))
+    };
+    assert!(why("2001:db8::10").contains("IPv6"));
+    assert!(why("192.0.2.20").contains("GUE"));
+    let log = daemon.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("not probed, its weight left alone"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "once each: {log}");
+    let table = String::from_utf8(prober(&pin_dir, &["status"]).stdout).unwrap();
+    assert_eq!(table.matches("UNCHECKED:").count(), 2, "{table}");
+    // Several discoveries later, still warned only once each.
+    thread::sleep(Duration::from_secs(3));
+    let again = daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("not probed, its weight left alone"))
+        .count();
+    assert_eq!(again, 2);
+    assert_eq!(lan.weights(VS).unwrap()["192.0.2.20:80"], 100);
+}

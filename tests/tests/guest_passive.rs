@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use prober_tests::{run, unique_name, Daemon, Lan, NetNs, PinDir, LAN_IF};
+use prober_tests::{
+    packets::{ethernet, ipv4, tcp, Tcp, ACK, SYN},
+    run, unique_name, Daemon, Lan, NetNs, PinDir, LAN_IF,
+};
 
 const VIP: &str = "203.0.113.10:80";
 
@@ -36,9 +39,10 @@ fn serve(listener: TcpListener, think: Duration) {
     });
 }
 
-#[test]
-fn handshake_and_first_byte_times_match_what_the_real_servers_impose() {
-    let lan = Lan::new(4).unwrap();
+/// A client namespace on its own network behind the director
+/// (198.51.100.7 via 198.51.100.1 on the director's `eth1`), the VIP on the
+/// director's `lo`, forwarding on.
+fn client_behind(lan: &Lan) -> NetNs {
     // The client side: its own network behind the director.
     let client = NetNs::new("prbk").unwrap();
     lan.director
@@ -70,6 +74,13 @@ fn handshake_and_first_byte_times_match_what_the_real_servers_impose() {
     lan.director
         .ip(&["addr", "add", "203.0.113.10/32", "dev", "lo"])
         .unwrap();
+    client
+}
+
+#[test]
+fn handshake_and_first_byte_times_match_what_the_real_servers_impose() {
+    let lan = Lan::new(4).unwrap();
+    let client = client_behind(&lan);
     for (i, server) in lan.servers.iter().enumerate() {
         server
             .ip(&["route", "add", "default", "via", "192.0.2.1"])
@@ -232,4 +243,99 @@ fn handshake_and_first_byte_times_match_what_the_real_servers_impose() {
         "first byte {first_byte} ms, the server sleeps 100 ms"
     );
     let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn duplicate_syns_and_stray_segments_from_a_client_take_no_healthy_server_out() {
+    let lan = Lan::new(1).unwrap();
+    let client = client_behind(&lan);
+    lan.servers[0]
+        .ip(&["route", "add", "default", "via", "192.0.2.1"])
+        .unwrap();
+    serve(
+        lan.servers[0]
+            .listen(SocketAddrV4::new(Lan::server_addr(0), 80))
+            .unwrap(),
+        Duration::ZERO,
+    );
+    lan.ipvsadm(&["-A", "-t", VIP, "-s", "rr"]).unwrap();
+    let rs = format!("{}:80", Lan::server_addr(0));
+    lan.ipvsadm(&["-a", "-t", VIP, "-r", &rs, "-m", "-w", "100"])
+        .unwrap();
+    let config = std::env::temp_dir().join(format!("{}.toml", unique_name("passive-")));
+    std::fs::write(
+        &config,
+        "[daemon]\ninterval = \"200ms\"\nfall = 3\ndiscovery = \"1s\"\n[weights]\nlatency_aware = false\n",
+    )
+    .unwrap();
+    let pin_dir = PinDir::new();
+    let daemon = Daemon::start_with(
+        &lan.director,
+        LAN_IF,
+        &pin_dir,
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    thread::sleep(Duration::from_secs(2)); // IPVS read, the server followed
+
+    // A stranger's traffic through the VIP for 4 s, as fast as it goes:
+    // copies of one SYN (resent SYNs to the real server) and ACKs that
+    // match no connection (the real server answers each with a RST).
+    let client_mac = client.mac_bytes("eth0").unwrap();
+    let director_mac = lan.director.mac_bytes("eth1").unwrap();
+    let (from, vip) = ([198, 51, 100, 7], [203, 0, 113, 10]);
+    let frame = |port: u16, flags: u8| {
+        let segment = tcp(
+            from,
+            vip,
+            &Tcp {
+                src_port: port,
+                dst_port: 80,
+                seq: 1000,
+                ack: if flags == ACK { 0xdead_beef } else { 0 },
+                flags,
+                options: &[],
+            },
+        );
+        ethernet(
+            director_mac,
+            client_mac,
+            0x0800,
+            &ipv4(from, vip, 6, 0, &[], &segment),
+        )
+    };
+    let mut sent = 0;
+    let mut lowest = u32::MAX;
+    let started = std::time::Instant::now();
+    for round in 0..200u16 {
+        if started.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+        for _ in 0..10 {
+            client.send_frame("eth0", frame(40000, SYN)).unwrap();
+            client
+                .send_frame("eth0", frame(41000 + round, SYN))
+                .unwrap();
+            client
+                .send_frame("eth0", frame(41000 + round, ACK))
+                .unwrap();
+            sent += 3;
+        }
+        lowest = lowest.min(lan.weights(VIP).unwrap()[&rs]);
+    }
+    thread::sleep(Duration::from_secs(1));
+    lowest = lowest.min(lan.weights(VIP).unwrap()[&rs]);
+    let stats = daemon.stats().unwrap();
+    let passive = &stats["passive"][0];
+    println!(
+        "{sent} forged segments through the VIP: the real server sent {} RSTs and saw {} resent SYNs; its weight never below {lowest}",
+        passive["resets"], passive["syn_retransmits"]
+    );
+    assert!(
+        passive["syn_retransmits"].as_u64().unwrap() >= 20,
+        "the resent SYNs reached the passive path: {passive}"
+    );
+    let log = daemon.log();
+    assert!(!log.contains("real server DOWN"), "{log}");
+    assert_eq!(lowest, 100, "{log}");
 }

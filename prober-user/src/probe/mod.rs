@@ -59,6 +59,10 @@ pub struct ProbeMaps {
 }
 
 /// What the datapath recorded for one target so far (per-CPU slots summed).
+/// Least time between two resolution requests for one next hop: a dead
+/// rack costs few ARP requests.
+const RESOLUTION_BACKOFF: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     pub sent: u64,
@@ -205,7 +209,7 @@ impl Prober {
             last_route_lookup: Instant::now(),
             frame: vec![0u8; PROBE_FRAME_MAX],
             revalidations: Nudges::new(Duration::from_secs(1)),
-            resolutions: Nudges::new(Duration::from_secs(60)),
+            resolutions: Nudges::new(RESOLUTION_BACKOFF),
             last_unresolved_refresh: None,
             notifications_lost: 0,
             lost_logged: None,
@@ -230,6 +234,12 @@ impl Prober {
             .iter()
             .enumerate()
             .filter_map(|(id, t)| Some((id as u32, t.as_ref()?)))
+    }
+
+    /// Lifts the back-off on neighbour resolution requests (the link just
+    /// came back and the kernel forgot every neighbour).
+    pub fn resolve_neighbours_now(&mut self) {
+        self.resolutions = Nudges::new(RESOLUTION_BACKOFF);
     }
 
     /// The interface probes leave by.
