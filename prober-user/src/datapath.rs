@@ -139,7 +139,12 @@ impl Datapath {
     pub fn attach(interface: &str, pin_dir: &Path, log: EbpfLog) -> Result<Self> {
         preflight::check_privileges()?;
         let bpffs_root = pin_dir.parent().unwrap_or(pin_dir);
-        preflight::check_bpffs(bpffs_root)?;
+        if preflight::ensure_bpffs(bpffs_root)? {
+            warn!(
+                "no BPF filesystem was mounted at {} (`ip netns exec` remounts /sys without one): mounted one; maps pinned there live as long as this mount",
+                bpffs_root.display()
+            );
+        }
         preflight::interface_index(interface)?;
         let pin_dir_lock = lock_pin_dir(pin_dir)?;
 

@@ -51,6 +51,38 @@ fn effective_capabilities() -> u64 {
         .unwrap_or(0)
 }
 
+/// The BPF filesystem's usual place.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Makes sure `bpffs_root` is on a bpffs: when it is the usual
+/// `/sys/fs/bpf` and nothing is mounted there (`ip netns exec` remounts
+/// /sys and leaves it empty), mounts one and says so. Returns whether it
+/// mounted; fails naming the place otherwise.
+pub fn ensure_bpffs(bpffs_root: &Path) -> Result<bool, PreflightError> {
+    if check_bpffs(bpffs_root).is_ok() {
+        return Ok(false);
+    }
+    if bpffs_root != Path::new(BPFFS) {
+        return check_bpffs(bpffs_root).map(|()| false);
+    }
+    let target = CString::new(BPFFS).expect("no NUL in a constant");
+    let kind = CString::new("bpf").expect("no NUL in a constant");
+    // SAFETY: NUL-terminated strings that outlive the call; no data.
+    let rc = unsafe {
+        libc::mount(
+            kind.as_ptr(),
+            target.as_ptr(),
+            kind.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(PreflightError::NoBpffs(bpffs_root.display().to_string()));
+    }
+    check_bpffs(bpffs_root).map(|()| true)
+}
+
 /// Fails unless `dir` (or the nearest existing parent) is on a bpffs.
 pub fn check_bpffs(bpffs_root: &Path) -> Result<(), PreflightError> {
     let path = CString::new(bpffs_root.as_os_str().as_encoded_bytes())

@@ -596,12 +596,16 @@ pub fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Result<Option<T>>
 
 /// The target of `stats` whose probe reads `probe`.
 pub fn target<'a>(stats: &'a serde_json::Value, probe: &str) -> &'a serde_json::Value {
+    find_target(stats, probe).unwrap_or_else(|| panic!("no target {probe} in {stats:#}"))
+}
+
+/// The target of `stats` whose probe reads `probe`, if it is a target yet
+/// (it is one once its next hop is known).
+pub fn find_target<'a>(stats: &'a serde_json::Value, probe: &str) -> Option<&'a serde_json::Value> {
     stats["targets"]
-        .as_array()
-        .unwrap()
+        .as_array()?
         .iter()
         .find(|t| t["probe"] == probe)
-        .unwrap_or_else(|| panic!("no target {probe} in {stats:#}"))
 }
 
 pub fn field(stats: &serde_json::Value, probe: &str, name: &str) -> u64 {
@@ -613,7 +617,10 @@ pub fn wait_rounds(daemon: &Daemon, probes: &[&str], n: u64) -> serde_json::Valu
     wait_for(Duration::from_secs(15), || {
         let stats = daemon.stats()?;
         let done = probes.iter().all(|p| {
-            let t = target(&stats, p);
+            // Not a target yet under load (its neighbour being resolved).
+            let Some(t) = find_target(&stats, p) else {
+                return false;
+            };
             let settled = ["answered", "refused", "unreachable", "timed_out"]
                 .iter()
                 .map(|f| t[f].as_u64().unwrap())

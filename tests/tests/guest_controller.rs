@@ -363,10 +363,8 @@ fn a_slow_discovery_neither_shortens_a_timeout_nor_sends_a_probe_early() {
     // the neighbour was resolved: that counts as a miss with fall 1).
     wait_for(Duration::from_secs(10), || {
         let stats = daemon.stats()?;
-        let known = stats["targets"]
-            .as_array()
-            .is_some_and(|ts| ts.iter().any(|t| t["probe"] == probe.as_str()));
-        let answering = known && field(&stats, &probe, "answered") >= 2;
+        let answering = prober_tests::find_target(&stats, &probe)
+            .is_some_and(|t| t["answered"].as_u64() >= Some(2));
         Ok((answering && lan.weights(VS)?[&rs(0)] == 100).then_some(()))
     })
     .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));

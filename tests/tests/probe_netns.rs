@@ -301,3 +301,70 @@ fn forged_syn_acks_are_rejected_counted_and_logged_at_debug_level() {
         "a forged answer moves nothing: {t}"
     );
 }
+
+/// `ip netns exec` runs the daemon with /sys remounted for the namespace,
+/// without a BPF filesystem: the daemon mounts one itself and says so,
+/// instead of refusing to start.
+#[test]
+fn it_starts_under_ip_netns_exec_without_a_bpffs() {
+    let pair = VethPair::new().unwrap();
+    let _peer = PeerXdp::attach(&pair.server, VETH).unwrap();
+    let pin_dir = format!("/sys/fs/bpf/{}", prober_tests::unique_name("prober-exec-"));
+    let log_path = std::env::temp_dir().join(prober_tests::unique_name("prober-exec-log-"));
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &pair.client.name])
+        .arg(prober_tests::prober_bin())
+        .args(["--pin-dir", &pin_dir, "run", "--iface", VETH])
+        .args(["--interval", "100ms", "--probe", "icmp:192.0.2.2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let ready = wait_for(Duration::from_secs(30), || {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("prober exited with {status}: {}", log());
+        }
+        Ok(log().contains(prober_tests::READY_LINE).then_some(()))
+    });
+    if ready.is_err() {
+        let _ = child.kill();
+    }
+    ready.unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still running: {}",
+        log()
+    );
+    // SAFETY: a plain kill(2) of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let log = log();
+    assert!(status.success(), "{status}: {log}");
+    assert!(
+        log.contains("no BPF filesystem was mounted at /sys/fs/bpf") && log.contains("mounted one"),
+        "{log}"
+    );
+}
+
+/// Frames sent from XDP onto a veth whose peer runs no XDP program vanish:
+/// the daemon notices that no probe ever got a reply and says how to fix
+/// it, once.
+#[test]
+fn probes_vanishing_on_a_veth_without_an_xdp_peer_get_one_warning_with_the_fix() {
+    let pair = VethPair::new().unwrap(); // no XDP program on the peer
+    let pin_dir = PinDir::new();
+    let daemon = Daemon::probing(&pair.client, &pin_dir, "100ms", &["icmp:192.0.2.2"]).unwrap();
+    let warning = "is a veth and no probe sent on it has had any reply";
+    wait_for(Duration::from_secs(10), || {
+        Ok(daemon.log().contains(warning).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    let stats = daemon.stats().unwrap();
+    assert_eq!(field(&stats, "icmp:192.0.2.2", "answered"), 0, "{stats}");
+    std::thread::sleep(Duration::from_secs(1));
+    let log = daemon.log();
+    assert_eq!(log.matches(warning).count(), 1, "once: {log}");
+    assert!(log.contains("ethtool -K PEER gro on"), "{log}");
+}

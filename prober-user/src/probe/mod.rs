@@ -3,6 +3,7 @@
 //! BPF_PROG_TEST_RUN batch of `probe_tx`, rotates the cookie secret, and
 //! reads back what the ingress program recorded.
 
+pub mod delivery;
 pub mod report;
 pub mod spec;
 
@@ -58,11 +59,11 @@ pub struct ProbeMaps {
     pub results: PerCpuArray<MapData, ProbeResults>,
 }
 
-/// What the datapath recorded for one target so far (per-CPU slots summed).
 /// Least time between two resolution requests for one next hop: a dead
 /// rack costs few ARP requests.
 const RESOLUTION_BACKOFF: Duration = Duration::from_secs(60);
 
+/// What the datapath recorded for one target so far (per-CPU slots summed).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     pub sent: u64,
@@ -169,6 +170,8 @@ pub struct Prober {
     /// syscall per map per tick, not one per target.
     states: ArraySnapshot<ProbeState>,
     results: ArraySnapshot<ProbeResults>,
+    /// Whether probe frames seem to vanish (a veth without an XDP peer).
+    delivery: delivery::DeliveryWatch,
     cpus: usize,
 }
 
@@ -216,6 +219,7 @@ impl Prober {
             agent_window_at: None,
             states: ArraySnapshot::default(),
             results: ArraySnapshot::default(),
+            delivery: delivery::DeliveryWatch::new(interface),
             cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))?,
         };
@@ -623,6 +627,18 @@ impl Prober {
             .set(0, BatchCursor { next: 0, len }, 0)
             .context("writing BATCH_CURSOR")?;
         crate::test_run::run_xdp_live(self.probe_tx.as_fd(), &self.frame, len)?;
+        if self.delivery.watching() {
+            let sample: Vec<(u64, bool)> = self
+                .targets()
+                .filter(|(_, t)| t.entry.is_some())
+                .take(delivery::SAMPLE)
+                .filter_map(|(id, _)| self.maps.state.get(&id, 0).ok())
+                .map(|s| (s.sent, s.last_reply_ns != 0))
+                .collect();
+            if self.delivery.vanished(sample.into_iter()) {
+                warn!("{}", delivery::warning(&self.interface));
+            }
+        }
         Ok(len)
     }
 
