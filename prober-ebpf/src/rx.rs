@@ -16,9 +16,11 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use prober_common::{cookie::probe_cookie, family, rtt_bucket, ProbeConfig, ReplyKey};
+use prober_common::{cookie::probe_cookie, encap, family, rtt_bucket, ProbeConfig, ReplyKey};
 
-use crate::{counters, packet::*, PROBE_CONFIG, PROBE_RESULTS, PROBE_STATE, REPLY_INDEX};
+use crate::{
+    counters, packet::*, PROBE_CONFIG, PROBE_RESULTS, PROBE_STATE, PROBE_TARGETS, REPLY_INDEX,
+};
 
 const L4: usize = ETH_HLEN + IPV4_HLEN;
 
@@ -184,7 +186,13 @@ fn tcp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {
     }
     if is_syn_ack {
         record(target_id, Outcome::Answered);
-        reset_in_place(ctx, &eth_of(ctx)?, ip, &tcp)?;
+        // A tunnel probe's RST goes back the way the probe went: wrapped
+        // in IPIP to the real server, which holds the VIP it answers for.
+        let tunnel = PROBE_TARGETS
+            .get(target_id)
+            .filter(|t| t.encap == encap::IPIP)
+            .map(|t| (v4(&t.outer_src), v4(&t.real_server)));
+        reset_in_place(ctx, &eth_of(ctx)?, ip, &tcp, tunnel)?;
         if let Some(c) = counters() {
             c.resets_sent += 1;
         }
@@ -202,13 +210,15 @@ fn eth_of(ctx: &XdpContext) -> Result<EthHdr, ()> {
 
 /// Rewrites the SYN-ACK in the frame into the RST that aborts the half-open
 /// connection: addresses and ports swapped, seq = the SYN-ACK's ack, no
-/// options, no payload.
+/// options, no payload; inside an outer IPv4 header (`tunnel`: its source
+/// and destination) for a probe that went out in IPIP.
 #[inline(always)]
 fn reset_in_place(
     ctx: &XdpContext,
     eth: &EthHdr,
     ip: &Ipv4Hdr,
     syn_ack: &TcpHdr,
+    tunnel: Option<([u8; 4], [u8; 4])>,
 ) -> Result<(), ()> {
     let mut rst = TcpHdr {
         source: syn_ack.dest,
@@ -222,7 +232,8 @@ fn reset_in_place(
         urg_ptr: 0,
     };
     rst.check = tcp_checksum(ip.daddr, ip.saddr, &rst);
-    let len = L4 + TCP_HLEN;
+    let outer = if tunnel.is_some() { IPV4_HLEN } else { 0 };
+    let len = L4 + outer + TCP_HLEN;
     let delta = len as i32 - (ctx.data_end() - ctx.data()) as i32;
     if delta != 0 {
         // SAFETY: the helper validates ctx and delta.
@@ -239,12 +250,22 @@ fn reset_in_place(
             ether_type: eth.ether_type,
         },
     )?;
-    write_at(
-        ctx,
-        ETH_HLEN,
-        ipv4_header(ip.daddr, ip.saddr, IPPROTO_TCP, TCP_HLEN),
-    )?;
-    write_at(ctx, L4, rst)
+    let inner = ipv4_header(ip.daddr, ip.saddr, IPPROTO_TCP, TCP_HLEN);
+    match tunnel {
+        Some((outer_src, real_server)) => {
+            write_at(
+                ctx,
+                ETH_HLEN,
+                ipv4_header(outer_src, real_server, IPPROTO_IPIP, IPV4_HLEN + TCP_HLEN),
+            )?;
+            write_at(ctx, ETH_HLEN + IPV4_HLEN, inner)?;
+            write_at(ctx, L4 + IPV4_HLEN, rst)
+        }
+        None => {
+            write_at(ctx, ETH_HLEN, inner)?;
+            write_at(ctx, L4, rst)
+        }
+    }
 }
 
 fn icmp_reply(ctx: &XdpContext, ip: &Ipv4Hdr) -> Result<u32, ()> {

@@ -194,6 +194,45 @@ fn valid_syn_ack_is_answered_and_turned_into_a_reset() {
 }
 
 #[test]
+fn a_tunnel_probes_reset_goes_back_in_ipip_to_the_real_server() {
+    // The target was probed through IPIP: its VIP (here RS's address)
+    // answers from a real server that only the tunnel reaches.
+    let mut f = fixture();
+    let tunnel_rs = [198, 51, 100, 20];
+    let mut target = tx_target(
+        probe_kind::TCP_SYN,
+        encap::IPIP,
+        RS,
+        SERVICE_PORT,
+        TCP_LOCAL_PORT,
+    );
+    target.real_server = addr16(tunnel_rs.into());
+    f.maps.targets.set(TCP_TARGET, target, 0).unwrap();
+    let (action, out) = f.rx(&valid_syn_ack());
+    assert_eq!(action, XDP_TX);
+    assert_eq!(out.len(), 14 + 20 + 20 + 20, "outer IPv4, inner IPv4, RST");
+    assert_eq!(&out[0..6], &MAC_A, "back to the sender's MAC");
+    let outer = &out[14..34];
+    assert_eq!(checksum(outer), 0, "outer header checksum");
+    assert_eq!(
+        (outer[9], &outer[12..16], &outer[16..20]),
+        (4, &DIRECTOR[..], &tunnel_rs[..])
+    );
+    assert_eq!(be16(outer, 2), 60, "outer total length");
+    let inner = &out[34..54];
+    assert_eq!(checksum(inner), 0, "inner header checksum");
+    assert_eq!(
+        (inner[9], &inner[12..16], &inner[16..20]),
+        (6, &DIRECTOR[..], &RS[..])
+    );
+    let tcp = &out[54..];
+    assert_eq!(tcp[13], RST);
+    assert_eq!((be16(tcp, 0), be16(tcp, 2)), (TCP_LOCAL_PORT, SERVICE_PORT));
+    assert_eq!(tcp_checksum(DIRECTOR, RS, tcp), 0, "TCP checksum");
+    assert_eq!(f.results(TCP_TARGET).answered, 1);
+}
+
+#[test]
 fn a_reply_answers_only_the_probe_it_echoes() {
     // The target has sent its first probe: an answer to a probe before it
     // (nonce 0) or to one not yet sent (nonce 2) is no answer, and the late
