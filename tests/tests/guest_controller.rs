@@ -519,6 +519,110 @@ fn thresholds(lan: &Lan, server: &str) -> (u32, u32) {
         .unwrap_or_else(|| panic!("{server} not in {table}"))
 }
 
+#[test]
+fn three_hundred_on_link_real_servers_stay_resolved_through_neighbour_gc() {
+    // More on-link real servers than gc_thresh1 (128): the kernel collects
+    // neighbour entries unused for gc_stale_time, and frames sent from XDP
+    // never use them. The GC is made to run every second and collect
+    // after 6 s, so 30 s are five stale periods.
+    const N: usize = 300;
+    let lan = Lan::new(1).unwrap();
+    let addr = |i: usize| format!("198.18.{}.{}", (10 + i) / 256, (10 + i) % 256);
+    let batch: String = (0..N)
+        .map(|i| format!("addr add {}/22 dev {LAN_IF}\n", addr(i)))
+        .collect();
+    ip_batch(&lan.servers[0], &batch);
+    lan.director
+        .ip(&["addr", "add", "198.18.0.1/22", "dev", LAN_IF])
+        .unwrap();
+    for (key, value) in [
+        ("net.ipv4.neigh.default.base_reachable_time_ms", "2000"),
+        ("net.ipv4.neigh.default.gc_stale_time", "6"),
+        (
+            &format!("net.ipv4.neigh.{LAN_IF}.base_reachable_time_ms") as &str,
+            "2000",
+        ),
+        (&format!("net.ipv4.neigh.{LAN_IF}.gc_stale_time"), "6"),
+    ] {
+        lan.director.sysctl(key, value).unwrap();
+    }
+    let _listener = lan.servers[0]
+        .listen(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 80))
+        .unwrap();
+    let mut rules = format!("-A -t {VS} -s wrr\n");
+    for i in 0..N {
+        rules.push_str(&format!("-a -t {VS} -r {}:80 -m -w 100\n", addr(i)));
+    }
+    ipvs_restore(&lan, &rules);
+    let pin_dir = PinDir::new();
+    let daemon = start(
+        &lan,
+        &pin_dir,
+        "[daemon]\ninterval = \"1s\"\nrise = 1\nfall = 2\ndiscovery = \"5s\"\ndiagnose = false\n[weights]\nlatency_aware = false\n",
+    );
+    // Every probe answered once: all resolved.
+    wait_for(Duration::from_secs(60), || {
+        let stats = daemon.stats()?;
+        let answered = stats["targets"].as_array().map_or(0, |ts| {
+            ts.iter()
+                .filter(|t| t["answered"].as_u64() > Some(0))
+                .count()
+        });
+        Ok((answered == N).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    let warm = daemon.log().len();
+    thread::sleep(Duration::from_secs(30));
+    let log = daemon.log();
+    let later = &log[warm..];
+    let unresolved = later.matches("is not resolved yet").count();
+    let down = later.matches("real server DOWN").count();
+    let weights = lan.weights(VS).unwrap();
+    let full = weights.values().filter(|w| **w == 100).count();
+    println!(
+        "{N} on-link real servers over 30 s of neighbour GC: {unresolved} unresolved, {down} down, {full} at full weight"
+    );
+    assert_eq!((unresolved, down), (0, 0), "{later}");
+    assert_eq!(full, N);
+}
+
+/// `ip -batch -` in a namespace.
+fn ip_batch(ns: &prober_tests::NetNs, commands: &str) {
+    use std::io::Write as _;
+    let mut child = ns
+        .command("ip")
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(commands.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// `ipvsadm -R` in the director's namespace.
+fn ipvs_restore(lan: &Lan, rules: &str) {
+    use std::io::Write as _;
+    let mut child = lan
+        .director
+        .command("ipvsadm")
+        .arg("-R")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
 fn run_tc(ns: &prober_tests::NetNs, args: &[&str]) {
     prober_tests::run(ns.command("tc").args(args)).unwrap();
 }

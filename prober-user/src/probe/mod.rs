@@ -59,6 +59,35 @@ pub struct ProbeMaps {
     pub results: PerCpuArray<MapData, ProbeResults>,
 }
 
+/// A pass over every next hop in use, marking each used in turn.
+struct NeighbourKeepalive {
+    hops: Vec<(u32, IpAddr)>,
+    cursor: usize,
+    /// When the last slice was done.
+    at: Instant,
+    /// How long one whole pass takes.
+    period: Duration,
+}
+
+impl NeighbourKeepalive {
+    fn new(interface: &str) -> Self {
+        // A third of the time after which the kernel may collect an idle
+        // entry (procfs shows this namespace's value).
+        let stale = std::fs::read_to_string(format!(
+            "/proc/sys/net/ipv4/neigh/{interface}/gc_stale_time"
+        ))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(60);
+        Self {
+            hops: Vec::new(),
+            cursor: 0,
+            at: Instant::now(),
+            period: Duration::from_secs(stale.max(3) / 3),
+        }
+    }
+}
+
 /// Least time between two resolution requests for one next hop: a dead
 /// rack costs few ARP requests.
 const RESOLUTION_BACKOFF: Duration = Duration::from_secs(60);
@@ -172,6 +201,7 @@ pub struct Prober {
     results: ArraySnapshot<ProbeResults>,
     /// Whether probe frames seem to vanish (a veth without an XDP peer).
     delivery: delivery::DeliveryWatch,
+    keepalive: NeighbourKeepalive,
     cpus: usize,
 }
 
@@ -220,6 +250,7 @@ impl Prober {
             states: ArraySnapshot::default(),
             results: ArraySnapshot::default(),
             delivery: delivery::DeliveryWatch::new(interface),
+            keepalive: NeighbourKeepalive::new(interface),
             cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))?,
         };
@@ -481,7 +512,51 @@ impl Prober {
         if changes.routes || changes.neighbours || stale || unresolved_due {
             self.refresh_neighbours()?;
         }
+        self.keep_neighbours_alive();
         Ok(())
+    }
+
+    /// Frames sent from XDP never confirm a neighbour entry, and replies
+    /// dropped in XDP never reach the neighbour code: with more on-link real
+    /// servers than gc_thresh1 (128) the kernel would collect the idle
+    /// entries, and probes would wait for ARP. Each next hop in use is
+    /// marked used (NTF_USE, as traffic would: a stale entry is re-probed)
+    /// once per a third of the interface's gc_stale_time, spread over the
+    /// ticks. A failed request skips that hop.
+    fn keep_neighbours_alive(&mut self) {
+        let now = Instant::now();
+        let period = self.keepalive.period;
+        let since = now.saturating_duration_since(self.keepalive.at);
+        self.keepalive.at = now;
+        if self.keepalive.cursor >= self.keepalive.hops.len() {
+            let hops: std::collections::BTreeSet<(u32, IpAddr)> = self
+                .targets
+                .iter()
+                .flatten()
+                .filter(|t| t.entry.is_some())
+                .filter_map(|t| t.path.as_ref().ok())
+                .map(|p| (p.ifindex, p.next_hop))
+                .collect();
+            self.keepalive.hops = hops.into_iter().collect();
+            self.keepalive.cursor = 0;
+        }
+        let len = self.keepalive.hops.len();
+        let budget = ((since.as_secs_f64() / period.as_secs_f64()) * len as f64).ceil() as usize;
+        let end = (self.keepalive.cursor + budget.max(1)).min(len);
+        let mut failed = 0;
+        for i in self.keepalive.cursor..end {
+            let (ifindex, hop) = self.keepalive.hops[i];
+            if self.routes.request_resolution(ifindex, hop).is_err() {
+                failed += 1;
+            }
+        }
+        self.keepalive.cursor = end;
+        if failed > 0 {
+            tracing::debug!(
+                failed,
+                "keeping neighbour entries alive: some requests failed"
+            );
+        }
     }
 
     /// One route lookup per distinct real server.
@@ -543,8 +618,12 @@ impl Prober {
                         if resolution_requested.insert(path.next_hop)
                             && self.resolutions.allow(path.next_hop, now, self.ids.len())
                         {
-                            self.routes
-                                .request_resolution(path.ifindex, path.next_hop)?;
+                            // A failed request skips this hop, not the rest.
+                            if let Err(e) =
+                                self.routes.request_resolution(path.ifindex, path.next_hop)
+                            {
+                                warn!("{e:#}");
+                            }
                         }
                         Err(format!(
                             "neighbour {} on {} is not resolved yet (resolution requested)",
