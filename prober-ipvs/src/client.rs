@@ -67,9 +67,11 @@ pub struct ChangeOutcome {
     pub gone: Vec<usize>,
     /// Refused by the kernel.
     pub failed: Vec<WeightFailure>,
-    /// The socket failed: these changes' outcome is unknown (some may
-    /// have applied), and the error.
+    /// The socket failed: these changes' outcome is unknown (sent, not
+    /// acknowledged: some may have applied), and the error.
     pub unknown: Option<(Vec<usize>, IpvsError)>,
+    /// Not sent, after the socket failed: not applied.
+    pub not_sent: Vec<usize>,
 }
 
 /// Where requests go and replies come from: the kernel's netlink socket,
@@ -300,8 +302,9 @@ impl IpvsClient {
                         slot.insert(Vec::new());
                     }
                     Err(error) => {
-                        let rest = (index..changes.len()).collect();
-                        outcome.unknown = Some((rest, error));
+                        // Nothing written yet: not applied, none of them.
+                        outcome.not_sent = (index..changes.len()).collect();
+                        outcome.unknown = Some((Vec::new(), error));
                         return outcome;
                     }
                 }
@@ -324,23 +327,30 @@ impl IpvsClient {
                 }
             }
         }
-        match self.set_weights(&updates) {
-            Ok(failures) => {
-                let refused: std::collections::HashSet<usize> =
-                    failures.iter().map(|f| f.index).collect();
-                outcome.applied = (0..updates.len())
-                    .filter(|i| !refused.contains(i))
-                    .map(|i| positions[i])
-                    .collect();
-                outcome.failed = failures
-                    .into_iter()
-                    .map(|mut f| {
-                        f.index = positions[f.index];
+        // Window by window, so a socket failure leaves exactly one window
+        // of unknown outcome: those before it were acknowledged, those
+        // after it never sent.
+        for (w, window) in updates.chunks(BATCH_WINDOW).enumerate() {
+            let at = |i: usize| positions[w * BATCH_WINDOW + i];
+            match self.set_weights(window) {
+                Ok(failures) => {
+                    let refused: std::collections::HashSet<usize> =
+                        failures.iter().map(|f| f.index).collect();
+                    outcome
+                        .applied
+                        .extend((0..window.len()).filter(|i| !refused.contains(i)).map(at));
+                    outcome.failed.extend(failures.into_iter().map(|mut f| {
+                        f.index = at(f.index);
                         f
-                    })
-                    .collect();
+                    }));
+                }
+                Err(error) => {
+                    outcome.unknown = Some(((0..window.len()).map(at).collect(), error));
+                    let next = ((w + 1) * BATCH_WINDOW).min(positions.len());
+                    outcome.not_sent = positions[next..].to_vec();
+                    break;
+                }
             }
-            Err(error) => outcome.unknown = Some((positions, error)),
         }
         outcome
     }
@@ -676,7 +686,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        netlink::{fixtures, NLM_F_MULTI},
+        netlink::{
+            fixtures, IPVS_CMD_GET_DEST, IPVS_CMD_GET_SERVICE, IPVS_CMD_SET_DEST, NLM_F_MULTI,
+        },
         Forwarding, Protocol, Stats, Tunnel,
     };
 
@@ -900,6 +912,83 @@ mod tests {
             },
             weight,
         }
+    }
+
+    /// 300 changes in three windows of writes: the kernel acks the first
+    /// window, then goes silent. The first window is applied, the second
+    /// unknown, the third never sent; a destination changed by someone
+    /// else and a gone one are not written at all.
+    #[test]
+    fn a_batch_cut_short_says_which_changes_applied() {
+        let dests: Vec<Destination> = (0..302)
+            .map(|i| {
+                let mut d = update(i, 5).destination;
+                d.weight = if i == 301 { 42 } else { 1 };
+                d.upper_threshold = 500;
+                d
+            })
+            .collect();
+        let listed = dests.clone();
+        let mut writes = 0;
+        let (mut client, requests) = client(Box::new(move |m| match m.payload[0] {
+            IPVS_CMD_GET_SERVICE => {
+                vec![fixtures::service_message(FAMILY, m.seq, 0, &service_key(0))]
+            }
+            IPVS_CMD_GET_DEST => {
+                let mut out: Vec<Vec<u8>> = listed
+                    .iter()
+                    .map(|d| fixtures::destination_message(FAMILY, m.seq, d))
+                    .collect();
+                out.push(fixtures::done(m.seq));
+                out
+            }
+            IPVS_CMD_SET_DEST => {
+                writes += 1;
+                if writes <= BATCH_WINDOW {
+                    vec![fixtures::ack(m.seq, 0)]
+                } else {
+                    Vec::new() // silence: a receive timeout
+                }
+            }
+            other => panic!("unexpected command {other}"),
+        }));
+        let mut changes: Vec<WeightChange> = (0..300)
+            .map(|i| WeightChange {
+                service: service_key(0),
+                destination: dests[i].key(),
+                expected: 1,
+                weight: 7,
+            })
+            .collect();
+        // Someone set 301 to 42 since the dump prober works from.
+        changes.push(WeightChange {
+            service: service_key(0),
+            destination: dests[301].key(),
+            expected: 1,
+            weight: 7,
+        });
+        let mut gone = update(9999, 5).destination;
+        gone.port = 1;
+        changes.push(WeightChange {
+            service: service_key(0),
+            destination: gone.key(),
+            expected: 1,
+            weight: 7,
+        });
+        // 300 is listed but not changed; the 302 changes touch one service.
+        let outcome = client.change_weights(&changes);
+        assert_eq!(outcome.applied, (0..128).collect::<Vec<_>>());
+        let (unknown, _) = outcome.unknown.expect("the socket went silent");
+        assert_eq!(unknown, (128..256).collect::<Vec<_>>());
+        assert_eq!(outcome.not_sent, (256..300).collect::<Vec<_>>());
+        assert_eq!(outcome.changed_by_others.len(), 1);
+        assert_eq!(outcome.changed_by_others[0].0, 300);
+        assert_eq!(outcome.changed_by_others[0].1.weight, 42);
+        assert_eq!(outcome.gone, vec![301]);
+        // The writes sent back the thresholds as read just before.
+        let sent = requests.lock().unwrap();
+        let set: Vec<&Vec<u8>> = sent.iter().filter(|r| r[0] == IPVS_CMD_SET_DEST).collect();
+        assert_eq!(set.len(), 256);
     }
 
     /// 300 updates in three windows; the kernel refuses every 7th with

@@ -745,6 +745,20 @@ pub(crate) mod fixtures {
         full.finish()
     }
 
+    /// One GET_DEST dump message for `dest`.
+    pub fn destination_message(family: u16, seq: u32, dest: &Destination) -> Vec<u8> {
+        let mut full = MessageBuilder::new(family, NLM_F_MULTI, seq, IPVS_CMD_NEW_DEST, 1);
+        full.begin_nest(IPVS_CMD_ATTR_DEST)
+            .addr(IPVS_DEST_ATTR_ADDR, &dest.addr)
+            .be16(IPVS_DEST_ATTR_PORT, dest.port)
+            .u32(IPVS_DEST_ATTR_FWD_METHOD, dest.forwarding.to_raw())
+            .u32(IPVS_DEST_ATTR_WEIGHT, dest.weight)
+            .u32(IPVS_DEST_ATTR_U_THRESH, dest.upper_threshold)
+            .u32(IPVS_DEST_ATTR_L_THRESH, dest.lower_threshold);
+        full.end_nest();
+        full.finish()
+    }
+
     /// NLMSG_DONE for `seq`.
     pub fn done(seq: u32) -> Vec<u8> {
         control_message(NLMSG_DONE, NLM_F_MULTI, seq, 0)

@@ -1297,6 +1297,12 @@ impl Controller {
             }
         }
         self.totals.weight_write_errors += outcome.failed.len() as u64;
+        for &index in &outcome.not_sent {
+            let key = (batch[index].service, batch[index].destination);
+            if let Some(track) = self.dests.get(&key) {
+                withdraw(store, track, &key);
+            }
+        }
         for &index in &outcome.gone {
             let key = (batch[index].service, batch[index].destination);
             debug!(service = %key.0, destination = %key.1, "not written: the destination left IPVS");
@@ -1317,7 +1323,11 @@ impl Controller {
             withdraw(store, track, &key);
         }
         if let Some((unknown, error)) = &outcome.unknown {
-            warn!("writing weights: {error}; {} writes may or may not have applied: the next discovery tells", unknown.len());
+            warn!(
+                "writing weights: {error}; {} writes may or may not have applied (the next discovery tells), {} not sent",
+                unknown.len(),
+                outcome.not_sent.len()
+            );
             self.totals.netlink_errors += 1;
             for &index in unknown {
                 let key = (batch[index].service, batch[index].destination);
