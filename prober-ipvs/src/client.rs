@@ -302,8 +302,10 @@ impl IpvsClient {
                         slot.insert(Vec::new());
                     }
                     Err(error) => {
-                        // Nothing written yet: not applied, none of them.
-                        outcome.not_sent = (index..changes.len()).collect();
+                        // Nothing written yet: the ones queued and the
+                        // rest are not applied.
+                        outcome.not_sent = positions;
+                        outcome.not_sent.extend(index..changes.len());
                         outcome.unknown = Some((Vec::new(), error));
                         return outcome;
                     }
