@@ -133,6 +133,10 @@ pub struct Controller {
     link_was_up: bool,
     /// Unchecked destinations already warned about.
     warned_unchecked: HashSet<(ServiceKey, DestinationKey)>,
+    /// Hosts without their L3 probe for capacity, as last said.
+    undiagnosed: usize,
+    /// State records not saved (a full map), as last said.
+    not_saved: u64,
     totals: Totals,
     next_discovery: Instant,
     ipvs_problem: Option<String>,
@@ -189,6 +193,8 @@ impl Controller {
             path: DirectorPath::new(),
             link_was_up: true,
             warned_unchecked: HashSet::new(),
+            undiagnosed: 0,
+            not_saved: 0,
             totals: Totals::default(),
             next_discovery: now,
             ipvs_problem: None,
@@ -619,11 +625,37 @@ impl Controller {
         if let Some(delay) = self.discovery_delay {
             std::thread::sleep(delay);
         }
-        if self.store.is_none() {
+        let opened = self.store.is_none();
+        if opened {
             self.store = Some(open_store()?);
         }
         let plan = targets::plan(&services, &self.config);
         let store = self.store.as_mut().expect("opened above");
+        if opened {
+            // What an earlier run pinned about destinations and probes
+            // that left while prober was stopped would never be freed.
+            let weights: HashSet<prober_common::WeightKey> = plan
+                .bindings
+                .iter()
+                .map(|b| weight_key(&b.service, &b.destination.key()))
+                .collect();
+            let health: HashSet<prober_common::HealthKey> =
+                plan.probes.keys().map(health_key).collect();
+            let freed = store.retain(|k| weights.contains(k), |k| health.contains(k));
+            if freed > 0 {
+                info!("freed {freed} pinned state records of destinations and probes that left while prober was stopped");
+            }
+        }
+        if plan.undiagnosed != self.undiagnosed {
+            self.undiagnosed = plan.undiagnosed;
+            if plan.undiagnosed > 0 {
+                warn!(
+                    "{} real server hosts get no L3 diagnosis probe: the datapath holds {} probes and every destination's own probe comes first",
+                    plan.undiagnosed,
+                    prober_common::MAX_TARGETS
+                );
+            }
+        }
 
         let mut seen = HashSet::new();
         for binding in &plan.bindings {
@@ -832,6 +864,16 @@ impl Controller {
             }
         }
         self.plan = plan;
+        if let Some(store) = &self.store {
+            if store.not_saved > self.not_saved {
+                warn!(
+                    "the pinned state maps are full: {} records not saved ({} in all); those destinations and probes start afresh after a restart",
+                    store.not_saved - self.not_saved,
+                    store.not_saved
+                );
+                self.not_saved = store.not_saved;
+            }
+        }
         Ok(())
     }
 

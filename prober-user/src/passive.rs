@@ -92,6 +92,8 @@ pub struct Passive {
     last: HashMap<u32, Delta>,
     /// PASSIVE_STATS as of the last `take_deltas`, read in one syscall.
     stats: ArraySnapshot<PassiveStats>,
+    /// NAT servers past the table's size, as last said.
+    unfollowed: usize,
 }
 
 impl Passive {
@@ -101,6 +103,7 @@ impl Passive {
             ids: HashMap::new(),
             last: HashMap::new(),
             stats: ArraySnapshot::default(),
+            unfollowed: 0,
         }
     }
 
@@ -132,20 +135,23 @@ impl Passive {
                 self.last.remove(&id);
             }
         }
-        let mut used: HashSet<u32> = self.ids.values().copied().collect();
+        let used: HashSet<u32> = self.ids.values().copied().collect();
         let mut free = (0..MAX_PASSIVE_SERVERS)
             .filter(|i| !used.contains(i))
             .collect::<Vec<_>>()
             .into_iter();
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut unfollowed = 0;
         for server in &wanted {
             if self.ids.contains_key(server) {
                 continue;
             }
-            let id = free
-                .next()
-                .context("more real servers than the passive table holds")?;
-            used.insert(id);
+            // Past the table's size a server is only probed, not measured
+            // passively: said once per change of that number.
+            let Some(id) = free.next() else {
+                unfollowed += 1;
+                continue;
+            };
             // Counters and histograms of an earlier holder of this id go.
             let zeros = aya::maps::PerCpuValues::try_from(vec![PassiveStats::default(); cpus])?;
             self.maps
@@ -158,6 +164,14 @@ impl Passive {
                 .insert(Self::key(server), id, 0)
                 .context("writing PASSIVE_SERVERS")?;
             self.ids.insert(*server, id);
+        }
+        if unfollowed != self.unfollowed {
+            self.unfollowed = unfollowed;
+            if unfollowed > 0 {
+                tracing::warn!(
+                    "{unfollowed} NAT real servers are not measured passively: the passive table holds {MAX_PASSIVE_SERVERS} (their probes still run)"
+                );
+            }
         }
         let mut bitmap = vec![0u64; 1024];
         for (_, port) in self.ids.keys() {

@@ -19,6 +19,9 @@ use crate::probe::{addr16, Forwarding, ProbeKind, ProbeSpec};
 pub struct StateStore {
     weights: HashMap<MapData, WeightKey, WeightRecord>,
     health: HashMap<MapData, HealthKey, HealthRecord>,
+    /// Records not kept because a map was full (E2BIG): those
+    /// destinations and probes start afresh after a restart.
+    pub not_saved: u64,
 }
 
 impl StateStore {
@@ -28,17 +31,63 @@ impl StateStore {
         Ok(Self {
             weights: open_typed(ebpf, pin_dir, map_names::WEIGHT_STATE)?,
             health: open_typed(ebpf, pin_dir, map_names::HEALTH_STATE)?,
+            not_saved: 0,
         })
+    }
+
+    /// Forgets what the pinned state holds about destinations and probes
+    /// that `keep` rejects (gone while prober was stopped). Returns how
+    /// many records went.
+    pub fn retain(
+        &mut self,
+        keep_weight: impl Fn(&WeightKey) -> bool,
+        keep_health: impl Fn(&HealthKey) -> bool,
+    ) -> usize {
+        let weights: Vec<WeightKey> = self
+            .weights
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep_weight(k))
+            .collect();
+        let health: Vec<HealthKey> = self
+            .health
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep_health(k))
+            .collect();
+        for key in &weights {
+            let _ = self.weights.remove(key);
+        }
+        for key in &health {
+            let _ = self.health.remove(key);
+        }
+        weights.len() + health.len()
     }
 
     pub fn weight(&self, key: &WeightKey) -> Option<WeightRecord> {
         self.weights.get(key, 0).ok()
     }
 
+    /// Saves a destination's record; a full map is counted in
+    /// [`StateStore::not_saved`], not an error.
     pub fn set_weight(&mut self, key: WeightKey, record: WeightRecord) -> Result<()> {
-        self.weights
-            .insert(key, record, 0)
-            .context("writing WEIGHT_STATE")
+        let result = self.weights.insert(key, record, 0);
+        self.count_full(result).context("writing WEIGHT_STATE")
+    }
+
+    fn count_full(
+        &mut self,
+        result: Result<(), aya::maps::MapError>,
+    ) -> Result<(), aya::maps::MapError> {
+        match result {
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                self.not_saved += 1;
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     pub fn remove_weight(&mut self, key: &WeightKey) {
@@ -49,10 +98,10 @@ impl StateStore {
         self.health.get(key, 0).ok()
     }
 
+    /// Saves a probe's record; a full map is counted, not an error.
     pub fn set_health(&mut self, key: HealthKey, record: HealthRecord) -> Result<()> {
-        self.health
-            .insert(key, record, 0)
-            .context("writing HEALTH_STATE")
+        let result = self.health.insert(key, record, 0);
+        self.count_full(result).context("writing HEALTH_STATE")
     }
 
     pub fn remove_health(&mut self, key: &HealthKey) {

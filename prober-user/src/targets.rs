@@ -95,6 +95,8 @@ pub struct Plan {
     pub hosts: HashMap<IpAddr, ProbeSpec>,
     /// Destinations left alone, and why.
     pub skipped: Vec<(ServiceKey, DestinationKey, &'static str)>,
+    /// Hosts left without their L3 diagnosis probe to fit the capacity.
+    pub undiagnosed: usize,
     /// Indexes into `bindings` by probe: who is affected when a probe's
     /// state changes, without a scan of every binding (50,000 at scale).
     pub by_probe: HashMap<ProbeSpec, Vec<usize>>,
@@ -115,6 +117,15 @@ impl Plan {
 }
 
 pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
+    plan_within(services, config, prober_common::MAX_TARGETS as usize)
+}
+
+/// The plan for a datapath that holds at most `capacity` probes. Over it,
+/// the optional part goes first: L3 diagnosis probes of hosts (every
+/// destination still checked); then, if the destinations' own probes
+/// still do not fit, the destinations past the capacity (in a stable
+/// order) are left unchecked, with the reason, never silently.
+pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize) -> Plan {
     let mut plan = Plan::default();
     for vs in services {
         let key = vs.service.key;
@@ -226,11 +237,59 @@ pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
     for probe in plan.hosts.values() {
         plan.probes.entry(*probe).or_insert(host_settings);
     }
+    fit(&mut plan, capacity);
     for (i, binding) in plan.bindings.iter().enumerate() {
         plan.by_probe.entry(binding.probe).or_default().push(i);
     }
     plan
 }
+
+/// Brings the plan within `capacity` probes (see [`plan_within`]).
+fn fit(plan: &mut Plan, capacity: usize) {
+    if plan.probes.len() <= capacity {
+        return;
+    }
+    let checked: std::collections::HashSet<ProbeSpec> =
+        plan.bindings.iter().map(|b| b.probe).collect();
+    let mut hosts: Vec<IpAddr> = plan.hosts.keys().copied().collect();
+    hosts.sort();
+    // The last hosts in address order lose their diagnosis first.
+    while plan.probes.len() > capacity {
+        let Some(host) = hosts.pop() else { break };
+        let spec = plan.hosts[&host];
+        if !checked.contains(&spec) {
+            plan.probes.remove(&spec);
+            plan.hosts.remove(&host);
+            plan.undiagnosed += 1;
+        }
+    }
+    if plan.probes.len() <= capacity {
+        return;
+    }
+    let mut kept: Vec<ProbeSpec> = plan.probes.keys().copied().collect();
+    kept.sort_by_key(|p| p.to_string());
+    let dropped: std::collections::HashSet<ProbeSpec> =
+        kept.split_off(capacity).into_iter().collect();
+    for spec in &dropped {
+        plan.probes.remove(spec);
+    }
+    plan.hosts.retain(|_, spec| !dropped.contains(spec));
+    let (keep, over): (Vec<Binding>, Vec<Binding>) = std::mem::take(&mut plan.bindings)
+        .into_iter()
+        .partition(|b| !dropped.contains(&b.probe));
+    plan.bindings = keep;
+    for b in over {
+        plan.skipped
+            .push((b.service, b.destination.key(), OVER_CAPACITY));
+    }
+    let used: std::collections::HashSet<&CheckSpec> =
+        plan.bindings.iter().flat_map(|b| &b.checks).collect();
+    plan.checks.retain(|c, _| used.contains(c));
+}
+
+/// Why a destination past the datapath's capacity is not checked.
+pub const OVER_CAPACITY: &str =
+    "over capacity: the datapath holds 65,536 probes (more real servers than that are not probed yet)";
 
 fn probe_for(
     service: &ServiceKey,
@@ -400,6 +459,34 @@ mod tests {
         let why: Vec<&str> = plan.skipped.iter().map(|s| s.2).collect();
         assert!(why[0].contains("GUE and GRE"), "{why:?}");
         assert!(why[1].contains("IPv6"), "{why:?}");
+    }
+
+    #[test]
+    fn over_capacity_diagnosis_goes_first_then_destinations_are_left_unchecked() {
+        let dests = |n: u8| -> Vec<Destination> {
+            (0..n)
+                .map(|i| {
+                    dest(
+                        &format!("192.0.2.{}", 10 + i),
+                        80,
+                        IpvsForwarding::Masquerade,
+                    )
+                })
+                .collect()
+        };
+        let services = vec![vs("tcp:203.0.113.10:80", dests(10))];
+        // 10 L4 probes and 10 L3 ones: 14 fit, so 6 hosts lose diagnosis.
+        let plan = plan_within(&services, &Config::default(), 14);
+        assert_eq!((plan.probes.len(), plan.undiagnosed), (14, 6));
+        assert_eq!(plan.bindings.len(), 10, "every destination still checked");
+        assert!(plan.skipped.is_empty());
+        // 8 fit: no diagnosis at all, and 2 destinations unchecked.
+        let plan = plan_within(&services, &Config::default(), 8);
+        assert_eq!(plan.probes.len(), 8);
+        assert_eq!((plan.bindings.len(), plan.undiagnosed), (8, 10));
+        assert_eq!(plan.skipped.len(), 2);
+        assert!(plan.skipped.iter().all(|s| s.2 == OVER_CAPACITY));
+        assert_eq!(plan.by_probe.len(), 8);
     }
 
     #[test]

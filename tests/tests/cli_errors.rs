@@ -54,27 +54,31 @@ fn without_root_it_says_so() {
 #[test]
 fn without_bpffs_it_says_how_to_mount_it() {
     let pair = VethPair::new().unwrap();
-    // A private mount namespace with bpffs unmounted: the host's stays.
-    let script = format!(
-        "umount /sys/fs/bpf && exec {} run --iface {VETH}",
-        prober_bin().display()
-    );
+    // A pin directory of the operator's choosing on a plain filesystem:
+    // prober mounts a bpffs only at its usual place (/sys/fs/bpf, where
+    // `ip netns exec` leaves none; tested in probe_netns), never over an
+    // operator's directory.
+    let dir = std::env::temp_dir().join(prober_tests::unique_name("no-bpffs-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pin_dir = dir.join("prober");
     let out = pair
         .server
-        .command("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .command(prober_bin())
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .args(["run", "--iface", VETH])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("mount -t bpf bpf /sys/fs/bpf"),
+        stderr(&out).contains(&format!("mount -t bpf bpf {}", dir.display())),
         "{}",
         stderr(&out)
     );
     assert_eq!(pair.server.xdp_program_id(VETH).unwrap(), None);
     prober_tests::record(
         "daemon",
-        "bpffs not mounted at start",
+        "pin directory not on a bpffs at start",
         1,
         "exit status 1, the message says how to mount it, nothing attached",
         "nothing",
