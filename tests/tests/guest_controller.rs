@@ -586,6 +586,48 @@ fn three_hundred_on_link_real_servers_stay_resolved_through_neighbour_gc() {
     assert_eq!(full, N);
 }
 
+#[test]
+fn pinned_state_of_servers_removed_while_prober_was_stopped_is_freed_at_start() {
+    let (lan, _listeners) = service(3);
+    let pin_dir = PinDir::new();
+    let entries = |map: &str| -> usize {
+        let out = prober_tests::run(
+            std::process::Command::new("bpftool")
+                .args(["-j", "map", "dump", "pinned"])
+                .arg(pin_dir.join(map)),
+        )
+        .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let mut first = start(&lan, &pin_dir, FAST);
+    // Every destination's weight and every probe's health saved (health
+    // every 2 s): three real servers, L4 and L3 each.
+    wait_for(Duration::from_secs(20), || {
+        Ok((entries("WEIGHT_STATE") == 3 && entries("HEALTH_STATE") == 6).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", first.log()));
+    first.stop(libc::SIGTERM).unwrap();
+    lan.ipvsadm(&["-d", "-t", VS, "-r", &rs(2)]).unwrap();
+    let second = start(&lan, &pin_dir, FAST);
+    // Its weight record, and the health of its L4 and L3 probes.
+    wait_for(Duration::from_secs(10), || {
+        Ok(second
+            .log()
+            .contains("freed 3 pinned state records")
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", second.log()));
+    assert_eq!(entries("WEIGHT_STATE"), 2, "{}", second.log());
+    assert_eq!(
+        entries("HEALTH_STATE"),
+        4,
+        "two real servers, L4 and L3 each"
+    );
+}
+
 /// `ip -batch -` in a namespace.
 fn ip_batch(ns: &prober_tests::NetNs, commands: &str) {
     use std::io::Write as _;

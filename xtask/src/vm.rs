@@ -43,6 +43,7 @@ pub const GUEST_TESTS: &[&str] = &[
     "guest_checks",
     "guest_operator",
     "guest_faults",
+    "guest_scale",
 ];
 
 /// Modules the initramfs loads to mount the host's root over virtio 9p
