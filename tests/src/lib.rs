@@ -523,6 +523,12 @@ impl NetNs {
     /// Sends one raw Ethernet frame out of `interface` in this namespace
     /// (AF_PACKET): forged or malformed traffic, as an attacker would.
     pub fn send_frame(&self, interface: &str, frame: Vec<u8>) -> Result<()> {
+        self.send_frames(interface, vec![frame])
+    }
+
+    /// Sends raw Ethernet frames out of `interface`, in order, from one
+    /// socket (many frames cost one namespace switch).
+    pub fn send_frames(&self, interface: &str, frames: Vec<Vec<u8>>) -> Result<()> {
         let interface = std::ffi::CString::new(interface)?;
         self.enter(move || -> Result<()> {
             // SAFETY: plain socket calls on a socket we own and close.
@@ -535,24 +541,27 @@ impl NetNs {
                 if fd < 0 {
                     bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
                 }
-                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_ifindex = ifindex as i32;
-                addr.sll_halen = 6;
-                addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-                let sent = libc::sendto(
-                    fd,
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                let error = std::io::Error::last_os_error();
-                libc::close(fd);
-                if sent != frame.len() as isize {
-                    bail!("sending a raw frame: {error}");
+                for frame in &frames {
+                    let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                    addr.sll_family = libc::AF_PACKET as u16;
+                    addr.sll_ifindex = ifindex as i32;
+                    addr.sll_halen = 6;
+                    addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+                    let sent = libc::sendto(
+                        fd,
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        (&addr as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    );
+                    if sent != frame.len() as isize {
+                        let error = std::io::Error::last_os_error();
+                        libc::close(fd);
+                        bail!("sending a raw frame: {error}");
+                    }
                 }
+                libc::close(fd);
             }
             Ok(())
         })?

@@ -278,12 +278,14 @@ fn duplicate_syns_and_stray_segments_from_a_client_take_no_healthy_server_out() 
     .unwrap();
     thread::sleep(Duration::from_secs(2)); // IPVS read, the server followed
 
-    // A stranger's traffic through the VIP for 4 s, as fast as it goes:
-    // copies of one SYN (resent SYNs to the real server) and ACKs that
-    // match no connection (the real server answers each with a RST).
+    // A stranger's traffic through the VIP for 4 s, from an address of the
+    // client network that nobody holds (spoofed: the real server's answers
+    // go nowhere, so nothing resets its half-open connections): copies of
+    // one SYN (resent SYNs, as the director sees them) and ACKs that match
+    // no connection (the real server answers each with a RST).
     let client_mac = client.mac_bytes("eth0").unwrap();
     let director_mac = lan.director.mac_bytes("eth1").unwrap();
-    let (from, vip) = ([198, 51, 100, 7], [203, 0, 113, 10]);
+    let (from, vip) = ([198, 51, 100, 99], [203, 0, 113, 10]);
     let frame = |port: u16, flags: u8| {
         let segment = tcp(
             from,
@@ -307,20 +309,15 @@ fn duplicate_syns_and_stray_segments_from_a_client_take_no_healthy_server_out() 
     let mut sent = 0;
     let mut lowest = u32::MAX;
     let started = std::time::Instant::now();
-    for round in 0..200u16 {
+    for round in 0..400u16 {
         if started.elapsed() > Duration::from_secs(4) {
             break;
         }
-        for _ in 0..10 {
-            client.send_frame("eth0", frame(40000, SYN)).unwrap();
-            client
-                .send_frame("eth0", frame(41000 + round, SYN))
-                .unwrap();
-            client
-                .send_frame("eth0", frame(41000 + round, ACK))
-                .unwrap();
-            sent += 3;
-        }
+        let mut frames = vec![frame(40000, SYN); 10];
+        frames.push(frame(41000 + round, SYN));
+        frames.extend(vec![frame(41000 + round, ACK); 5]);
+        sent += frames.len();
+        client.send_frames("eth0", frames).unwrap();
         lowest = lowest.min(lan.weights(VIP).unwrap()[&rs]);
     }
     thread::sleep(Duration::from_secs(1));
