@@ -40,6 +40,9 @@ const PASSIVE_BURST: u64 = 5;
 
 /// Latency estimates are saved for restarts this often.
 const LATENCY_SAVE: Duration = Duration::from_secs(2);
+/// After the carrier comes back, how long next hops still being resolved
+/// keep the director suspected.
+const LINK_SETTLE: Duration = Duration::from_secs(10);
 /// Unprobed destinations named one by one in a discovery's warnings.
 const UNCHECKED_NAMED: usize = 20;
 /// Batches of IPVS writes this large are logged with their duration.
@@ -131,6 +134,8 @@ pub struct Controller {
     path: DirectorPath,
     /// Whether the interface had carrier at the last tick.
     link_was_up: bool,
+    /// When the carrier last came back.
+    link_back_at: Option<Instant>,
     /// Unchecked destinations already warned about.
     warned_unchecked: HashSet<(ServiceKey, DestinationKey)>,
     /// Hosts without their L3 probe for capacity, as last said.
@@ -192,6 +197,7 @@ impl Controller {
             panicking: HashSet::new(),
             path: DirectorPath::new(),
             link_was_up: true,
+            link_back_at: None,
             warned_unchecked: HashSet::new(),
             undiagnosed: 0,
             not_saved: 0,
@@ -539,9 +545,17 @@ impl Controller {
             // The kernel flushed its neighbours with the carrier: resolve
             // them again now, not after the usual back-off.
             self.prober.resolve_neighbours_now();
+            self.link_back_at = Some(now);
         }
         self.link_was_up = link_up;
-        match self.path.end_tick(up, link_up) {
+        // Back up, the link still counts as down while next hops are being
+        // resolved again (for a while: a dead host never resolves).
+        let settling = link_up
+            && self
+                .link_back_at
+                .is_some_and(|at| now.duration_since(at) < LINK_SETTLE)
+            && self.prober.any_neighbour_unresolved();
+        match self.path.end_tick(up, link_up && !settling) {
             Some(director_fault::Change::Suspected(why)) => {
                 warn!(
                     interface = self.prober.interface(),

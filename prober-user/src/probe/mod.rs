@@ -287,6 +287,14 @@ impl Prober {
         self.ids.get(spec).copied()
     }
 
+    /// Whether some target waits for its next hop's MAC.
+    pub fn any_neighbour_unresolved(&self) -> bool {
+        self.targets
+            .iter()
+            .flatten()
+            .any(|t| t.neighbour_unresolved)
+    }
+
     /// Whether target `id` waits for its next hop's MAC.
     pub fn neighbour_unresolved(&self, id: u32) -> bool {
         self.targets
