@@ -121,6 +121,33 @@ impl NetNs {
         cmd
     }
 
+    /// Runs `program args` in this namespace with `input` on its standard
+    /// input (`ip -batch -`, `ipvsadm -R`); fails with its stderr unless it
+    /// succeeds.
+    pub fn run_with_input(&self, program: &str, args: &[&str], input: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut child = self
+            .command(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "{program} {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Runs `f` on a thread that has entered this namespace; sockets it opens
     /// belong to the namespace.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {

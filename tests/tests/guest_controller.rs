@@ -532,7 +532,9 @@ fn three_hundred_on_link_real_servers_stay_resolved_through_neighbour_gc() {
     let batch: String = (0..N)
         .map(|i| format!("addr add {}/22 dev {LAN_IF}\n", addr(i)))
         .collect();
-    ip_batch(&lan.servers[0], &batch);
+    lan.servers[0]
+        .run_with_input("ip", &["-batch", "-"], &batch)
+        .unwrap();
     lan.director
         .ip(&["addr", "add", "198.18.0.1/22", "dev", LAN_IF])
         .unwrap();
@@ -551,7 +553,9 @@ fn three_hundred_on_link_real_servers_stay_resolved_through_neighbour_gc() {
     for i in 0..N {
         rules.push_str(&format!("-a -t {VS} -r {}:80 -m -w 100\n", addr(i)));
     }
-    ipvs_restore(&lan, &rules);
+    lan.director
+        .run_with_input("ipvsadm", &["-R"], &rules)
+        .unwrap();
     let pin_dir = PinDir::new();
     let daemon = start(
         &lan,
@@ -624,43 +628,6 @@ fn pinned_state_of_servers_removed_while_prober_was_stopped_is_freed_at_start() 
         4,
         "two real servers, L4 and L3 each"
     );
-}
-
-/// `ip -batch -` in a namespace.
-fn ip_batch(ns: &prober_tests::NetNs, commands: &str) {
-    use std::io::Write as _;
-    let mut child = ns
-        .command("ip")
-        .args(["-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(commands.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-}
-
-/// `ipvsadm -R` in the director's namespace.
-fn ipvs_restore(lan: &Lan, rules: &str) {
-    use std::io::Write as _;
-    let mut child = lan
-        .director
-        .command("ipvsadm")
-        .arg("-R")
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
 }
 
 fn run_tc(ns: &prober_tests::NetNs, args: &[&str]) {

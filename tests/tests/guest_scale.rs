@@ -5,7 +5,7 @@
 //! their L3 diagnosis are counted in a warning, and a server that dies
 //! still goes to weight 0.
 
-use std::{io::Write as _, net::SocketAddrV4, process::Stdio, time::Duration};
+use std::{net::SocketAddrV4, time::Duration};
 
 use prober_tests::{unique_name, wait_for, Daemon, NetNs, PeerXdp, PinDir};
 
@@ -76,19 +76,7 @@ fn more_than_70_000_probes_are_all_accounted_for_and_a_dead_server_still_goes_ou
             ));
         }
     }
-    let mut restore = director
-        .command("ipvsadm")
-        .arg("-R")
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    restore
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(restore.wait().unwrap().success());
+    director.run_with_input("ipvsadm", &["-R"], &rules).unwrap();
 
     let config = std::env::temp_dir().join(format!("{}.toml", unique_name("scale-")));
     std::fs::write(
