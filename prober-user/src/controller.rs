@@ -1099,7 +1099,7 @@ impl Controller {
                     }
                 }
                 State::Up => {
-                    info!(probe = %spec, services = ?names, "real server UP");
+                    info!(probe = %spec, sent = counts.sent, services = ?names, "real server UP");
                     if diagnoses_host {
                         self.alerts.host_up(host, now);
                     }
