@@ -63,8 +63,9 @@ pub struct ProbeMaps {
 struct NeighbourKeepalive {
     hops: Vec<(u32, IpAddr)>,
     cursor: usize,
-    /// When the last slice was done.
+    /// When the last slice was done, and when this pass began.
     at: Instant,
+    pass_started: Option<Instant>,
     /// How long one whole pass takes.
     period: Duration,
 }
@@ -83,6 +84,7 @@ impl NeighbourKeepalive {
             hops: Vec::new(),
             cursor: 0,
             at: Instant::now(),
+            pass_started: None, // the first pass is due at once
             period: Duration::from_secs(stale.max(3) / 3),
         }
     }
@@ -537,6 +539,15 @@ impl Prober {
         let since = now.saturating_duration_since(self.keepalive.at);
         self.keepalive.at = now;
         if self.keepalive.cursor >= self.keepalive.hops.len() {
+            // One pass per period: the next starts when it is due.
+            if self
+                .keepalive
+                .pass_started
+                .is_some_and(|at| now.saturating_duration_since(at) < period)
+            {
+                return;
+            }
+            self.keepalive.pass_started = Some(now);
             let hops: std::collections::BTreeSet<(u32, IpAddr)> = self
                 .targets
                 .iter()
