@@ -370,6 +370,7 @@ impl Controller {
                     why: why.to_string(),
                 })
                 .collect(),
+            undiagnosed_hosts: self.plan.undiagnosed,
             ..Default::default()
         }
     }

@@ -195,6 +195,13 @@ impl Collector for Snapshot {
         )?;
         gauge(
             &mut e,
+            "prober_hosts_undiagnosed",
+            "real server hosts without an L3 diagnosis probe because the datapath is full",
+            None,
+            &[(vec![], s.undiagnosed_hosts as f64)],
+        )?;
+        gauge(
+            &mut e,
             "prober_director_fault_suspected",
             "1 while the evidence points at the director's own path (weights kept)",
             None,

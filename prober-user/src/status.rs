@@ -33,6 +33,10 @@ pub struct Status {
     /// left as IPVS has them).
     #[serde(default)]
     pub unchecked: Vec<UncheckedStatus>,
+    /// Real server hosts without their L3 diagnosis probe: the datapath
+    /// is full (their destinations are still checked).
+    #[serde(default)]
+    pub undiagnosed_hosts: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -183,6 +187,14 @@ pub fn table(status: &Status) -> String {
     );
     if let Some(problem) = &status.ipvs_problem {
         let _ = writeln!(out, "IPVS: {problem}");
+    }
+    if status.undiagnosed_hosts > 0 {
+        let _ = writeln!(
+            out,
+            "CAPACITY: {} hosts without L3 diagnosis (the datapath holds {} probes)",
+            status.undiagnosed_hosts,
+            prober_common::MAX_TARGETS
+        );
     }
     for u in &status.unchecked {
         let _ = writeln!(
