@@ -89,10 +89,10 @@ fn a_stopped_server_goes_to_zero_in_time_and_returns_through_slow_start() {
     );
     assert_eq!(writes(&daemon), 0, "{}", daemon.log());
 
+    // Probes sent by the time of the stop, at most (read just before it).
+    let sent_at_stop = field(&daemon.stats().unwrap(), &format!("tcp:{}", rs(0)), "sent");
     listeners[0] = None; // the service on the first real server stops: RST
     let stopped = std::time::SystemTime::now();
-    // Probes sent by the time of the stop, at least (read after it).
-    let sent_at_stop = field(&daemon.stats().unwrap(), &format!("tcp:{}", rs(0)), "sent");
     wait_for(Duration::from_secs(10), || {
         Ok((lan.weights(VS)?[&rs(0)] == 0).then_some(()))
     })
@@ -119,8 +119,9 @@ fn a_stopped_server_goes_to_zero_in_time_and_returns_through_slow_start() {
         "stopped server at weight 0 after {took:?} and {probes} probes (fall 3 refused probes; 800 ms at 200 ms is the ideal)"
     );
     // Judged on what was observed, not on the emulator's clock: out
-    // within fall + 1 probes of the stop.
-    assert!(probes <= 4, "{probes} probes from the stop to DOWN: {down}");
+    // within fall + 1 probes of the stop, and one that may go out between
+    // the reading and the stop.
+    assert!(probes <= 5, "{probes} probes from the stop to DOWN: {down}");
     assert_eq!(lan.weights(VS).unwrap()[&rs(1)], 100);
 
     listeners[0] = Some(

@@ -207,13 +207,15 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
     let mut stall_on = false;
     // When each fault was made, on the daemon's clock.
     let mut made = [SystemTime::UNIX_EPOCH; 5];
-    // Probes sent by the time of the faults, at least (read after them).
     let mut sent_at_fault = None;
     let mut sent_at_stall_end = None;
     let mut flap_cycles = 0;
     let samples = watch(&lan, Duration::from_secs(20), |at| {
         if at >= fault_at && !faults_on {
             faults_on = true;
+            // Probes sent by the time of the faults, at most (read just
+            // before them).
+            sent_at_fault = Some(daemon.stats().unwrap());
             made[0] = SystemTime::now();
             killed.kill();
             made[1] = SystemTime::now();
@@ -226,9 +228,9 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
             made[4] = SystemTime::now();
             lan.servers[4].netem(LAN_IF, &["delay", "2000ms"]).unwrap();
             stall_on = true;
-            sent_at_fault = Some(daemon.stats().unwrap());
         }
         if stall_on && at >= stall_end {
+            sent_at_stall_end = Some(daemon.stats().unwrap());
             made[3] = SystemTime::now(); // the stall's end
             run(Command::new("ip").args([
                 "netns",
@@ -243,7 +245,6 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
             ]))
             .unwrap();
             stall_on = false;
-            sent_at_stall_end = Some(daemon.stats().unwrap());
         }
         // Down during odd seconds after the fault, up during even ones.
         if at >= fault_at && at < flap_end {
@@ -279,7 +280,7 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
             .lines()
             .filter(|l| l.contains(&format!("real server {change}")))
             .filter(|l| l.contains(&format!("probe={probe} ")))
-            .find(|l| sent_of(l) > before)
+            .find(|l| sent_of(l) >= before)
             .unwrap_or_else(|| panic!("no {change} of {probe}: {log}"));
         sent_of(line) - before
     };
@@ -287,8 +288,10 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
         let took = to_zero(i).unwrap_or_else(|| panic!("{what}: never 0: {log}"));
         let probes = probes_to(i, "DOWN", &sent_at_fault);
         println!("{what}: DOWN {probes} probes after the fault, weight 0 after {took:?}");
+        // fall (3) failed probes, one in flight at the fault, and one that
+        // may go out between the reading and the fault.
         assert!(
-            probes <= 4,
+            probes <= 5,
             "{what}: {probes} probes from the fault to DOWN"
         );
         assert_eq!(samples.last().unwrap().1[&rs(i)], 0, "{what} stays out");
@@ -298,14 +301,14 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
     let stall_back = write_after(&daemon, &rs(4), 100, made[3]).expect("back after the stall");
     let stall_probes = probes_to(4, "DOWN", &sent_at_fault);
     assert!(
-        stall_probes <= 4,
+        stall_probes <= 5,
         "stall: DOWN {stall_probes} probes after it began"
     );
-    // Back within rise (2) answered probes of its end, and one more that
-    // was in the stalled queue when it ended.
+    // Back within rise (2) answered probes of its end, one that was in the
+    // stalled queue when it ended, and one between the reading and the end.
     let back_probes = probes_to(4, "UP", sent_at_stall_end.as_ref().expect("stall ended"));
     assert!(
-        back_probes <= 3,
+        back_probes <= 4,
         "stall: UP {back_probes} probes after it ended"
     );
     assert_eq!(count(4), 2, "stall: out and back, nothing more: {log}");
