@@ -136,6 +136,8 @@ pub struct Controller {
     link_was_up: bool,
     /// When the carrier last came back.
     link_back_at: Option<Instant>,
+    /// When the last director-side fault was over.
+    fault_cleared_at: Option<Instant>,
     /// Unchecked destinations already warned about.
     warned_unchecked: HashSet<(ServiceKey, DestinationKey)>,
     /// Hosts without their L3 probe for capacity, as last said.
@@ -198,6 +200,7 @@ impl Controller {
             path: DirectorPath::new(),
             link_was_up: true,
             link_back_at: None,
+            fault_cleared_at: None,
             warned_unchecked: HashSet::new(),
             undiagnosed: 0,
             not_saved: 0,
@@ -558,6 +561,11 @@ impl Controller {
             && self.prober.any_neighbour_unresolved();
         match self.path.end_tick(up, link_up && !settling) {
             Some(director_fault::Change::Suspected(why)) => {
+                // The silence that raised the suspicion counts against no
+                // server either.
+                for track in self.probes.values_mut() {
+                    track.health.forgive_failures();
+                }
                 warn!(
                     interface = self.prober.interface(),
                     "director-side fault suspected: {why}; keeping every weight as it is (fail open) until probes are answered again"
@@ -565,6 +573,7 @@ impl Controller {
                 self.alerts.director_fault(why.to_string(), now);
             }
             Some(director_fault::Change::Cleared) => {
+                self.fault_cleared_at = Some(now);
                 info!(
                     interface = self.prober.interface(),
                     "director-side fault over: weights follow health again"
@@ -1016,7 +1025,12 @@ impl Controller {
             // While the director's own path is suspected, silence is no
             // evidence against the server: its health waits, so nothing
             // is taken out when the path comes back.
-            if !replied && self.path.suspected().is_some() {
+            // Nor is the silence of a probe sent while it was suspected
+            // and settled just after.
+            let sent_during_fault = self
+                .fault_cleared_at
+                .is_some_and(|cleared| track.sent_at <= cleared);
+            if !replied && (self.path.suspected().is_some() || sent_during_fault) {
                 seen.timed_out = 0;
             }
         }

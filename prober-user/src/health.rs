@@ -141,6 +141,12 @@ impl Health {
         None
     }
 
+    /// Forgets the failures in the current run (they were the director's
+    /// own, not the target's); the state stays.
+    pub fn forgive_failures(&mut self) {
+        self.failures = 0;
+    }
+
     fn switch(&mut self, to: State, cause: Cause, now: Instant) -> Transition {
         self.state = to;
         self.successes = 0;
