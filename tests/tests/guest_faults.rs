@@ -208,6 +208,7 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
     // When each fault was made, on the daemon's clock.
     let mut made = [SystemTime::UNIX_EPOCH; 5];
     let mut sent_at_fault = None;
+    let mut sent_at_stall = None;
     let mut sent_at_stall_end = None;
     let mut flap_cycles = 0;
     let samples = watch(&lan, Duration::from_secs(20), |at| {
@@ -225,6 +226,7 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
                 .ip(&["route", "add", "blackhole", "192.0.2.1/32"])
                 .unwrap();
             lan.servers[3].netem(LAN_IF, &["loss", "30%"]).unwrap();
+            sent_at_stall = Some(daemon.stats().unwrap());
             made[4] = SystemTime::now();
             lan.servers[4].netem(LAN_IF, &["delay", "2000ms"]).unwrap();
             stall_on = true;
@@ -288,10 +290,11 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
         let took = to_zero(i).unwrap_or_else(|| panic!("{what}: never 0: {log}"));
         let probes = probes_to(i, "DOWN", &sent_at_fault);
         println!("{what}: DOWN {probes} probes after the fault, weight 0 after {took:?}");
-        // fall (3) failed probes, one in flight at the fault, and one that
-        // may go out between the reading and the fault.
+        // fall (3) failed probes, one in flight at the fault, and up to two
+        // that go out between the reading and the fault (other faults are
+        // being made meanwhile, each an `ip` command under emulation).
         assert!(
-            probes <= 5,
+            probes <= 6,
             "{what}: {probes} probes from the fault to DOWN"
         );
         assert_eq!(samples.last().unwrap().1[&rs(i)], 0, "{what} stays out");
@@ -299,16 +302,17 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
     }
     let stall_down = to_zero(4).expect("the 2 s stall takes it out");
     let stall_back = write_after(&daemon, &rs(4), 100, made[3]).expect("back after the stall");
-    let stall_probes = probes_to(4, "DOWN", &sent_at_fault);
+    let stall_probes = probes_to(4, "DOWN", sent_at_stall.as_ref().expect("stall made"));
     assert!(
-        stall_probes <= 5,
+        stall_probes <= 6,
         "stall: DOWN {stall_probes} probes after it began"
     );
     // Back within rise (2) answered probes of its end, one that was in the
-    // stalled queue when it ended, and one between the reading and the end.
+    // stalled queue when it ended, and up to two between the reading and
+    // the end.
     let back_probes = probes_to(4, "UP", sent_at_stall_end.as_ref().expect("stall ended"));
     assert!(
-        back_probes <= 4,
+        back_probes <= 5,
         "stall: UP {back_probes} probes after it ended"
     );
     assert_eq!(count(4), 2, "stall: out and back, nothing more: {log}");
