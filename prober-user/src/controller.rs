@@ -28,7 +28,10 @@ use crate::{
     events::{sink::Sink, Alerts},
     health::{Cause, Health, Observations, State},
     passive::{self, Passive},
-    probe::{Counts, ProbeSpec, Prober},
+    probe::{
+        schedule::{self, Send},
+        Counts, ProbeSpec, Prober,
+    },
     state::{health_key, weight_key, StateStore},
     targets::{self, CheckSettings, Plan, ProbeSettings},
     weights::{pool_weights, LatencyEwma, Member},
@@ -60,8 +63,11 @@ struct ProbeTrack {
     response: Option<LatencyEwma>,
     response_at: Option<Instant>,
     last: Counts,
-    /// When the next probe may go out: an interval after the last send.
-    next_due: Instant,
+    /// The grid point of its next send (see `probe::schedule`).
+    grid: Instant,
+    /// When it is next looked at: its only valid entry in the queue (None:
+    /// not queued yet, it has no target id).
+    queued_at: Option<Instant>,
     /// A probe is out and not yet settled.
     outstanding: bool,
     /// When the outstanding probe was handed to the kernel (at the latest).
@@ -109,6 +115,13 @@ struct Totals {
     weight_write_errors: u64,
     netlink_errors: u64,
     events: BTreeMap<String, u64>,
+    /// The most probes sent in one tick, and the sends a late tick
+    /// skipped to their next grid point (see `probe::schedule`).
+    largest_send: u64,
+    sends_skipped: u64,
+    /// When skipped sends were last said, and how many since.
+    skipped_said: Option<Instant>,
+    skipped_unsaid: u64,
 }
 
 pub struct Controller {
@@ -147,8 +160,17 @@ pub struct Controller {
     totals: Totals,
     next_discovery: Instant,
     ipvs_problem: Option<String>,
-    /// When the next probe is due to be settled or sent.
-    wake_at: Option<Instant>,
+    /// Probes by when they are next to be settled or sent.
+    queue: schedule::Queue,
+    /// Where every probe's send grid starts.
+    epoch: Instant,
+    /// Buffers reused by every tick (nothing allocated per tick).
+    popped: Vec<(Instant, u32)>,
+    due_ids: Vec<u32>,
+    sending: Vec<u32>,
+    /// Services whose pools a health change touched this tick: recomputed
+    /// at once, the others at the regular tick.
+    touched: HashSet<ServiceKey>,
     /// Tests only: each discovery takes this much longer, as one under
     /// load or behind a slow netlink reply does (PROBER_DEBUG_SLOW_DISCOVERY_MS).
     discovery_delay: Option<Duration>,
@@ -208,7 +230,12 @@ impl Controller {
             next_discovery: now,
             ipvs_problem: None,
             latency_hold_until: now + config.policy.decay,
-            wake_at: None,
+            queue: schedule::Queue::default(),
+            epoch: now,
+            popped: Vec::new(),
+            due_ids: Vec::new(),
+            sending: Vec::new(),
+            touched: HashSet::new(),
             discovery_delay: std::env::var("PROBER_DEBUG_SLOW_DISCOVERY_MS")
                 .ok()
                 .and_then(|ms| ms.parse().ok())
@@ -361,6 +388,8 @@ impl Controller {
             weight_writes: self.totals.weight_writes,
             weight_write_errors: self.totals.weight_write_errors,
             netlink_errors: self.totals.netlink_errors,
+            largest_send: self.totals.largest_send,
+            sends_skipped: self.totals.sends_skipped,
             events: self.totals.events.clone(),
             services: services.into_values().collect(),
             unchecked: self
@@ -383,10 +412,11 @@ impl Controller {
         &self.config
     }
 
-    /// When a probe is next to be settled or sent, if sooner than the next
-    /// regular tick: `tick` should run then, so timeouts are exact.
+    /// When a probe is next to be settled or sent: `tick` should run
+    /// then (with `full` false if the regular tick is not due), so
+    /// timeouts are exact and sends keep to their grid.
     pub fn next_wake(&self) -> Option<Instant> {
-        self.wake_at
+        self.queue.next()
     }
 
     /// The shortest probe interval: how often `tick` should run.
@@ -400,7 +430,11 @@ impl Controller {
             .unwrap_or(self.config.interval)
     }
 
-    pub fn tick(&mut self, now: Instant, open_store: OpenStore<'_>) -> Result<()> {
+    /// One pass: probes due now are settled and sent; a `full` tick (the
+    /// regular one, every `tick_interval`) also takes passive samples and
+    /// agents and recomputes every pool, the others only the pools a
+    /// health change touched.
+    pub fn tick(&mut self, now: Instant, full: bool, open_store: OpenStore<'_>) -> Result<()> {
         if now >= self.next_discovery {
             self.next_discovery = now + self.config.discovery;
             if let Err(e) = self.discover(now, open_store) {
@@ -424,89 +458,27 @@ impl Controller {
         // Discovery may have taken a while: probe times are judged
         // against the clock as it is now, not as the tick began.
         let now = Instant::now();
-        match self.passive.take_deltas() {
-            Ok(deltas) => {
-                for (server, delta) in deltas {
-                    self.pending.entry(server).or_default().add(delta);
+        if full {
+            match self.passive.take_deltas() {
+                Ok(deltas) => {
+                    for (server, delta) in deltas {
+                        self.pending.entry(server).or_default().add(delta);
+                    }
                 }
-            }
-            Err(e) => warn!("reading passive measurements: {e:#}"),
-        }
-        if let Err(e) = self.prober.refresh_counts() {
-            warn!("reading probe results in one batch: {e:#}; reading them one by one");
-        }
-        // A probe is settled when its reply is in or its own timeout,
-        // counted from its own send, has passed; the next one goes out an
-        // interval after that send, never sooner, however late a tick ran.
-        let mut wake: Option<Instant> = None;
-        let mut due = Vec::new();
-        for (spec, track) in &self.probes {
-            let at = if track.outstanding {
-                let replied = self
-                    .prober
-                    .id_of(spec)
-                    .and_then(|id| self.prober.fresh_counts(id).ok())
-                    .is_some_and(|c| c.replies() > track.last.replies());
-                if replied {
-                    now
-                } else {
-                    track.sent_at + track.settings.timeout
-                }
-            } else {
-                track.next_due
-            };
-            if at <= now {
-                due.push(*spec);
-            } else {
-                wake = Some(wake.map_or(at, |w| w.min(at)));
+                Err(e) => warn!("reading passive measurements: {e:#}"),
             }
         }
-        let mut sending = Vec::with_capacity(due.len());
-        let mut ids = Vec::with_capacity(due.len());
-        for spec in due {
-            // One probe's unreadable counters must not stop the others.
-            let send = self.evaluate(spec, now).unwrap_or_else(|e| {
-                warn!(probe = %spec, "reading probe results: {e:#}");
-                true
-            });
-            let track = self.probes.get_mut(&spec).expect("due probes are tracked");
-            track.outstanding = false;
-            if now < track.next_due {
-                // Settled early (its reply is in): the next one waits.
-                wake = Some(wake.map_or(track.next_due, |w| w.min(track.next_due)));
-                continue;
-            }
-            // Not sent (a client's handshake just showed it answering):
-            // looked at again an interval from now.
-            track.next_due = now + track.settings.interval;
-            wake = Some(wake.map_or(track.next_due, |w| w.min(track.next_due)));
-            if let (true, Some(id)) = (send, self.prober.id_of(&spec)) {
-                ids.push(id);
-                sending.push(spec);
-            }
-        }
-        if let Err(e) = self.prober.send(&ids) {
-            warn!("sending probes: {e:#}");
-        }
-        // Taken after the send returned: no probe left later than this,
-        // so no timeout counted from it is ever short.
-        let sent_at = Instant::now();
-        for spec in sending {
-            let track = self.probes.get_mut(&spec).expect("sent probes are tracked");
-            track.outstanding = true;
-            track.sent_at = sent_at;
-            track.next_due = sent_at + track.settings.interval;
-            let settle = sent_at + track.settings.timeout;
-            wake = Some(wake.map_or(settle, |w| w.min(settle)));
-        }
-        self.wake_at = wake;
+        self.touched.clear();
+        self.settle_and_send(now);
         self.judge_director_path(now);
         self.restart_ended_checks();
         self.take_check_reports(now);
-        if let Some(agents) = &mut self.agents {
-            agents.refresh();
+        if full {
+            if let Some(agents) = &mut self.agents {
+                agents.refresh();
+            }
         }
-        self.update_weights(now);
+        self.update_weights(now, full);
         // Asked only about hosts whose L3 probe is down: the hosts with an
         // L4 probe up are gathered once, on the first question of a tick.
         let probes = &self.probes;
@@ -534,6 +506,158 @@ impl Controller {
             self.sink.send(&event);
         }
         Ok(())
+    }
+
+    /// Settles the probes whose reply is in or whose own timeout (counted
+    /// from their own send) has passed, and sends those whose grid point
+    /// has come, at most `schedule::budget` in one tick. Only the probes
+    /// due are looked at, their counters read a block at a time.
+    fn settle_and_send(&mut self, now: Instant) {
+        let mut popped = std::mem::take(&mut self.popped);
+        let mut ids = std::mem::take(&mut self.due_ids);
+        let mut sending = std::mem::take(&mut self.sending);
+        self.queue.pop_due(now, &mut popped);
+        ids.clear();
+        sending.clear();
+        for &(at, id) in &popped {
+            let queued = self
+                .prober
+                .spec_of(id)
+                .and_then(|spec| self.probes.get(&spec))
+                .is_some_and(|track| track.queued_at == Some(at));
+            if queued {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        if let Err(e) = self.prober.read_counts(&ids) {
+            warn!("reading probe results in batches: {e:#}; reading them one by one");
+        }
+        let budget = schedule::budget(self.probes.len());
+        let mut skipped = 0u64;
+        for &id in &ids {
+            let Some(spec) = self.prober.spec_of(id) else {
+                continue;
+            };
+            let Some(track) = self.probes.get_mut(&spec) else {
+                continue;
+            };
+            let timing = track.settings;
+            if track.outstanding {
+                let replied = self
+                    .prober
+                    .fresh_counts(id)
+                    .is_ok_and(|c| c.replies() > track.last.replies());
+                let settles_at = track.sent_at + timing.timeout;
+                if !replied && now < settles_at {
+                    // Neither answered nor timed out: looked at again when
+                    // its own timeout is up.
+                    track.queued_at = Some(settles_at);
+                    self.queue.push(settles_at, id);
+                    continue;
+                }
+            }
+            let grid = track.grid;
+            let verdict = schedule::send_due(self.epoch, id, timing.interval, grid, now);
+            let over_budget = matches!(verdict, Send::Now { .. }) && sending.len() >= budget;
+            // One probe's unreadable counters must not stop the others.
+            let send = if over_budget && !track.outstanding {
+                true // nothing to settle; evaluated when it goes
+            } else {
+                self.evaluate(spec, now).unwrap_or_else(|e| {
+                    warn!(probe = %spec, "reading probe results: {e:#}");
+                    true
+                })
+            };
+            let track = self.probes.get_mut(&spec).expect("due probes are tracked");
+            track.outstanding = false;
+            let next = match verdict {
+                Send::Wait => grid,
+                Send::Skip { next } => {
+                    skipped += 1;
+                    next
+                }
+                // The rest of this slot's sends wait for the next slot.
+                Send::Now { .. } if over_budget => now + timing.interval / schedule::SLOTS,
+                Send::Now { next } => {
+                    if send {
+                        sending.push(id);
+                    }
+                    next
+                }
+            };
+            if !over_budget {
+                track.grid = next.max(grid);
+            }
+            track.queued_at = Some(next);
+            self.queue.push(next, id);
+        }
+        if let Err(e) = self.prober.send(&sending) {
+            warn!("sending probes: {e:#}");
+        }
+        self.note_sends(sending.len() as u64, budget, skipped, now);
+        // Taken after the send returned: no probe left later than this,
+        // so no timeout counted from it is ever short.
+        let sent_at = Instant::now();
+        for &id in &sending {
+            let Some(track) = self
+                .prober
+                .spec_of(id)
+                .and_then(|spec| self.probes.get_mut(&spec))
+            else {
+                continue;
+            };
+            track.outstanding = true;
+            track.sent_at = sent_at;
+            // Settled at its grid point if answered by then, else when its
+            // timeout is up.
+            let at = track.grid.min(sent_at + track.settings.timeout);
+            track.queued_at = Some(at);
+            self.queue.push(at, id);
+        }
+        if self.queue.len() > 2 * self.probes.len() + 1024 {
+            // Entries left behind by reschedules.
+            let (probes, prober) = (&self.probes, &self.prober);
+            self.queue.retain(|at, id| {
+                prober
+                    .spec_of(id)
+                    .and_then(|spec| probes.get(&spec))
+                    .is_some_and(|t| t.queued_at == Some(at))
+            });
+        }
+        self.popped = popped;
+        self.due_ids = ids;
+        self.sending = sending;
+    }
+
+    /// Counts a tick's sends: a new largest batch past a power of two, and
+    /// sends skipped by a late tick (at most once a minute), are said.
+    fn note_sends(&mut self, sent: u64, budget: usize, skipped: u64, now: Instant) {
+        let totals = &mut self.totals;
+        if sent > totals.largest_send {
+            if sent.ilog2() > totals.largest_send.max(1).ilog2() {
+                info!(
+                    probes = sent,
+                    budget, "largest probe send so far (sends are spread over each interval)"
+                );
+            }
+            totals.largest_send = sent;
+        }
+        totals.sends_skipped += skipped;
+        totals.skipped_unsaid += skipped;
+        if totals.skipped_unsaid > 0
+            && totals
+                .skipped_said
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
+        {
+            warn!(
+                skipped = totals.skipped_unsaid,
+                "a late tick missed probe sends by over half an interval: each goes at its next grid point instead, so they do not all leave at once"
+            );
+            totals.skipped_said = Some(now);
+            totals.skipped_unsaid = 0;
+        }
     }
 
     /// Decides, from this tick's probe results and the link, whether the
@@ -612,6 +736,11 @@ impl Controller {
             let Some(transition) = track.health.observe(seen, track.settings.limits, now) else {
                 continue;
             };
+            for b in &self.plan.bindings {
+                if b.checks.contains(&report.spec) {
+                    self.touched.insert(b.service);
+                }
+            }
             let services = services_using(&self.plan, |b| b.checks.contains(&report.spec));
             let subject = report.spec.to_string();
             match transition.to {
@@ -783,8 +912,11 @@ impl Controller {
         for (spec, settings) in &plan.probes {
             match self.probes.get_mut(spec) {
                 Some(track) => {
-                    // A shorter interval (a reload) applies from now.
-                    track.next_due = track.next_due.min(now + settings.interval);
+                    // A new interval (a reload) applies from now: the
+                    // probe is queued again on its new grid below.
+                    if track.settings.interval != settings.interval {
+                        track.queued_at = None;
+                    }
                     track.settings = *settings;
                 }
                 None => {
@@ -806,7 +938,8 @@ impl Controller {
                             response: None,
                             response_at: None,
                             last: Counts::default(),
-                            next_due: now,
+                            grid: now,
+                            queued_at: None,
                             outstanding: false,
                             sent_at: now,
                             came_up_at: None,
@@ -879,13 +1012,26 @@ impl Controller {
             .collect();
         self.passive.sync(&nat)?;
         self.pending.retain(|server, _| nat.contains(server));
-        // New probes start with fresh datapath counters.
+        // New probes (and those with a new interval) go on their grid,
+        // new ones from the datapath's counters as they stand (kept from
+        // an earlier run).
         for spec in &specs {
-            if let (Some(id), Some(track)) = (self.prober.id_of(spec), self.probes.get_mut(spec)) {
-                if !track.outstanding {
-                    track.last = self.prober.counts(id)?;
-                }
+            let (Some(id), Some(track)) = (self.prober.id_of(spec), self.probes.get_mut(spec))
+            else {
+                continue;
+            };
+            if track.queued_at.is_some() {
+                continue;
             }
+            track.grid = schedule::next_send(self.epoch, id, track.settings.interval, now);
+            let at = if track.outstanding {
+                track.grid.min(track.sent_at + track.settings.timeout)
+            } else {
+                track.last = self.prober.counts(id)?;
+                track.grid
+            };
+            track.queued_at = Some(at);
+            self.queue.push(at, id);
         }
         self.plan = plan;
         if let Some(store) = &self.store {
@@ -1089,6 +1235,9 @@ impl Controller {
             if t.to == State::Up {
                 track.came_up_at = Some(now);
             }
+            for &i in self.plan.by_probe.get(&spec).into_iter().flatten() {
+                self.touched.insert(self.plan.bindings[i].service);
+            }
             let names = self.plan.services_of_probe(&spec);
             let layer = layer_of(&spec);
             // While the director is suspected its one alert stands for
@@ -1142,15 +1291,18 @@ impl Controller {
         Ok(send_next)
     }
 
-    /// Works out every managed service's weights and writes the changed
-    /// ones in one batch.
-    fn update_weights(&mut self, now: Instant) {
-        if self.ipvs.is_none() || self.store.is_none() {
+    /// Works out the weights of every managed service (`all`), or of those
+    /// a health change touched this tick, and writes the changed ones in
+    /// one batch.
+    fn update_weights(&mut self, now: Instant, all: bool) {
+        if self.ipvs.is_none() || self.store.is_none() || (!all && self.touched.is_empty()) {
             return;
         }
         let mut pools: BTreeMap<ServiceKey, Vec<usize>> = BTreeMap::new();
         for (i, b) in self.plan.bindings.iter().enumerate() {
-            pools.entry(b.service).or_default().push(i);
+            if all || self.touched.contains(&b.service) {
+                pools.entry(b.service).or_default().push(i);
+            }
         }
         let mut updates = Vec::new();
         for (service, members_idx) in pools {

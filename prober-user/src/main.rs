@@ -407,9 +407,10 @@ fn run(daemon: &Daemon) -> Result<()> {
             "running; stop with SIGINT or SIGTERM"
         );
         let started = Instant::now();
-        // The next tick: a regular one every `tick`, or sooner when a probe
-        // is due to be settled or sent (its own timeout, its own interval).
+        // The next tick: a regular (full) one every `tick`, or sooner when
+        // a probe is due to be settled or sent (its own timeout, its grid).
         let mut next_tick = Instant::now();
+        let mut next_regular = next_tick;
         let ifindex = preflight::interface_index(interface)?;
         let name = loop {
             let mut reloaded = None;
@@ -444,7 +445,12 @@ fn run(daemon: &Daemon) -> Result<()> {
                     let _ = reply.send(response);
                 }
                 _ = tokio::time::sleep_until(next_tick.into()) => {
-                    let regular = Instant::now() + tick;
+                    let woke = Instant::now();
+                    // A wake just before the regular tick takes its place.
+                    let full = woke + tick / 8 >= next_regular;
+                    if full {
+                        next_regular = woke + tick;
+                    }
                     // Its programs went with it: probes would stop and
                     // every server would look dead. Stop without touching
                     // IPVS; a supervisor restarts us once it is back.
@@ -454,7 +460,7 @@ fn run(daemon: &Daemon) -> Result<()> {
                     match &mut mode {
                     Mode::Ipvs(controller) => {
                         let mut open_store = || datapath.open_state();
-                        if let Err(e) = controller.tick(Instant::now(), &mut open_store) {
+                        if let Err(e) = controller.tick(Instant::now(), full, &mut open_store) {
                             warn!("controller: {e:#}");
                         }
                     }
@@ -471,7 +477,7 @@ fn run(daemon: &Daemon) -> Result<()> {
                         Mode::Ipvs(controller) => controller.next_wake(),
                         Mode::ProbesOnly(_) => None,
                     };
-                    next_tick = next_tick_at(regular, wake, tick);
+                    next_tick = next_tick_at(next_regular, wake);
                 },
             }
             // A new interval takes effect at once.
@@ -479,7 +485,8 @@ fn run(daemon: &Daemon) -> Result<()> {
                 let new_tick = tick_of(&mode);
                 if new_tick != tick {
                     tick = new_tick;
-                    next_tick = next_tick.min(Instant::now() + tick);
+                    next_regular = next_regular.min(Instant::now() + tick);
+                    next_tick = next_tick.min(next_regular);
                 }
             }
         };
@@ -504,13 +511,9 @@ fn run(daemon: &Daemon) -> Result<()> {
 }
 
 /// When to tick next: at the regular time, or sooner for a probe that is
-/// due; a probe due just after the regular time takes its place rather
-/// than costing a second tick a moment later.
-fn next_tick_at(regular: Instant, wake: Option<Instant>, tick: Duration) -> Instant {
-    match wake {
-        Some(w) if w <= regular + tick / 8 => w,
-        _ => regular,
-    }
+/// due.
+fn next_tick_at(regular: Instant, wake: Option<Instant>) -> Instant {
+    wake.map_or(regular, |w| w.min(regular))
 }
 
 /// Waits for eBPF log records and writes them out, until the process ends.

@@ -49,19 +49,28 @@ fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     }
 }
 
-/// Reads entries `0..count` of an array map into `values` (raw bytes,
-/// `stride` per entry), reusing its allocation.
-fn lookup(map: &MapData, count: u32, stride: usize, values: &mut Vec<u8>) -> io::Result<()> {
-    let mut keys = vec![0u32; count as usize];
+/// Reads entries `start..start + count` of an array map into `values` (raw
+/// bytes, `stride` per entry), reusing its allocation.
+fn lookup(
+    map: &MapData,
+    start: u32,
+    count: u32,
+    stride: usize,
+    values: &mut Vec<u8>,
+    keys: &mut Vec<u32>,
+) -> io::Result<()> {
+    keys.clear();
+    keys.resize(count as usize, 0);
     // Filled by the kernel, not zeroed first: it is megabytes per tick at
     // scale. Only what the kernel wrote becomes part of the vector.
     values.clear();
     values.reserve(count as usize * stride);
     let mut done = 0u32;
-    let mut next = 0u32;
+    // The kernel starts after the key `in_batch` names (none: at 0).
+    let mut next = start.wrapping_sub(1);
     while done < count {
         let mut attr = BatchAttr {
-            in_batch: if done == 0 {
+            in_batch: if done == 0 && start == 0 {
                 0
             } else {
                 &next as *const u32 as u64
@@ -92,10 +101,13 @@ fn lookup(map: &MapData, count: u32, stride: usize, values: &mut Vec<u8>) -> io:
     Ok(())
 }
 
-/// Entries `0..count` of an array map, read in one syscall into a buffer
-/// that the next read reuses (no allocation per tick).
+/// Entries `start..start + count` of an array map, read in one syscall
+/// into a buffer that the next read reuses (no allocation per tick).
 pub struct ArraySnapshot<T> {
     bytes: Vec<u8>,
+    keys: Vec<u32>,
+    /// The index of the first entry read.
+    start: usize,
     /// Bytes per CPU value (8-byte aligned for per-CPU maps).
     slot: usize,
     /// Values per entry: 1, or the possible CPUs of a per-CPU map.
@@ -107,6 +119,8 @@ impl<T: Pod> Default for ArraySnapshot<T> {
     fn default() -> Self {
         Self {
             bytes: Vec::new(),
+            keys: Vec::new(),
+            start: 0,
             slot: std::mem::size_of::<T>(),
             cpus: 1,
             _value: PhantomData,
@@ -116,9 +130,26 @@ impl<T: Pod> Default for ArraySnapshot<T> {
 
 impl<T: Pod> ArraySnapshot<T> {
     pub fn read(&mut self, map: &Array<MapData, T>, count: u32) -> io::Result<()> {
+        self.read_range(map, 0, count)
+    }
+
+    pub fn read_range(
+        &mut self,
+        map: &Array<MapData, T>,
+        start: u32,
+        count: u32,
+    ) -> io::Result<()> {
         self.slot = std::mem::size_of::<T>();
         self.cpus = 1;
-        lookup(map.map(), count, self.slot, &mut self.bytes)
+        self.start = start as usize;
+        lookup(
+            map.map(),
+            start,
+            count,
+            self.slot,
+            &mut self.bytes,
+            &mut self.keys,
+        )
     }
 
     pub fn read_per_cpu(
@@ -127,10 +158,28 @@ impl<T: Pod> ArraySnapshot<T> {
         count: u32,
         cpus: usize,
     ) -> io::Result<()> {
+        self.read_per_cpu_range(map, 0, count, cpus)
+    }
+
+    pub fn read_per_cpu_range(
+        &mut self,
+        map: &PerCpuArray<MapData, T>,
+        start: u32,
+        count: u32,
+        cpus: usize,
+    ) -> io::Result<()> {
         // The kernel lays each CPU's value out on 8-byte boundaries.
         self.slot = std::mem::size_of::<T>().next_multiple_of(8);
         self.cpus = cpus;
-        lookup(map.map(), count, self.slot * cpus, &mut self.bytes)
+        self.start = start as usize;
+        lookup(
+            map.map(),
+            start,
+            count,
+            self.slot * cpus,
+            &mut self.bytes,
+            &mut self.keys,
+        )
     }
 
     /// Entries read.
@@ -138,13 +187,19 @@ impl<T: Pod> ArraySnapshot<T> {
         self.bytes.len() / (self.slot * self.cpus)
     }
 
+    /// The index of the first entry read.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
 
     /// CPU `cpu`'s value of entry `index` (the only one of a plain array:
-    /// cpu 0).
+    /// cpu 0), if it was read.
     pub fn get(&self, index: usize, cpu: usize) -> Option<T> {
+        let index = index.checked_sub(self.start)?;
         if cpu >= self.cpus || index >= self.len() {
             return None;
         }

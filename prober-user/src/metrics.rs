@@ -333,6 +333,19 @@ impl Collector for Snapshot {
             "Failed IPVS netlink exchanges (dumps and write batches)",
             &[(vec![], s.netlink_errors)],
         )?;
+        gauge(
+            &mut e,
+            "prober_probe_send_largest",
+            "The most probes sent in one tick (sends are spread over each interval)",
+            None,
+            &[(vec![], s.largest_send as f64)],
+        )?;
+        counter(
+            &mut e,
+            "prober_probe_sends_skipped",
+            "Probe sends a late tick missed by over half an interval, moved to their next grid point",
+            &[(vec![], s.sends_skipped)],
+        )?;
         let d = &s.datapath;
         counter(
             &mut e,

@@ -26,6 +26,12 @@ pub struct Status {
     pub weight_writes: u64,
     pub weight_write_errors: u64,
     pub netlink_errors: u64,
+    /// The most probes sent in one tick (sends are spread over each
+    /// interval), and sends a late tick skipped to their next grid point.
+    #[serde(default)]
+    pub largest_send: u64,
+    #[serde(default)]
+    pub sends_skipped: u64,
     /// Alerts raised, by kind.
     pub events: BTreeMap<String, u64>,
     pub services: Vec<ServiceStatus>,

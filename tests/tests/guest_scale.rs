@@ -3,14 +3,22 @@
 //! 70,200 probes where the datapath holds 65,536. Nothing may be capped in
 //! silence: every destination is still checked, the hosts left without
 //! their L3 diagnosis are counted in a warning, and a server that dies
-//! still goes to weight 0.
+//! still goes to weight 0. At this size one burst of every probe per
+//! interval overflowed the rings and judged healthy servers DOWN: sends
+//! must be spread over the interval, no probe sent twice in one, and no
+//! server but the dead one judged DOWN.
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
 
 use prober_tests::{unique_name, wait_for, Daemon, NetNs, PeerXdp, PinDir};
 
 const N: usize = 35_100;
 const PER_SERVICE: usize = 50;
+/// The probe interval the test configures.
+const INTERVAL: Duration = Duration::from_secs(10);
 
 fn real_server(i: usize) -> String {
     let n = i + 1;
@@ -114,6 +122,43 @@ fn more_than_70_000_probes_are_all_accounted_for_and_a_dead_server_still_goes_ou
             .and_then(|f| f.get(3)?.parse().ok())
             .unwrap_or(u32::MAX))
     };
+    // Over a window of three intervals, no probe goes out more often than
+    // once an interval (its sends fall on a grid).
+    let before = Instant::now();
+    let first_stats = daemon.stats().unwrap();
+    std::thread::sleep(INTERVAL * 3);
+    let second_stats = daemon.stats().unwrap();
+    let span = before.elapsed();
+    let most = (span.as_nanos() / INTERVAL.as_nanos()) as u64 + 1;
+    let sent = |stats: &serde_json::Value| -> std::collections::HashMap<String, u64> {
+        stats["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["probe"].as_str().unwrap().to_string(),
+                    t["sent"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (first_sent, second_sent) = (sent(&first_stats), sent(&second_stats));
+    let mut checked = 0;
+    for (probe, n) in &second_sent {
+        let delta = n - first_sent.get(probe).copied().unwrap_or(0);
+        assert!(
+            delta <= most,
+            "{probe}: {delta} probes sent in {span:?}, at most {most} at one an interval"
+        );
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        prober_common::MAX_TARGETS as usize,
+        "every probe seen"
+    );
+
     // Probed (answered) before it dies, so its death is news.
     wait_for(Duration::from_secs(300), || {
         let stats = daemon.stats()?;
@@ -153,6 +198,38 @@ fn more_than_70_000_probes_are_all_accounted_for_and_a_dead_server_still_goes_ou
         tail(&log)
     );
     assert!(!log.contains("reading IPVS"), "{}", tail(&log));
+    // Sends spread over the interval: no tick sent more than a slot's
+    // budget, far from all 65,536 at once.
+    let largest = log
+        .lines()
+        .filter(|l| l.contains("largest probe send so far"))
+        .filter_map(|l| {
+            l.split("probes=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .expect("the largest send is said");
+    let budget = prober_user::probe::schedule::budget(prober_common::MAX_TARGETS as usize);
+    println!("largest send in one tick: {largest} probes (budget {budget})");
+    assert!(largest <= budget, "{largest} probes in one tick");
+    assert!(largest < prober_common::MAX_TARGETS as usize / 4);
+    // No healthy server was judged DOWN: only the dead one's probes.
+    let dead = real_server(0);
+    let false_downs: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("real server DOWN"))
+        .filter(|l| !l.contains(&format!(":{dead}:")) && !l.contains(&format!(":{dead} ")))
+        .collect();
+    assert!(
+        false_downs.is_empty(),
+        "{} healthy probes judged DOWN, e.g. {:?}",
+        false_downs.len(),
+        &false_downs[..false_downs.len().min(5)]
+    );
     // The run loop's own report of a failed tick (not the controller's
     // log lines, whose target also ends in "controller").
     let failed_ticks = log

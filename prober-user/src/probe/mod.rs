@@ -5,6 +5,7 @@
 
 pub mod delivery;
 pub mod report;
+pub mod schedule;
 pub mod spec;
 
 use std::{
@@ -197,10 +198,14 @@ pub struct Prober {
     lost_logged: Option<Instant>,
     /// When the window of acceptable agent sequences was last moved.
     agent_window_at: Option<Instant>,
-    /// Every target's counters as of [`Prober::refresh_counts`]: one
-    /// syscall per map per tick, not one per target.
+    /// The blocks read by [`Prober::read_counts`]: one syscall per map per
+    /// block due, not one per target, and no allocation per tick.
     states: ArraySnapshot<ProbeState>,
     results: ArraySnapshot<ProbeResults>,
+    /// Counters of the ids read by the last `read_counts` (those whose
+    /// generation is the current one).
+    cached: Vec<(u64, Counts)>,
+    generation: u64,
     /// Whether probe frames seem to vanish (a veth without an XDP peer).
     delivery: delivery::DeliveryWatch,
     keepalive: NeighbourKeepalive,
@@ -251,6 +256,8 @@ impl Prober {
             agent_window_at: None,
             states: ArraySnapshot::default(),
             results: ArraySnapshot::default(),
+            cached: Vec::new(),
+            generation: 0,
             delivery: delivery::DeliveryWatch::new(interface),
             keepalive: NeighbourKeepalive::new(interface),
             cpus: aya::util::nr_cpus()
@@ -339,33 +346,67 @@ impl Prober {
         ))
     }
 
-    /// Reads every target's counters in one batch per map, for
-    /// [`Prober::fresh_counts`].
-    pub fn refresh_counts(&mut self) -> Result<()> {
-        let count = self.targets.len() as u32;
-        let read = self
-            .states
-            .read(&self.maps.state, count)
-            .context("reading PROBE_STATE")
-            .and_then(|()| {
-                self.results
-                    .read_per_cpu(&self.maps.results, count, self.cpus)
-                    .context("reading PROBE_RESULTS")
-            });
-        if read.is_err() {
-            // Nothing stale is used: fresh_counts reads each target itself.
-            self.states = ArraySnapshot::default();
+    /// Reads the counters of `ids` (sorted), one batched read per map for
+    /// each block of ids that share a phase (see `schedule`), for
+    /// [`Prober::fresh_counts`]. A block that cannot be read is read one by
+    /// one by `fresh_counts`.
+    pub fn read_counts(&mut self, ids: &[u32]) -> Result<()> {
+        self.generation += 1;
+        let len = self.targets.len();
+        if self.cached.len() < len {
+            self.cached.resize(len, (0, Counts::default()));
         }
-        read
+        let mut result = Ok(());
+        let mut i = 0;
+        while i < ids.len() {
+            let block = ids[i] / schedule::BLOCK;
+            let first = ids[i];
+            let mut last = first;
+            while i < ids.len() && ids[i] / schedule::BLOCK == block {
+                last = ids[i];
+                i += 1;
+            }
+            let count = last - first + 1;
+            let read = self
+                .states
+                .read_range(&self.maps.state, first, count)
+                .context("reading PROBE_STATE")
+                .and_then(|()| {
+                    self.results
+                        .read_per_cpu_range(&self.maps.results, first, count, self.cpus)
+                        .context("reading PROBE_RESULTS")
+                });
+            if let Err(e) = read {
+                result = Err(e);
+                continue;
+            }
+            for id in first..=last {
+                let Some(state) = self.states.get(id as usize, 0) else {
+                    continue;
+                };
+                if let Some(slot) = self.cached.get_mut(id as usize) {
+                    *slot = (
+                        self.generation,
+                        sum_counts(state, self.results.per_cpu(id as usize)),
+                    );
+                }
+            }
+        }
+        result
     }
 
-    /// [`Prober::counts`] as of the last [`Prober::refresh_counts`] (read
-    /// directly for a target added since).
+    /// [`Prober::counts`] as of the last [`Prober::read_counts`] that
+    /// read `id` (read directly otherwise).
     pub fn fresh_counts(&self, id: u32) -> Result<Counts> {
-        let Some(state) = self.states.get(id as usize, 0) else {
-            return self.counts(id);
-        };
-        Ok(sum_counts(state, self.results.per_cpu(id as usize)))
+        match self.cached.get(id as usize) {
+            Some((generation, counts)) if *generation == self.generation => Ok(*counts),
+            _ => self.counts(id),
+        }
+    }
+
+    /// The probe with target id `id`.
+    pub fn spec_of(&self, id: u32) -> Option<ProbeSpec> {
+        Some(self.targets.get(id as usize)?.as_ref()?.spec)
     }
 
     /// Counters and the RTT histogram of one target, for status and metrics.
