@@ -161,8 +161,13 @@ pub mod agent_wire {
     }
 }
 
-/// Capacity of the per-target maps (target ids are 0..MAX_TARGETS).
+/// Capacity of the per-target maps as compiled, and the least the daemon
+/// gives them: it sizes them at load from what IPVS holds (or
+/// `max_probes`), up to [`MOST_TARGETS`].
 pub const MAX_TARGETS: u32 = 65_536;
+
+/// The most probes the per-target maps are ever sized for.
+pub const MOST_TARGETS: u32 = 4 << 20;
 
 /// Number of log2 RTT buckets: bucket i counts RTTs in [2^i, 2^(i+1)) µs,
 /// bucket 0 also counts RTTs under 1 µs, the last one everything above.

@@ -13,6 +13,9 @@
 //! diagnose = true          # ICMP-probe each real server host, to tell a
 //!                          # dead host from a dead service in alerts
 //! max_checks = 256         # L7 checks and commands running at once
+//! max_probes = 131072      # probes the datapath holds (default: sized at
+//!                          # start from IPVS with room to grow, at least
+//!                          # 65,536; takes effect at the next start)
 //!
 //! [alerts]                 # one event per root cause (see README)
 //! notify = ["/usr/local/bin/page"]   # run per event, JSON on stdin
@@ -84,6 +87,8 @@ pub struct Config {
     pub diagnose: bool,
     /// L7 checks and commands running at once.
     pub max_checks: usize,
+    /// Probes the datapath holds; None: sized at start from IPVS.
+    pub max_probes: Option<u32>,
     pub alerts: AlertConfig,
     pub agent: Option<AgentConfig>,
     /// Where the Prometheus endpoint listens (off when none).
@@ -185,6 +190,7 @@ impl Default for Config {
             services: Vec::new(),
             diagnose: true,
             max_checks: 256,
+            max_probes: None,
             alerts: AlertConfig::default(),
             agent: None,
             metrics: None,
@@ -279,6 +285,7 @@ impl Config {
             max_checks: daemon
                 .max_checks
                 .map_or(defaults.max_checks, |c| c.0 as usize),
+            max_probes: daemon.max_probes.map(|c| c.0),
             alerts: AlertConfig {
                 notify: alerts.notify.map(|c| c.0),
                 webhook: alerts.webhook.map(|u| u.0),
@@ -439,6 +446,7 @@ struct DaemonSection {
     manual_weights: Option<ManualWeights>,
     diagnose: Option<bool>,
     max_checks: Option<Count>,
+    max_probes: Option<ProbeCapacity>,
 }
 
 #[derive(Deserialize, Default)]
@@ -759,6 +767,23 @@ impl<'de> Deserialize<'de> for Count {
             )));
         }
         Ok(Count(n as u32))
+    }
+}
+
+/// How many probes the datapath holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ProbeCapacity(u32);
+
+impl<'de> Deserialize<'de> for ProbeCapacity {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        let most = prober_common::MOST_TARGETS as i64;
+        if !(1024..=most).contains(&n) {
+            return Err(de::Error::custom(format!(
+                "{n} is not a number of probes from 1024 to {most}"
+            )));
+        }
+        Ok(ProbeCapacity(n as u32))
     }
 }
 

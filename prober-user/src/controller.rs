@@ -115,13 +115,13 @@ struct Totals {
     weight_write_errors: u64,
     netlink_errors: u64,
     events: BTreeMap<String, u64>,
-    /// The most probes sent in one tick, and the sends a late tick
-    /// skipped to their next grid point (see `probe::schedule`).
+    /// The most probes sent in one tick, and the sends that went out over
+    /// half an interval after their grid point (see `probe::schedule`).
     largest_send: u64,
-    sends_skipped: u64,
-    /// When skipped sends were last said, and how many since.
-    skipped_said: Option<Instant>,
-    skipped_unsaid: u64,
+    sends_late: u64,
+    /// When late sends were last said, and how many since.
+    late_said: Option<Instant>,
+    late_unsaid: u64,
 }
 
 pub struct Controller {
@@ -168,6 +168,14 @@ pub struct Controller {
     popped: Vec<(Instant, u32)>,
     due_ids: Vec<u32>,
     sending: Vec<u32>,
+    /// A tick that used its whole budget: the next waits until then.
+    hold_until: Option<Instant>,
+    /// Probes up now: counted at each discovery, kept by each transition
+    /// (every wake asks, and a count would cost a pass over every probe).
+    up_probes: usize,
+    /// When the last tick's sends were worked out (the budget grows with
+    /// the time since).
+    last_send_pass: Option<Instant>,
     /// Services whose pools a health change touched this tick: recomputed
     /// at once, the others at the regular tick.
     touched: HashSet<ServiceKey>,
@@ -236,6 +244,9 @@ impl Controller {
             due_ids: Vec::new(),
             sending: Vec::new(),
             touched: HashSet::new(),
+            last_send_pass: None,
+            up_probes: 0,
+            hold_until: None,
             discovery_delay: std::env::var("PROBER_DEBUG_SLOW_DISCOVERY_MS")
                 .ok()
                 .and_then(|ms| ms.parse().ok())
@@ -255,6 +266,14 @@ impl Controller {
         agent_address: Option<std::net::Ipv4Addr>,
         now: Instant,
     ) -> Result<()> {
+        if config.max_probes != self.config.max_probes {
+            warn!(
+                "max_probes {:?} -> {:?}: takes effect at the next start (the datapath holds {} probes)",
+                self.config.max_probes,
+                config.max_probes,
+                self.prober.capacity()
+            );
+        }
         if config.max_checks != self.config.max_checks {
             warn!(
                 "max_checks {} -> {}: takes effect at the next start",
@@ -389,7 +408,8 @@ impl Controller {
             weight_write_errors: self.totals.weight_write_errors,
             netlink_errors: self.totals.netlink_errors,
             largest_send: self.totals.largest_send,
-            sends_skipped: self.totals.sends_skipped,
+            capacity: self.prober.capacity(),
+            sends_late: self.totals.sends_late,
             events: self.totals.events.clone(),
             services: services.into_values().collect(),
             unchecked: self
@@ -416,7 +436,8 @@ impl Controller {
     /// then (with `full` false if the regular tick is not due), so
     /// timeouts are exact and sends keep to their grid.
     pub fn next_wake(&self) -> Option<Instant> {
-        self.queue.next()
+        let next = self.queue.next()?;
+        Some(self.hold_until.map_or(next, |hold| next.max(hold)))
     }
 
     /// The shortest probe interval: how often `tick` should run.
@@ -479,6 +500,11 @@ impl Controller {
             }
         }
         self.update_weights(now, full);
+        // Alerts' timers run at the regular tick and on health changes,
+        // not on every wake that only sends (a pass over every host).
+        if !full && self.touched.is_empty() {
+            return Ok(());
+        }
         // Asked only about hosts whose L3 probe is down: the hosts with an
         // L4 probe up are gathered once, on the first question of a tick.
         let probes = &self.probes;
@@ -534,15 +560,24 @@ impl Controller {
         if let Err(e) = self.prober.read_counts(&ids) {
             warn!("reading probe results in batches: {e:#}; reading them one by one");
         }
-        let budget = schedule::budget(self.probes.len());
-        let mut skipped = 0u64;
-        for &id in &ids {
+        let since = self
+            .last_send_pass
+            .map_or(Duration::ZERO, |at| now.duration_since(at));
+        self.last_send_pass = Some(now);
+        let budget = schedule::budget(self.probes.len(), since, self.tick_interval());
+        let mut late = 0u64;
+        // Oldest first (the queue's order), so what the budget defers is
+        // the newest.
+        for &(at, id) in &popped {
             let Some(spec) = self.prober.spec_of(id) else {
                 continue;
             };
             let Some(track) = self.probes.get_mut(&spec) else {
                 continue;
             };
+            if track.queued_at != Some(at) {
+                continue; // left behind by a reschedule, or done already
+            }
             let timing = track.settings;
             if track.outstanding {
                 let replied = self
@@ -574,15 +609,16 @@ impl Controller {
             track.outstanding = false;
             let next = match verdict {
                 Send::Wait => grid,
-                Send::Skip { next } => {
-                    skipped += 1;
-                    next
+                // Over the budget: it keeps its place (the oldest go
+                // first next time), and the next tick waits a slot.
+                Send::Now { .. } if over_budget => {
+                    self.hold_until = Some(now + timing.interval / schedule::SLOTS);
+                    at
                 }
-                // The rest of this slot's sends wait for the next slot.
-                Send::Now { .. } if over_budget => now + timing.interval / schedule::SLOTS,
-                Send::Now { next } => {
+                Send::Now { next, late: behind } => {
                     if send {
                         sending.push(id);
+                        late += behind as u64;
                     }
                     next
                 }
@@ -596,7 +632,7 @@ impl Controller {
         if let Err(e) = self.prober.send(&sending) {
             warn!("sending probes: {e:#}");
         }
-        self.note_sends(sending.len() as u64, budget, skipped, now);
+        self.note_sends(sending.len() as u64, budget, late, now);
         // Taken after the send returned: no probe left later than this,
         // so no timeout counted from it is ever short.
         let sent_at = Instant::now();
@@ -632,8 +668,8 @@ impl Controller {
     }
 
     /// Counts a tick's sends: a new largest batch past a power of two, and
-    /// sends skipped by a late tick (at most once a minute), are said.
-    fn note_sends(&mut self, sent: u64, budget: usize, skipped: u64, now: Instant) {
+    /// late sends (at most once a minute), are said.
+    fn note_sends(&mut self, sent: u64, budget: usize, late: u64, now: Instant) {
         let totals = &mut self.totals;
         if sent > totals.largest_send {
             if sent.ilog2() > totals.largest_send.max(1).ilog2() {
@@ -644,30 +680,26 @@ impl Controller {
             }
             totals.largest_send = sent;
         }
-        totals.sends_skipped += skipped;
-        totals.skipped_unsaid += skipped;
-        if totals.skipped_unsaid > 0
+        totals.sends_late += late;
+        totals.late_unsaid += late;
+        if totals.late_unsaid > 0
             && totals
-                .skipped_said
+                .late_said
                 .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
         {
             warn!(
-                skipped = totals.skipped_unsaid,
-                "a late tick missed probe sends by over half an interval: each goes at its next grid point instead, so they do not all leave at once"
+                late = totals.late_unsaid,
+                "probe sends went out over half an interval late (the daemon was stalled or cannot keep up); they are spread, at most a slot's budget per tick, not sent at once"
             );
-            totals.skipped_said = Some(now);
-            totals.skipped_unsaid = 0;
+            totals.late_said = Some(now);
+            totals.late_unsaid = 0;
         }
     }
 
     /// Decides, from this tick's probe results and the link, whether the
     /// director itself is the likely fault; says so once each way.
     fn judge_director_path(&mut self, now: Instant) {
-        let up = self
-            .probes
-            .values()
-            .filter(|t| t.health.state() == State::Up)
-            .count();
+        let up = self.up_probes;
         let link_up = director_fault::link_up(self.prober.interface());
         if link_up && !std::mem::replace(&mut self.link_was_up, link_up) {
             // The kernel flushed its neighbours with the carrier: resolve
@@ -782,7 +814,7 @@ impl Controller {
         if opened {
             self.store = Some(open_store()?);
         }
-        let plan = targets::plan(&services, &self.config);
+        let plan = targets::plan_within(&services, &self.config, self.prober.capacity() as usize);
         let store = self.store.as_mut().expect("opened above");
         if opened {
             // What an earlier run pinned about destinations and probes
@@ -805,7 +837,7 @@ impl Controller {
                 warn!(
                     "{} real server hosts get no L3 diagnosis probe: the datapath holds {} probes and every destination's own probe comes first",
                     plan.undiagnosed,
-                    prober_common::MAX_TARGETS
+                    self.prober.capacity()
                 );
             }
         }
@@ -960,6 +992,11 @@ impl Controller {
             self.probes.remove(&spec);
             store.remove_health(&health_key(&spec));
         }
+        self.up_probes = self
+            .probes
+            .values()
+            .filter(|t| t.health.state() == State::Up)
+            .count();
         // An operator must not believe these are checked: each is said
         // once at warn level (an explicit `probe = "none"` at debug), the
         // first few by name and the rest in one line.
@@ -1012,9 +1049,12 @@ impl Controller {
             .collect();
         self.passive.sync(&nat)?;
         self.pending.retain(|server, _| nat.contains(server));
-        // New probes (and those with a new interval) go on their grid,
+        // New probes (and those with a new interval) go on their grid from
+        // now (not from the tick's start: this discovery may have taken
+        // long, and their first sends must not all be overdue at once),
         // new ones from the datapath's counters as they stand (kept from
         // an earlier run).
+        let now = Instant::now();
         for spec in &specs {
             let (Some(id), Some(track)) = (self.prober.id_of(spec), self.probes.get_mut(spec))
             else {
@@ -1234,6 +1274,9 @@ impl Controller {
         if let Some(t) = transition {
             if t.to == State::Up {
                 track.came_up_at = Some(now);
+                self.up_probes += 1;
+            } else {
+                self.up_probes = self.up_probes.saturating_sub(1);
             }
             for &i in self.plan.by_probe.get(&spec).into_iter().flatten() {
                 self.touched.insert(self.plan.bindings[i].service);

@@ -65,11 +65,32 @@ pub enum EbpfLog {
 
 /// Like [`load_programs`], with eBPF-side logging at `level`.
 pub fn load_programs_logging(level: EbpfLog) -> Result<Ebpf> {
+    load_programs_sized(level, prober_common::MAX_TARGETS)
+}
+
+/// The maps with one entry per probe (or per destination), sized at load.
+const PER_TARGET_MAPS: &[&str] = &[
+    map_names::PROBE_TARGETS,
+    map_names::REPLY_INDEX,
+    map_names::PROBE_STATE,
+    map_names::PROBE_RESULTS,
+    map_names::PROBE_BATCH,
+    map_names::WEIGHT_STATE,
+    map_names::HEALTH_STATE,
+];
+
+/// Like [`load_programs_logging`], with the per-target maps holding
+/// `capacity` probes (and the state maps as many records each).
+pub fn load_programs_sized(level: EbpfLog, capacity: u32) -> Result<Ebpf> {
     let level = level as u8;
-    let mut ebpf = aya::EbpfLoader::new()
-        .override_global("AYA_LOG_LEVEL", &level, false)
-        .load(EBPF_OBJECT)
-        .context("loading prober's eBPF object")?;
+    let mut loader = aya::EbpfLoader::new();
+    loader.override_global("AYA_LOG_LEVEL", &level, false);
+    for &name in PER_TARGET_MAPS {
+        loader.map_max_entries(name, capacity);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
+        format!("loading prober's eBPF object (maps sized for {capacity} probes)")
+    })?;
     for name in [program_names::XDP_INGRESS, program_names::PROBE_TX] {
         let program: &mut Xdp = ebpf
             .program_mut(name)
@@ -136,7 +157,7 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the programs, attaches the XDP program to `interface` and pins
     /// the maps in `pin_dir` (which must be on a bpffs).
-    pub fn attach(interface: &str, pin_dir: &Path, log: EbpfLog) -> Result<Self> {
+    pub fn attach(interface: &str, pin_dir: &Path, log: EbpfLog, capacity: u32) -> Result<Self> {
         preflight::check_privileges()?;
         let bpffs_root = pin_dir.parent().unwrap_or(pin_dir);
         if preflight::ensure_bpffs(bpffs_root)? {
@@ -148,7 +169,7 @@ impl Datapath {
         preflight::interface_index(interface)?;
         let pin_dir_lock = lock_pin_dir(pin_dir)?;
 
-        let mut ebpf = load_programs_logging(log)?;
+        let mut ebpf = load_programs_sized(log, capacity)?;
         let program: &mut Xdp = ebpf
             .program_mut(program_names::XDP_INGRESS)
             .expect("loaded by load_programs")

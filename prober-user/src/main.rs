@@ -15,7 +15,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use prober_user::{
     agent, agents, checks, config, control, controller, datapath, metrics, passive, preflight,
-    probe, stats,
+    probe, stats, targets,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -351,7 +351,9 @@ fn run(daemon: &Daemon) -> Result<()> {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut hangup = signal(SignalKind::hangup())?;
         let interface = daemon.interface.as_str();
-        let mut datapath = datapath::Datapath::attach(interface, &daemon.pin_dir, daemon.ebpf_log)?;
+        let capacity = datapath_capacity(&config, daemon.probes.len());
+        let mut datapath =
+            datapath::Datapath::attach(interface, &daemon.pin_dir, daemon.ebpf_log, capacity)?;
         if let Some(logger) = datapath.logger(daemon.ebpf_log)? {
             // Records reach the log as they come (through the `log` facade),
             // drained on a thread of their own: a flood of them (forged
@@ -508,6 +510,38 @@ fn run(daemon: &Daemon) -> Result<()> {
         info!(signal = name, "stopping");
         datapath.detach()
     })
+}
+
+/// How many probes the datapath is sized for: `max_probes`, else what IPVS
+/// needs now with room to grow (an IPVS not readable yet: the least).
+fn datapath_capacity(config: &config::Config, command_line_probes: usize) -> u32 {
+    if let Some(capacity) = config.max_probes {
+        info!(capacity, "datapath sized by max_probes");
+        return capacity;
+    }
+    if command_line_probes > 0 {
+        return targets::capacity_for(command_line_probes);
+    }
+    let dump = prober_ipvs::IpvsClient::connect().and_then(|mut ipvs| ipvs.dump());
+    match dump {
+        Ok(services) => {
+            let needed = targets::plan(&services, config).probes.len();
+            let capacity = targets::capacity_for(needed);
+            info!(
+                needed,
+                capacity, "datapath sized for the probes IPVS needs, with room to grow"
+            );
+            capacity
+        }
+        Err(e) => {
+            let capacity = prober_common::MAX_TARGETS;
+            info!(
+                capacity,
+                "IPVS not readable at start ({e}): datapath sized for the least"
+            );
+            capacity
+        }
+    }
 }
 
 /// When to tick next: at the regular time, or sooner for a probe that is

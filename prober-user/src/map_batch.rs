@@ -31,15 +31,19 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: `attr` is a valid `bpf_attr` for the batch commands and its
-    // pointers point to buffers the callers sized for `count` elements.
+/// The bpf(2) syscall with `attr` as its `union bpf_attr` member.
+///
+/// # Safety
+/// `attr` must be the member `cmd` takes, and its pointers must point to
+/// buffers as large as the kernel will read or write for it.
+pub(crate) unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: the caller's promise; the kernel checks the size we pass.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
+            attr as *mut A,
+            std::mem::size_of::<A>() as u32,
         )
     };
     if r < 0 {
@@ -83,7 +87,9 @@ fn lookup(
             map_fd: map.fd().as_fd().as_raw_fd() as u32,
             ..Default::default()
         };
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // SAFETY: the batch member, its buffers sized for `count - done`
+        // entries past `done`.
+        let result = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         done += attr.count;
         match result {
             Ok(()) => {}
@@ -229,7 +235,8 @@ pub fn write_array_prefix<T: Pod>(map: &Array<MapData, T>, values: &[T]) -> io::
         map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
         ..Default::default()
     };
-    bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    // SAFETY: the batch member, with `values.len()` keys and values.
+    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
     if attr.count as usize != values.len() {
         return Err(io::Error::other(format!(
             "batch update wrote {} of {} entries",

@@ -342,9 +342,9 @@ impl Collector for Snapshot {
         )?;
         counter(
             &mut e,
-            "prober_probe_sends_skipped",
-            "Probe sends a late tick missed by over half an interval, moved to their next grid point",
-            &[(vec![], s.sends_skipped)],
+            "prober_probe_sends_late",
+            "Probe sends that went out over half an interval after their grid point (the daemon was behind)",
+            &[(vec![], s.sends_late)],
         )?;
         let d = &s.datapath;
         counter(

@@ -27,11 +27,14 @@ pub struct Status {
     pub weight_write_errors: u64,
     pub netlink_errors: u64,
     /// The most probes sent in one tick (sends are spread over each
-    /// interval), and sends a late tick skipped to their next grid point.
+    /// interval), and sends that went out over half an interval late.
     #[serde(default)]
     pub largest_send: u64,
+    /// Probes the datapath holds (sized at start).
     #[serde(default)]
-    pub sends_skipped: u64,
+    pub capacity: u32,
+    #[serde(default)]
+    pub sends_late: u64,
     /// Alerts raised, by kind.
     pub events: BTreeMap<String, u64>,
     pub services: Vec<ServiceStatus>,
@@ -198,8 +201,7 @@ pub fn table(status: &Status) -> String {
         let _ = writeln!(
             out,
             "CAPACITY: {} hosts without L3 diagnosis (the datapath holds {} probes)",
-            status.undiagnosed_hosts,
-            prober_common::MAX_TARGETS
+            status.undiagnosed_hosts, status.capacity
         );
     }
     for u in &status.unchecked {

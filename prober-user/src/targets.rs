@@ -116,8 +116,26 @@ impl Plan {
     }
 }
 
+/// The plan for every destination, with no limit on probes (to size the
+/// datapath for it).
 pub fn plan(services: &[VirtualService], config: &Config) -> Plan {
-    plan_within(services, config, prober_common::MAX_TARGETS as usize)
+    plan_within(services, config, usize::MAX)
+}
+
+/// The probes a datapath is sized for when IPVS needs `needed` at start
+/// and `max_probes` is not set: a quarter again as many, so IPVS can grow
+/// without a restart, in whole steps of the compiled size (kernel memory
+/// grows with it: one map is per-CPU).
+pub fn capacity_for(needed: usize) -> u32 {
+    let step = prober_common::MAX_TARGETS as usize;
+    let roomy = needed
+        .saturating_add(needed / 4)
+        .div_ceil(step)
+        .saturating_mul(step);
+    roomy.clamp(
+        prober_common::MAX_TARGETS as usize,
+        prober_common::MOST_TARGETS as usize,
+    ) as u32
 }
 
 /// The plan for a datapath that holds at most `capacity` probes. Over it,
@@ -289,7 +307,7 @@ fn fit(plan: &mut Plan, capacity: usize) {
 
 /// Why a destination past the datapath's capacity is not checked.
 pub const OVER_CAPACITY: &str =
-    "over capacity: the datapath holds 65,536 probes (more real servers than that are not probed yet)";
+    "over capacity: the datapath is full (it was sized at start from IPVS, or by max_probes; a restart sizes it again)";
 
 fn probe_for(
     service: &ServiceKey,
@@ -459,6 +477,17 @@ mod tests {
         let why: Vec<&str> = plan.skipped.iter().map(|s| s.2).collect();
         assert!(why[0].contains("GUE and GRE"), "{why:?}");
         assert!(why[1].contains("IPv6"), "{why:?}");
+    }
+
+    #[test]
+    fn the_datapath_is_sized_with_room_to_grow() {
+        assert_eq!(capacity_for(0), 65_536);
+        assert_eq!(capacity_for(52_428), 65_536);
+        assert_eq!(capacity_for(52_430), 131_072);
+        assert_eq!(capacity_for(70_200), 131_072);
+        // 100,000 real servers, each with its L3 probe.
+        assert_eq!(capacity_for(200_000), 262_144);
+        assert_eq!(capacity_for(usize::MAX / 2), prober_common::MOST_TARGETS);
     }
 
     #[test]

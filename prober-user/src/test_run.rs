@@ -35,19 +35,8 @@ struct TestRunAttr {
 
 fn bpf_test_run(attr: &mut TestRunAttr) -> std::io::Result<()> {
     // SAFETY: attr is a valid, fully initialised bpf_attr prefix whose
-    // pointers outlive the call; the kernel checks the size we pass.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    // pointers outlive the call.
+    unsafe { crate::map_batch::bpf(BPF_PROG_TEST_RUN, attr) }
 }
 
 /// Verdict, output frame and mean run time of one program run.

@@ -672,6 +672,34 @@ pub fn wait_rounds(daemon: &Daemon, probes: &[&str], n: u64) -> serde_json::Valu
 /// namespace, each host's `eth0` plugged into it by veth. The director is
 /// 192.0.2.1, real server i is 192.0.2.(10 + i); all in TEST-NET-1, which
 /// exists only inside these namespaces.
+/// Plugs interface `ifname` of `ns`, with address `cidr`, into `bridge` of
+/// `switch` as its port `port` (a veth pair).
+pub fn plug_into_bridge(
+    switch: &NetNs,
+    bridge: &str,
+    ns: &NetNs,
+    ifname: &str,
+    port: &str,
+    cidr: &str,
+) -> Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        ifname,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        &switch.name,
+    ])?;
+    switch.ip(&["link", "set", port, "master", bridge, "up"])?;
+    ns.ip(&["addr", "add", cidr, "dev", ifname])?;
+    ns.ip(&["link", "set", ifname, "up"])?;
+    Ok(())
+}
+
 pub struct Lan {
     pub switch: NetNs,
     pub director: NetNs,
@@ -686,23 +714,8 @@ impl Lan {
         let switch = NetNs::new("prbw")?;
         switch.ip(&["link", "add", "br0", "type", "bridge"])?;
         switch.ip(&["link", "set", "br0", "up"])?;
-        let plug = |ns: &NetNs, port: &str, addr: Ipv4Addr| -> Result<()> {
-            ns.ip(&[
-                "link",
-                "add",
-                LAN_IF,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                port,
-                "netns",
-                &switch.name,
-            ])?;
-            switch.ip(&["link", "set", port, "master", "br0", "up"])?;
-            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", LAN_IF])?;
-            ns.ip(&["link", "set", LAN_IF, "up"])?;
-            Ok(())
+        let plug = |ns: &NetNs, port: &str, addr: Ipv4Addr| {
+            plug_into_bridge(&switch, "br0", ns, LAN_IF, port, &format!("{addr}/24"))
         };
         let director = NetNs::new("prbd")?;
         plug(&director, "d0", Self::director_addr())?;

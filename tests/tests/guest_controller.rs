@@ -594,6 +594,10 @@ fn pinned_state_of_servers_removed_while_prober_was_stopped_is_freed_at_start() 
     let (lan, _listeners) = service(3);
     let pin_dir = PinDir::new();
     let entries = |map: &str| -> usize {
+        // Pinned at the first IPVS discovery, a moment after the start.
+        if !pin_dir.join(map).exists() {
+            return 0;
+        }
         let out = prober_tests::run(
             std::process::Command::new("bpftool")
                 .args(["-j", "map", "dump", "pinned"])

@@ -30,8 +30,15 @@ use crate::{
 
 /// What the guest needs on the host: the emulator, module tools for the
 /// guest kernel's modules, a static busybox for the initramfs, and ipvsadm
-/// (run by the tests inside the guest from the shared root).
-const VM_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static", "ipvsadm"];
+/// and keepalived (VRRP for the pair test; run by the tests inside the
+/// guest from the shared root).
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "kmod",
+    "busybox-static",
+    "ipvsadm",
+    "keepalived",
+];
 
 /// Test targets (of the `prober-tests` crate, feature `guest`) that need
 /// the guest; `cargo xtask test` runs all of them.
@@ -44,6 +51,7 @@ pub const GUEST_TESTS: &[&str] = &[
     "guest_operator",
     "guest_faults",
     "guest_scale",
+    "guest_pair",
 ];
 
 /// Modules the initramfs loads to mount the host's root over virtio 9p

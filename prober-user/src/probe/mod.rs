@@ -272,6 +272,11 @@ impl Prober {
         Ok(prober)
     }
 
+    /// How many probes the datapath holds (its maps' size, set at load).
+    pub fn capacity(&self) -> u32 {
+        self.maps.targets.len()
+    }
+
     /// The targets with their ids.
     pub fn targets(&self) -> impl Iterator<Item = (u32, &Target)> {
         self.targets
@@ -435,11 +440,11 @@ impl Prober {
     /// is cleared from the maps. Then paths are resolved for all.
     pub fn sync_targets(&mut self, specs: &[ProbeSpec]) -> Result<()> {
         let wanted: std::collections::HashSet<ProbeSpec> = specs.iter().copied().collect();
-        if wanted.len() > prober_common::MAX_TARGETS as usize {
+        if wanted.len() > self.capacity() as usize {
             bail!(
                 "{} probes needed; the datapath holds at most {}",
                 wanted.len(),
-                prober_common::MAX_TARGETS
+                self.capacity()
             );
         }
         let gone: Vec<(ProbeSpec, u32)> = self
