@@ -1064,10 +1064,11 @@ impl Controller {
                 continue;
             }
             track.grid = schedule::next_send(self.epoch, id, track.settings.interval, now);
+            // A new probe's slot starts with zeroed counters (freed slots
+            // are cleared), so its `last` needs no read.
             let at = if track.outstanding {
                 track.grid.min(track.sent_at + track.settings.timeout)
             } else {
-                track.last = self.prober.counts(id)?;
                 track.grid
             };
             track.queued_at = Some(at);

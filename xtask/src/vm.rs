@@ -43,6 +43,9 @@ const VM_PACKAGES: &[&str] = &[
 /// Test targets (of the `prober-tests` crate, feature `guest`) that need
 /// the guest; `cargo xtask test` runs all of them.
 pub const GUEST_TESTS: &[&str] = &[
+    // The longest and newest first, so a failure shows early.
+    "guest_scale",
+    "guest_pair",
     "guest_ipvs",
     "guest_probe",
     "guest_controller",
@@ -50,8 +53,6 @@ pub const GUEST_TESTS: &[&str] = &[
     "guest_checks",
     "guest_operator",
     "guest_faults",
-    "guest_scale",
-    "guest_pair",
 ];
 
 /// Modules the initramfs loads to mount the host's root over virtio 9p
