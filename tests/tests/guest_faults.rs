@@ -321,8 +321,9 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
         stall_probes <= 4,
         "stall: DOWN {stall_probes} probes after it began"
     );
-    // Back within rise (2) answered probes of its end, and one that was in
-    // the stalled queue when it ended.
+    // Back within rise (2) answered probes of its end, one that was in
+    // the stalled queue when it ended, and one more: an answered probe is
+    // settled at its next grid point, when the next one goes out.
     let back_probes = probes_to(
         4,
         "UP",
@@ -330,7 +331,7 @@ fn real_server_faults_give_the_documented_state_without_a_write_storm() {
         sent_after_stall_end.as_ref().expect("stall ended"),
     );
     assert!(
-        back_probes <= 3,
+        back_probes <= 4,
         "stall: UP {back_probes} probes after it ended"
     );
     assert_eq!(count(4), 2, "stall: out and back, nothing more: {log}");
