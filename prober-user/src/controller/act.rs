@@ -1,0 +1,137 @@
+//! Act: changed weights written to IPVS in one batch, each a fresh
+//! read-modify-write, and what applied recorded in the pinned state.
+
+use super::*;
+
+impl Controller {
+    /// Writes a batch of weight changes, each a fresh read-modify-write
+    /// that yields to a change made by someone else since the last dump,
+    /// and records what applied. A write whose outcome is unknown (the
+    /// socket failed mid-batch) is remembered, so finding it in IPVS later
+    /// is taken as prober's own write, not an operator's.
+    pub(super) fn write_weights(&mut self, updates: Vec<(WeightChange, String)>) {
+        let (Some(ipvs), Some(store)) = (self.ipvs.as_mut(), self.store.as_mut()) else {
+            return;
+        };
+        if updates.is_empty() {
+            return;
+        }
+        for (update, _) in &updates {
+            let key = (update.service, update.destination);
+            if let Some(track) = self.dests.get(&key) {
+                let mut intent = record(track);
+                intent.pending = update.weight;
+                intent.has_pending = 1;
+                if let Err(e) = store.set_weight(weight_key(&key.0, &key.1), intent) {
+                    warn!("saving state: {e:#}");
+                }
+            }
+        }
+        let batch: Vec<WeightChange> = updates.iter().map(|(u, _)| u.clone()).collect();
+        let started = std::time::Instant::now();
+        let outcome = ipvs.change_weights(&batch);
+        // A large batch (a rack down, a mass recovery) gets one line with
+        // its rate; single changes have their own lines below.
+        if batch.len() >= LARGE_BATCH {
+            info!(
+                writes = batch.len(),
+                "IPVS batch of {} weights written in {:.1} ms",
+                batch.len(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        let withdraw =
+            |store: &mut StateStore, track: &DestTrack, key: &(ServiceKey, DestinationKey)| {
+                if let Err(e) = store.set_weight(weight_key(&key.0, &key.1), record(track)) {
+                    warn!("saving state: {e:#}");
+                }
+            };
+        for failure in &outcome.failed {
+            warn!(service = %failure.service, destination = %failure.destination, "weight not written: {}", failure.error);
+            let key = (failure.service, failure.destination);
+            if let Some(track) = self.dests.get(&key) {
+                withdraw(store, track, &key);
+            }
+        }
+        self.totals.weight_write_errors += outcome.failed.len() as u64;
+        for &index in &outcome.not_sent {
+            let key = (batch[index].service, batch[index].destination);
+            if let Some(track) = self.dests.get(&key) {
+                withdraw(store, track, &key);
+            }
+        }
+        for &index in &outcome.gone {
+            let key = (batch[index].service, batch[index].destination);
+            debug!(service = %key.0, destination = %key.1, "not written: the destination left IPVS");
+            if let Some(track) = self.dests.get(&key) {
+                withdraw(store, track, &key);
+            }
+        }
+        for (index, fresh) in &outcome.changed_by_others {
+            let key = (batch[*index].service, batch[*index].destination);
+            let Some(track) = self.dests.get_mut(&key) else {
+                continue;
+            };
+            // Someone set this weight since the last dump: theirs stands,
+            // as at a discovery; the next tick works from it.
+            manual_change(&self.config, &key.0, fresh, track.current, track);
+            track.current = fresh.weight;
+            track.destination = fresh.clone();
+            withdraw(store, track, &key);
+        }
+        if let Some((unknown, error)) = &outcome.unknown {
+            warn!(
+                "writing weights: {error}; {} writes may or may not have applied (the next discovery tells), {} not sent",
+                unknown.len(),
+                outcome.not_sent.len()
+            );
+            self.totals.netlink_errors += 1;
+            for &index in unknown {
+                let key = (batch[index].service, batch[index].destination);
+                if let Some(track) = self.dests.get_mut(&key) {
+                    // The intent saved above stays, for a restart too.
+                    track.unsure = Some(batch[index].weight);
+                }
+            }
+        }
+        let mut written = vec![false; batch.len()];
+        for &index in &outcome.applied {
+            written[index] = true;
+        }
+        for (index, (update, why)) in updates.into_iter().enumerate() {
+            if !written[index] {
+                continue;
+            }
+            let key = (update.service, update.destination);
+            self.totals.weight_writes += 1;
+            if let Some(track) = self.dests.get_mut(&key) {
+                info!(
+                    service = %update.service,
+                    destination = %key.1,
+                    why = %why,
+                    "set weight {} -> {}",
+                    track.current,
+                    update.weight
+                );
+                track.last_change = Some(change(track.current, update.weight, why));
+                track.current = update.weight;
+                track.written = Some(update.weight);
+                track.unsure = None;
+                if let Err(e) = store.set_weight(weight_key(&key.0, &key.1), record(track)) {
+                    warn!("saving state: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+fn change(from: u32, to: u32, why: String) -> crate::status::Change {
+    crate::status::Change {
+        time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        from,
+        to,
+        why,
+    }
+}

@@ -1,0 +1,357 @@
+//! Discover: IPVS and the configuration give the plan (targets, checks,
+//! bindings); weights changed by hand since the last dump are noticed.
+
+use super::*;
+
+impl Controller {
+    /// Reads IPVS, works out the targets, and notices weights changed by
+    /// someone else.
+    pub(super) fn discover(&mut self, now: Instant, open_store: OpenStore<'_>) -> Result<()> {
+        if self.ipvs.is_none() {
+            self.ipvs = Some(IpvsClient::connect()?);
+        }
+        let services = self.ipvs.as_mut().expect("connected above").dump()?;
+        if let Some(delay) = self.discovery_delay {
+            std::thread::sleep(delay);
+        }
+        let opened = self.store.is_none();
+        if opened {
+            self.store = Some(open_store()?);
+        }
+        let plan = targets::plan_within(&services, &self.config, self.prober.capacity() as usize);
+        let store = self.store.as_mut().expect("opened above");
+        if opened {
+            // What an earlier run pinned about destinations and probes
+            // that left while prober was stopped would never be freed.
+            let weights: HashSet<prober_common::WeightKey> = plan
+                .bindings
+                .iter()
+                .map(|b| weight_key(&b.service, &b.destination.key()))
+                .collect();
+            let health: HashSet<prober_common::HealthKey> =
+                plan.probes.keys().map(health_key).collect();
+            let freed = store.retain(|k| weights.contains(k), |k| health.contains(k));
+            if freed > 0 {
+                info!("freed {freed} pinned state records of destinations and probes that left while prober was stopped");
+            }
+        }
+        if plan.undiagnosed != self.undiagnosed {
+            self.undiagnosed = plan.undiagnosed;
+            if plan.undiagnosed > 0 {
+                warn!(
+                    "{} real server hosts get no L3 diagnosis probe: the datapath holds {} probes and every destination's own probe comes first",
+                    plan.undiagnosed,
+                    self.prober.capacity()
+                );
+            }
+        }
+
+        let mut seen = HashSet::new();
+        for binding in &plan.bindings {
+            let dest = &binding.destination;
+            let key = (binding.service, dest.key());
+            seen.insert(key);
+            let wkey = weight_key(&binding.service, &dest.key());
+            let dumped = dest.weight;
+            match self.dests.get_mut(&key) {
+                Some(track) => {
+                    track.destination = dest.clone();
+                    // A write of unknown outcome that IPVS holds: ours.
+                    if track.unsure.take() == Some(dumped) {
+                        track.written = Some(dumped);
+                        track.current = dumped;
+                        store.set_weight(wkey, record(track))?;
+                    }
+                    // What IPVS should hold: what prober wrote, else what
+                    // it held before.
+                    let expected = track.written.unwrap_or(track.current);
+                    if dumped != expected {
+                        manual_change(&self.config, &binding.service, dest, expected, track);
+                        store.set_weight(wkey, record(track))?;
+                    }
+                    track.current = dumped;
+                }
+                None => {
+                    let remembered = store.weight(&wkey);
+                    let mut track = DestTrack {
+                        configured: remembered.map_or(dumped, |r| r.configured),
+                        written: remembered.filter(|r| r.has_written == 1).map(|r| r.written),
+                        current: dumped,
+                        destination: dest.clone(),
+                        computed: None,
+                        unsure: None,
+                        last_change: None,
+                    };
+                    // A write an earlier run had started: its own, if IPVS
+                    // holds it.
+                    let pending = remembered.filter(|r| r.has_pending == 1).map(|r| r.pending);
+                    if pending == Some(dumped) {
+                        track.written = Some(dumped);
+                    }
+                    // What IPVS should hold after the earlier run: what it
+                    // wrote, else the configured weight it remembered.
+                    let expected = track.written.unwrap_or(track.configured);
+                    if remembered.is_some() && dumped != expected {
+                        manual_change(&self.config, &binding.service, dest, expected, &mut track);
+                    }
+                    track.current = dumped;
+                    store.set_weight(wkey, record(&track))?;
+                    self.dests.insert(key, track);
+                }
+            }
+        }
+        let gone: Vec<_> = self
+            .dests
+            .keys()
+            .filter(|k| !seen.contains(k))
+            .copied()
+            .collect();
+        let mut restores = Vec::new();
+        for key in gone {
+            let Some(track) = self.dests.remove(&key) else {
+                continue;
+            };
+            store.remove_weight(&weight_key(&key.0, &key.1));
+            // Still in IPVS but no longer managed (the config now leaves it
+            // alone): hand it back at its configured weight, not at the
+            // last one prober wrote.
+            let still_there = services
+                .iter()
+                .filter(|vs| vs.service.key == key.0)
+                .flat_map(|vs| &vs.destinations)
+                .find(|d| d.key() == key.1);
+            match still_there {
+                Some(dest) if track.written.is_some() && dest.weight != track.configured => {
+                    info!(service = %key.0, destination = %key.1, "no longer managed: weight {} back to its configured {}", dest.weight, track.configured);
+                    restores.push(WeightUpdate {
+                        service: key.0,
+                        destination: dest.clone(),
+                        weight: track.configured,
+                    });
+                }
+                Some(_) => debug!(service = %key.0, destination = %key.1, "no longer managed"),
+                None => debug!(service = %key.0, destination = %key.1, "destination left IPVS"),
+            }
+        }
+        if !restores.is_empty() {
+            let ipvs = self.ipvs.as_mut().expect("connected above");
+            match ipvs.set_weights(&restores) {
+                Ok(failures) => {
+                    for f in failures {
+                        warn!(service = %f.service, destination = %f.destination, "weight not restored: {}", f.error);
+                    }
+                }
+                Err(e) => warn!("restoring weights: {e}"),
+            }
+        }
+
+        for (spec, settings) in &plan.probes {
+            match self.probes.get_mut(spec) {
+                Some(track) => {
+                    // A new interval (a reload) applies from now: the
+                    // probe is queued again on its new grid below.
+                    if track.settings.interval != settings.interval {
+                        track.queued_at = None;
+                    }
+                    track.settings = *settings;
+                }
+                None => {
+                    let remembered = store.health(&health_key(spec));
+                    let state = match remembered.map(|r| r.state) {
+                        Some(2) => State::Down,
+                        _ => State::Up,
+                    };
+                    let latency = remembered
+                        .filter(|r| r.latency_ns > 0)
+                        .map(|r| LatencyEwma::new(r.latency_ns as f64, now));
+                    self.probes.insert(
+                        *spec,
+                        ProbeTrack {
+                            settings: *settings,
+                            health: Health::new(state, now),
+                            evidence: false,
+                            latency,
+                            response: None,
+                            response_at: None,
+                            last: Counts::default(),
+                            grid: now,
+                            queued_at: None,
+                            outstanding: false,
+                            sent_at: now,
+                            came_up_at: None,
+                            latency_saved_at: now,
+                        },
+                    );
+                }
+            }
+        }
+        let dropped: Vec<ProbeSpec> = self
+            .probes
+            .keys()
+            .filter(|s| !plan.probes.contains_key(s))
+            .copied()
+            .collect();
+        self.path.retain(|p| plan.probes.contains_key(p));
+        for spec in dropped {
+            self.probes.remove(&spec);
+            store.remove_health(&health_key(&spec));
+        }
+        self.up_probes = self
+            .probes
+            .values()
+            .filter(|t| t.health.state() == State::Up)
+            .count();
+        // An operator must not believe these are checked: each is said
+        // once at warn level (an explicit `probe = "none"` at debug), the
+        // first few by name and the rest in one line.
+        let mut unnamed = 0;
+        for (service, dest, why) in &plan.skipped {
+            if why.starts_with("the config says") {
+                debug!(%service, destination = %dest, "not probed: {why}");
+            } else if self.warned_unchecked.insert((*service, *dest)) {
+                if unnamed < UNCHECKED_NAMED {
+                    warn!(%service, destination = %dest, "not probed, its weight left alone: {why}");
+                }
+                unnamed += 1;
+            }
+        }
+        if unnamed > UNCHECKED_NAMED {
+            warn!(
+                "{} more destinations not probed, their weights left alone (prober status lists them)",
+                unnamed - UNCHECKED_NAMED
+            );
+        }
+        let skipped: HashSet<(ServiceKey, DestinationKey)> =
+            plan.skipped.iter().map(|(s, d, _)| (*s, *d)).collect();
+        self.warned_unchecked.retain(|k| skipped.contains(k));
+        self.sync_checks(&plan, now);
+        if let Some(agents) = &mut self.agents {
+            agents.sync(plan.bindings.iter().map(|b| b.destination.addr))?;
+        }
+        let mut services_of_host: HashMap<IpAddr, BTreeSet<String>> = HashMap::new();
+        for b in &plan.bindings {
+            services_of_host
+                .entry(b.destination.addr)
+                .or_default()
+                .insert(b.service.to_string());
+        }
+        let subjects: HashSet<String> = plan
+            .checks
+            .keys()
+            .map(|c| c.to_string())
+            .chain(plan.bindings.iter().map(|b| b.probe.to_string()))
+            .collect();
+        self.alerts.set_topology(services_of_host, &subjects);
+        let specs: Vec<ProbeSpec> = plan.probes.keys().copied().collect();
+        self.prober.sync_targets(&specs)?;
+        // NAT real servers: the director sees both directions of their traffic.
+        let nat: Vec<passive::Server> = plan
+            .bindings
+            .iter()
+            .filter(|b| b.destination.forwarding == prober_ipvs::Forwarding::Masquerade)
+            .map(|b| (b.destination.addr, b.destination.port))
+            .collect();
+        self.passive.sync(&nat)?;
+        self.pending.retain(|server, _| nat.contains(server));
+        // New probes (and those with a new interval) go on their grid from
+        // now (not from the tick's start: this discovery may have taken
+        // long, and their first sends must not all be overdue at once),
+        // new ones from the datapath's counters as they stand (kept from
+        // an earlier run).
+        let now = Instant::now();
+        for spec in &specs {
+            let (Some(id), Some(track)) = (self.prober.id_of(spec), self.probes.get_mut(spec))
+            else {
+                continue;
+            };
+            if track.queued_at.is_some() {
+                continue;
+            }
+            track.grid = schedule::next_send(self.epoch, id, track.settings.interval, now);
+            // A new probe's slot starts with zeroed counters (freed slots
+            // are cleared), so its `last` needs no read.
+            let at = if track.outstanding {
+                track.grid.min(track.sent_at + track.settings.timeout)
+            } else {
+                track.grid
+            };
+            track.queued_at = Some(at);
+            self.queue.push(at, id);
+        }
+        self.plan = plan;
+        if let Some(store) = &self.store {
+            if store.not_saved > self.not_saved {
+                warn!(
+                    "the pinned state maps are full: {} records not saved ({} in all); those destinations and probes start afresh after a restart",
+                    store.not_saved - self.not_saved,
+                    store.not_saved
+                );
+                self.not_saved = store.not_saved;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the plan's new checks, restarts those whose timing changed
+    /// (keeping their health) and stops those no service uses any more. A
+    /// check replaced by an edited one on the same server and port (a
+    /// reload) hands it its health: editing a failing check does not
+    /// bring the server back before the new check has spoken.
+    pub(super) fn sync_checks(&mut self, plan: &Plan, now: Instant) {
+        let removed: Vec<CheckSpec> = self
+            .checks
+            .keys()
+            .filter(|spec| !plan.checks.contains_key(*spec))
+            .cloned()
+            .collect();
+        let mut replaced: Vec<(CheckSpec, CheckTrack)> = removed
+            .into_iter()
+            .filter_map(|spec| self.checks.remove_entry(&spec))
+            .collect();
+        for (spec, settings) in &plan.checks {
+            match self.checks.get_mut(spec) {
+                Some(track) if track.settings == *settings => {}
+                Some(track) => {
+                    track.task.abort();
+                    track.task = self.checker.start(spec.clone(), settings.timing);
+                    track.settings = *settings;
+                }
+                None => {
+                    let task = self.checker.start(spec.clone(), settings.timing);
+                    let before = replaced
+                        .iter()
+                        .position(|(old, _)| {
+                            (old.address, old.port, old.vip) == (spec.address, spec.port, spec.vip)
+                        })
+                        .map(|i| replaced.swap_remove(i).1);
+                    let (health, failure) = match before {
+                        Some(old) => (old.health.clone(), old.failure.clone()),
+                        None => (Health::new(State::Up, now), None),
+                    };
+                    self.checks.insert(
+                        spec.clone(),
+                        CheckTrack {
+                            settings: *settings,
+                            task,
+                            health,
+                            evidence: false,
+                            weight: None,
+                            failure,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// A check task that ended (it panicked: a bug) is started again, so
+    /// its health does not freeze.
+    pub(super) fn restart_ended_checks(&mut self) {
+        for (spec, track) in &mut self.checks {
+            if track.task.is_finished() {
+                warn!(check = %spec, "check task ended unexpectedly: restarting it");
+                track.task = self.checker.start(spec.clone(), track.settings.timing);
+            }
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! The controller: IPVS and the config give targets, the datapath probes
+//! them and the checker runs their L7 checks, results feed each probe's
+//! and check's health and latency, agents add their own word, each virtual
+//! service's weights follow, and changed weights go to IPVS in one batch.
+//! Health changes also go to the alerts, which name one root cause each.
+//!
+//! config/IPVS -> targets -> probes -> results -> health -> weights -> IPVS
+
+mod act;
+mod decide;
+mod discover;
+mod observe;
+mod status;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use prober_common::HealthRecord;
+use prober_ipvs::{
+    Destination, DestinationKey, IpvsClient, ServiceKey, WeightChange, WeightUpdate,
+};
+use tokio::{sync::mpsc, task::AbortHandle};
+use tracing::{debug, info, warn};
+
+use crate::{
+    agents::{AgentState, Agents},
+    checks::{self, CheckReport, CheckSpec, Checker, Outcome},
+    config::{Config, ManualWeights},
+    director_fault::{self, DirectorPath},
+    events::{sink::Sink, Alerts},
+    health::{Cause, Health, Observations, State},
+    passive::{self, Passive},
+    probe::{
+        schedule::{self, Send},
+        Counts, ProbeSpec, Prober,
+    },
+    state::{health_key, weight_key, StateStore},
+    targets::{self, CheckSettings, Plan, ProbeSettings},
+    weights::{pool_weights, LatencyEwma, Member},
+};
+
+/// Server resets plus resent client SYNs in one interval that are logged
+/// (at debug) when they outnumber the handshakes that succeeded.
+const PASSIVE_BURST: u64 = 5;
+
+/// Latency estimates are saved for restarts this often.
+const LATENCY_SAVE: Duration = Duration::from_secs(2);
+/// After the carrier comes back, how long next hops still being resolved
+/// keep the director suspected.
+const LINK_SETTLE: Duration = Duration::from_secs(10);
+/// Unprobed destinations named one by one in a discovery's warnings.
+const UNCHECKED_NAMED: usize = 20;
+/// Batches of IPVS writes this large are logged with their duration.
+const LARGE_BATCH: usize = 100;
+
+struct ProbeTrack {
+    settings: ProbeSettings,
+    health: Health,
+    /// Whether this run has seen any result yet: until then the weights
+    /// this probe decides are left as IPVS has them.
+    evidence: bool,
+    latency: Option<LatencyEwma>,
+    /// Response time (request -> first response byte) from passive
+    /// measurement, and when it last had a sample.
+    response: Option<LatencyEwma>,
+    response_at: Option<Instant>,
+    last: Counts,
+    /// The grid point of its next send (see `probe::schedule`).
+    grid: Instant,
+    /// When it is next looked at: its only valid entry in the queue (None:
+    /// not queued yet, it has no target id).
+    queued_at: Option<Instant>,
+    /// A probe is out and not yet settled.
+    outstanding: bool,
+    /// When the outstanding probe was handed to the kernel (at the latest).
+    sent_at: Instant,
+    /// When it last came up in this run (slow start).
+    came_up_at: Option<Instant>,
+    latency_saved_at: Instant,
+}
+
+struct CheckTrack {
+    settings: CheckSettings,
+    task: AbortHandle,
+    health: Health,
+    evidence: bool,
+    /// The weight the last run gave (commands may print one).
+    weight: Option<u32>,
+    /// Why the last run failed.
+    failure: Option<String>,
+}
+
+impl Drop for CheckTrack {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct DestTrack {
+    configured: u32,
+    written: Option<u32>,
+    /// The weight in IPVS, as dumped or as written since.
+    current: u32,
+    destination: Destination,
+    /// What the policy last wanted (written or not).
+    computed: Option<u32>,
+    /// A weight prober tried to write when the socket failed mid-batch:
+    /// found in IPVS, it is prober's own, not an operator's.
+    unsure: Option<u32>,
+    last_change: Option<crate::status::Change>,
+}
+
+/// Running totals for `prober status` and the metrics.
+#[derive(Default)]
+struct Totals {
+    weight_writes: u64,
+    weight_write_errors: u64,
+    netlink_errors: u64,
+    events: BTreeMap<String, u64>,
+    /// The most probes sent in one tick, and the sends that went out over
+    /// half an interval after their grid point (see `probe::schedule`).
+    largest_send: u64,
+    sends_late: u64,
+    /// When late sends were last said, and how many since.
+    late_said: Option<Instant>,
+    late_unsaid: u64,
+}
+
+pub struct Controller {
+    config: Config,
+    ipvs: Option<IpvsClient>,
+    prober: Prober,
+    passive: Passive,
+    /// Passive measurements not yet taken by their probe's evaluation.
+    pending: HashMap<passive::Server, passive::Delta>,
+    store: Option<StateStore>,
+    plan: Plan,
+    probes: HashMap<ProbeSpec, ProbeTrack>,
+    checker: Checker,
+    check_reports: mpsc::UnboundedReceiver<CheckReport>,
+    checks: HashMap<CheckSpec, CheckTrack>,
+    agents: Option<Agents>,
+    alerts: Alerts,
+    sink: Sink,
+    dests: HashMap<(ServiceKey, DestinationKey), DestTrack>,
+    panicking: HashSet<ServiceKey>,
+    /// Whether the director's own path is the likely fault (then every
+    /// weight is kept).
+    path: DirectorPath,
+    /// Whether the interface had carrier at the last tick.
+    link_was_up: bool,
+    /// When the carrier last came back.
+    link_back_at: Option<Instant>,
+    /// When the last director-side fault was over.
+    fault_cleared_at: Option<Instant>,
+    /// Unchecked destinations already warned about.
+    warned_unchecked: HashSet<(ServiceKey, DestinationKey)>,
+    /// Hosts without their L3 probe for capacity, as last said.
+    undiagnosed: usize,
+    /// State records not saved (a full map), as last said.
+    not_saved: u64,
+    totals: Totals,
+    next_discovery: Instant,
+    ipvs_problem: Option<String>,
+    /// Probes by when they are next to be settled or sent.
+    queue: schedule::Queue,
+    /// Where every probe's send grid starts.
+    epoch: Instant,
+    /// Buffers reused by every tick (nothing allocated per tick).
+    popped: Vec<(Instant, u32)>,
+    due_ids: Vec<u32>,
+    sending: Vec<u32>,
+    /// A tick that used its whole budget: the next waits until then.
+    hold_until: Option<Instant>,
+    /// Probes up now: counted at each discovery, kept by each transition
+    /// (every wake asks, and a count would cost a pass over every probe).
+    up_probes: usize,
+    /// When the last tick's sends were worked out (the budget grows with
+    /// the time since).
+    last_send_pass: Option<Instant>,
+    /// Services whose pools a health change touched this tick: recomputed
+    /// at once, the others at the regular tick.
+    touched: HashSet<ServiceKey>,
+    /// Tests only: each discovery takes this much longer, as one under
+    /// load or behind a slow netlink reply does (PROBER_DEBUG_SLOW_DISCOVERY_MS).
+    discovery_delay: Option<Duration>,
+    /// Until then latency moves no weight: estimates (fresh, or restored
+    /// from a run that may have saved them up to `LATENCY_SAVE` ago) first
+    /// follow one decay period of live samples, so a restart moves nothing.
+    latency_hold_until: Instant,
+}
+
+/// Opens the state store when IPVS is first seen (a daemon on a host
+/// without IPVS pins nothing that outlives it).
+pub type OpenStore<'a> = &'a mut dyn FnMut() -> Result<StateStore>;
+
+/// The controller's optional parts.
+pub struct Extras {
+    /// Lets L7 checks reach the VIP on direct-routing real servers.
+    pub gate: Option<checks::dr::Gate>,
+    /// Agent reports (when `[agent]` is configured).
+    pub agents: Option<Agents>,
+}
+
+impl Controller {
+    /// Must be called within a tokio runtime (checks run as tasks).
+    pub fn new(
+        config: Config,
+        prober: Prober,
+        passive: Passive,
+        extras: Extras,
+        now: Instant,
+    ) -> Self {
+        let (checker, check_reports) = Checker::new(config.max_checks, extras.gate);
+        let diagnosis = diagnosis_window(&config);
+        Self {
+            checker,
+            check_reports,
+            checks: HashMap::new(),
+            agents: extras.agents,
+            alerts: Alerts::new(config.alerts.clone(), diagnosis),
+            sink: Sink::new(&config.alerts),
+            ipvs: None,
+            prober,
+            passive,
+            pending: HashMap::new(),
+            store: None,
+            plan: Plan::default(),
+            probes: HashMap::new(),
+            dests: HashMap::new(),
+            panicking: HashSet::new(),
+            path: DirectorPath::new(),
+            link_was_up: true,
+            link_back_at: None,
+            fault_cleared_at: None,
+            warned_unchecked: HashSet::new(),
+            undiagnosed: 0,
+            not_saved: 0,
+            totals: Totals::default(),
+            next_discovery: now,
+            ipvs_problem: None,
+            latency_hold_until: now + config.policy.decay,
+            queue: schedule::Queue::default(),
+            epoch: now,
+            popped: Vec::new(),
+            due_ids: Vec::new(),
+            sending: Vec::new(),
+            touched: HashSet::new(),
+            last_send_pass: None,
+            up_probes: 0,
+            hold_until: None,
+            discovery_delay: std::env::var("PROBER_DEBUG_SLOW_DISCOVERY_MS")
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis),
+            config,
+        }
+    }
+
+    /// Applies a new configuration (`prober reload`, SIGHUP) without
+    /// detaching anything or forgetting health: the next tick re-reads
+    /// IPVS and works out targets, checks and weights with it; weights the
+    /// change does not touch are not written. `agent_address` is where
+    /// agents report when the new config has `[agent]`.
+    pub fn reload(
+        &mut self,
+        config: Config,
+        agent_address: Option<std::net::Ipv4Addr>,
+        now: Instant,
+    ) -> Result<()> {
+        if config.max_probes != self.config.max_probes {
+            warn!(
+                "max_probes {:?} -> {:?}: takes effect at the next start (the datapath holds {} probes)",
+                self.config.max_probes,
+                config.max_probes,
+                self.prober.capacity()
+            );
+        }
+        if config.max_checks != self.config.max_checks {
+            warn!(
+                "max_checks {} -> {}: takes effect at the next start",
+                self.config.max_checks, config.max_checks
+            );
+        }
+        match (config.agent, agent_address) {
+            (Some(agent), Some(address)) => {
+                self.prober.set_agent(address, agent.port, agent.key)?
+            }
+            _ => self
+                .prober
+                .set_agent(std::net::Ipv4Addr::UNSPECIFIED, 0, None)?,
+        }
+        if let Some(agents) = &mut self.agents {
+            agents.set_deadline(config.agent.map(|a| a.deadline));
+        }
+        if config.alerts != self.config.alerts {
+            self.sink = Sink::new(&config.alerts);
+            self.alerts.set_config(config.alerts.clone());
+        }
+        self.alerts.set_diagnosis(diagnosis_window(&config));
+        self.config = config;
+        self.next_discovery = now;
+        Ok(())
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// When a probe is next to be settled or sent: `tick` should run
+    /// then (with `full` false if the regular tick is not due), so
+    /// timeouts are exact and sends keep to their grid.
+    pub fn next_wake(&self) -> Option<Instant> {
+        let next = self.queue.next()?;
+        Some(self.hold_until.map_or(next, |hold| next.max(hold)))
+    }
+
+    /// The shortest probe interval: how often `tick` should run.
+    pub fn tick_interval(&self) -> Duration {
+        self.config
+            .services
+            .iter()
+            .filter_map(|s| s.interval)
+            .chain([self.config.interval])
+            .min()
+            .unwrap_or(self.config.interval)
+    }
+
+    /// One pass: probes due now are settled and sent; a `full` tick (the
+    /// regular one, every `tick_interval`) also takes passive samples and
+    /// agents and recomputes every pool, the others only the pools a
+    /// health change touched.
+    pub fn tick(&mut self, now: Instant, full: bool, open_store: OpenStore<'_>) -> Result<()> {
+        if now >= self.next_discovery {
+            self.next_discovery = now + self.config.discovery;
+            if let Err(e) = self.discover(now, open_store) {
+                let problem = format!("{e:#}");
+                self.totals.netlink_errors += 1;
+                if self.ipvs_problem.as_ref() != Some(&problem) {
+                    warn!(
+                        "reading IPVS: {problem}; retrying every {:?}",
+                        self.config.discovery
+                    );
+                    self.ipvs_problem = Some(problem);
+                }
+                self.ipvs = None;
+            } else if self.ipvs_problem.take().is_some() {
+                info!("IPVS read again");
+            }
+        }
+        if let Err(e) = self.prober.follow_kernel() {
+            warn!("following route and neighbour changes: {e:#}");
+        }
+        // Discovery may have taken a while: probe times are judged
+        // against the clock as it is now, not as the tick began.
+        let now = Instant::now();
+        if full {
+            match self.passive.take_deltas() {
+                Ok(deltas) => {
+                    for (server, delta) in deltas {
+                        self.pending.entry(server).or_default().add(delta);
+                    }
+                }
+                Err(e) => warn!("reading passive measurements: {e:#}"),
+            }
+        }
+        self.touched.clear();
+        self.settle_and_send(now);
+        self.judge_director_path(now);
+        self.restart_ended_checks();
+        self.take_check_reports(now);
+        if full {
+            if let Some(agents) = &mut self.agents {
+                agents.refresh();
+            }
+        }
+        self.update_weights(now, full);
+        // Alerts' timers run at the regular tick and on health changes,
+        // not on every wake that only sends (a pass over every host).
+        if !full && self.touched.is_empty() {
+            return Ok(());
+        }
+        // Asked only about hosts whose L3 probe is down: the hosts with an
+        // L4 probe up are gathered once, on the first question of a tick.
+        let probes = &self.probes;
+        let l4_up_hosts = std::cell::OnceCell::new();
+        let l4_alive = |host: IpAddr| {
+            l4_up_hosts
+                .get_or_init(|| {
+                    probes
+                        .iter()
+                        .filter(|(spec, track)| {
+                            matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. })
+                                && track.health.state() == State::Up
+                        })
+                        .map(|(spec, _)| spec.real_server())
+                        .collect::<HashSet<IpAddr>>()
+                })
+                .contains(&host)
+        };
+        for event in self.alerts.poll(now, l4_alive) {
+            *self
+                .totals
+                .events
+                .entry(event.kind.name().to_string())
+                .or_default() += 1;
+            self.sink.send(&event);
+        }
+        Ok(())
+    }
+}
+
+/// How long a failed check waits for its host's L3 probe: time for it to
+/// go down, plus one interval (none without diagnosis).
+fn diagnosis_window(config: &Config) -> Option<Duration> {
+    config
+        .diagnose
+        .then(|| config.interval * (config.limits.fall + 1))
+}
+
+fn layer_of(probe: &ProbeSpec) -> &'static str {
+    match probe.kind {
+        crate::probe::ProbeKind::IcmpEcho => "L3",
+        crate::probe::ProbeKind::TcpSyn { .. } => "L4",
+    }
+}
+
+fn record(track: &DestTrack) -> prober_common::WeightRecord {
+    prober_common::WeightRecord {
+        configured: track.configured,
+        written: track.written.unwrap_or(0),
+        has_written: track.written.is_some() as u32,
+        pending: 0,
+        has_pending: 0,
+        _pad: 0,
+    }
+}
+
+/// A weight in IPVS that differs from the one prober expects there (the
+/// one it wrote, or the one IPVS held before): someone changed it by hand.
+fn manual_change(
+    config: &Config,
+    service: &ServiceKey,
+    dest: &Destination,
+    expected: u32,
+    track: &mut DestTrack,
+) {
+    match config.manual_weights {
+        ManualWeights::Respect => {
+            info!(
+                %service,
+                destination = %dest.key(),
+                "weight changed by hand from {expected} to {}: taking it as the configured weight",
+                dest.weight
+            );
+            track.configured = dest.weight;
+            track.written = Some(dest.weight);
+        }
+        ManualWeights::Overwrite => {
+            warn!(
+                %service,
+                destination = %dest.key(),
+                "weight changed by hand from {expected} to {}: writing prober's weight back (manual_weights = \"overwrite\")",
+                dest.weight
+            );
+        }
+    }
+}
+
+fn cause_text(cause: Cause) -> String {
+    match cause {
+        Cause::Answered => "answered",
+        Cause::Refused => "refused (RST)",
+        Cause::Unreachable => "ICMP unreachable",
+        Cause::TimedOut => "no answer",
+    }
+    .to_string()
+}
