@@ -96,6 +96,11 @@ enum Command {
         /// programs entirely (the verifier prunes them).
         #[arg(long, value_enum, default_value_t = datapath::EbpfLog::Off)]
         ebpf_log: datapath::EbpfLog,
+        /// How probe frames leave: `auto` transmits them from XDP (live
+        /// frames) and falls back to a packet socket, with a warning, on a
+        /// kernel whose policy forbids that; `live` and `socket` force one.
+        #[arg(long, value_enum, default_value_t = probe::transmit::TransmitMode::Auto)]
+        transmit: probe::transmit::TransmitMode,
     },
     /// Every virtual service and real server as the running daemon sees
     /// them: state per layer, RTTs, weights, last change and why.
@@ -196,8 +201,10 @@ fn main() -> ExitCode {
             interval,
             config,
             ebpf_log,
+            transmit,
         } => run(&Daemon {
             ebpf_log,
+            transmit,
             interface: iface,
             pin_dir: cli.pin_dir.clone(),
             socket,
@@ -274,6 +281,7 @@ impl std::error::Error for InterfaceRemoved {}
 /// What `prober run` was asked.
 struct Daemon {
     ebpf_log: datapath::EbpfLog,
+    transmit: probe::transmit::TransmitMode,
     interface: String,
     pin_dir: PathBuf,
     socket: PathBuf,
@@ -365,6 +373,7 @@ fn run(daemon: &Daemon) -> Result<()> {
         let (maps, probe_tx) = datapath.prober_parts()?;
         let ifindex = preflight::interface_index(interface)?;
         let mut prober = probe::Prober::new(maps, probe_tx, interface, ifindex, &daemon.probes)?;
+        prober.set_transmit(daemon.transmit)?;
         let mut mode = if daemon.probes.is_empty() {
             let passive = passive::Passive::new(datapath.passive_maps()?);
             if let (Some(agent), Some(address)) = (config.agent, daemon.agent_address(&config)?) {

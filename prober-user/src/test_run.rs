@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 /// Frames are real: XDP_TX/XDP_REDIRECT send them (kernel >= 5.18).
@@ -50,7 +50,31 @@ pub struct XdpRun {
 /// Runs an XDP program `repeat` times on `frame` (not live: nothing is
 /// transmitted) and returns the last run's verdict and output frame.
 pub fn run_xdp(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> Result<XdpRun> {
-    let mut out = vec![0u8; frame.len() + 4096];
+    let mut out = Vec::new();
+    let (action, duration_ns) = run_into(prog, frame, repeat, &mut out)
+        .map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN: {e}"))?;
+    Ok(XdpRun {
+        action,
+        frame: out,
+        duration_ns,
+    })
+}
+
+/// Runs an XDP program once on `frame` (not live) and leaves the output
+/// frame in `out` (its allocation reused). Returns the verdict.
+pub fn run_xdp_into(prog: BorrowedFd<'_>, frame: &[u8], out: &mut Vec<u8>) -> std::io::Result<u32> {
+    Ok(run_into(prog, frame, 1, out)?.0)
+}
+
+/// Verdict and mean run time; the last run's frame in `out`.
+fn run_into(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    repeat: u32,
+    out: &mut Vec<u8>,
+) -> std::io::Result<(u32, u32)> {
+    out.clear();
+    out.resize(frame.len() + 4096, 0);
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: frame.len() as u32,
@@ -60,19 +84,16 @@ pub fn run_xdp(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> Result<XdpRun
         repeat,
         ..Default::default()
     };
-    bpf_test_run(&mut attr).map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN: {e}"))?;
+    bpf_test_run(&mut attr)?;
     out.truncate(attr.data_size_out as usize);
-    Ok(XdpRun {
-        action: attr.retval,
-        frame: out,
-        duration_ns: attr.duration,
-    })
+    Ok((attr.retval, attr.duration))
 }
 
 /// Runs an XDP program `runs` times on copies of `frame` with live frames:
 /// what it redirects or transmits goes on the wire. Returns the kernel's mean
-/// time per run in ns.
-pub fn run_xdp_live(prog: impl AsFd, frame: &[u8], runs: u32) -> Result<u32> {
+/// time per run in ns. EINVAL: a kernel older than 5.18; EPERM: one whose
+/// policy (lockdown, a BPF LSM) forbids live frames.
+pub fn run_xdp_live(prog: impl AsFd, frame: &[u8], runs: u32) -> std::io::Result<u32> {
     if runs == 0 {
         return Ok(0);
     }
@@ -84,11 +105,6 @@ pub fn run_xdp_live(prog: impl AsFd, frame: &[u8], runs: u32) -> Result<u32> {
         flags: BPF_F_TEST_XDP_LIVE_FRAMES,
         ..Default::default()
     };
-    if let Err(e) = bpf_test_run(&mut attr) {
-        if e.raw_os_error() == Some(libc::EINVAL) {
-            bail!("BPF_PROG_TEST_RUN with live frames was refused (EINVAL): the kernel must be >= 5.18");
-        }
-        bail!("BPF_PROG_TEST_RUN (live frames): {e}");
-    }
+    bpf_test_run(&mut attr)?;
     Ok(attr.duration)
 }

@@ -1,5 +1,6 @@
 //! Active probes in the qemu guest (Debian 6.1 kernel), for what this host's
-//! kernel cannot do: netem delays and IPIP decapsulation.
+//! kernel cannot do: netem delays, IPIP decapsulation, and transmitting
+//! live frames from XDP (this host's policy refuses them).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -91,4 +92,33 @@ fn tunnel_probe_reaches_the_vip_through_ipip() {
         Ok((pair.server.half_open_connections()? == 0).then_some(()))
     })
     .expect("no half-open connection left on the real server");
+}
+
+/// Frames sent from XDP onto a veth whose peer runs no XDP program vanish:
+/// the daemon notices that no probe ever got a reply and says how to fix
+/// it, once.
+#[test]
+fn probes_vanishing_on_a_veth_without_an_xdp_peer_get_one_warning_with_the_fix() {
+    let pair = VethPair::new().unwrap(); // no XDP program on the peer
+    let pin_dir = PinDir::new();
+    let args = [
+        "--interval",
+        "100ms",
+        "--probe",
+        "icmp:192.0.2.2",
+        "--transmit",
+        "live",
+    ];
+    let daemon = Daemon::start_with(&pair.client, VETH, &pin_dir, &args).unwrap();
+    let warning = "is a veth and no probe sent on it has had any reply";
+    prober_tests::wait_for(std::time::Duration::from_secs(10), || {
+        Ok(daemon.log().contains(warning).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    let stats = daemon.stats().unwrap();
+    assert_eq!(field(&stats, "icmp:192.0.2.2", "answered"), 0, "{stats}");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let log = daemon.log();
+    assert_eq!(log.matches(warning).count(), 1, "once: {log}");
+    assert!(log.contains("ethtool -K PEER gro on"), "{log}");
 }

@@ -7,6 +7,7 @@ pub mod delivery;
 pub mod report;
 pub mod schedule;
 pub mod spec;
+pub mod transmit;
 
 use std::{
     collections::HashMap,
@@ -24,7 +25,7 @@ use prober_common::{
     encap, family, probe_kind, BatchCursor, ProbeConfig, ProbeResults, ProbeState, ProbeTarget,
     ReplyKey, PROBE_FRAME_MAX,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use spec::{Forwarding, ProbeKind, ProbeSpec};
 
@@ -208,6 +209,8 @@ pub struct Prober {
     generation: u64,
     /// Whether probe frames seem to vanish (a veth without an XDP peer).
     delivery: delivery::DeliveryWatch,
+    /// Live frames, or a packet socket where the kernel refuses them.
+    transmit: transmit::Transmit,
     keepalive: NeighbourKeepalive,
     cpus: usize,
 }
@@ -259,6 +262,7 @@ impl Prober {
             cached: Vec::new(),
             generation: 0,
             delivery: delivery::DeliveryWatch::new(interface),
+            transmit: transmit::Transmit::new(transmit::TransmitMode::Auto)?,
             keepalive: NeighbourKeepalive::new(interface),
             cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))?,
@@ -770,8 +774,10 @@ impl Prober {
             .cursor
             .set(0, BatchCursor { next: 0, len }, 0)
             .context("writing BATCH_CURSOR")?;
-        crate::test_run::run_xdp_live(self.probe_tx.as_fd(), &self.frame, len)?;
-        if self.delivery.watching() {
+        self.transmit(&ready)?;
+        // Only XDP's frames vanish on a veth without an XDP peer.
+        let live = matches!(self.transmit, transmit::Transmit::Live { .. });
+        if live && self.delivery.watching() {
             let sample: Vec<(u64, bool)> = self
                 .targets()
                 .filter(|(_, t)| t.entry.is_some())
@@ -784,6 +790,69 @@ impl Prober {
             }
         }
         Ok(len)
+    }
+
+    /// How probe frames leave (`prober run --transmit`).
+    pub fn set_transmit(&mut self, mode: transmit::TransmitMode) -> Result<()> {
+        self.transmit = transmit::Transmit::new(mode)?;
+        Ok(())
+    }
+
+    /// Sends the batch `ready` (already in `PROBE_BATCH`, the cursor at
+    /// its start): in one live-frames run, or frame by frame through the
+    /// packet socket, from wherever a refused live run left the cursor.
+    fn transmit(&mut self, ready: &[u32]) -> Result<()> {
+        let len = ready.len() as u32;
+        if let transmit::Transmit::Live { fallback } = self.transmit {
+            match crate::test_run::run_xdp_live(self.probe_tx.as_fd(), &self.frame, len) {
+                Ok(_) => return Ok(()),
+                Err(e) if fallback && transmit::refused(&e) => {
+                    warn!(
+                        interface = %self.interface,
+                        "this kernel refuses to transmit XDP frames from BPF_PROG_TEST_RUN ({e}: a lockdown or BPF LSM policy); probes are written by the same program and sent through a packet socket instead, one more syscall per probe"
+                    );
+                    self.transmit = transmit::Transmit::Socket(transmit::PacketSocket::open()?);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    bail!("BPF_PROG_TEST_RUN with live frames was refused (EINVAL): the kernel must be >= 5.18")
+                }
+                Err(e) => bail!("BPF_PROG_TEST_RUN (live frames): {e}"),
+            }
+        }
+        let transmit::Transmit::Socket(socket) = &mut self.transmit else {
+            return Ok(());
+        };
+        let start = self
+            .maps
+            .cursor
+            .get(&0, 0)
+            .context("reading BATCH_CURSOR")?
+            .next;
+        for &id in ready.iter().skip(start as usize) {
+            let action = crate::test_run::run_xdp_into(
+                self.probe_tx.as_fd(),
+                &self.frame,
+                &mut socket.frame,
+            )
+            .context("BPF_PROG_TEST_RUN (writing one probe frame)")?;
+            if action != transmit::XDP_REDIRECT {
+                continue; // counted as a probe error by the program
+            }
+            let Some(ifindex) = self
+                .targets
+                .get(id as usize)
+                .and_then(Option::as_ref)
+                .and_then(|t| t.entry.map(|e| e.ifindex))
+            else {
+                continue;
+            };
+            if let Err(e) = socket.send(ifindex) {
+                // One unsendable frame (a device gone) must not stop the
+                // rest; its probe times out like a lost one.
+                debug!(probe = id, "sending a probe frame: {e}");
+            }
+        }
+        Ok(())
     }
 
     /// Lets the ingress program record agent reports sent to

@@ -368,8 +368,9 @@ fn send_batch(pair: &VethPair, director: &mut Director, len: u32) -> Result<u32>
         .cursor
         .set(0, BatchCursor { next: 0, len }, 0)?;
     let fd = director.tx.try_clone()?;
-    pair.client
-        .enter(move || run_xdp_live(fd.as_fd(), &[0u8; PROBE_FRAME_MAX], len))?
+    Ok(pair
+        .client
+        .enter(move || run_xdp_live(fd.as_fd(), &[0u8; PROBE_FRAME_MAX], len))??)
 }
 
 fn attach_director(pair: &VethPair) -> Result<Director> {
