@@ -222,7 +222,11 @@ impl Controller {
             check_reports,
             checks: HashMap::new(),
             agents: extras.agents,
-            alerts: Alerts::new(config.alerts.clone(), diagnosis),
+            alerts: {
+                let mut alerts = Alerts::new(config.alerts.clone(), diagnosis);
+                alerts.set_settle_probes(u64::from(config.limits.fall) + 1);
+                alerts
+            },
             sink: Sink::new(&config.alerts),
             ipvs: None,
             prober,
@@ -302,6 +306,8 @@ impl Controller {
             self.alerts.set_config(config.alerts.clone());
         }
         self.alerts.set_diagnosis(diagnosis_window(&config));
+        self.alerts
+            .set_settle_probes(u64::from(config.limits.fall) + 1);
         self.config = config;
         self.next_discovery = now;
         Ok(())

@@ -392,6 +392,9 @@ impl Controller {
         if diagnoses_host && seen.answered > seen.failures() {
             self.alerts.host_answered(host, now);
         }
+        if diagnoses_host || matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. }) {
+            self.alerts.probe_settled(host, diagnoses_host);
+        }
         if let Some(t) = transition {
             if t.to == State::Up {
                 track.came_up_at = Some(now);

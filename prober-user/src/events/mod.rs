@@ -94,6 +94,8 @@ struct CheckDown {
     reason: String,
     services: Vec<String>,
     since: Instant,
+    /// The host's L3 and L4 probe outcomes settled by then.
+    probes_at: [u64; 2],
     /// How long the check takes to come back once its host does.
     recovery: Duration,
     reported: bool,
@@ -110,6 +112,8 @@ struct HostState {
     /// When L3 last went down.
     down_since: Option<Instant>,
     reason: String,
+    /// Outcomes of the host's L3 and L4 probes settled so far.
+    probes_settled: [u64; 2],
 }
 
 #[derive(Default)]
@@ -124,6 +128,10 @@ pub struct Alerts {
     /// How long a failed check waits for L3 to decide whether its host is
     /// down (zero without diagnosis).
     settle: Duration,
+    /// And until the host's L3 and L4 probes have each settled this many
+    /// outcomes since (fall + 1): a director that falls behind delays
+    /// the verdicts, not the evidence they need.
+    settle_probes: u64,
     /// Whether hosts are probed at L3 at all.
     diagnose: bool,
     hosts: HashMap<IpAddr, HostState>,
@@ -142,6 +150,7 @@ impl Alerts {
         Self {
             config,
             settle: diagnosis.unwrap_or_default(),
+            settle_probes: 0,
             diagnose: diagnosis.is_some(),
             hosts: HashMap::new(),
             checks: HashMap::new(),
@@ -156,6 +165,19 @@ impl Alerts {
     pub fn set_diagnosis(&mut self, diagnosis: Option<Duration>) {
         self.settle = diagnosis.unwrap_or_default();
         self.diagnose = diagnosis.is_some();
+    }
+
+    /// How many outcomes of each of a host's probes a failed check waits
+    /// for (besides the window) before it is reported on its own.
+    pub fn set_settle_probes(&mut self, outcomes: u64) {
+        self.settle_probes = outcomes;
+    }
+
+    /// One outcome of a host's L3 (`l3`) or L4 probe was settled.
+    pub fn probe_settled(&mut self, host: IpAddr, l3: bool) {
+        if self.diagnose {
+            self.hosts.entry(host).or_default().probes_settled[usize::from(!l3)] += 1;
+        }
     }
 
     /// New flapping settings (on reload).
@@ -196,6 +218,7 @@ impl Alerts {
         recovery: Duration,
         now: Instant,
     ) {
+        let probes_at = self.hosts.get(&host).map_or([0; 2], |h| h.probes_settled);
         self.checks.insert(
             subject,
             CheckDown {
@@ -204,6 +227,7 @@ impl Alerts {
                 reason,
                 services,
                 since: now,
+                probes_at,
                 recovery,
                 reported: false,
             },
@@ -419,7 +443,16 @@ impl Alerts {
             let host_alive = host
                 .and_then(|h| h.answered_at)
                 .is_some_and(|at| at > down.since);
-            if host_alive || now.duration_since(down.since) >= self.settle {
+            // Each of the host's probes that reports has had its chance
+            // (an L4 check does not wait for itself).
+            let had_chance = |i: usize| {
+                host.is_none_or(|h| {
+                    h.probes_settled[i] == 0
+                        || h.probes_settled[i] - down.probes_at[i] >= self.settle_probes
+                })
+            };
+            let probes_had_chance = had_chance(0) && (down.layer == "L4" || had_chance(1));
+            if host_alive || (now.duration_since(down.since) >= self.settle && probes_had_chance) {
                 due.push(subject.clone());
             }
         }
@@ -608,6 +641,18 @@ mod tests {
         );
     }
 
+    fn l7_down(a: &mut Alerts, subject: &str, at: Instant) {
+        a.check_down(
+            host(HOST),
+            subject.into(),
+            "L7",
+            "HTTP 503".into(),
+            vec![format!("service of {subject}")],
+            2 * SECOND,
+            at,
+        );
+    }
+
     const NONE_ALIVE: fn(IpAddr) -> bool = |_| false;
 
     #[test]
@@ -711,6 +756,51 @@ mod tests {
         assert!(a
             .poll(t0 + Duration::from_millis(600), NONE_ALIVE)
             .is_empty());
+    }
+
+    #[test]
+    fn a_failed_check_waits_for_its_hosts_probes_however_late_the_director_is() {
+        let mut a = alerts(800);
+        a.set_settle_probes(4);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        a.host_answered(host(HOST), t0);
+        a.probe_settled(host(HOST), true);
+        a.probe_settled(host(HOST), false);
+        l7_down(&mut a, "http", t0);
+        // Long past the window, but the stalled director has settled no
+        // probe of the host since: its L3 verdict may still come.
+        assert!(a.poll(at(5000), NONE_ALIVE).is_empty());
+        for _ in 0..4 {
+            a.probe_settled(host(HOST), true);
+        }
+        for _ in 0..3 {
+            a.probe_settled(host(HOST), false);
+        }
+        assert!(
+            a.poll(at(5100), NONE_ALIVE).is_empty(),
+            "L4 has not had its chance"
+        );
+        a.probe_settled(host(HOST), false);
+        let events = a.poll(at(5200), NONE_ALIVE);
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].kind, events[0].subject.as_str()),
+            (Kind::CheckDown, "http")
+        );
+
+        // The same with the host dying meanwhile: one host event only.
+        let mut a = alerts(800);
+        a.set_settle_probes(4);
+        a.host_answered(host(HOST), t0);
+        a.probe_settled(host(HOST), true);
+        l7_down(&mut a, "http", t0);
+        assert!(a.poll(at(5000), NONE_ALIVE).is_empty());
+        a.probe_settled(host(HOST), true);
+        a.host_down(host(HOST), "no answer".into(), at(6000));
+        let events = a.poll(at(6000), NONE_ALIVE);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].kind, Kind::HostDown);
     }
 
     #[test]
