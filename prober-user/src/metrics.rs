@@ -346,6 +346,12 @@ impl Collector for Snapshot {
             "Probe sends that went out over half an interval after their grid point (the daemon was behind)",
             &[(vec![], s.sends_late)],
         )?;
+        counter(
+            &mut e,
+            "prober_probe_frames_dropped_here",
+            "Probe frames the probing interface dropped as they were sent (its ring full); their probes' silence counts against no server",
+            &[(vec![], s.frames_dropped_here)],
+        )?;
         let d = &s.datapath;
         counter(
             &mut e,

@@ -35,6 +35,9 @@ pub struct Status {
     pub capacity: u32,
     #[serde(default)]
     pub sends_late: u64,
+    /// Probe frames the probing interface dropped as they were sent.
+    #[serde(default)]
+    pub frames_dropped_here: u64,
     /// Alerts raised, by kind.
     pub events: BTreeMap<String, u64>,
     pub services: Vec<ServiceStatus>,

@@ -100,6 +100,9 @@ pub struct Plan {
     /// Indexes into `bindings` by probe: who is affected when a probe's
     /// state changes, without a scan of every binding (50,000 at scale).
     pub by_probe: HashMap<ProbeSpec, Vec<usize>>,
+    /// Indexes into `bindings` by service, in service order: each pool's
+    /// members, and the order pools are recomputed in.
+    pub by_service: Vec<(ServiceKey, Vec<usize>)>,
 }
 
 impl Plan {
@@ -256,9 +259,12 @@ pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize
         plan.probes.entry(*probe).or_insert(host_settings);
     }
     fit(&mut plan, capacity);
+    let mut by_service: std::collections::BTreeMap<ServiceKey, Vec<usize>> = Default::default();
     for (i, binding) in plan.bindings.iter().enumerate() {
         plan.by_probe.entry(binding.probe).or_default().push(i);
+        by_service.entry(binding.service).or_default().push(i);
     }
+    plan.by_service = by_service.into_iter().collect();
     plan
 }
 

@@ -4,24 +4,27 @@
 use super::*;
 
 impl Controller {
-    /// Works out the weights of every managed service (`all`), or of those
-    /// a health change touched this tick, and writes the changed ones in
-    /// one batch.
-    pub(super) fn update_weights(&mut self, now: Instant, all: bool) {
-        if self.ipvs.is_none() || self.store.is_none() || (!all && self.touched.is_empty()) {
+    /// Works out the weights of the pools a health change touched this
+    /// tick and of the next share of all pools (each recomputed once an
+    /// interval, for slow start and latency, a slice per tick so no tick
+    /// stalls the sends behind it), and writes the changed ones in one
+    /// batch.
+    pub(super) fn update_weights(&mut self, now: Instant) {
+        if self.ipvs.is_none() || self.store.is_none() {
             return;
         }
-        let mut pools: BTreeMap<ServiceKey, Vec<usize>> = BTreeMap::new();
-        for (i, b) in self.plan.bindings.iter().enumerate() {
-            if all || self.touched.contains(&b.service) {
-                pools.entry(b.service).or_default().push(i);
-            }
-        }
+        let mut due = std::mem::take(&mut self.pools_due);
+        self.collect_pools_due(now, &mut due);
+        let by_service = std::mem::take(&mut self.plan.by_service);
         let mut updates = Vec::new();
-        for (service, members_idx) in pools {
+        for &k in &due {
+            let Some((service, members_idx)) = by_service.get(k) else {
+                continue;
+            };
+            let service = *service;
             let slow_start = self.config.weights_for(&service).1.slow_start;
             let mut members: Vec<Candidate> = Vec::with_capacity(members_idx.len());
-            for &i in &members_idx {
+            for &i in members_idx {
                 let b = &self.plan.bindings[i];
                 let (Some(dest), Some(probe)) = (
                     self.dests.get(&(b.service, b.destination.key())),
@@ -180,7 +183,46 @@ impl Controller {
                 ));
             }
         }
+        self.plan.by_service = by_service;
+        self.pools_due = due;
         self.write_weights(updates);
+    }
+
+    /// Into `due` (indexes into `plan.by_service`, sorted, no repeats):
+    /// the pools touched this tick, and the share of all pools that the
+    /// time since the last call asks for, taken in turn.
+    fn collect_pools_due(&mut self, now: Instant, due: &mut Vec<usize>) {
+        due.clear();
+        let pools = &self.plan.by_service;
+        let n = pools.len();
+        if n == 0 {
+            return;
+        }
+        for service in &self.touched {
+            if let Ok(k) = pools.binary_search_by(|(key, _)| key.cmp(service)) {
+                due.push(k);
+            }
+        }
+        // Exactly n pools an interval (each once: damping's steps are per
+        // interval), the fraction carried from wake to wake.
+        let share = match self.pools_rotated_at {
+            None => n,
+            Some(at) => {
+                let part =
+                    now.duration_since(at).as_secs_f64() / self.tick_interval().as_secs_f64();
+                self.pool_credit = (self.pool_credit + n as f64 * part).min(n as f64);
+                let whole = self.pool_credit.floor();
+                self.pool_credit -= whole;
+                whole as usize
+            }
+        };
+        self.pools_rotated_at = Some(now);
+        for i in 0..share {
+            due.push((self.pool_cursor + i) % n);
+        }
+        self.pool_cursor = (self.pool_cursor + share) % n;
+        due.sort_unstable();
+        due.dedup();
     }
 }
 

@@ -178,6 +178,8 @@ impl Controller {
                             queued_at: None,
                             outstanding: false,
                             sent_at: now,
+                            sent_into_drops: false,
+                            excused_last: false,
                             came_up_at: None,
                             latency_saved_at: now,
                         },

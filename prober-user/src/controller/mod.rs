@@ -78,6 +78,10 @@ struct ProbeTrack {
     outstanding: bool,
     /// When the outstanding probe was handed to the kernel (at the latest).
     sent_at: Instant,
+    /// The interface dropped frames of the chunk it went out in.
+    sent_into_drops: bool,
+    /// The last result was excused for that (excused once in a row).
+    excused_last: bool,
     /// When it last came up in this run (slow start).
     came_up_at: Option<Instant>,
     latency_saved_at: Instant,
@@ -128,6 +132,13 @@ struct Totals {
     /// When late sends were last said, and how many since.
     late_said: Option<Instant>,
     late_unsaid: u64,
+    /// Probe frames the probing interface dropped as they were sent, in
+    /// all and since last said, and when that was.
+    frames_dropped_here: u64,
+    /// Sends a full ring kept back to their next grid point.
+    sends_held_back: u64,
+    drops_unsaid: u64,
+    drops_said: Option<Instant>,
 }
 
 pub struct Controller {
@@ -183,8 +194,16 @@ pub struct Controller {
     /// the time since).
     last_send_pass: Option<Instant>,
     /// Services whose pools a health change touched this tick: recomputed
-    /// at once, the others at the regular tick.
+    /// at once, the others in turn, a share per tick.
     touched: HashSet<ServiceKey>,
+    /// The next pool (index into `plan.by_service`) to recompute in turn,
+    /// when pools were last taken in turn, and this tick's pools (kept to
+    /// reuse its allocation).
+    pool_cursor: usize,
+    pools_rotated_at: Option<Instant>,
+    /// Pools owed to the rotation, in fractions of one.
+    pool_credit: f64,
+    pools_due: Vec<usize>,
     /// Tests only: each discovery takes this much longer, as one under
     /// load or behind a slow netlink reply does (PROBER_DEBUG_SLOW_DISCOVERY_MS).
     discovery_delay: Option<Duration>,
@@ -254,6 +273,10 @@ impl Controller {
             due_ids: Vec::new(),
             sending: Vec::new(),
             touched: HashSet::new(),
+            pool_cursor: 0,
+            pools_rotated_at: None,
+            pool_credit: 0.0,
+            pools_due: Vec::new(),
             last_send_pass: None,
             up_probes: 0,
             hold_until: None,
@@ -339,8 +362,8 @@ impl Controller {
 
     /// One pass: probes due now are settled and sent; a `full` tick (the
     /// regular one, every `tick_interval`) also takes passive samples and
-    /// agents and recomputes every pool, the others only the pools a
-    /// health change touched.
+    /// agents; every pass recomputes the pools a health change touched and
+    /// its share of the others.
     pub fn tick(&mut self, now: Instant, full: bool, open_store: OpenStore<'_>) -> Result<()> {
         if now >= self.next_discovery {
             self.next_discovery = now + self.config.discovery;
@@ -365,6 +388,11 @@ impl Controller {
         // Discovery may have taken a while: probe times are judged
         // against the clock as it is now, not as the tick began.
         let now = Instant::now();
+        self.touched.clear();
+        self.settle_and_send(now);
+        // After the sends: reading every followed server's samples is the
+        // regular tick's longest step, and must not make them late. The
+        // samples are judged with each probe's next result.
         if full {
             match self.passive.take_deltas() {
                 Ok(deltas) => {
@@ -375,8 +403,6 @@ impl Controller {
                 Err(e) => warn!("reading passive measurements: {e:#}"),
             }
         }
-        self.touched.clear();
-        self.settle_and_send(now);
         self.judge_director_path(now);
         self.restart_ended_checks();
         self.take_check_reports(now);
@@ -385,7 +411,7 @@ impl Controller {
                 agents.refresh();
             }
         }
-        self.update_weights(now, full);
+        self.update_weights(now);
         // Alerts' timers run at the regular tick and on health changes,
         // not on every wake that only sends (a pass over every host).
         if !full && self.touched.is_empty() {

@@ -100,14 +100,25 @@ impl Controller {
             track.queued_at = Some(next);
             self.queue.push(next, id);
         }
-        if let Err(e) = self.prober.send(&sending) {
-            warn!("sending probes: {e:#}");
-        }
+        let sent = match self.prober.send(&sending) {
+            Ok(sent) => sent,
+            Err(e) => {
+                warn!("sending probes: {e:#}");
+                crate::probe::Sent {
+                    attempted: sending.len(),
+                    ..Default::default()
+                }
+            }
+        };
+        // What a full ring kept back goes at its next grid point.
+        let held_back = sending.len() - sent.attempted.min(sending.len());
+        sending.truncate(sent.attempted);
         self.note_sends(sending.len() as u64, budget, late, now);
+        self.note_director_drops(sent.dropped, held_back as u64, now);
         // Taken after the send returned: no probe left later than this,
         // so no timeout counted from it is ever short.
         let sent_at = Instant::now();
-        for &id in &sending {
+        for (k, &id) in sending.iter().enumerate() {
             let Some(track) = self
                 .prober
                 .spec_of(id)
@@ -117,6 +128,8 @@ impl Controller {
             };
             track.outstanding = true;
             track.sent_at = sent_at;
+            // Which frames of the chunk the ring dropped is not known.
+            track.sent_into_drops = sent.lossy.contains(&k);
             // Settled at its grid point if answered by then, else when its
             // timeout is up.
             let at = track.grid.min(sent_at + track.settings.timeout);
@@ -164,6 +177,30 @@ impl Controller {
             );
             totals.late_said = Some(now);
             totals.late_unsaid = 0;
+        }
+    }
+
+    /// Counts probe frames the director's own interface dropped (a full
+    /// ring when a late batch went out at once): their probes' silence
+    /// counts against no server. Said at most once a minute.
+    fn note_director_drops(&mut self, dropped: u64, held_back: u64, now: Instant) {
+        let totals = &mut self.totals;
+        totals.frames_dropped_here += dropped;
+        totals.sends_held_back += held_back;
+        totals.drops_unsaid += dropped;
+        if totals.drops_unsaid > 0
+            && totals
+                .drops_said
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
+        {
+            warn!(
+                dropped = totals.drops_unsaid,
+                interface = %self.prober.interface(),
+                held_back = totals.sends_held_back,
+                "the probing interface dropped probe frames as they were sent (its ring was full): a probe of the chunk that overflowed that gets no answer counts against no server (once in a row), and the rest of the batch waited for its next grid point"
+            );
+            totals.drops_said = Some(now);
+            totals.drops_unsaid = 0;
         }
     }
 
@@ -337,7 +374,11 @@ impl Controller {
             let sent_during_fault = self
                 .fault_cleared_at
                 .is_some_and(|cleared| track.sent_at <= cleared);
-            if !replied && (self.path.suspected().is_some() || sent_during_fault) {
+            // Lost in the director's own ring: no evidence, once in a row
+            // (a ring that overflows on every send must not hide a death).
+            let dropped_here = track.sent_into_drops && !track.excused_last;
+            track.excused_last = !replied && dropped_here;
+            if !replied && (self.path.suspected().is_some() || sent_during_fault || dropped_here) {
                 seen.timed_out = 0;
             }
         }

@@ -113,6 +113,7 @@ impl Controller {
             largest_send: self.totals.largest_send,
             capacity: self.prober.capacity(),
             sends_late: self.totals.sends_late,
+            frames_dropped_here: self.totals.frames_dropped_here,
             events: self.totals.events.clone(),
             services: services.into_values().collect(),
             unchecked: self

@@ -160,6 +160,35 @@ pub struct Target {
     pub neighbour_unresolved: bool,
 }
 
+/// An interface's transmit drops in a /proc/net/dev table: the fourth
+/// transmit column, after eight receive columns.
+fn tx_dropped_of(table: &str, interface: &str) -> Option<u64> {
+    table.lines().find_map(|line| {
+        let (name, counters) = line.split_once(':')?;
+        (name.trim() == interface).then(|| counters.split_whitespace().nth(11)?.parse().ok())?
+    })
+}
+
+/// What one send did, in positions of the ids it was given.
+#[derive(Debug, Clone, Default)]
+pub struct Sent {
+    /// The first this many were sent (or had no path); the rest were not:
+    /// the interface's ring was full.
+    pub attempted: usize,
+    /// Those whose frames the interface may have dropped.
+    pub lossy: std::ops::Range<usize>,
+    /// Frames the interface dropped.
+    pub dropped: u64,
+}
+
+/// What the transmit path did, in positions of the frames it was given.
+#[derive(Debug, Clone, Default)]
+struct Transmitted {
+    frames: u32,
+    lossy: std::ops::Range<u32>,
+    dropped: u64,
+}
+
 /// The part of a route a probe frame needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Path {
@@ -740,14 +769,15 @@ impl Prober {
 
     /// Sends one probe to every target with a known path, in one syscall.
     /// Returns how many were handed to the kernel.
-    pub fn send_round(&mut self) -> Result<u32> {
+    pub fn send_round(&mut self) -> Result<Sent> {
         let all: Vec<u32> = self.targets().map(|(id, _)| id).collect();
         self.send(&all)
     }
 
-    /// Sends one probe to each of `ids` whose path is known, in one
-    /// syscall. Returns the ids handed to the kernel.
-    pub fn send(&mut self, ids: &[u32]) -> Result<u32> {
+    /// Sends one probe to each of `ids` whose path is known. Returns how
+    /// many were handed to the kernel, and how many frames the probing
+    /// interface dropped meanwhile (its ring full: the director's loss).
+    pub fn send(&mut self, ids: &[u32]) -> Result<Sent> {
         if self.last_rotation.elapsed() >= SECRET_ROTATION {
             self.rotate_secret()?;
         }
@@ -758,23 +788,26 @@ impl Prober {
         {
             self.move_agent_window()?;
         }
-        let ready: Vec<u32> = ids
+        // The ids with a known path, and where each stands in `ids`.
+        let (positions, ready): (Vec<usize>, Vec<u32>) = ids
             .iter()
             .copied()
-            .filter(|&id| {
+            .enumerate()
+            .filter(|&(_, id)| {
                 self.targets
                     .get(id as usize)
                     .and_then(Option::as_ref)
                     .is_some_and(|t| t.entry.is_some())
             })
-            .collect();
+            .unzip();
         map_batch::write_array_prefix(&self.maps.batch, &ready).context("writing PROBE_BATCH")?;
         let len = ready.len() as u32;
         self.maps
             .cursor
             .set(0, BatchCursor { next: 0, len }, 0)
             .context("writing BATCH_CURSOR")?;
-        self.transmit(&ready)?;
+        let out = self.transmit(&ready)?;
+        let in_ids = |k: u32| positions.get(k as usize).copied().unwrap_or(ids.len());
         // Only XDP's frames vanish on a veth without an XDP peer.
         let live = matches!(self.transmit, transmit::Transmit::Live { .. });
         if live && self.delivery.watching() {
@@ -789,7 +822,58 @@ impl Prober {
                 warn!("{}", delivery::warning(&self.interface));
             }
         }
-        Ok(len)
+        Ok(Sent {
+            attempted: in_ids(out.frames),
+            lossy: if out.lossy.is_empty() {
+                0..0
+            } else {
+                in_ids(out.lossy.start)..in_ids(out.lossy.end)
+            },
+            dropped: out.dropped,
+        })
+    }
+
+    /// The probing interface's count of frames it could not send (for
+    /// XDP frames into a veth: its peer's ring was full). From
+    /// /proc/self/net/dev, which follows the daemon's own network
+    /// namespace (sysfs follows the one it was mounted in).
+    fn tx_dropped(&self) -> Option<u64> {
+        let table = std::fs::read_to_string("/proc/self/net/dev").ok()?;
+        tx_dropped_of(&table, &self.interface)
+    }
+
+    /// Runs `probe_tx` over the batch with live frames, at most
+    /// [`transmit::LIVE_CHUNK`] frames a syscall with a yield between:
+    /// the device's ring (a veth peer's holds 256) is drained by softirq
+    /// work that a long run would starve, and what overflows it is lost.
+    fn transmit_live(&mut self, len: u32) -> std::io::Result<Transmitted> {
+        let mut done = 0;
+        while done < len {
+            let runs = (len - done).min(transmit::LIVE_CHUNK);
+            let before = self.tx_dropped();
+            crate::test_run::run_xdp_live(self.probe_tx.as_fd(), &self.frame, runs)?;
+            let chunk = done..done + runs;
+            done += runs;
+            if let (Some(before), Some(after)) = (before, self.tx_dropped()) {
+                if after > before {
+                    // The ring is full: the rest waits for its next grid
+                    // point rather than overflow it too.
+                    return Ok(Transmitted {
+                        frames: done,
+                        lossy: chunk,
+                        dropped: after - before,
+                    });
+                }
+            }
+            if done < len {
+                std::thread::yield_now();
+            }
+        }
+        Ok(Transmitted {
+            frames: done,
+            lossy: 0..0,
+            dropped: 0,
+        })
     }
 
     /// How probe frames leave (`prober run --transmit`).
@@ -801,11 +885,11 @@ impl Prober {
     /// Sends the batch `ready` (already in `PROBE_BATCH`, the cursor at
     /// its start): in one live-frames run, or frame by frame through the
     /// packet socket, from wherever a refused live run left the cursor.
-    fn transmit(&mut self, ready: &[u32]) -> Result<()> {
+    fn transmit(&mut self, ready: &[u32]) -> Result<Transmitted> {
         let len = ready.len() as u32;
         if let transmit::Transmit::Live { fallback } = self.transmit {
-            match crate::test_run::run_xdp_live(self.probe_tx.as_fd(), &self.frame, len) {
-                Ok(_) => return Ok(()),
+            match self.transmit_live(len) {
+                Ok(out) => return Ok(out),
                 Err(e) if fallback && transmit::refused(&e) => {
                     warn!(
                         interface = %self.interface,
@@ -820,7 +904,7 @@ impl Prober {
             }
         }
         let transmit::Transmit::Socket(socket) = &mut self.transmit else {
-            return Ok(());
+            return Ok(Transmitted::default());
         };
         let start = self
             .maps
@@ -828,7 +912,7 @@ impl Prober {
             .get(&0, 0)
             .context("reading BATCH_CURSOR")?
             .next;
-        for &id in ready.iter().skip(start as usize) {
+        for (k, &id) in ready.iter().enumerate().skip(start as usize) {
             let action = crate::test_run::run_xdp_into(
                 self.probe_tx.as_fd(),
                 &self.frame,
@@ -847,12 +931,22 @@ impl Prober {
                 continue;
             };
             if let Err(e) = socket.send(ifindex) {
-                // One unsendable frame (a device gone) must not stop the
-                // rest; its probe times out like a lost one.
+                // A full ring (or a device gone): the director's loss; the
+                // rest waits for its next grid point.
                 debug!(probe = id, "sending a probe frame: {e}");
+                let k = k as u32;
+                return Ok(Transmitted {
+                    frames: k + 1,
+                    lossy: k..k + 1,
+                    dropped: 1,
+                });
             }
         }
-        Ok(())
+        Ok(Transmitted {
+            frames: len,
+            lossy: 0..0,
+            dropped: 0,
+        })
     }
 
     /// Lets the ingress program record agent reports sent to
@@ -1038,4 +1132,19 @@ fn random_secret() -> Result<[u64; 2]> {
         u64::from_ne_bytes(bytes[..8].try_into()?),
         u64::from_ne_bytes(bytes[8..].try_into()?),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transmit_drops_are_read_from_the_interfaces_row() {
+        let table = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0
+  eth0: 14047072  351190    0    7    0     0          0         0 28442864  526732    0 1221    0     0       0          0
+";
+        assert_eq!(super::tx_dropped_of(table, "eth0"), Some(1221));
+        assert_eq!(super::tx_dropped_of(table, "lo"), Some(0));
+        assert_eq!(super::tx_dropped_of(table, "eth1"), None);
+    }
 }

@@ -12,6 +12,9 @@ use std::{
 
 use anyhow::{Context, Result};
 
+/// Live frames sent in one syscall at most: a device ring's worth.
+pub const LIVE_CHUNK: u32 = 256;
+
 /// The verdict of a `probe_tx` run that wrote a frame to send.
 pub const XDP_REDIRECT: u32 = 4;
 
