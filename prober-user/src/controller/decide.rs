@@ -1,5 +1,6 @@
 //! Decide: each pool's weights from its members' health, latency,
-//! agents and slow start, for the pools a change touched (or all).
+//! agents and slow start, for the pools a change touched and, in turn,
+//! every other pool once an interval.
 
 use super::*;
 

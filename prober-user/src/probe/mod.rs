@@ -767,16 +767,15 @@ impl Prober {
         Ok(())
     }
 
-    /// Sends one probe to every target with a known path, in one syscall.
-    /// Returns how many were handed to the kernel.
+    /// Sends one probe to every target with a known path.
     pub fn send_round(&mut self) -> Result<Sent> {
         let all: Vec<u32> = self.targets().map(|(id, _)| id).collect();
         self.send(&all)
     }
 
-    /// Sends one probe to each of `ids` whose path is known. Returns how
-    /// many were handed to the kernel, and how many frames the probing
-    /// interface dropped meanwhile (its ring full: the director's loss).
+    /// Sends one probe to each of `ids` whose path is known, until the
+    /// probing interface drops frames (its ring full: the director's
+    /// loss). Says how far it got and which frames may have been lost.
     pub fn send(&mut self, ids: &[u32]) -> Result<Sent> {
         if self.last_rotation.elapsed() >= SECRET_ROTATION {
             self.rotate_secret()?;
