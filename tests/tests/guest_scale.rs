@@ -5,8 +5,9 @@
 //! overflowed the rings and judged healthy servers DOWN, and an operator's
 //! `ipvsadm -Ln` during deaths stalled the daemon: sends must be spread
 //! over the interval, no probe sent twice in one, and no server but the
-//! dead one judged DOWN while `ipvsadm -Ln` runs (frames the director's
-//! own interface drops count against no server). Past a capacity set by
+//! dead one judged DOWN while `ipvsadm -Ln` runs (a probe lost in the
+//! director's own ring counts against no server, once in a row). Past a
+//! capacity set by
 //! `max_probes` nothing is capped in silence, and a restart with room
 //! again grows the pinned state without losing it.
 
