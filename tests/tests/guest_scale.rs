@@ -7,9 +7,8 @@
 //! over the interval, no probe sent twice in one, and no server but the
 //! dead one judged DOWN while `ipvsadm -Ln` runs (a probe lost in the
 //! director's own ring counts against no server, once in a row). Past a
-//! capacity set by
-//! `max_probes` nothing is capped in silence, and a restart with room
-//! again grows the pinned state without losing it.
+//! capacity set by `max_probes` nothing is capped in silence, and a
+//! restart with room again grows the pinned state without losing it.
 
 use std::{
     net::SocketAddrV4,
