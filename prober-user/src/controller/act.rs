@@ -72,6 +72,14 @@ impl Controller {
             let Some(track) = self.dests.get_mut(&key) else {
                 continue;
             };
+            if track.unsure.take() == Some(fresh.weight) {
+                // An earlier write whose ack was lost did apply: ours.
+                track.current = fresh.weight;
+                track.written = Some(fresh.weight);
+                track.destination = fresh.clone();
+                withdraw(store, track, &key);
+                continue;
+            }
             // Someone set this weight since the last dump: theirs stands,
             // as at a discovery; the next tick works from it.
             manual_change(&self.config, &key.0, fresh, track.current, track);

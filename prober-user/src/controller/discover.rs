@@ -8,7 +8,10 @@ impl Controller {
     /// someone else.
     pub(super) fn discover(&mut self, now: Instant, open_store: OpenStore<'_>) -> Result<()> {
         if self.ipvs.is_none() {
-            self.ipvs = Some(IpvsClient::connect()?);
+            self.ipvs = Some(match self.netlink_receive_queue {
+                Some(bytes) => IpvsClient::connect_with_receive_queue(bytes)?,
+                None => IpvsClient::connect()?,
+            });
         }
         let services = self.ipvs.as_mut().expect("connected above").dump()?;
         if let Some(delay) = self.discovery_delay {

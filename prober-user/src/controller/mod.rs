@@ -207,6 +207,10 @@ pub struct Controller {
     /// Tests only: each discovery takes this much longer, as one under
     /// load or behind a slow netlink reply does (PROBER_DEBUG_SLOW_DISCOVERY_MS).
     discovery_delay: Option<Duration>,
+    /// Tests only: a netlink receive queue too small for a batch's acks,
+    /// so writes apply but their acks are lost to ENOBUFS
+    /// (PROBER_DEBUG_NETLINK_RECEIVE_QUEUE, bytes).
+    netlink_receive_queue: Option<usize>,
     /// Until then latency moves no weight: estimates (fresh, or restored
     /// from a run that may have saved them up to `LATENCY_SAVE` ago) first
     /// follow one decay period of live samples, so a restart moves nothing.
@@ -284,6 +288,9 @@ impl Controller {
                 .ok()
                 .and_then(|ms| ms.parse().ok())
                 .map(Duration::from_millis),
+            netlink_receive_queue: std::env::var("PROBER_DEBUG_NETLINK_RECEIVE_QUEUE")
+                .ok()
+                .and_then(|bytes| bytes.parse().ok()),
             config,
         }
     }
