@@ -129,16 +129,35 @@ struct Totals {
     /// half an interval after their grid point (see `probe::schedule`).
     largest_send: u64,
     sends_late: u64,
-    /// When late sends were last said, and how many since.
-    late_said: Option<Instant>,
-    late_unsaid: u64,
-    /// Probe frames the probing interface dropped as they were sent, in
-    /// all and since last said, and when that was.
+    late_to_say: SaidEveryMinute,
+    /// Probe frames the probing interface dropped as they were sent.
     frames_dropped_here: u64,
     /// Sends a full ring kept back to their next grid point.
     sends_held_back: u64,
-    drops_unsaid: u64,
-    drops_said: Option<Instant>,
+    drops_to_say: SaidEveryMinute,
+}
+
+/// A count logged at most once a minute: what accrued since it was last
+/// said.
+#[derive(Default)]
+struct SaidEveryMinute {
+    unsaid: u64,
+    said_at: Option<Instant>,
+}
+
+impl SaidEveryMinute {
+    /// Adds `n`; returns the count to say now, if it is time.
+    fn add(&mut self, n: u64, now: Instant) -> Option<u64> {
+        self.unsaid += n;
+        let recently = self
+            .said_at
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(60));
+        if self.unsaid == 0 || recently {
+            return None;
+        }
+        self.said_at = Some(now);
+        Some(std::mem::take(&mut self.unsaid))
+    }
 }
 
 pub struct Controller {
@@ -519,4 +538,22 @@ fn cause_text(cause: Cause) -> String {
         Cause::TimedOut => "no answer",
     }
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_count_is_said_at_most_once_a_minute_with_what_accrued() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut said = SaidEveryMinute::default();
+        assert_eq!(said.add(0, at(0)), None, "nothing to say");
+        assert_eq!(said.add(3, at(1)), Some(3));
+        assert_eq!(said.add(2, at(30)), None, "said 29 s ago");
+        assert_eq!(said.add(4, at(60)), None);
+        assert_eq!(said.add(1, at(61)), Some(7), "all since it was said");
+        assert_eq!(said.add(0, at(200)), None);
+    }
 }

@@ -165,18 +165,11 @@ impl Controller {
             totals.largest_send = sent;
         }
         totals.sends_late += late;
-        totals.late_unsaid += late;
-        if totals.late_unsaid > 0
-            && totals
-                .late_said
-                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
-        {
+        if let Some(late) = totals.late_to_say.add(late, now) {
             warn!(
-                late = totals.late_unsaid,
+                late,
                 "probe sends went out over half an interval late (the daemon was stalled or cannot keep up); they are spread, at most a slot's budget per tick, not sent at once"
             );
-            totals.late_said = Some(now);
-            totals.late_unsaid = 0;
         }
     }
 
@@ -187,20 +180,13 @@ impl Controller {
         let totals = &mut self.totals;
         totals.frames_dropped_here += dropped;
         totals.sends_held_back += held_back;
-        totals.drops_unsaid += dropped;
-        if totals.drops_unsaid > 0
-            && totals
-                .drops_said
-                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
-        {
+        if let Some(dropped) = totals.drops_to_say.add(dropped, now) {
             warn!(
-                dropped = totals.drops_unsaid,
+                dropped,
                 interface = %self.prober.interface(),
                 held_back = totals.sends_held_back,
                 "the probing interface dropped probe frames as they were sent (its ring was full): a probe of the chunk that overflowed that gets no answer counts against no server (once in a row), and the rest of the batch waited for its next grid point"
             );
-            totals.drops_said = Some(now);
-            totals.drops_unsaid = 0;
         }
     }
 
