@@ -423,6 +423,12 @@ fn run(daemon: &Daemon) -> Result<()> {
         let mut next_tick = Instant::now();
         let mut next_regular = next_tick;
         let ifindex = preflight::interface_index(interface)?;
+        // IPVS is read and written on a thread of its own; its answers
+        // bring the next tick forward.
+        let ipvs_answered = match &mode {
+            Mode::Ipvs(c) => Some(c.ipvs_wake()),
+            Mode::ProbesOnly(_) => None,
+        };
         let name = loop {
             let mut reloaded = None;
             tokio::select! {
@@ -454,6 +460,9 @@ fn run(daemon: &Daemon) -> Result<()> {
                         ),
                     };
                     let _ = reply.send(response);
+                }
+                _ = notified(ipvs_answered.as_deref()) => {
+                    next_tick = Instant::now();
                 }
                 _ = tokio::time::sleep_until(next_tick.into()) => {
                     let woke = Instant::now();
@@ -519,6 +528,14 @@ fn run(daemon: &Daemon) -> Result<()> {
         info!(signal = name, "stopping");
         datapath.detach()
     })
+}
+
+/// Resolves when `notify` is notified; never without one.
+async fn notified(notify: Option<&tokio::sync::Notify>) {
+    match notify {
+        Some(notify) => notify.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How many probes the datapath is sized for: `max_probes`, else what IPVS

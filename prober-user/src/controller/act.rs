@@ -1,21 +1,28 @@
-//! Act: changed weights written to IPVS in one batch, each a fresh
-//! read-modify-write, and what applied recorded in the pinned state.
+//! Act: changed weights written to IPVS in batches, each a fresh
+//! read-modify-write on the IPVS thread, and what applied recorded in the
+//! pinned state.
 
 use super::*;
 
 impl Controller {
-    /// Writes a batch of weight changes, each a fresh read-modify-write
-    /// that yields to a change made by someone else since the last dump,
-    /// and records what applied. A write whose outcome is unknown (the
-    /// socket failed mid-batch) is remembered, so finding it in IPVS later
-    /// is taken as prober's own write, not an operator's.
+    /// Hands a batch of weight changes to the IPVS thread, each a fresh
+    /// read-modify-write that yields to a change made by someone else
+    /// since the last dump; what applied is recorded when its outcome
+    /// comes back ([`Controller::record_written`]). While a batch is being
+    /// written, new changes wait for it. Each intent is pinned first, so a
+    /// write whose outcome is never learnt (a crash) is known as prober's
+    /// own after a restart.
     pub(super) fn write_weights(&mut self, updates: Vec<(WeightChange, String)>) {
-        let (Some(ipvs), Some(store)) = (self.ipvs.as_mut(), self.store.as_mut()) else {
-            return;
-        };
-        if updates.is_empty() {
+        if updates.is_empty() || self.store.is_none() {
             return;
         }
+        if self.ipvs.write_in_flight() {
+            self.writes_waiting.extend(updates);
+            return;
+        }
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
         for (update, _) in &updates {
             let key = (update.service, update.destination);
             if let Some(track) = self.dests.get(&key) {
@@ -28,8 +35,50 @@ impl Controller {
             }
         }
         let batch: Vec<WeightChange> = updates.iter().map(|(u, _)| u.clone()).collect();
-        let started = std::time::Instant::now();
-        let outcome = ipvs.change_weights(&batch);
+        self.write_started = Some(std::time::Instant::now());
+        match self.ipvs.write(batch) {
+            Ok(()) => self.writing = updates,
+            Err(_) => {
+                self.writing = updates;
+                let not_sent = (0..self.writing.len()).collect();
+                self.record_written(ChangeOutcome {
+                    not_sent,
+                    ..ChangeOutcome::default()
+                });
+            }
+        }
+    }
+
+    /// The changes that waited for the last batch, each against the weight
+    /// that batch left: gone when that is already the weight wanted.
+    fn write_waiting(&mut self) {
+        if self.writes_waiting.is_empty() {
+            return;
+        }
+        let mut waiting = std::mem::take(&mut self.writes_waiting);
+        // The latest change of each destination.
+        let mut seen = HashSet::new();
+        waiting.reverse();
+        waiting.retain(|(u, _)| seen.insert((u.service, u.destination)));
+        waiting.reverse();
+        waiting.retain_mut(|(u, _)| match self.dests.get(&(u.service, u.destination)) {
+            Some(track) if track.current != u.weight => {
+                u.expected = track.current;
+                true
+            }
+            _ => false,
+        });
+        self.write_weights(waiting);
+    }
+
+    /// Records what came of the batch being written, then sends the
+    /// changes that waited for it.
+    pub(super) fn record_written(&mut self, outcome: ChangeOutcome) {
+        let updates = std::mem::take(&mut self.writing);
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let batch: Vec<&WeightChange> = updates.iter().map(|(u, _)| u).collect();
         // A large batch (a rack down, a mass recovery) gets one line with
         // its rate; single changes have their own lines below.
         if batch.len() >= LARGE_BATCH {
@@ -37,7 +86,9 @@ impl Controller {
                 writes = batch.len(),
                 "IPVS batch of {} weights written in {:.1} ms",
                 batch.len(),
-                started.elapsed().as_secs_f64() * 1e3
+                self.write_started
+                    .take()
+                    .map_or(0.0, |at| at.elapsed().as_secs_f64() * 1e3)
             );
         }
         let withdraw =
@@ -77,6 +128,11 @@ impl Controller {
                 track.current = fresh.weight;
                 track.written = Some(fresh.weight);
                 track.destination = fresh.clone();
+                withdraw(store, track, &key);
+                continue;
+            }
+            if fresh.weight == track.current {
+                // A dump taken while the batch waited saw it first.
                 withdraw(store, track, &key);
                 continue;
             }
@@ -130,6 +186,7 @@ impl Controller {
                 }
             }
         }
+        self.write_waiting();
     }
 }
 

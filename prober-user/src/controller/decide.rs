@@ -11,7 +11,7 @@ impl Controller {
     /// stalls the sends behind it), and writes the changed ones in one
     /// batch.
     pub(super) fn update_weights(&mut self, now: Instant) {
-        if self.ipvs.is_none() || self.store.is_none() {
+        if !self.ipvs_read || self.store.is_none() {
             return;
         }
         let mut due = std::mem::take(&mut self.pools_due);

@@ -4,16 +4,54 @@
 use super::*;
 
 impl Controller {
-    /// Reads IPVS, works out the targets, and notices weights changed by
-    /// someone else.
-    pub(super) fn discover(&mut self, now: Instant, open_store: OpenStore<'_>) -> Result<()> {
-        if self.ipvs.is_none() {
-            self.ipvs = Some(match self.netlink_receive_queue {
-                Some(bytes) => IpvsClient::connect_with_receive_queue(bytes)?,
-                None => IpvsClient::connect()?,
-            });
+    /// Takes what IPVS answered since the last tick, in order: dumps
+    /// become the plan, written batches are recorded (and the changes
+    /// that waited for them go out).
+    pub(super) fn take_ipvs_results(&mut self, now: Instant, open_store: OpenStore<'_>) {
+        while let Some(done) = self.ipvs.take() {
+            match done {
+                ipvs_worker::Done::Dump(dump) => {
+                    let applied = dump
+                        .map_err(anyhow::Error::from)
+                        .and_then(|services| self.discover(now, &services, open_store));
+                    self.note_ipvs_read(applied);
+                }
+                ipvs_worker::Done::Written(outcome) => self.record_written(outcome),
+            }
         }
-        let services = self.ipvs.as_mut().expect("connected above").dump()?;
+    }
+
+    /// Says once when IPVS stops being readable, and when it is again.
+    fn note_ipvs_read(&mut self, read: Result<()>) {
+        self.ipvs_read = read.is_ok();
+        match read {
+            Err(e) => {
+                let problem = format!("{e:#}");
+                self.totals.netlink_errors += 1;
+                if self.ipvs_problem.as_ref() != Some(&problem) {
+                    warn!(
+                        "reading IPVS: {problem}; retrying every {:?}",
+                        self.config.discovery
+                    );
+                    self.ipvs_problem = Some(problem);
+                }
+            }
+            Ok(()) => {
+                if self.ipvs_problem.take().is_some() {
+                    info!("IPVS read again");
+                }
+            }
+        }
+    }
+
+    /// Works out the targets from a dump of IPVS, and notices weights
+    /// changed by someone else.
+    fn discover(
+        &mut self,
+        now: Instant,
+        services: &[prober_ipvs::VirtualService],
+        open_store: OpenStore<'_>,
+    ) -> Result<()> {
         if let Some(delay) = self.discovery_delay {
             std::thread::sleep(delay);
         }
@@ -21,7 +59,7 @@ impl Controller {
         if opened {
             self.store = Some(open_store()?);
         }
-        let plan = targets::plan_within(&services, &self.config, self.prober.capacity() as usize);
+        let plan = targets::plan_within(services, &self.config, self.prober.capacity() as usize);
         let store = self.store.as_mut().expect("opened above");
         if opened {
             // What an earlier run pinned about destinations and probes
@@ -137,15 +175,7 @@ impl Controller {
             }
         }
         if !restores.is_empty() {
-            let ipvs = self.ipvs.as_mut().expect("connected above");
-            match ipvs.set_weights(&restores) {
-                Ok(failures) => {
-                    for f in failures {
-                        warn!(service = %f.service, destination = %f.destination, "weight not restored: {}", f.error);
-                    }
-                }
-                Err(e) => warn!("restoring weights: {e}"),
-            }
+            self.ipvs.restore(restores);
         }
 
         for (spec, settings) in &plan.probes {

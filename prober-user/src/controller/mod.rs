@@ -9,6 +9,7 @@
 mod act;
 mod decide;
 mod discover;
+mod ipvs_worker;
 mod observe;
 mod status;
 
@@ -21,7 +22,7 @@ use std::{
 use anyhow::Result;
 use prober_common::HealthRecord;
 use prober_ipvs::{
-    Destination, DestinationKey, IpvsClient, ServiceKey, WeightChange, WeightUpdate,
+    ChangeOutcome, Destination, DestinationKey, ServiceKey, WeightChange, WeightUpdate,
 };
 use tokio::{sync::mpsc, task::AbortHandle};
 use tracing::{debug, info, warn};
@@ -162,7 +163,17 @@ impl SaidEveryMinute {
 
 pub struct Controller {
     config: Config,
-    ipvs: Option<IpvsClient>,
+    /// IPVS, read and written on a thread of its own.
+    ipvs: ipvs_worker::IpvsWorker,
+    /// Whether the last dump succeeded: weights are decided only then.
+    ipvs_read: bool,
+    /// The batch being written, with why each weight changed.
+    writing: Vec<(WeightChange, String)>,
+    /// Changes decided while a batch was being written: they go in the
+    /// next one, each against the weight the first left.
+    writes_waiting: Vec<(WeightChange, String)>,
+    /// When the batch being written was handed over.
+    write_started: Option<Instant>,
     prober: Prober,
     passive: Passive,
     /// Passive measurements not yet taken by their probe's evaluation.
@@ -226,10 +237,6 @@ pub struct Controller {
     /// Tests only: each discovery takes this much longer, as one under
     /// load or behind a slow netlink reply does (PROBER_DEBUG_SLOW_DISCOVERY_MS).
     discovery_delay: Option<Duration>,
-    /// Tests only: a netlink receive queue too small for a batch's acks,
-    /// so writes apply but their acks are lost to ENOBUFS
-    /// (PROBER_DEBUG_NETLINK_RECEIVE_QUEUE, bytes).
-    netlink_receive_queue: Option<usize>,
     /// Until then latency moves no weight: estimates (fresh, or restored
     /// from a run that may have saved them up to `LATENCY_SAVE` ago) first
     /// follow one decay period of live samples, so a restart moves nothing.
@@ -270,7 +277,17 @@ impl Controller {
                 alerts
             },
             sink: Sink::new(&config.alerts),
-            ipvs: None,
+            // Tests only: a netlink receive queue too small for a batch's
+            // acks, so writes apply but their acks are lost to ENOBUFS.
+            ipvs: ipvs_worker::IpvsWorker::start(
+                std::env::var("PROBER_DEBUG_NETLINK_RECEIVE_QUEUE")
+                    .ok()
+                    .and_then(|bytes| bytes.parse().ok()),
+            ),
+            ipvs_read: false,
+            writing: Vec::new(),
+            writes_waiting: Vec::new(),
+            write_started: None,
             prober,
             passive,
             pending: HashMap::new(),
@@ -307,9 +324,6 @@ impl Controller {
                 .ok()
                 .and_then(|ms| ms.parse().ok())
                 .map(Duration::from_millis),
-            netlink_receive_queue: std::env::var("PROBER_DEBUG_NETLINK_RECEIVE_QUEUE")
-                .ok()
-                .and_then(|bytes| bytes.parse().ok()),
             config,
         }
     }
@@ -376,6 +390,12 @@ impl Controller {
     }
 
     /// The shortest probe interval: how often `tick` should run.
+    /// Notified when IPVS has answered (a dump, a batch written): the
+    /// next tick should come now and take the answer.
+    pub fn ipvs_wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.ipvs.wake()
+    }
+
     pub fn tick_interval(&self) -> Duration {
         self.config
             .services
@@ -391,22 +411,9 @@ impl Controller {
     /// agents; every pass recomputes the pools a health change touched and
     /// its share of the others.
     pub fn tick(&mut self, now: Instant, full: bool, open_store: OpenStore<'_>) -> Result<()> {
-        if now >= self.next_discovery {
+        self.take_ipvs_results(now, open_store);
+        if now >= self.next_discovery && self.ipvs.dump() {
             self.next_discovery = now + self.config.discovery;
-            if let Err(e) = self.discover(now, open_store) {
-                let problem = format!("{e:#}");
-                self.totals.netlink_errors += 1;
-                if self.ipvs_problem.as_ref() != Some(&problem) {
-                    warn!(
-                        "reading IPVS: {problem}; retrying every {:?}",
-                        self.config.discovery
-                    );
-                    self.ipvs_problem = Some(problem);
-                }
-                self.ipvs = None;
-            } else if self.ipvs_problem.take().is_some() {
-                info!("IPVS read again");
-            }
         }
         if let Err(e) = self.prober.follow_kernel() {
             warn!("following route and neighbour changes: {e:#}");
