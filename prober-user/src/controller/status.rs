@@ -9,16 +9,19 @@ impl Controller {
         use crate::status::*;
         let state_name = |s: State| if s == State::Up { "up" } else { "down" }.to_string();
         let mut services: BTreeMap<ServiceKey, ServiceStatus> = BTreeMap::new();
+        let reports = self.prober.reports();
+        if let Err(e) = &reports {
+            warn!("reading probe results for status: {e:#}");
+        }
         for b in &self.plan.bindings {
             let Some(dest) = self.dests.get(&(b.service, b.destination.key())) else {
                 continue;
             };
             let probe = self.probes.get(&b.probe);
-            let report = self
-                .prober
-                .id_of(&b.probe)
-                .and_then(|id| self.prober.report(id).ok())
-                .unwrap_or_default();
+            let report = match (self.prober.id_of(&b.probe), &reports) {
+                (Some(id), Ok(reports)) => reports.get(id),
+                _ => Default::default(),
+            };
             let l4 = probe.map(|p| ProbeStatus {
                 probe: b.probe.to_string(),
                 state: state_name(p.health.state()),
