@@ -1,0 +1,353 @@
+//! Following the kernel's routes and neighbours for every target: the
+//! path a probe frame takes (interface, next hop, source), next hops kept
+//! resolved while probes use them, resolution retried with a back-off.
+
+use super::*;
+
+/// A pass over every next hop in use, marking each used in turn.
+pub(super) struct NeighbourKeepalive {
+    hops: Vec<(u32, IpAddr)>,
+    cursor: usize,
+    /// When the last slice was done, and when this pass began.
+    at: Instant,
+    pass_started: Option<Instant>,
+    /// How long one whole pass takes.
+    period: Duration,
+}
+
+impl NeighbourKeepalive {
+    pub(super) fn new(interface: &str) -> Self {
+        // A third of the time after which the kernel may collect an idle
+        // entry (procfs shows this namespace's value).
+        let stale = std::fs::read_to_string(format!(
+            "/proc/sys/net/ipv4/neigh/{interface}/gc_stale_time"
+        ))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(60);
+        Self {
+            hops: Vec::new(),
+            cursor: 0,
+            at: Instant::now(),
+            pass_started: None, // the first pass is due at once
+            period: Duration::from_secs(stale.max(3) / 3),
+        }
+    }
+}
+
+/// Least time between two resolution requests for one next hop: a dead
+/// rack costs few ARP requests.
+pub(super) const RESOLUTION_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Requests to the kernel about next hops, at most one per next hop per
+/// backoff: 1 s, doubling up to `most` (1 s: no backoff), fresh again after
+/// a quiet `most`.
+pub(super) struct Nudges {
+    most: Duration,
+    next: HashMap<IpAddr, (Instant, Duration)>,
+}
+
+impl Nudges {
+    const FIRST: Duration = Duration::from_secs(1);
+
+    pub(super) fn new(most: Duration) -> Self {
+        Self {
+            most,
+            next: HashMap::new(),
+        }
+    }
+
+    /// Whether `hop` may be nudged now; if so, books the next time.
+    pub(super) fn allow(&mut self, hop: IpAddr, now: Instant, targets: usize) -> bool {
+        let backoff = match self.next.get(&hop) {
+            Some((next, _)) if now < *next => return false,
+            Some((next, backoff)) if now < *next + self.most => (*backoff * 2).min(self.most),
+            _ => Self::FIRST,
+        };
+        if self.next.len() > 2 * targets + 1024 {
+            let most = self.most;
+            self.next.retain(|_, (next, _)| now < *next + most);
+        }
+        self.next.insert(hop, (now + backoff, backoff));
+        true
+    }
+
+    pub(super) fn forget(&mut self, hop: &IpAddr) {
+        self.next.remove(hop);
+    }
+}
+
+/// The kernel's route to `real_server`, checked to leave by the probed
+/// interface (replies are matched there) and to have a source address.
+pub(super) fn route_for(
+    routes: &mut RouteSocket,
+    real_server: IpAddr,
+    probe_ifindex: u32,
+    interface: &str,
+) -> Result<Path> {
+    let route = routes.route_to(real_server)?;
+    if route.ifindex != probe_ifindex {
+        bail!(
+            "the route to {real_server} leaves by interface index {}, not by {interface}, where replies are matched",
+            route.ifindex
+        );
+    }
+    let source = route
+        .source
+        .with_context(|| format!("no source address on the route to {real_server}"))?;
+    Ok(Path {
+        ifindex: route.ifindex,
+        next_hop: route.next_hop(real_server),
+        source,
+    })
+}
+
+impl Prober {
+    /// Lifts the back-off on neighbour resolution requests (the link just
+    /// came back and the kernel forgot every neighbour).
+    pub fn resolve_neighbours_now(&mut self) {
+        self.resolutions = Nudges::new(RESOLUTION_BACKOFF);
+    }
+
+    /// Whether some target waits for its next hop's MAC.
+    pub fn any_neighbour_unresolved(&self) -> bool {
+        self.targets
+            .iter()
+            .flatten()
+            .any(|t| t.neighbour_unresolved)
+    }
+
+    /// Whether target `id` waits for its next hop's MAC.
+    pub fn neighbour_unresolved(&self, id: u32) -> bool {
+        self.targets
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|t| t.neighbour_unresolved)
+    }
+
+    /// Target `id`'s probe went unanswered: the real server may have a new
+    /// MAC address that the kernel's neighbour entry does not know yet (our
+    /// probes bypass the stack, so nothing else makes the kernel check).
+    /// NTF_USE is a no-op while the entry is fresh; once it is stale the
+    /// kernel probes it again, and a new MAC reaches the maps through the
+    /// neighbour notification. At most once a second per next hop.
+    pub fn revalidate_neighbour(&mut self, id: u32) -> Result<()> {
+        let Some(Ok(path)) = self
+            .targets
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .map(|t| t.path.as_ref())
+        else {
+            return Ok(());
+        };
+        let (ifindex, next_hop) = (path.ifindex, path.next_hop);
+        if !self
+            .revalidations
+            .allow(next_hop, Instant::now(), self.ids.len())
+        {
+            return Ok(());
+        }
+        self.routes.request_resolution(ifindex, next_hop)
+    }
+
+    /// Follows the kernel: routes again after route, address or link
+    /// changes (and every `ROUTE_REFRESH` in case a notification was
+    /// missed), MACs again after neighbour changes or while some are
+    /// unresolved. Cheap when nothing changed: one non-blocking read.
+    pub fn follow_kernel(&mut self) -> Result<()> {
+        let changes = self.changes.poll();
+        if changes.lost {
+            self.notifications_lost += 1;
+            if self
+                .lost_logged
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+            {
+                info!(
+                    times = self.notifications_lost,
+                    "route and neighbour notifications lost (ENOBUFS): reading every path again"
+                );
+                self.lost_logged = Some(Instant::now());
+            }
+        }
+        let stale = self.last_route_lookup.elapsed() >= ROUTE_REFRESH;
+        if changes.routes || stale {
+            self.look_up_routes();
+        }
+        // Targets without a neighbour are retried once a second: the
+        // kernel's answer also comes as a notification.
+        let unresolved_due = self
+            .last_unresolved_refresh
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+            && self.targets.iter().flatten().any(|t| t.entry.is_none());
+        if unresolved_due {
+            self.last_unresolved_refresh = Some(Instant::now());
+        }
+        if changes.routes || changes.neighbours || stale || unresolved_due {
+            self.refresh_neighbours()?;
+        }
+        self.keep_neighbours_alive();
+        Ok(())
+    }
+
+    /// Frames sent from XDP never confirm a neighbour entry, and replies
+    /// dropped in XDP never reach the neighbour code: with more on-link real
+    /// servers than gc_thresh1 (128) the kernel would collect the idle
+    /// entries, and probes would wait for ARP. Each next hop in use is
+    /// marked used (NTF_USE, as traffic would: a stale entry is re-probed)
+    /// once per a third of the interface's gc_stale_time, spread over the
+    /// ticks. A failed request skips that hop.
+    fn keep_neighbours_alive(&mut self) {
+        let now = Instant::now();
+        let period = self.keepalive.period;
+        let since = now.saturating_duration_since(self.keepalive.at);
+        self.keepalive.at = now;
+        if self.keepalive.cursor >= self.keepalive.hops.len() {
+            // One pass per period: the next starts when it is due.
+            if self
+                .keepalive
+                .pass_started
+                .is_some_and(|at| now.saturating_duration_since(at) < period)
+            {
+                return;
+            }
+            self.keepalive.pass_started = Some(now);
+            let hops: std::collections::BTreeSet<(u32, IpAddr)> = self
+                .targets
+                .iter()
+                .flatten()
+                .filter(|t| t.entry.is_some())
+                .filter_map(|t| t.path.as_ref().ok())
+                .map(|p| (p.ifindex, p.next_hop))
+                .collect();
+            self.keepalive.hops = hops.into_iter().collect();
+            self.keepalive.cursor = 0;
+        }
+        let len = self.keepalive.hops.len();
+        let budget = ((since.as_secs_f64() / period.as_secs_f64()) * len as f64).ceil() as usize;
+        let end = (self.keepalive.cursor + budget.max(1)).min(len);
+        let mut failed = 0;
+        for i in self.keepalive.cursor..end {
+            let (ifindex, hop) = self.keepalive.hops[i];
+            if self.routes.request_resolution(ifindex, hop).is_err() {
+                failed += 1;
+            }
+        }
+        self.keepalive.cursor = end;
+        if failed > 0 {
+            tracing::debug!(
+                failed,
+                "keeping neighbour entries alive: some requests failed"
+            );
+        }
+    }
+
+    /// One route lookup per distinct real server.
+    pub(super) fn look_up_routes(&mut self) {
+        let mut by_server: HashMap<IpAddr, Result<Path, String>> = HashMap::new();
+        for target in self.targets.iter_mut().flatten() {
+            let server = target.spec.real_server();
+            let path = by_server
+                .entry(server)
+                .or_insert_with(|| {
+                    route_for(&mut self.routes, server, self.ifindex, &self.interface)
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .clone();
+            target.path = match (path, target.spec.forwarding) {
+                (Ok(path), Forwarding::DirectRouting { .. }) if path.next_hop != server => {
+                    Err(format!(
+                        "direct-routing real server {server} is not on-link (route via {})",
+                        path.next_hop
+                    ))
+                }
+                (path, _) => path,
+            };
+        }
+        self.last_route_lookup = Instant::now();
+    }
+
+    /// Reads the neighbour table once and rewrites the entries whose MAC
+    /// (or path) changed; asks the kernel to resolve missing next hops.
+    pub fn refresh_neighbours(&mut self) -> Result<()> {
+        let neighbours: HashMap<(u32, IpAddr), [u8; 6]> = self
+            .routes
+            .neighbours(false)?
+            .into_iter()
+            .filter_map(|n| Some(((n.ifindex, n.addr), n.mac?)))
+            .collect();
+        let src_mac = self.routes.link_mac(self.ifindex)?;
+        let now = Instant::now();
+        // A hop resolved again starts its backoff afresh next time.
+        for (_, addr) in neighbours.keys() {
+            self.resolutions.forget(addr);
+        }
+        let mut resolution_requested = std::collections::HashSet::new();
+        for id in 0..self.targets.len() {
+            let Some(target) = &self.targets[id] else {
+                continue;
+            };
+            let resolved = match &target.path {
+                Err(problem) => Err(problem.clone()),
+                Ok(path) => match neighbours.get(&(path.ifindex, path.next_hop)) {
+                    Some(mac) => Ok(probe_entry(
+                        &target.spec,
+                        target.local_port,
+                        path,
+                        src_mac,
+                        *mac,
+                    )),
+                    None => {
+                        if resolution_requested.insert(path.next_hop)
+                            && self.resolutions.allow(path.next_hop, now, self.ids.len())
+                        {
+                            // A failed request skips this hop, not the rest.
+                            if let Err(e) =
+                                self.routes.request_resolution(path.ifindex, path.next_hop)
+                            {
+                                warn!("{e:#}");
+                            }
+                        }
+                        Err(format!(
+                            "neighbour {} on {} is not resolved yet (resolution requested)",
+                            path.next_hop, self.interface
+                        ))
+                    }
+                },
+            };
+            let unresolved = matches!(&target.path, Ok(path) if !neighbours.contains_key(&(path.ifindex, path.next_hop)));
+            let (entry, problem) = match resolved {
+                Ok(entry) => (Some(entry), None),
+                Err(problem) => (None, Some(problem)),
+            };
+            let Some(target) = &mut self.targets[id] else {
+                continue;
+            };
+            target.neighbour_unresolved = unresolved;
+            if target.problem != problem {
+                match &problem {
+                    Some(p) => warn!(probe = %target.spec, "cannot probe: {p}"),
+                    None => info!(probe = %target.spec, "path resolved"),
+                }
+            }
+            if entry != target.entry {
+                let written = entry.unwrap_or_default(); // kind 0: slot unused
+                self.maps
+                    .targets
+                    .set(id as u32, written, 0)
+                    .context("writing PROBE_TARGETS")?;
+                let key = reply_key(&target.spec, target.local_port);
+                if entry.is_some() {
+                    self.maps
+                        .reply_index
+                        .insert(key, id as u32, 0)
+                        .context("writing REPLY_INDEX")?;
+                } else if target.entry.is_some() {
+                    let _ = self.maps.reply_index.remove(&key);
+                }
+                target.entry = entry;
+            }
+            target.problem = problem;
+        }
+        Ok(())
+    }
+}
