@@ -55,6 +55,13 @@ impl Controller {
         if let Some(delay) = self.discovery_delay {
             std::thread::sleep(delay);
         }
+        // Nothing changed since the last full pass (and prober wrote
+        // nothing since, which would make IPVS differ from what it
+        // believes): the plan stands; only the dump was paid for.
+        let fingerprint = dump_fingerprint(services);
+        if self.dump_fingerprint == Some(fingerprint) && self.store.is_some() {
+            return Ok(());
+        }
         let opened = self.store.is_none();
         if opened {
             self.store = Some(open_store()?);
@@ -314,6 +321,7 @@ impl Controller {
             self.queue.push(at, id);
         }
         self.plan = plan;
+        self.dump_fingerprint = Some(fingerprint);
         if let Some(store) = &self.store {
             if store.not_saved > self.not_saved {
                 warn!(
@@ -388,5 +396,81 @@ impl Controller {
                 track.task = self.checker.start(spec.clone(), track.settings.timing);
             }
         }
+    }
+}
+
+/// What a discovery works from in a dump, hashed: every service and
+/// destination with its settings and weight, not the counters that change
+/// from one dump to the next.
+fn dump_fingerprint(services: &[prober_ipvs::VirtualService]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    services.len().hash(&mut hasher);
+    for vs in services {
+        let s = &vs.service;
+        (s.key, &s.scheduler, s.flags, s.timeout, s.netmask).hash(&mut hasher);
+        s.persistence_engine.hash(&mut hasher);
+        vs.destinations.len().hash(&mut hasher);
+        for d in &vs.destinations {
+            (d.key(), d.forwarding, d.weight).hash(&mut hasher);
+            (d.upper_threshold, d.lower_threshold, d.tunnel).hash(&mut hasher);
+        }
+    }
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dump_fingerprint;
+    use prober_ipvs::{
+        Destination, Forwarding, Protocol, Service, ServiceKey, Stats, Tunnel, VirtualService,
+    };
+
+    fn dump(weight: u32, conns: u32, bytes: u64) -> Vec<VirtualService> {
+        let destination = |last: u8| Destination {
+            addr: std::net::IpAddr::from([192, 0, 2, last]),
+            port: 80,
+            forwarding: Forwarding::Masquerade,
+            weight,
+            upper_threshold: 0,
+            lower_threshold: 0,
+            tunnel: Tunnel::default(),
+            active_conns: conns,
+            inactive_conns: conns,
+            persistent_conns: 0,
+            stats: Stats {
+                in_bytes: bytes,
+                ..Stats::default()
+            },
+        };
+        vec![VirtualService {
+            service: Service {
+                key: ServiceKey::Address {
+                    protocol: Protocol::Tcp,
+                    addr: std::net::IpAddr::from([203, 0, 113, 10]),
+                    port: 80,
+                },
+                scheduler: "wrr".into(),
+                flags: 0,
+                timeout: 0,
+                netmask: 0,
+                persistence_engine: None,
+                stats: Stats::default(),
+            },
+            destinations: vec![destination(10), destination(11)],
+        }]
+    }
+
+    #[test]
+    fn a_dump_differs_by_its_settings_and_weights_not_its_counters() {
+        let base = dump_fingerprint(&dump(100, 0, 0));
+        assert_eq!(base, dump_fingerprint(&dump(100, 7, 12_345)));
+        assert_ne!(base, dump_fingerprint(&dump(50, 0, 0)));
+        let mut one_less = dump(100, 0, 0);
+        one_less[0].destinations.pop();
+        assert_ne!(base, dump_fingerprint(&one_less));
+        let mut thresholds = dump(100, 0, 0);
+        thresholds[0].destinations[1].upper_threshold = 500;
+        assert_ne!(base, dump_fingerprint(&thresholds));
     }
 }

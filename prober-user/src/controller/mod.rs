@@ -174,6 +174,9 @@ pub struct Controller {
     writes_waiting: Vec<(WeightChange, String)>,
     /// When the batch being written was handed over.
     write_started: Option<Instant>,
+    /// The dump the plan was last built from, hashed; forgotten whenever
+    /// prober writes a weight or reloads.
+    dump_fingerprint: Option<u64>,
     prober: Prober,
     passive: Passive,
     /// Passive measurements not yet taken by their probe's evaluation.
@@ -288,6 +291,7 @@ impl Controller {
             writing: Vec::new(),
             writes_waiting: Vec::new(),
             write_started: None,
+            dump_fingerprint: None,
             prober,
             passive,
             pending: HashMap::new(),
@@ -373,6 +377,7 @@ impl Controller {
             .set_settle_probes(u64::from(config.limits.fall) + 1);
         self.config = config;
         self.next_discovery = now;
+        self.dump_fingerprint = None;
         Ok(())
     }
 
