@@ -24,7 +24,8 @@ impl Controller {
             };
             let service = *service;
             let slow_start = self.config.weights_for(&service).1.slow_start;
-            let mut members: Vec<Candidate> = Vec::with_capacity(members_idx.len());
+            let mut members = std::mem::take(&mut self.candidates);
+            members.clear();
             for &i in members_idx {
                 let b = &self.plan.bindings[i];
                 let (Some(dest), Some(probe)) = (
@@ -33,14 +34,18 @@ impl Controller {
                 ) else {
                     continue;
                 };
-                let checks: Vec<(&CheckSpec, &CheckTrack)> = b
+                // The first failing check, by its place in the binding.
+                let failing = b.checks.iter().position(|c| {
+                    self.checks
+                        .get(c)
+                        .is_some_and(|t| t.health.state() == State::Down)
+                });
+                // A command's weight, else the agent's, else the configured.
+                let check_weight = b
                     .checks
                     .iter()
-                    .filter_map(|c| Some((c, self.checks.get(c)?)))
-                    .collect();
-                let failing = checks.iter().find(|(_, c)| c.health.state() == State::Down);
-                // A command's weight, else the agent's, else the configured.
-                let check_weight = checks.iter().filter_map(|(_, c)| c.weight).min();
+                    .filter_map(|c| self.checks.get(c)?.weight)
+                    .min();
                 let agent = self
                     .agents
                     .as_ref()
@@ -54,39 +59,26 @@ impl Controller {
                         .or(agent.map(|a| a.weight))
                         .unwrap_or(dest.configured),
                 };
-                let why = if probe.health.state() == State::Down {
-                    format!("down: {} probe {} failing", layer_of(&b.probe), b.probe)
-                } else if let Some((spec, c)) = failing {
-                    format!(
-                        "down: {} {spec} failing ({})",
-                        spec.check.layer(),
-                        c.failure.as_deref().unwrap_or("no answer")
-                    )
-                } else if agent_down {
-                    "down: its agent says so".into()
-                } else if agent.is_some_and(|a| a.state == AgentState::Drain) {
-                    "drained by its agent".into()
-                } else if check_weight.is_some() {
-                    format!("weight {configured} from its command check")
-                } else if agent.is_some() {
-                    format!("weight {configured} from its agent")
-                } else if probe
-                    .came_up_at
-                    .is_some_and(|at| now.duration_since(at) < slow_start)
-                {
-                    "up: slow start".into()
-                } else if dest.current == 0 {
-                    "up: back in service".into()
-                } else {
-                    "latency".into()
-                };
+                let why = Reason::of(&ReasonInputs {
+                    probe_down: probe.health.state() == State::Down,
+                    failing_check: failing,
+                    agent: agent.map(|a| a.state),
+                    check_weight,
+                    configured,
+                    slow_start: probe
+                        .came_up_at
+                        .is_some_and(|at| now.duration_since(at) < slow_start),
+                    current: dest.current,
+                });
                 let given = check_weight.is_some() || agent.is_some();
                 members.push(Candidate {
                     index: i,
                     overridden: configured != dest.configured,
                     evidence: probe.evidence
                         || agent.is_some()
-                        || checks.iter().any(|(_, c)| c.evidence),
+                        || b.checks
+                            .iter()
+                            .any(|c| self.checks.get(c).is_some_and(|t| t.evidence)),
                     why,
                     member: Member {
                         configured,
@@ -134,9 +126,13 @@ impl Controller {
                 }
             }
             if suspected {
-                continue; // fail open: the director, not the pool, is at fault
+                // Fail open: the director, not the pool, is at fault.
+                self.candidates = members;
+                continue;
             }
-            let pool: Vec<Member> = members.iter().map(|m| m.member).collect();
+            let mut pool = std::mem::take(&mut self.pool_members);
+            pool.clear();
+            pool.extend(members.iter().map(|m| m.member));
             let result = pool_weights(&pool, &policy, now);
             if result.panic {
                 if self.panicking.insert(service) {
@@ -149,6 +145,8 @@ impl Controller {
                         policy.panic_threshold * 100.0
                     );
                 }
+                self.candidates = members;
+                self.pool_members = pool;
                 continue;
             }
             if self.panicking.remove(&service) {
@@ -156,7 +154,7 @@ impl Controller {
             }
             // Only latency-aware pools have latency-made weights to keep.
             let hold_latency = latency_aware && now < self.latency_hold_until;
-            for (m, weight) in members.into_iter().zip(result.weights) {
+            for (m, weight) in members.drain(..).zip(result.weights) {
                 let b = &self.plan.bindings[m.index];
                 let key = (b.service, b.destination.key());
                 if let Some(dest) = self.dests.get_mut(&key) {
@@ -180,9 +178,11 @@ impl Controller {
                         expected: member.current,
                         weight,
                     },
-                    m.why,
+                    m.why.describe(b, &self.checks),
                 ));
             }
+            self.candidates = members;
+            self.pool_members = pool;
         }
         self.plan.by_service = by_service;
         self.pools_due = due;
@@ -228,14 +228,196 @@ impl Controller {
 }
 
 /// One member of a pool as this tick sees it.
-struct Candidate {
+pub(super) struct Candidate {
     /// Its binding.
     index: usize,
     /// An agent or a command set its weight.
     overridden: bool,
     /// Something has spoken about it this run.
     evidence: bool,
-    /// What drives its weight now, for the log and `prober status`.
-    why: String,
+    /// What drives its weight now, said when a change is written.
+    why: Reason,
     member: Member,
+}
+
+/// Why a destination's weight is what it is. Decided for every member of
+/// every pool recomputed, formatted only for the changes written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    ProbeDown,
+    /// The binding's check at this place is failing.
+    CheckDown(usize),
+    AgentDown,
+    AgentDrain,
+    CommandWeight(u32),
+    AgentWeight(u32),
+    SlowStart,
+    BackInService,
+    Latency,
+}
+
+/// What [`Reason::of`] picks from.
+struct ReasonInputs {
+    probe_down: bool,
+    failing_check: Option<usize>,
+    agent: Option<AgentState>,
+    check_weight: Option<u32>,
+    /// The weight it is given (configured, or a command's or agent's).
+    configured: u32,
+    slow_start: bool,
+    current: u32,
+}
+
+impl Reason {
+    /// The first that holds: its own probe, its checks, its agent's
+    /// state, a weight given by a command or the agent, slow start, a
+    /// return to service, latency.
+    fn of(i: &ReasonInputs) -> Self {
+        if i.probe_down {
+            Reason::ProbeDown
+        } else if let Some(check) = i.failing_check {
+            Reason::CheckDown(check)
+        } else if i.agent == Some(AgentState::Down) {
+            Reason::AgentDown
+        } else if i.agent == Some(AgentState::Drain) {
+            Reason::AgentDrain
+        } else if i.check_weight.is_some() {
+            Reason::CommandWeight(i.configured)
+        } else if i.agent.is_some() {
+            Reason::AgentWeight(i.configured)
+        } else if i.slow_start {
+            Reason::SlowStart
+        } else if i.current == 0 {
+            Reason::BackInService
+        } else {
+            Reason::Latency
+        }
+    }
+
+    /// As the log and `prober status` say it.
+    fn describe(
+        self,
+        binding: &crate::targets::Binding,
+        checks: &HashMap<CheckSpec, CheckTrack>,
+    ) -> String {
+        match self {
+            Reason::ProbeDown => format!(
+                "down: {} probe {} failing",
+                layer_of(&binding.probe),
+                binding.probe
+            ),
+            Reason::CheckDown(at) => match binding.checks.get(at) {
+                Some(spec) => format!(
+                    "down: {} {spec} failing ({})",
+                    spec.check.layer(),
+                    checks
+                        .get(spec)
+                        .and_then(|t| t.failure.as_deref())
+                        .unwrap_or("no answer")
+                ),
+                None => "down: a check failing".into(),
+            },
+            Reason::AgentDown => "down: its agent says so".into(),
+            Reason::AgentDrain => "drained by its agent".into(),
+            Reason::CommandWeight(w) => format!("weight {w} from its command check"),
+            Reason::AgentWeight(w) => format!("weight {w} from its agent"),
+            Reason::SlowStart => "up: slow start".into(),
+            Reason::BackInService => "up: back in service".into(),
+            Reason::Latency => "latency".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AgentState, Reason, ReasonInputs};
+
+    #[test]
+    fn the_reason_is_the_first_cause_that_holds() {
+        let healthy = ReasonInputs {
+            probe_down: false,
+            failing_check: None,
+            agent: None,
+            check_weight: None,
+            configured: 100,
+            slow_start: false,
+            current: 100,
+        };
+        let with = |f: &dyn Fn(&mut ReasonInputs)| {
+            let mut i = ReasonInputs { ..healthy };
+            f(&mut i);
+            Reason::of(&i)
+        };
+        let table: [(&str, Reason, Reason); 10] = [
+            ("nothing special", with(&|_| {}), Reason::Latency),
+            (
+                "at 0, healthy",
+                with(&|i| i.current = 0),
+                Reason::BackInService,
+            ),
+            (
+                "ramping up",
+                with(&|i| i.slow_start = true),
+                Reason::SlowStart,
+            ),
+            (
+                "agent weight",
+                with(&|i| {
+                    i.agent = Some(AgentState::Up);
+                    i.configured = 40;
+                }),
+                Reason::AgentWeight(40),
+            ),
+            (
+                "command weight over agent",
+                with(&|i| {
+                    i.agent = Some(AgentState::Up);
+                    i.check_weight = Some(7);
+                    i.configured = 7;
+                }),
+                Reason::CommandWeight(7),
+            ),
+            (
+                "drain over weights",
+                with(&|i| {
+                    i.agent = Some(AgentState::Drain);
+                    i.check_weight = Some(7);
+                }),
+                Reason::AgentDrain,
+            ),
+            (
+                "agent down",
+                with(&|i| i.agent = Some(AgentState::Down)),
+                Reason::AgentDown,
+            ),
+            (
+                "a failing check over the agent",
+                with(&|i| {
+                    i.agent = Some(AgentState::Down);
+                    i.failing_check = Some(1);
+                }),
+                Reason::CheckDown(1),
+            ),
+            (
+                "its probe first",
+                with(&|i| {
+                    i.probe_down = true;
+                    i.failing_check = Some(0);
+                    i.agent = Some(AgentState::Down);
+                }),
+                Reason::ProbeDown,
+            ),
+            (
+                "slow start after a down probe is not",
+                with(&|i| {
+                    i.probe_down = true;
+                    i.slow_start = true;
+                }),
+                Reason::ProbeDown,
+            ),
+        ];
+        for (case, got, want) in table {
+            assert_eq!(got, want, "{case}");
+        }
+    }
 }

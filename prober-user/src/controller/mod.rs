@@ -237,6 +237,9 @@ pub struct Controller {
     /// Pools owed to the rotation, in fractions of one.
     pool_credit: f64,
     pools_due: Vec<usize>,
+    /// A pool's members as decide weighs them, kept from pool to pool.
+    candidates: Vec<decide::Candidate>,
+    pool_members: Vec<crate::weights::Member>,
     /// Tests only: each discovery takes this much longer, as one under
     /// load or behind a slow netlink reply does (PROBER_DEBUG_SLOW_DISCOVERY_MS).
     discovery_delay: Option<Duration>,
@@ -321,6 +324,8 @@ impl Controller {
             pools_rotated_at: None,
             pool_credit: 0.0,
             pools_due: Vec::new(),
+            candidates: Vec::new(),
+            pool_members: Vec::new(),
             last_send_pass: None,
             up_probes: 0,
             hold_until: None,
