@@ -11,8 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     build_ebpf, run_command,
-    setup::{self, command_stdout},
-    test::require_root,
+    setup::{self, command_stdout, require_root},
     vm, workspace_root,
 };
 

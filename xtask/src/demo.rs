@@ -6,7 +6,11 @@ use std::{process::Command, time::Duration};
 
 use anyhow::{bail, Result};
 
-use crate::{build_ebpf, run_command, setup, test::require_root, vm, workspace_root};
+use crate::{
+    build_ebpf, run_command,
+    setup::{self, require_root},
+    vm, workspace_root,
+};
 
 pub fn run() -> Result<()> {
     require_root()?;

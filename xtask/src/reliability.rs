@@ -9,7 +9,11 @@ use std::{fmt::Write as _, fs, path::Path, process::Command, time::Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::{build_ebpf, fuzz, run_command, setup, test::require_root, vm, workspace_root};
+use crate::{
+    build_ebpf, fuzz, run_command,
+    setup::{self, require_root},
+    vm, workspace_root,
+};
 
 /// Host test targets that record rows.
 const HOST_TESTS: &[&str] = &[

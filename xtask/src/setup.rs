@@ -202,3 +202,19 @@ pub fn command_stdout(cmd: &mut Command) -> Result<String> {
     }
     Ok(String::from_utf8(out.stdout)?)
 }
+
+/// Setting up, testing, benches and the demo install packages, load eBPF
+/// programs and create network namespaces.
+pub fn require_root() -> Result<()> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .unwrap_or("?");
+    if euid != "0" {
+        bail!("this command needs root (it installs packages, loads eBPF programs and creates network namespaces); run it as root");
+    }
+    Ok(())
+}

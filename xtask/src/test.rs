@@ -2,9 +2,13 @@
 
 use std::{process::Command, time::Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::{build_ebpf, fuzz, run_command, setup, vm, workspace_root};
+use crate::{
+    build_ebpf, fuzz, run_command,
+    setup::{self, require_root},
+    vm, workspace_root,
+};
 
 /// How long `cargo xtask fuzz` runs each target in the test command.
 const FUZZ_SECONDS: u64 = 30;
@@ -88,20 +92,5 @@ fn step(name: &str, cmd: &mut Command) -> Result<()> {
         "[test] {name}: ok ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-/// The integration tests create namespaces and load eBPF programs.
-pub fn require_root() -> Result<()> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        .unwrap_or("?");
-    if euid != "0" {
-        bail!("this command needs root (it installs packages, loads eBPF programs and creates network namespaces); run it as root");
-    }
     Ok(())
 }

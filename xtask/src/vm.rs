@@ -23,8 +23,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     build_ebpf, run_command,
-    setup::{self, cache_dir, command_stdout},
-    test::require_root,
+    setup::{self, cache_dir, command_stdout, require_root},
     workspace_root,
 };
 
