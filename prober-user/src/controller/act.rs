@@ -17,7 +17,12 @@ impl Controller {
             return;
         }
         if self.ipvs.write_in_flight() {
-            self.writes_waiting.extend(updates);
+            // Decided again each tick until the batch is back: the latest
+            // change of each destination is kept, once.
+            for (update, why) in updates {
+                self.writes_waiting
+                    .insert((update.service, update.destination), (update, why));
+            }
             return;
         }
         let Some(store) = self.store.as_mut() else {
@@ -55,12 +60,11 @@ impl Controller {
         if self.writes_waiting.is_empty() {
             return;
         }
-        let mut waiting = std::mem::take(&mut self.writes_waiting);
-        // The latest change of each destination.
-        let mut seen = HashSet::new();
-        waiting.reverse();
-        waiting.retain(|(u, _)| seen.insert((u.service, u.destination)));
-        waiting.reverse();
+        let mut waiting: Vec<(WeightChange, String)> = self
+            .writes_waiting
+            .drain()
+            .map(|(_, change)| change)
+            .collect();
         waiting.retain_mut(|(u, _)| match self.dests.get(&(u.service, u.destination)) {
             Some(track) if track.current != u.weight => {
                 u.expected = track.current;

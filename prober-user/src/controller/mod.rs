@@ -171,7 +171,7 @@ pub struct Controller {
     writing: Vec<(WeightChange, String)>,
     /// Changes decided while a batch was being written: they go in the
     /// next one, each against the weight the first left.
-    writes_waiting: Vec<(WeightChange, String)>,
+    writes_waiting: HashMap<(ServiceKey, DestinationKey), (WeightChange, String)>,
     /// When the batch being written was handed over.
     write_started: Option<Instant>,
     /// The dump the plan was last built from, hashed; forgotten whenever
@@ -292,7 +292,7 @@ impl Controller {
             ),
             ipvs_read: false,
             writing: Vec::new(),
-            writes_waiting: Vec::new(),
+            writes_waiting: HashMap::new(),
             write_started: None,
             dump_fingerprint: None,
             prober,
