@@ -298,7 +298,7 @@ impl Reason {
     fn describe(
         self,
         binding: &crate::targets::Binding,
-        checks: &HashMap<CheckSpec, CheckTrack>,
+        checks: &FxHashMap<CheckSpec, CheckTrack>,
     ) -> String {
         match self {
             Reason::ProbeDown => format!(

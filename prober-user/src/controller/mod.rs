@@ -24,6 +24,10 @@ use prober_common::HealthRecord;
 use prober_ipvs::{
     ChangeOutcome, Destination, DestinationKey, ServiceKey, WeightChange, WeightUpdate,
 };
+// The controller's own tables are keyed by what IPVS and the
+// configuration name, never by what arrives from the network: a fast
+// unkeyed hash is safe there, and SipHash was a sixth of a tick's CPU.
+use rustc_hash::FxHashMap;
 use tokio::{sync::mpsc, task::AbortHandle};
 use tracing::{debug, info, warn};
 
@@ -171,7 +175,7 @@ pub struct Controller {
     writing: Vec<(WeightChange, String)>,
     /// Changes decided while a batch was being written: they go in the
     /// next one, each against the weight the first left.
-    writes_waiting: HashMap<(ServiceKey, DestinationKey), (WeightChange, String)>,
+    writes_waiting: FxHashMap<(ServiceKey, DestinationKey), (WeightChange, String)>,
     /// When the batch being written was handed over.
     write_started: Option<Instant>,
     /// The dump the plan was last built from, hashed; forgotten whenever
@@ -180,17 +184,17 @@ pub struct Controller {
     prober: Prober,
     passive: Passive,
     /// Passive measurements not yet taken by their probe's evaluation.
-    pending: HashMap<passive::Server, passive::Delta>,
+    pending: FxHashMap<passive::Server, passive::Delta>,
     store: Option<StateStore>,
     plan: Plan,
-    probes: HashMap<ProbeSpec, ProbeTrack>,
+    probes: FxHashMap<ProbeSpec, ProbeTrack>,
     checker: Checker,
     check_reports: mpsc::UnboundedReceiver<CheckReport>,
-    checks: HashMap<CheckSpec, CheckTrack>,
+    checks: FxHashMap<CheckSpec, CheckTrack>,
     agents: Option<Agents>,
     alerts: Alerts,
     sink: Sink,
-    dests: HashMap<(ServiceKey, DestinationKey), DestTrack>,
+    dests: FxHashMap<(ServiceKey, DestinationKey), DestTrack>,
     panicking: HashSet<ServiceKey>,
     /// Whether the director's own path is the likely fault (then every
     /// weight is kept).
@@ -275,7 +279,7 @@ impl Controller {
         Self {
             checker,
             check_reports,
-            checks: HashMap::new(),
+            checks: FxHashMap::default(),
             agents: extras.agents,
             alerts: {
                 let mut alerts = Alerts::new(config.alerts.clone(), diagnosis);
@@ -292,16 +296,16 @@ impl Controller {
             ),
             ipvs_read: false,
             writing: Vec::new(),
-            writes_waiting: HashMap::new(),
+            writes_waiting: FxHashMap::default(),
             write_started: None,
             dump_fingerprint: None,
             prober,
             passive,
-            pending: HashMap::new(),
+            pending: FxHashMap::default(),
             store: None,
             plan: Plan::default(),
-            probes: HashMap::new(),
-            dests: HashMap::new(),
+            probes: FxHashMap::default(),
+            dests: FxHashMap::default(),
             panicking: HashSet::new(),
             path: DirectorPath::new(),
             link_was_up: true,

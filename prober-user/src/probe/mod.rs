@@ -99,7 +99,7 @@ pub struct Prober {
     interface: String,
     /// Indexed by target id; None: a free id.
     targets: Vec<Option<Target>>,
-    ids: HashMap<ProbeSpec, u32>,
+    ids: rustc_hash::FxHashMap<ProbeSpec, u32>,
     config: ProbeConfig,
     last_rotation: Instant,
     routes: RouteSocket,
@@ -167,7 +167,7 @@ impl Prober {
             ifindex,
             interface: interface.to_string(),
             targets: Vec::new(),
-            ids: HashMap::new(),
+            ids: rustc_hash::FxHashMap::default(),
             config,
             last_rotation: Instant::now(),
             routes: RouteSocket::open()?,
