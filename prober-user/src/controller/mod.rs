@@ -1,8 +1,9 @@
 //! The controller: IPVS and the config give targets, the datapath probes
 //! them and the checker runs their L7 checks, results feed each probe's
 //! and check's health and latency, agents add their own word, each virtual
-//! service's weights follow, and changed weights go to IPVS in one batch.
-//! Health changes also go to the alerts, which name one root cause each.
+//! service's weights follow, and changed weights go to IPVS in batches,
+//! read and written on a thread of its own (`ipvs_worker`). Health changes
+//! also go to the alerts, which name one root cause each.
 //!
 //! config/IPVS -> targets -> probes -> results -> health -> weights -> IPVS
 
