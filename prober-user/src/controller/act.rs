@@ -13,9 +13,12 @@ impl Controller {
     /// write whose outcome is never learnt (a crash) is known as prober's
     /// own after a restart.
     pub(super) fn write_weights(&mut self, updates: Vec<(WeightChange, String)>) {
-        if updates.is_empty() || self.store.is_none() {
+        if updates.is_empty() {
             return;
         }
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
         if self.ipvs.write_in_flight() {
             // Decided again each tick until the batch is back: the latest
             // change of each destination is kept, once.
@@ -25,9 +28,6 @@ impl Controller {
             }
             return;
         }
-        let Some(store) = self.store.as_mut() else {
-            return;
-        };
         for (update, _) in &updates {
             let key = (update.service, update.destination);
             if let Some(track) = self.dests.get(&key) {
@@ -41,16 +41,14 @@ impl Controller {
         }
         let batch: Vec<WeightChange> = updates.iter().map(|(u, _)| u.clone()).collect();
         self.write_started = Some(std::time::Instant::now());
-        match self.ipvs.write(batch) {
-            Ok(()) => self.writing = updates,
-            Err(_) => {
-                self.writing = updates;
-                let not_sent = (0..self.writing.len()).collect();
-                self.record_written(ChangeOutcome {
-                    not_sent,
-                    ..ChangeOutcome::default()
-                });
-            }
+        self.writing = updates;
+        if self.ipvs.write(batch).is_err() {
+            // The IPVS thread is gone: nothing was sent.
+            let not_sent = (0..self.writing.len()).collect();
+            self.record_written(ChangeOutcome {
+                not_sent,
+                ..ChangeOutcome::default()
+            });
         }
     }
 
@@ -130,10 +128,7 @@ impl Controller {
             let Some(track) = self.dests.get_mut(&key) else {
                 continue;
             };
-            if track.unsure.take() == Some(fresh.weight) {
-                // An earlier write whose ack was lost did apply: ours.
-                track.current = fresh.weight;
-                track.written = Some(fresh.weight);
+            if track.own_unsure_write(fresh.weight) {
                 track.destination = fresh.clone();
                 withdraw(store, track, &key);
                 continue;

@@ -105,9 +105,7 @@ impl Controller {
                 Some(track) => {
                     track.destination = dest.clone();
                     // A write of unknown outcome that IPVS holds: ours.
-                    if track.unsure.take() == Some(dumped) {
-                        track.written = Some(dumped);
-                        track.current = dumped;
+                    if track.own_unsure_write(dumped) {
                         store.set_weight(wkey, record(track))?;
                     }
                     // What IPVS should hold: what prober wrote, else what

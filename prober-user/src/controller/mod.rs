@@ -124,6 +124,19 @@ struct DestTrack {
     last_change: Option<crate::status::Change>,
 }
 
+impl DestTrack {
+    /// Whether `weight`, found in IPVS, is the write of unknown outcome
+    /// (which is then taken as prober's own and no longer pending).
+    fn own_unsure_write(&mut self, weight: u32) -> bool {
+        if self.unsure.take() != Some(weight) {
+            return false;
+        }
+        self.written = Some(weight);
+        self.current = weight;
+        true
+    }
+}
+
 /// Running totals for `prober status` and the metrics.
 #[derive(Default)]
 struct Totals {
