@@ -25,6 +25,8 @@ pub mod map_names {
     pub const PROBE_STATE: &str = "PROBE_STATE";
     /// Target id -> per-CPU [`ProbeResults`](crate::ProbeResults).
     pub const PROBE_RESULTS: &str = "PROBE_RESULTS";
+    /// Target id -> per-CPU [`RttHistogram`](crate::RttHistogram).
+    pub const PROBE_RTT: &str = "PROBE_RTT";
     /// Slot 0: [`ProbeConfig`](crate::ProbeConfig) (secrets, local port range).
     pub const PROBE_CONFIG: &str = "PROBE_CONFIG";
     /// Index -> target id: the targets of the batch being sent.
@@ -52,6 +54,9 @@ pub mod map_names {
     pub const PASSIVE_CONNS: &str = "PASSIVE_CONNS";
     /// Server id -> per-CPU [`PassiveStats`](crate::PassiveStats).
     pub const PASSIVE_STATS: &str = "PASSIVE_STATS";
+    /// Slot 0: [`IpvsChanges`](crate::IpvsChanges), IPVS configuration
+    /// changes made by other processes.
+    pub const IPVS_CHANGES: &str = "IPVS_CHANGES";
     /// [`DrCheckKey`](crate::DrCheckKey) -> [`DrCheckFlow`](crate::DrCheckFlow):
     /// connections of L7 checks to the VIP on a direct-routing real server,
     /// filled by userspace for each check's life.
@@ -73,7 +78,19 @@ pub mod program_names {
     /// TC egress classifier of the director's interface: notes when
     /// forwarded SYNs and requests leave for tracked real servers.
     pub const PASSIVE_EGRESS: &str = "passive_egress";
+    /// kretprobe on IPVS's generic netlink configuration call (ipvsadm,
+    /// keepalived): counts the changes other processes make.
+    pub const IPVS_CHANGED_NETLINK: &str = "ipvs_changed_netlink";
+    /// kretprobe on IPVS's setsockopt configuration call (older tools).
+    pub const IPVS_CHANGED_SOCKOPT: &str = "ipvs_changed_sockopt";
 }
+
+/// The kernel functions through which IPVS's configuration changes, as
+/// (program, function): hooked on return, once the change is in place.
+pub const IPVS_CONFIG_CALLS: [(&str, &str); 2] = [
+    (program_names::IPVS_CHANGED_NETLINK, "ip_vs_genl_set_cmd"),
+    (program_names::IPVS_CHANGED_SOCKOPT, "do_ip_vs_set_ctl"),
+];
 
 /// Capacity of each passive flow table, half-open and connections (LRU:
 /// the oldest flows go first).
@@ -328,9 +345,11 @@ pub struct ProbeState {
     pub last_reply_ns: u64,
 }
 
-/// Per-target reply results, one value per CPU.
+/// Per-target reply results, one value per CPU: what the controller
+/// reads for each probe it judges, so kept small (the RTT histogram,
+/// read only for `status` and metrics, is in [`RttHistogram`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProbeResults {
     /// Positive replies: SYN-ACK (L4 up) or echo reply (L3 up).
     pub answered: u64,
@@ -342,19 +361,20 @@ pub struct ProbeResults {
     pub last_rtt_ns: u64,
     /// When this CPU saw that reply (CLOCK_MONOTONIC), to pick the newest.
     pub last_reply_ns: u64,
-    /// Log2 histogram of positive-reply RTTs in µs (see [`RTT_BUCKETS`]).
-    pub rtt_log2_us: [u64; RTT_BUCKETS],
 }
 
-impl Default for ProbeResults {
+/// Per-target log2 histogram of positive-reply RTTs in µs (see
+/// [`RTT_BUCKETS`]), one value per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RttHistogram {
+    pub log2_us: [u64; RTT_BUCKETS],
+}
+
+impl Default for RttHistogram {
     fn default() -> Self {
         Self {
-            answered: 0,
-            refused: 0,
-            unreachable: 0,
-            last_rtt_ns: 0,
-            last_reply_ns: 0,
-            rtt_log2_us: [0; RTT_BUCKETS],
+            log2_us: [0; RTT_BUCKETS],
         }
     }
 }
@@ -450,6 +470,21 @@ pub struct AgentReport {
     /// [`agent_wire`] state code.
     pub state: u8,
     pub _pad: [u8; 3],
+}
+
+/// IPVS configuration calls that succeeded, made by processes other than
+/// the prober that loaded the programs (its own writes are not a change to
+/// follow), written by the kretprobes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpvsChanges {
+    /// Calls counted; only compared with the last value read.
+    pub count: u64,
+    /// Process (thread group) of the last one.
+    pub last_tgid: u32,
+    pub _pad: u32,
+    /// Its command name, NUL-padded.
+    pub last_comm: [u8; 16],
 }
 
 /// Progress of the batch `probe_tx` is sending: run i sends the target at
@@ -580,7 +615,7 @@ pub struct PassiveStats {
     /// SYNs the client had to send again: no SYN-ACK came in time.
     pub syn_retransmits: u64,
     pub _pad: u64,
-    /// Log2 µs histograms, as [`ProbeResults::rtt_log2_us`].
+    /// Log2 µs histograms, as [`RttHistogram::log2_us`].
     pub handshake_log2_us: [u64; RTT_BUCKETS],
     pub response_log2_us: [u64; RTT_BUCKETS],
 }
@@ -611,6 +646,7 @@ mod user {
     unsafe impl aya::Pod for super::ReplyKey {}
     unsafe impl aya::Pod for super::ProbeState {}
     unsafe impl aya::Pod for super::ProbeResults {}
+    unsafe impl aya::Pod for super::RttHistogram {}
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::BatchCursor {}
     unsafe impl aya::Pod for super::WeightKey {}
@@ -624,6 +660,7 @@ mod user {
     unsafe impl aya::Pod for super::DrCheckKey {}
     unsafe impl aya::Pod for super::DrCheckFlow {}
     unsafe impl aya::Pod for super::AgentReport {}
+    unsafe impl aya::Pod for super::IpvsChanges {}
 }
 
 #[cfg(test)]
@@ -668,10 +705,10 @@ mod tests {
         assert_no_holes!(ProbeState, 32, {
             sent: u64, timed_out: u64, last_sent_ns: u64, last_reply_ns: u64,
         });
-        assert_no_holes!(ProbeResults, 40 + 8 * RTT_BUCKETS, {
+        assert_no_holes!(ProbeResults, 40, {
             answered: u64, refused: u64, unreachable: u64, last_rtt_ns: u64, last_reply_ns: u64,
-            rtt_log2_us: [u64; RTT_BUCKETS],
         });
+        assert_no_holes!(RttHistogram, 8 * RTT_BUCKETS, { log2_us: [u64; RTT_BUCKETS] });
         assert_no_holes!(ProbeConfig, 80, {
             secret: [u64; 2], previous_secret: [u64; 2], local_port_min: u16, local_port_max: u16,
             agent_port: u16, _pad: [u8; 2], agent_addr: [u8; 4], agent_auth: u8, _pad2: [u8; 3],
@@ -685,6 +722,9 @@ mod tests {
             last_ns: u64, reports: u64, sequence: u64, weight: u32, state: u8, _pad: [u8; 3],
         });
         assert_no_holes!(BatchCursor, 8, { next: u32, len: u32 });
+        assert_no_holes!(IpvsChanges, 32, {
+            count: u64, last_tgid: u32, _pad: u32, last_comm: [u8; 16],
+        });
         assert_no_holes!(WeightKey, 44, {
             service_addr: [u8; 16], dest_addr: [u8; 16], fwmark: u32, service_port: u16,
             dest_port: u16, protocol: u8, family: u8, _pad: [u8; 2],

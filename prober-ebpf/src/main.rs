@@ -8,6 +8,9 @@
 //!   BPF_PROG_TEST_RUN with live frames; each run writes one target's probe
 //!   into the frame and redirects it out.
 //!
+//! - `ipvs_changed_netlink`, `ipvs_changed_sockopt` (kretprobes on IPVS's
+//!   configuration calls): count the changes other processes make.
+//!
 //! Every entry point calls a `try_*` function; on error `prober_xdp` passes
 //! the frame (the datapath never drops traffic it does not own) and
 //! `probe_tx` drops its own scratch frame.
@@ -15,6 +18,7 @@
 #![no_main]
 
 mod checks;
+mod ipvs_changes;
 mod packet;
 mod passive;
 mod rx;
@@ -23,14 +27,14 @@ mod tx;
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_UNSPEC},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    macros::{btf_map, classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{btf_map, classifier, kretprobe, xdp},
+    programs::{RetProbeContext, TcContext, XdpContext},
 };
 use prober_common::{
     AgentReport, BatchCursor, DatapathCounters, DrCheckFlow, DrCheckKey, FlowKey, FlowState,
-    HealthKey, HealthRecord, PassiveStats, ProbeConfig, ProbeResults, ProbeState, ProbeTarget,
-    ReplyKey, ServerKey, WeightKey, WeightRecord, MAX_AGENTS, MAX_PASSIVE_FLOWS,
-    MAX_PASSIVE_SERVERS, MAX_TARGETS,
+    HealthKey, HealthRecord, IpvsChanges, PassiveStats, ProbeConfig, ProbeResults, ProbeState,
+    ProbeTarget, ReplyKey, RttHistogram, ServerKey, WeightKey, WeightRecord, MAX_AGENTS,
+    MAX_PASSIVE_FLOWS, MAX_PASSIVE_SERVERS, MAX_TARGETS,
 };
 
 const TARGETS: usize = MAX_TARGETS as usize;
@@ -47,6 +51,8 @@ static REPLY_INDEX: HashMap<ReplyKey, u32, TARGETS> = HashMap::new();
 static PROBE_STATE: Array<ProbeState, TARGETS> = Array::new();
 #[btf_map]
 static PROBE_RESULTS: PerCpuArray<ProbeResults, TARGETS> = PerCpuArray::new();
+#[btf_map]
+static PROBE_RTT: PerCpuArray<RttHistogram, TARGETS> = PerCpuArray::new();
 #[btf_map]
 static PROBE_CONFIG: Array<ProbeConfig, 1> = Array::new();
 #[btf_map]
@@ -73,6 +79,8 @@ static PASSIVE_STATS: PerCpuArray<PassiveStats, SERVERS> = PerCpuArray::new();
 
 #[btf_map]
 static DR_CHECKS: HashMap<DrCheckKey, DrCheckFlow, 1024> = HashMap::new();
+#[btf_map]
+static IPVS_CHANGES: Array<IpvsChanges, 1> = Array::new();
 #[btf_map]
 static AGENTS: HashMap<u32, AgentReport, { MAX_AGENTS as usize }> = HashMap::new();
 
@@ -113,6 +121,18 @@ pub fn probe_tx(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn passive_egress(ctx: TcContext) -> i32 {
     passive::try_passive_egress(&ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[kretprobe]
+pub fn ipvs_changed_netlink(ctx: RetProbeContext) -> u32 {
+    ipvs_changes::note_ipvs_change(&ctx);
+    0
+}
+
+#[kretprobe]
+pub fn ipvs_changed_sockopt(ctx: RetProbeContext) -> u32 {
+    ipvs_changes::note_ipvs_change(&ctx);
+    0
 }
 
 #[cfg(not(test))]

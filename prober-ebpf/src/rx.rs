@@ -19,7 +19,8 @@ use aya_ebpf::{
 use prober_common::{cookie::probe_cookie, encap, family, rtt_bucket, ProbeConfig, ReplyKey};
 
 use crate::{
-    counters, packet::*, PROBE_CONFIG, PROBE_RESULTS, PROBE_STATE, PROBE_TARGETS, REPLY_INDEX,
+    counters, packet::*, PROBE_CONFIG, PROBE_RESULTS, PROBE_RTT, PROBE_STATE, PROBE_TARGETS,
+    REPLY_INDEX,
 };
 
 const L4: usize = ETH_HLEN + IPV4_HLEN;
@@ -425,8 +426,12 @@ fn record(target_id: u32, outcome: Outcome) {
             results.answered += 1;
             results.last_rtt_ns = rtt;
             results.last_reply_ns = now;
-            if let Some(bucket) = results.rtt_log2_us.get_mut(rtt_bucket(rtt)) {
-                *bucket += 1;
+            if let Some(histogram) = PROBE_RTT.get_ptr_mut(target_id) {
+                // SAFETY: this CPU's own slot, valid for the run.
+                let histogram = unsafe { &mut *histogram };
+                if let Some(bucket) = histogram.log2_us.get_mut(rtt_bucket(rtt)) {
+                    *bucket += 1;
+                }
             }
         }
         Outcome::Refused => results.refused += 1,

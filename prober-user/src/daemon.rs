@@ -97,6 +97,33 @@ impl Daemon {
     }
 }
 
+/// IPVS's change signal, or None with a warning saying what it costs.
+fn ipvs_change_signal(
+    datapath: &mut datapath::Datapath,
+) -> Option<prober_user::ipvs_changes::IpvsChangeSignal> {
+    if std::env::var_os("PROBER_DEBUG_NO_IPVS_SIGNAL").is_some() {
+        return None;
+    }
+    // Resolving IPVS's netlink family loads the ip_vs module if it is not
+    // yet (the kernel's module alias), so the functions to probe exist.
+    let _ = prober_ipvs::IpvsClient::connect();
+    match datapath.ipvs_change_signal() {
+        Ok(signal) => {
+            info!(
+                "IPVS configuration changes signalled by kretprobes: IPVS is read when it changes"
+            );
+            Some(signal)
+        }
+        Err(e) => {
+            warn!(
+                "no signal of IPVS configuration changes ({e:#}): IPVS is dumped in full every discovery period ({:?} by default) instead",
+                config::DEFAULT_DISCOVERY
+            );
+            None
+        }
+    }
+}
+
 /// What the daemon does each tick.
 enum Mode {
     /// Probes from the command line: probe and report only.
@@ -144,6 +171,7 @@ pub fn run(daemon: &Daemon) -> Result<()> {
                     datapath.agents_map()?,
                     config.agent.map(|a| a.deadline),
                 )),
+                ipvs_changes: ipvs_change_signal(&mut datapath),
             };
             Mode::Ipvs(Box::new(controller::Controller::new(
                 config.clone(),

@@ -34,6 +34,7 @@ const PINNED_MAPS: &[&str] = &[
     map_names::REPLY_INDEX,
     map_names::PROBE_STATE,
     map_names::PROBE_RESULTS,
+    map_names::PROBE_RTT,
     map_names::PROBE_CONFIG,
     map_names::PASSIVE_SERVERS,
     map_names::PASSIVE_FLOWS,
@@ -74,6 +75,7 @@ const PER_TARGET_MAPS: &[&str] = &[
     map_names::REPLY_INDEX,
     map_names::PROBE_STATE,
     map_names::PROBE_RESULTS,
+    map_names::PROBE_RTT,
     map_names::PROBE_BATCH,
     map_names::WEIGHT_STATE,
     map_names::HEALTH_STATE,
@@ -85,6 +87,9 @@ pub fn load_programs_sized(level: EbpfLog, capacity: u32) -> Result<Ebpf> {
     let level = level as u8;
     let mut loader = aya::EbpfLoader::new();
     loader.override_global("AYA_LOG_LEVEL", &level, false);
+    // The change signal leaves out IPVS writes of this process.
+    let own_pid = std::process::id();
+    loader.override_global("PROBER_TGID", &own_pid, true);
     for &name in PER_TARGET_MAPS {
         loader.map_max_entries(name, capacity);
     }
@@ -140,6 +145,7 @@ pub fn take_probe_maps(ebpf: &mut Ebpf) -> Result<crate::probe::ProbeMaps> {
         cursor: Array::try_from(take(map_names::BATCH_CURSOR)?)?,
         state: Array::try_from(take(map_names::PROBE_STATE)?)?,
         results: aya::maps::PerCpuArray::try_from(take(map_names::PROBE_RESULTS)?)?,
+        rtt: aya::maps::PerCpuArray::try_from(take(map_names::PROBE_RTT)?)?,
     })
 }
 
@@ -251,6 +257,12 @@ impl Datapath {
             .take_map(map_names::DR_CHECKS)
             .ok_or_else(|| anyhow!("the eBPF object has no map {}", map_names::DR_CHECKS))?;
         Ok(HashMap::try_from(map)?)
+    }
+
+    /// Attaches the kretprobes that signal IPVS configuration changes and
+    /// takes their map (call once); they stay attached until detach.
+    pub fn ipvs_change_signal(&mut self) -> Result<crate::ipvs_changes::IpvsChangeSignal> {
+        crate::ipvs_changes::IpvsChangeSignal::attach(&mut self.ebpf)
     }
 
     /// The agents' reports (call once).

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod director_fault;
 pub mod events;
 pub mod health;
+pub mod ipvs_changes;
 pub mod map_batch;
 pub mod metrics;
 pub mod passive;

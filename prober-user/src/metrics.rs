@@ -342,6 +342,20 @@ impl Collector for Snapshot {
         )?;
         counter(
             &mut e,
+            "prober_ipvs_dumps",
+            "Full IPVS dumps (at start, when IPVS's configuration changed, and every discovery period)",
+            &[(vec![], s.ipvs_dumps)],
+        )?;
+        if let Some(signalled) = s.ipvs_changes_signalled {
+            counter(
+                &mut e,
+                "prober_ipvs_changes_signalled",
+                "IPVS configuration calls by other processes, signalled by the kernel",
+                &[(vec![], signalled)],
+            )?;
+        }
+        counter(
+            &mut e,
             "prober_probe_sends_late",
             "Probe sends that went out over half an interval after their grid point (the daemon was behind)",
             &[(vec![], s.sends_late)],

@@ -38,6 +38,13 @@ pub struct Status {
     /// Probe frames the probing interface dropped as they were sent.
     #[serde(default)]
     pub frames_dropped_here: u64,
+    /// Full IPVS dumps asked for, and IPVS configuration calls by other
+    /// processes that the kernel signalled (None: no signal, IPVS is
+    /// dumped every `discovery` only).
+    #[serde(default)]
+    pub ipvs_dumps: u64,
+    #[serde(default)]
+    pub ipvs_changes_signalled: Option<u64>,
     /// Alerts raised, by kind.
     pub events: BTreeMap<String, u64>,
     pub services: Vec<ServiceStatus>,

@@ -744,6 +744,20 @@ impl Lan {
         Ipv4Addr::new(192, 0, 2, 10 + i as u8)
     }
 
+    /// A listener on `port` in every real server (None once dropped: that
+    /// server then refuses).
+    pub fn listen_everywhere(&self, port: u16) -> Vec<Option<TcpListener>> {
+        (0..self.servers.len())
+            .map(|i| {
+                Some(
+                    self.servers[i]
+                        .listen(SocketAddrV4::new(Self::server_addr(i), port))
+                        .unwrap(),
+                )
+            })
+            .collect()
+    }
+
     /// `ipvsadm <args>` in the director's namespace.
     pub fn ipvsadm(&self, args: &[&str]) -> Result<String> {
         let out = run(Command::new("ip")

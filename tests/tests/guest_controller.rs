@@ -22,15 +22,7 @@ fn rs(i: usize) -> String {
 /// at weight 100.
 fn service(n: usize) -> (Lan, Vec<Option<TcpListener>>) {
     let lan = Lan::new(n).unwrap();
-    let listeners = (0..n)
-        .map(|i| {
-            Some(
-                lan.servers[i]
-                    .listen(SocketAddrV4::new(Lan::server_addr(i), 80))
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let listeners = lan.listen_everywhere(80);
     lan.ipvsadm(&["-A", "-t", VS, "-s", "wrr"]).unwrap();
     for i in 0..n {
         lan.ipvsadm(&["-a", "-t", VS, "-r", &rs(i), "-m", "-w", "100"])
@@ -463,13 +455,15 @@ fn verdicts(daemon: &Daemon, what: &str) -> Vec<String> {
 fn an_operators_change_since_the_last_dump_survives_prober_s_writes() {
     let (lan, mut listeners) = service(2);
     let pin_dir = PinDir::new();
-    // Discoveries a minute apart: prober's last dump is stale when it
-    // writes, so only a fresh read before each write can keep what the
-    // operator did meanwhile.
-    let daemon = start(
+    // Discoveries a minute apart and no change signal (it would have
+    // IPVS read at once): prober's last dump is stale when it writes, so
+    // only a fresh read before each write can keep what the operator did
+    // meanwhile.
+    let daemon = start_with_env(
         &lan,
         &pin_dir,
         "[daemon]\ninterval = \"200ms\"\nrise = 2\nfall = 3\ndiscovery = \"60s\"\n[weights]\nlatency_aware = false\nslow_start = \"0s\"\n",
+        &[("PROBER_DEBUG_NO_IPVS_SIGNAL", "1")],
     );
     thread::sleep(Duration::from_millis(1500));
     lan.ipvsadm(&[

@@ -549,3 +549,97 @@ fn destinations_prober_cannot_probe_are_warned_about_and_shown_unchecked() {
     assert_eq!(again, 2);
     assert_eq!(lan.weights(VS).unwrap()["192.0.2.20:80"], 100);
 }
+
+#[test]
+fn ipvs_is_read_when_an_operator_changes_it_and_not_after_prober_s_own_writes() {
+    // Three real servers listening, two of them in IPVS at first.
+    let lan = Lan::new(3).unwrap();
+    let mut listeners = lan.listen_everywhere(80);
+    let rs = |i: usize| format!("{}:80", Lan::server_addr(i));
+    lan.ipvsadm(&["-A", "-t", VS, "-s", "wrr"]).unwrap();
+    for i in 0..2 {
+        lan.ipvsadm(&["-a", "-t", VS, "-r", &rs(i), "-m", "-w", "100"])
+            .unwrap();
+    }
+    // Periodic discovery an hour apart: whatever prober learns of IPVS
+    // during the test, it learns from the kernel's change signal.
+    let config = temp_config();
+    write_config(
+        &config,
+        "[daemon]\ninterval = \"200ms\"\nrise = 1\nfall = 2\ndiscovery = \"1h\"\ndiagnose = false\n[weights]\nlatency_aware = false\npanic_threshold = 0.0\nslow_start = \"0s\"\n",
+    );
+    let pin_dir = PinDir::new();
+    let daemon = start(&lan, &pin_dir, &config);
+    let state_of = |s: &serde_json::Value, server: &str| {
+        s["services"][0]["servers"]
+            .as_array()
+            .and_then(|servers| servers.iter().find(|x| x["server"] == server))
+            .and_then(|x| x["state"].as_str().map(str::to_string))
+    };
+    wait_for(Duration::from_secs(60), || {
+        let s = status(&pin_dir);
+        Ok((0..2)
+            .all(|i| state_of(&s, &rs(i)).as_deref() == Some("up"))
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    let counts = |s: &serde_json::Value| {
+        (
+            s["ipvs_dumps"].as_u64().unwrap(),
+            s["ipvs_changes_signalled"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no change signal in the guest: {}", daemon.log())),
+        )
+    };
+    let (dumps_at_start, signalled_at_start) = counts(&status(&pin_dir));
+    assert_eq!(signalled_at_start, 0, "{}", daemon.log());
+
+    // prober's own write (server 1 refuses, weight 0) is no change to
+    // read back.
+    listeners[1] = None;
+    wait_for(Duration::from_secs(60), || {
+        Ok((lan.weights(VS)?[&rs(1)] == 0).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    let (dumps_after_own_write, signalled) = counts(&status(&pin_dir));
+    assert_eq!(
+        (dumps_after_own_write, signalled),
+        (dumps_at_start, 0),
+        "prober's own write read back as a change: {}",
+        daemon.log()
+    );
+
+    // The operator adds server 2 and reweighs server 0: both are taken
+    // without waiting for the hourly dump.
+    lan.ipvsadm(&["-a", "-t", VS, "-r", &rs(2), "-m", "-w", "100"])
+        .unwrap();
+    lan.ipvsadm(&["-e", "-t", VS, "-r", &rs(0), "-m", "-w", "60"])
+        .unwrap();
+    let s = wait_for(Duration::from_secs(60), || {
+        let s = status(&pin_dir);
+        let configured = s["services"][0]["servers"]
+            .as_array()
+            .and_then(|servers| servers.iter().find(|x| x["server"] == rs(0).as_str()))
+            .and_then(|x| x["weight"]["configured"].as_u64());
+        Ok((state_of(&s, &rs(2)).as_deref() == Some("up") && configured == Some(60)).then_some(s))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    let (dumps, signalled) = counts(&s);
+    println!(
+        "2 operator changes: {signalled} signalled, {} dumps after them ({dumps_at_start} before, none after prober's own write)",
+        dumps - dumps_at_start
+    );
+    assert_eq!(signalled, 2, "{}", daemon.log());
+    assert!(
+        (1..=2).contains(&(dumps - dumps_at_start)),
+        "one dump per tick that saw a change: {dumps_at_start} -> {dumps}"
+    );
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("IPVS configuration changed") && l.contains("ipvsadm")),
+        "{log}"
+    );
+    assert_eq!(lan.weights(VS).unwrap()[&rs(1)], 0, "{log}");
+    drop(listeners);
+}

@@ -8,7 +8,9 @@
 //! timeout = "1s"           # a reply slower than this counts as a failure
 //! rise = 2                 # successes in a row that bring a server up
 //! fall = 3                 # failures in a row that take it down
-//! discovery = "5s"         # how often IPVS is re-read
+//! discovery = "5s"         # how often IPVS is re-read in full (default:
+//!                          # when it changes, and every 60 s; every 5 s
+//!                          # where the kernel refuses the change signal)
 //! manual_weights = "respect"   # or "overwrite": a weight changed by hand
 //! diagnose = true          # ICMP-probe each real server host, to tell a
 //!                          # dead host from a dead service in alerts
@@ -73,12 +75,19 @@ use crate::{
     weights::WeightPolicy,
 };
 
+/// How often IPVS is dumped in full without a change signal, unless the
+/// configuration says otherwise.
+pub const DEFAULT_DISCOVERY: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub interval: Duration,
     pub timeout: Duration,
     pub limits: RiseFall,
-    pub discovery: Duration,
+    /// How often IPVS is dumped in full; None: when the change signal
+    /// fires and every [`FALLBACK_DISCOVERY`](crate::ipvs_changes::FALLBACK_DISCOVERY),
+    /// or every [`DEFAULT_DISCOVERY`] where there is no signal.
+    pub discovery: Option<Duration>,
     pub manual_weights: ManualWeights,
     pub latency_aware: bool,
     pub policy: WeightPolicy,
@@ -183,7 +192,7 @@ impl Default for Config {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             limits: RiseFall::default(),
-            discovery: Duration::from_secs(5),
+            discovery: None,
             manual_weights: ManualWeights::Respect,
             latency_aware: true,
             policy: WeightPolicy::default(),
@@ -252,7 +261,7 @@ impl Config {
                 rise: daemon.rise.map(|r| r.0).unwrap_or(defaults.limits.rise),
                 fall: daemon.fall.map(|f| f.0).unwrap_or(defaults.limits.fall),
             },
-            discovery: daemon.discovery.map(|d| d.0).unwrap_or(defaults.discovery),
+            discovery: daemon.discovery.map(|d| d.0),
             manual_weights: daemon.manual_weights.unwrap_or(defaults.manual_weights),
             latency_aware: weights.latency_aware.unwrap_or(true),
             policy: WeightPolicy {

@@ -21,6 +21,46 @@ impl Controller {
         }
     }
 
+    /// Asks the IPVS thread for a dump when one is due: IPVS's change
+    /// signal fired since the last, or the periodic discovery came round.
+    /// A signal seen while a dump is in flight waits for the next one: the
+    /// dump under way may have read IPVS before the change.
+    pub(super) fn discover_when_due(&mut self, now: Instant) {
+        if let Some(changed) = self.ipvs_changes.as_mut().and_then(|s| s.take()) {
+            let calls = self.ipvs_changed.as_ref().map_or(0, |c| c.calls);
+            self.ipvs_changed = Some(Changed {
+                calls: calls + changed.calls,
+                ..changed
+            });
+        }
+        let signalled = self.ipvs_changed.is_some();
+        if !(signalled || now >= self.next_discovery) || !self.ipvs.dump() {
+            return;
+        }
+        if let Some(changed) = self.ipvs_changed.take() {
+            info!(
+                calls = changed.calls,
+                by = %changed.last_command,
+                pid = changed.last_pid,
+                "IPVS configuration changed: reading it now"
+            );
+            self.totals.ipvs_changes_signalled += changed.calls;
+        }
+        self.totals.ipvs_dumps += 1;
+        self.next_discovery = now + self.discovery_period();
+    }
+
+    /// How often IPVS is dumped in full when nothing signals a change.
+    pub(super) fn discovery_period(&self) -> Duration {
+        self.config
+            .discovery
+            .unwrap_or(if self.ipvs_changes.is_some() {
+                FALLBACK_DISCOVERY
+            } else {
+                DEFAULT_DISCOVERY
+            })
+    }
+
     /// Says once when IPVS stops being readable, and when it is again.
     fn note_ipvs_read(&mut self, read: Result<()>) {
         self.ipvs_read = read.is_ok();
@@ -31,7 +71,7 @@ impl Controller {
                 if self.ipvs_problem.as_ref() != Some(&problem) {
                     warn!(
                         "reading IPVS: {problem}; retrying every {:?}",
-                        self.config.discovery
+                        self.discovery_period()
                     );
                     self.ipvs_problem = Some(problem);
                 }

@@ -35,10 +35,11 @@ use tracing::{debug, info, warn};
 use crate::{
     agents::{AgentState, Agents},
     checks::{self, CheckReport, CheckSpec, Checker, Outcome},
-    config::{Config, ManualWeights},
+    config::{Config, ManualWeights, DEFAULT_DISCOVERY},
     director_fault::{self, DirectorPath},
     events::{sink::Sink, Alerts},
     health::{Cause, Health, Observations, State},
+    ipvs_changes::{Changed, IpvsChangeSignal, FALLBACK_DISCOVERY},
     passive::{self, Passive},
     probe::{
         schedule::{self, Send},
@@ -154,6 +155,9 @@ struct Totals {
     /// Sends a full ring kept back to their next grid point.
     sends_held_back: u64,
     drops_to_say: SaidEveryMinute,
+    /// Full IPVS dumps asked for; configuration calls signalled.
+    ipvs_dumps: u64,
+    ipvs_changes_signalled: u64,
 }
 
 /// A count logged at most once a minute: what accrued since it was last
@@ -227,6 +231,10 @@ pub struct Controller {
     not_saved: u64,
     totals: Totals,
     next_discovery: Instant,
+    ipvs_changes: Option<IpvsChangeSignal>,
+    /// Changes signalled and not yet followed by a dump (one in flight
+    /// may have begun before them).
+    ipvs_changed: Option<Changed>,
     ipvs_problem: Option<String>,
     /// Probes by when they are next to be settled or sent.
     queue: schedule::Queue,
@@ -277,6 +285,9 @@ pub struct Extras {
     pub gate: Option<checks::dr::Gate>,
     /// Agent reports (when `[agent]` is configured).
     pub agents: Option<Agents>,
+    /// IPVS configuration changes signalled by the kernel; None: the
+    /// kernel refused the kretprobes, IPVS is dumped periodically only.
+    pub ipvs_changes: Option<IpvsChangeSignal>,
 }
 
 impl Controller {
@@ -330,6 +341,8 @@ impl Controller {
             not_saved: 0,
             totals: Totals::default(),
             next_discovery: now,
+            ipvs_changes: extras.ipvs_changes,
+            ipvs_changed: None,
             ipvs_problem: None,
             latency_hold_until: now + config.policy.decay,
             queue: schedule::Queue::default(),
@@ -440,9 +453,7 @@ impl Controller {
     /// its share of the others.
     pub fn tick(&mut self, now: Instant, full: bool, open_store: OpenStore<'_>) -> Result<()> {
         self.take_ipvs_results(now, open_store);
-        if now >= self.next_discovery && self.ipvs.dump() {
-            self.next_discovery = now + self.config.discovery;
-        }
+        self.discover_when_due(now);
         if let Err(e) = self.prober.follow_kernel() {
             warn!("following route and neighbour changes: {e:#}");
         }

@@ -117,6 +117,11 @@ impl Controller {
             capacity: self.prober.capacity(),
             sends_late: self.totals.sends_late,
             frames_dropped_here: self.totals.frames_dropped_here,
+            ipvs_dumps: self.totals.ipvs_dumps,
+            ipvs_changes_signalled: self
+                .ipvs_changes
+                .as_ref()
+                .map(|_| self.totals.ipvs_changes_signalled),
             events: self.totals.events.clone(),
             services: services.into_values().collect(),
             unchecked: self

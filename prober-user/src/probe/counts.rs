@@ -45,6 +45,7 @@ pub(super) fn sum_counts(state: ProbeState, results: impl Iterator<Item = ProbeR
 pub struct ProbeReports {
     states: ArraySnapshot<ProbeState>,
     results: ArraySnapshot<ProbeResults>,
+    rtt: ArraySnapshot<RttHistogram>,
 }
 
 impl ProbeReports {
@@ -62,7 +63,9 @@ impl ProbeReports {
             report.answered += cpu.answered;
             report.refused += cpu.refused;
             report.unreachable += cpu.unreachable;
-            for (sum, n) in report.rtt_log2_us.iter_mut().zip(cpu.rtt_log2_us) {
+        }
+        for cpu in self.rtt.per_cpu(id) {
+            for (sum, n) in report.rtt_log2_us.iter_mut().zip(cpu.log2_us) {
                 *sum += n;
             }
         }
@@ -149,13 +152,14 @@ impl Prober {
         }
     }
 
-    /// Every probe's results, each map read in one batch (two syscalls in
-    /// all, not two per probe: `status` at 100,000 probes runs on the
+    /// Every probe's results, each map read in one batch (three syscalls
+    /// in all, not three per probe: `status` at 100,000 probes runs on the
     /// daemon's thread between ticks).
     pub fn reports(&self) -> Result<ProbeReports> {
         let count = self.targets.len() as u32;
         let mut states = ArraySnapshot::default();
         let mut results = ArraySnapshot::default();
+        let mut rtt = ArraySnapshot::default();
         if count > 0 {
             states
                 .read(&self.maps.state, count)
@@ -163,7 +167,13 @@ impl Prober {
             results
                 .read_per_cpu(&self.maps.results, count, self.cpus)
                 .context("reading PROBE_RESULTS")?;
+            rtt.read_per_cpu(&self.maps.rtt, count, self.cpus)
+                .context("reading PROBE_RTT")?;
         }
-        Ok(ProbeReports { states, results })
+        Ok(ProbeReports {
+            states,
+            results,
+            rtt,
+        })
     }
 }

@@ -25,7 +25,7 @@ use aya::{
 };
 use prober_common::{
     encap, family, probe_kind, BatchCursor, ProbeConfig, ProbeResults, ProbeState, ProbeTarget,
-    ReplyKey, PROBE_FRAME_MAX,
+    ReplyKey, RttHistogram, PROBE_FRAME_MAX,
 };
 use tracing::{info, warn};
 
@@ -64,6 +64,8 @@ pub struct ProbeMaps {
     pub cursor: Array<MapData, BatchCursor>,
     pub state: Array<MapData, ProbeState>,
     pub results: PerCpuArray<MapData, ProbeResults>,
+    /// Read for `status` and metrics only, never per tick.
+    pub rtt: PerCpuArray<MapData, RttHistogram>,
 }
 
 /// One configured probe and what the kernel told us about its path.
@@ -324,6 +326,8 @@ impl Prober {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let zeros = PerCpuValues::try_from(vec![ProbeResults::default(); cpus])?;
         self.maps.results.set(id, zeros, 0)?;
+        let zeros = PerCpuValues::try_from(vec![RttHistogram::default(); cpus])?;
+        self.maps.rtt.set(id, zeros, 0)?;
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use std::{net::IpAddr, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use prober_common::{
-    encap, map_names, probe_kind, ProbeResults, ProbeState, ProbeTarget, RTT_BUCKETS,
+    encap, map_names, probe_kind, ProbeResults, ProbeState, ProbeTarget, RttHistogram, RTT_BUCKETS,
 };
 use serde::Serialize;
 
@@ -55,6 +55,7 @@ pub fn read_pinned(pin_dir: &Path) -> Result<Vec<TargetReport>> {
     let states: Array<MapData, ProbeState> = open_pinned(pin_dir, map_names::PROBE_STATE)?;
     let results: PerCpuArray<MapData, ProbeResults> =
         open_pinned(pin_dir, map_names::PROBE_RESULTS)?;
+    let rtt: PerCpuArray<MapData, RttHistogram> = open_pinned(pin_dir, map_names::PROBE_RTT)?;
     let mut reports = Vec::new();
     for id in 0..targets.len() {
         let target = targets.get(&id, 0)?;
@@ -81,12 +82,14 @@ pub fn read_pinned(pin_dir: &Path) -> Result<Vec<TargetReport>> {
             report.answered += cpu.answered;
             report.refused += cpu.refused;
             report.unreachable += cpu.unreachable;
-            for (sum, n) in report.rtt_log2_us.iter_mut().zip(cpu.rtt_log2_us) {
-                *sum += n;
-            }
             if cpu.last_reply_ns > newest {
                 newest = cpu.last_reply_ns;
                 report.last_rtt_ns = cpu.last_rtt_ns;
+            }
+        }
+        for cpu in rtt.get(&id, 0)?.iter() {
+            for (sum, n) in report.rtt_log2_us.iter_mut().zip(cpu.log2_us) {
+                *sum += n;
             }
         }
         reports.push(report);
