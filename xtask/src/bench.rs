@@ -195,7 +195,7 @@ const METHOD: &str = "
 ### How it is measured
 
 - **The bed**, built once per size inside the guest: a director namespace (IPVS, its `dir0`)
-  joined by veth to a real-server namespace (`srv0`) that owns 10.64.0.0/16 as local addresses
+  joined by veth to a real-server namespace (`srv0`) that owns 10.64.0.0/15 as local addresses
   (AnyIP: every address answers, as N hosts would) with one listener on 0.0.0.0:80 that
   accepts and closes. NAT services `TCP 10.200.x.y:80` of 50 real servers each.
 - **Both checkers, same settings**, one after the other on the same bed, alternating

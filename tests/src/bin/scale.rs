@@ -3,13 +3,13 @@
 //! the other, and what each costs and how fast each reacts.
 //!
 //! The bed: a director namespace (IPVS, `eth0` 192.0.2.1) joined by veth to
-//! a real-server namespace (`eth0` 192.0.2.2) that owns 10.64.0.0/16 as local
+//! a real-server namespace (`eth0` 192.0.2.2) that owns 10.64.0.0/15 as local
 //! addresses (an AnyIP route: every address in it answers, as N hosts
 //! would) with one listener on 0.0.0.0:80 that accepts and closes. Real
 //! server i is 10.64.0.1 + i; NAT services `TCP 10.200.x.y:80` of 50 real
 //! servers each. A real server dies by a blackhole route for its address
 //! (its SYNs vanish, as when a host dies), turns slow by netem on its
-//! replies, and all die at once by a blackhole route for the /16. Checks are
+//! replies, and all die at once by a blackhole route for the /15. Checks are
 //! counted as SYNs arriving at the real servers (a tc filter), the same
 //! counter for both checkers.
 //!
@@ -54,6 +54,10 @@ const LATENCY_MOVED: f64 = 0.8;
 const DIRECTOR_IF: &str = "dir0";
 const SERVER_IF: &str = "srv0";
 const WEIGHT: u32 = 100;
+/// The real servers' addresses, all local to their namespace, and how
+/// many of them a case may use.
+const REAL_SERVERS_NET: &str = "10.64.0.0/15";
+const MOST_SERVERS: usize = 130_000;
 
 fn main() -> Result<()> {
     let options = Options::parse(std::env::args().skip(1))?;
@@ -191,8 +195,10 @@ fn parse_cases(text: &str) -> Result<Vec<Case>> {
             let servers: usize = servers
                 .parse()
                 .ok()
-                .filter(|n| (1..=65_000).contains(n))
-                .with_context(|| format!("--cases: '{servers}' is not 1 to 65000 servers"))?;
+                .filter(|n| (1..=MOST_SERVERS).contains(n))
+                .with_context(|| {
+                    format!("--cases: '{servers}' is not 1 to {MOST_SERVERS} servers")
+                })?;
             let interval = if let Some(ms) = interval.strip_suffix("ms") {
                 ms.parse().ok().map(Duration::from_millis)
             } else if let Some(s) = interval.strip_suffix('s') {
@@ -255,8 +261,8 @@ impl Bed {
         servers.ip(&["addr", "add", "192.0.2.2/24", "dev", SERVER_IF])?;
         director.ip(&["link", "set", DIRECTOR_IF, "up"])?;
         servers.ip(&["link", "set", SERVER_IF, "up"])?;
-        servers.ip(&["route", "add", "local", "10.64.0.0/16", "dev", "lo"])?;
-        director.ip(&["route", "add", "10.64.0.0/16", "via", "192.0.2.2"])?;
+        servers.ip(&["route", "add", "local", REAL_SERVERS_NET, "dev", "lo"])?;
+        director.ip(&["route", "add", REAL_SERVERS_NET, "via", "192.0.2.2"])?;
         // keepalived's connects must not be refused by a full accept queue:
         // that would be the bed failing, not it. The director keeps Linux's
         // ephemeral range (below prober's 61000-65535): a wider one let
@@ -412,14 +418,14 @@ impl Bed {
     }
 
     fn kill_all(&self) -> Result<()> {
-        self.route(&["replace", "blackhole", "10.64.0.0/16", "table", "local"])
+        self.route(&["replace", "blackhole", REAL_SERVERS_NET, "table", "local"])
     }
 
     fn revive_all(&self) -> Result<()> {
         self.route(&[
             "replace",
             "local",
-            "10.64.0.0/16",
+            REAL_SERVERS_NET,
             "dev",
             "lo",
             "table",
