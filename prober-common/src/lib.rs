@@ -251,6 +251,10 @@ pub struct DatapathCounters {
     /// Reports refused for a sequence not above the last one taken, or
     /// outside the window of the director's clock.
     pub agent_replayed: u64,
+    /// RSTs `probe_tx` sent for an unanswered SYN before the next one: the
+    /// SYN-ACK may have been lost, leaving the real server's end of that
+    /// 4-tuple half-open, where it would swallow the next SYN.
+    pub resets_before_probe: u64,
 }
 
 impl DatapathCounters {
@@ -272,6 +276,9 @@ impl DatapathCounters {
                 .agent_unauthenticated
                 .saturating_add(o.agent_unauthenticated),
             agent_replayed: self.agent_replayed.saturating_add(o.agent_replayed),
+            resets_before_probe: self
+                .resets_before_probe
+                .saturating_add(o.resets_before_probe),
         }
     }
 }
@@ -329,9 +336,9 @@ pub struct ReplyKey {
     pub _pad: [u8; 2],
 }
 
-/// Per-target send state. Written by `probe_tx` (sent, timed_out,
-/// last_sent_ns) and by the ingress program (last_reply_ns). `sent` is also
-/// the nonce of the outstanding probe's cookie.
+/// Per-target send state. Written by `probe_tx` (all but last_reply_ns)
+/// and by the ingress program (last_reply_ns). `sent` is also the nonce of
+/// the outstanding probe's cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProbeState {
@@ -343,7 +350,17 @@ pub struct ProbeState {
     pub last_sent_ns: u64,
     /// When the last valid reply arrived (CLOCK_MONOTONIC).
     pub last_reply_ns: u64,
+    /// Probes in a row that got no reply (up to the last one sent).
+    pub misses_in_row: u32,
+    /// The nonce whose 4-tuple `probe_tx` last reset (see
+    /// [`DatapathCounters::resets_before_probe`]); 0: none.
+    pub reset_nonce: u32,
 }
+
+/// Unanswered SYNs in a row after which `probe_tx` still resets the last
+/// one's 4-tuple before the next SYN. Past them the real server is most
+/// likely down, and a RST per probe would only double the frames to it.
+pub const RESETS_IN_A_ROW: u32 = 4;
 
 /// Per-target reply results, one value per CPU: what the controller
 /// reads for each probe it judges, so kept small (the RTT histogram,
@@ -687,11 +704,11 @@ mod tests {
 
     #[test]
     fn layouts_have_no_holes() {
-        assert_no_holes!(DatapathCounters, 104, {
+        assert_no_holes!(DatapathCounters, 112, {
             packets: u64, bytes: u64, replies_matched: u64, replies_rejected: u64,
             replies_late: u64, resets_sent: u64, probes_built: u64, probe_errors: u64, agent_reports: u64,
             agent_malformed: u64, agent_unknown: u64, agent_unauthenticated: u64,
-            agent_replayed: u64,
+            agent_replayed: u64, resets_before_probe: u64,
         });
         assert_no_holes!(ProbeTarget, 88, {
             dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, _pad0: u8,
@@ -702,8 +719,9 @@ mod tests {
             remote_addr: [u8; 16], remote_port: u16, local_port: u16, family: u8, protocol: u8,
             _pad: [u8; 2],
         });
-        assert_no_holes!(ProbeState, 32, {
+        assert_no_holes!(ProbeState, 40, {
             sent: u64, timed_out: u64, last_sent_ns: u64, last_reply_ns: u64,
+            misses_in_row: u32, reset_nonce: u32,
         });
         assert_no_holes!(ProbeResults, 40, {
             answered: u64, refused: u64, unreachable: u64, last_rtt_ns: u64, last_reply_ns: u64,

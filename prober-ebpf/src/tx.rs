@@ -1,7 +1,14 @@
 //! `probe_tx`: one run writes one probe frame. The daemon fills
 //! `PROBE_BATCH` with the target ids due, resets `BATCH_CURSOR` and runs the
-//! program `len` times in one BPF_PROG_TEST_RUN call (live frames), each run
-//! on the same scratch frame of `PROBE_FRAME_MAX` bytes.
+//! program over it in BPF_PROG_TEST_RUN calls (live frames), each run on
+//! the same scratch frame of `PROBE_FRAME_MAX` bytes, until the cursor
+//! reaches the end.
+//!
+//! A SYN whose probe went unanswered is followed by a RST for it first
+//! (one run that leaves the cursor where it is): if it was the SYN-ACK
+//! that was lost, the real server holds that 4-tuple half-open
+//! (SYN_RECV), and takes the next SYN, whose sequence lies outside that
+//! connection's window, for a stray segment: no SYN-ACK, one more miss.
 
 use core::mem::size_of;
 
@@ -9,7 +16,9 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use prober_common::{cookie::probe_cookie, encap, family, probe_kind, ProbeTarget};
+use prober_common::{
+    cookie::probe_cookie, encap, family, probe_kind, ProbeTarget, RESETS_IN_A_ROW,
+};
 
 use crate::{
     counters, packet::*, BATCH_CURSOR, PROBE_BATCH, PROBE_CONFIG, PROBE_STATE, PROBE_TARGETS,
@@ -54,6 +63,35 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
     // checks replies against the count as it stands).
     let nonce = state.sent.wrapping_add(1) as u32;
     let secret = config.secret;
+    let unanswered = state.last_sent_ns != 0 && state.last_reply_ns < state.last_sent_ns;
+    let last_nonce = state.sent as u32;
+    if target.kind == probe_kind::TCP_SYN
+        && unanswered
+        && state.reset_nonce != last_nonce
+        && state.misses_in_row < RESETS_IN_A_ROW
+    {
+        let ip = match target.encap {
+            encap::NONE => ETH_HLEN,
+            encap::IPIP => ETH_HLEN + IPV4_HLEN,
+            _ => return Err(()),
+        };
+        resize(ctx, ip + IPV4_HLEN + size_of::<TcpHdr>())?;
+        write_eth(ctx, target)?;
+        if target.encap == encap::IPIP {
+            write_outer_ipip(ctx, target, IPV4_HLEN + size_of::<TcpHdr>())?;
+            write_tcp_reset::<{ ETH_HLEN + IPV4_HLEN }>(ctx, target, secret, last_nonce)?;
+        } else {
+            write_tcp_reset::<ETH_HLEN>(ctx, target, secret, last_nonce)?;
+        }
+        state.reset_nonce = last_nonce;
+        // The same entry again on the next run: its SYN.
+        cursor.next = index;
+        if let Some(c) = counters() {
+            c.resets_before_probe += 1;
+        }
+        // SAFETY: as for the probe below.
+        return Ok(unsafe { bpf_redirect(target.ifindex, 0) } as u32);
+    }
 
     match (target.kind, target.encap) {
         (probe_kind::TCP_SYN, encap::NONE) => {
@@ -83,8 +121,11 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
 
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if state.last_sent_ns != 0 && state.last_reply_ns < state.last_sent_ns {
+    if unanswered {
         state.timed_out += 1;
+        state.misses_in_row = state.misses_in_row.saturating_add(1);
+    } else {
+        state.misses_in_row = 0;
     }
     state.sent += 1;
     state.last_sent_ns = now;
@@ -172,6 +213,47 @@ fn write_tcp_syn<const IP: usize>(
         ipv4_header(saddr, daddr, IPPROTO_TCP, size_of::<TcpSyn>()),
     )?;
     write_at(ctx, IP + IPV4_HLEN, syn)
+}
+
+/// The RST for the SYN of probe `nonce`: seq = its cookie + 1, the next
+/// sequence the real server expects on that 4-tuple, so a half-open
+/// connection there takes it and is dropped (a RST out of window would be
+/// ignored; to no connection at all, a RST gets no answer).
+#[inline(always)]
+fn write_tcp_reset<const IP: usize>(
+    ctx: &XdpContext,
+    target: &ProbeTarget,
+    secret: [u64; 2],
+    nonce: u32,
+) -> Result<(), ()> {
+    let (saddr, daddr) = (v4(&target.src_addr), v4(&target.dst_addr));
+    let cookie = probe_cookie(
+        secret,
+        &target.src_addr,
+        &target.dst_addr,
+        target.src_port,
+        target.dst_port,
+        IPPROTO_TCP,
+        nonce,
+    );
+    let mut rst = TcpHdr {
+        source: target.src_port,
+        dest: target.dst_port,
+        seq: cookie.wrapping_add(1).to_be_bytes(),
+        ack_seq: [0; 4],
+        doff: ((size_of::<TcpHdr>() / 4) as u8) << 4,
+        flags: TCP_RST,
+        window: 0,
+        check: 0,
+        urg_ptr: 0,
+    };
+    rst.check = tcp_checksum(saddr, daddr, &rst);
+    write_at(
+        ctx,
+        IP,
+        ipv4_header(saddr, daddr, IPPROTO_TCP, size_of::<TcpHdr>()),
+    )?;
+    write_at(ctx, IP + IPV4_HLEN, rst)
 }
 
 #[inline(always)]

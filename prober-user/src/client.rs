@@ -54,13 +54,14 @@ pub fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
     }
     let stats = &all.counters;
     println!(
-        "ingress: {} frames, {} bytes; replies matched {}, late {}, rejected {}; resets sent {}; probes built {}, errors {}",
+        "ingress: {} frames, {} bytes; replies matched {}, late {}, rejected {}; resets sent {} (and {} for unanswered SYNs); probes built {}, errors {}",
         stats.packets,
         stats.bytes,
         stats.replies_matched,
         stats.replies_late,
         stats.replies_rejected,
         stats.resets_sent,
+        stats.resets_before_probe,
         stats.probes_built,
         stats.probe_errors
     );

@@ -409,6 +409,12 @@ impl Collector for Snapshot {
         )?;
         counter(
             &mut e,
+            "prober_resets_before_probe",
+            "RSTs sent for an unanswered SYN before the next one (a lost SYN-ACK leaves the real server half-open)",
+            &[(vec![], d.resets_before_probe)],
+        )?;
+        counter(
+            &mut e,
             "prober_agent_datagrams",
             "Datagrams to the agent port by outcome",
             &[

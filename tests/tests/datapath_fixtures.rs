@@ -76,6 +76,7 @@ fn fixture() -> Fixture {
                     timed_out: 0,
                     last_sent_ns: 1,
                     last_reply_ns: 0,
+                    ..Default::default()
                 },
                 0,
             )
@@ -742,13 +743,68 @@ fn probe_tx_writes_a_syn_with_the_cookie() {
     let state = f.maps.state.get(&5, 0).unwrap();
     assert_eq!(state.sent, 1);
     assert!(state.last_sent_ns > 0);
-    // The next probe of an unanswered target counts a time-out.
-    transmit(
-        &mut f,
-        tx_target(probe_kind::TCP_SYN, encap::NONE, RS, 8080, 61234),
-    );
+}
+
+/// Marks the last probe `transmit` sent as answered.
+fn mark_answered(f: &mut Fixture) {
+    let mut state = f.maps.state.get(&5, 0).unwrap();
+    state.last_reply_ns = state.last_sent_ns;
+    f.maps.state.set(5, state, 0).unwrap();
+}
+
+/// Runs probe_tx once more on the batch as the last run left it.
+fn run_tx(f: &Fixture) -> (u32, Vec<u8>) {
+    let run = run_xdp(f.tx.as_fd(), &[0u8; prober_common::PROBE_FRAME_MAX], 1).unwrap();
+    (run.action, run.frame)
+}
+
+#[test]
+fn an_unanswered_syn_is_reset_before_the_next_one() {
+    let mut f = fixture();
+    let target = tx_target(probe_kind::TCP_SYN, encap::NONE, RS, 8080, 61234);
+    let (_, first) = transmit(&mut f, target);
+    let first_seq = be32(&first[34..], 4);
+    // Its SYN-ACK lost: the next send resets that 4-tuple first, with the
+    // sequence the real server's half-open end expects, and stays on the
+    // batch entry...
+    let (action, rst) = transmit(&mut f, target);
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(rst.len(), 14 + 20 + 20);
+    assert_eq!(checksum(&rst[14..34]), 0);
+    let tcp = &rst[34..];
+    assert_eq!((be16(tcp, 0), be16(tcp, 2), tcp[13]), (61234, 8080, RST));
+    assert_eq!(be32(tcp, 4), first_seq.wrapping_add(1));
+    assert_eq!(tcp_checksum(DIRECTOR, RS, tcp), 0);
+    assert_eq!(f.maps.cursor.get(&0, 0).unwrap().next, 0);
+    // ...whose SYN, a new probe, goes on the next run and counts the
+    // time-out.
+    let (_, syn) = run_tx(&f);
+    assert_eq!(syn[34 + 13], SYN);
+    assert_ne!(be32(&syn[34..], 4), first_seq);
+    assert_eq!(f.maps.cursor.get(&0, 0).unwrap().next, 1);
     let state = f.maps.state.get(&5, 0).unwrap();
-    assert_eq!((state.sent, state.timed_out), (2, 1));
+    assert_eq!(
+        (state.sent, state.timed_out, state.misses_in_row),
+        (2, 1, 1)
+    );
+    assert_eq!(f.counters().resets_before_probe, 1);
+    // Unanswered RESETS_IN_A_ROW times in a row, the server is most likely
+    // down: SYNs only.
+    let mut state = f.maps.state.get(&5, 0).unwrap();
+    state.misses_in_row = prober_common::RESETS_IN_A_ROW;
+    f.maps.state.set(5, state, 0).unwrap();
+    let (_, frame) = transmit(&mut f, target);
+    assert_eq!(frame[34 + 13], SYN);
+    // Answered: no RST, and the run of misses ends.
+    mark_answered(&mut f);
+    let (_, frame) = transmit(&mut f, target);
+    assert_eq!(frame[34 + 13], SYN);
+    let state = f.maps.state.get(&5, 0).unwrap();
+    assert_eq!(
+        (state.sent, state.timed_out, state.misses_in_row),
+        (4, 2, 0)
+    );
+    assert_eq!(f.counters().resets_before_probe, 1);
 }
 
 #[test]
@@ -765,6 +821,7 @@ fn probe_tx_direct_routing_keeps_the_vip_and_tunnel_wraps_it() {
     );
     assert_eq!(&dr[0..6], &MAC_B);
 
+    mark_answered(&mut f);
     let (action, tun) = transmit(
         &mut f,
         tx_target(probe_kind::TCP_SYN, encap::IPIP, VIP, 80, 61000),
@@ -935,6 +992,7 @@ fn batched_map_reads_and_writes_match_per_entry_ones() {
                     timed_out: id64,
                     last_sent_ns: 7,
                     last_reply_ns: id64 + 1,
+                    ..Default::default()
                 },
                 0,
             )

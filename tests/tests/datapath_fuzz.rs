@@ -319,6 +319,7 @@ fn fixture(ebpf: &mut Ebpf) -> Fixture {
             timed_out: 0,
             last_sent_ns: 1,
             last_reply_ns: 0,
+            ..Default::default()
         };
         state.set(id, outstanding, 0).unwrap();
     }

@@ -122,3 +122,87 @@ fn probes_vanishing_on_a_veth_without_an_xdp_peer_get_one_warning_with_the_fix()
     assert_eq!(log.matches(warning).count(), 1, "once: {log}");
     assert!(log.contains("ethtool -K PEER gro on"), "{log}");
 }
+
+/// Packets the real server's egress filter dropped (`tc -s`'s "dropped").
+fn dropped_by_filter(pair: &VethPair) -> u64 {
+    let out = pair
+        .server
+        .command("tc")
+        .args(["-s", "filter", "show", "dev", VETH, "egress"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("(dropped ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no drop count in: {text}"))
+}
+
+#[test]
+fn a_lost_syn_ack_costs_one_probe_not_two() {
+    let pair = VethPair::new().unwrap();
+    let _peer = PeerXdp::attach(&pair.server, VETH).unwrap();
+    let _listener = pair
+        .server
+        .listen(SocketAddrV4::new(pair.server_addr, 8080))
+        .unwrap();
+    // Every third SYN-ACK of the real server is lost on its way out: the
+    // server holds that 4-tuple half-open (SYN_RECV), and without the RST
+    // prober sends first, it takes the next probe's SYN (a sequence out of
+    // that connection's window) for a stray segment: a second miss.
+    for module in ["cls_flower", "act_gact"] {
+        run(std::process::Command::new("modprobe").arg(module)).unwrap();
+    }
+    let tc = |args: &[&str]| {
+        let out = pair.server.command("tc").args(args).output().unwrap();
+        assert!(out.status.success(), "tc {args:?}: {out:?}");
+    };
+    tc(&["qdisc", "add", "dev", VETH, "clsact"]);
+    tc(&[
+        "filter",
+        "add",
+        "dev",
+        VETH,
+        "egress",
+        "protocol",
+        "ip",
+        "flower",
+        "ip_proto",
+        "tcp",
+        "tcp_flags",
+        "0x12/0x17",
+        "action",
+        "gact",
+        "pass",
+        "random",
+        "determ",
+        "drop",
+        "3",
+    ]);
+    let pin_dir = PinDir::new();
+    let probes = ["tcp:192.0.2.2:8080"];
+    let daemon = Daemon::probing(&pair.client, &pin_dir, "100ms", &probes).unwrap();
+    let stats = wait_rounds(&daemon, &probes, 24);
+    let dropped = dropped_by_filter(&pair);
+    let t = target(&stats, probes[0]);
+    let (sent, answered, timed_out) = (
+        t["sent"].as_u64().unwrap(),
+        t["answered"].as_u64().unwrap(),
+        t["timed_out"].as_u64().unwrap(),
+    );
+    let resets = stats["resets_before_probe"].as_u64().unwrap();
+    println!(
+        "{sent} probes, every third SYN-ACK dropped ({dropped}): {answered} answered, {timed_out} timed out, {resets} RSTs before a probe"
+    );
+    assert!(dropped >= 5, "{stats}");
+    // One miss per SYN-ACK lost (two, without the RST: ~2x dropped), and
+    // one RST per miss.
+    assert!(timed_out <= dropped + 1, "{stats}");
+    assert!(
+        resets + 1 >= timed_out && resets <= timed_out + 1,
+        "{stats}"
+    );
+    assert_eq!(t["refused"].as_u64(), Some(0), "{stats}");
+    assert!(pair.server.half_open_connections().unwrap() <= 1);
+}

@@ -6,6 +6,7 @@
 use std::{os::fd::AsFd, time::Duration};
 
 use anyhow::{bail, Context, Result};
+use aya::maps::{Array, MapData};
 use prober_common::BatchCursor;
 use tracing::{debug, warn};
 
@@ -19,6 +20,14 @@ fn tx_dropped_of(table: &str, interface: &str) -> Option<u64> {
         let (name, counters) = line.split_once(':')?;
         (name.trim() == interface).then(|| counters.split_whitespace().nth(11)?.parse().ok())?
     })
+}
+
+/// How far `probe_tx` got through the batch.
+fn batch_cursor(cursor: &Array<MapData, BatchCursor>) -> std::io::Result<u32> {
+    cursor
+        .get(&0, 0)
+        .map(|c| c.next)
+        .map_err(|e| std::io::Error::other(format!("reading BATCH_CURSOR: {e}")))
 }
 
 /// What one send did, in positions of the ids it was given.
@@ -154,14 +163,19 @@ impl Prober {
     /// [`transmit::LIVE_CHUNK`] frames a syscall with a yield between:
     /// the device's ring (a veth peer's holds 256) is drained by softirq
     /// work that a long run would starve, and what overflows it is lost.
+    /// An entry takes one run, or two when a RST goes before its SYN (see
+    /// `probe_tx`), so the cursor says how far each call got.
     fn transmit_live(&mut self, len: u32) -> std::io::Result<Transmitted> {
         let mut done = 0;
+        let mut runs_left = 2 * len;
         let mut before = self.send_buffers.tx_dropped(&self.interface);
-        while done < len {
-            let runs = (len - done).min(transmit::LIVE_CHUNK);
+        while done < len && runs_left > 0 {
+            let runs = (len - done).min(transmit::LIVE_CHUNK).min(runs_left);
             crate::test_run::run_xdp_live(self.probe_tx.as_fd(), &self.frame, runs)?;
-            let chunk = done..done + runs;
-            done += runs;
+            runs_left -= runs;
+            let chunk_start = done;
+            done = batch_cursor(&self.maps.cursor)?.min(len);
+            let chunk = chunk_start..done;
             let after = self.send_buffers.tx_dropped(&self.interface);
             if let (Some(before), Some(after)) = (before, after) {
                 if after > before {
@@ -216,25 +230,25 @@ impl Prober {
         let transmit::Transmit::Socket(socket) = &mut self.transmit else {
             return Ok(Transmitted::default());
         };
-        let start = self
-            .maps
-            .cursor
-            .get(&0, 0)
-            .context("reading BATCH_CURSOR")?
-            .next;
-        for (k, &id) in ready.iter().enumerate().skip(start as usize) {
+        // One frame a run, one run per entry or two (a RST first).
+        let mut next = batch_cursor(&self.maps.cursor)?;
+        let mut runs_left = 2 * len;
+        while next < len && runs_left > 0 {
+            runs_left -= 1;
+            let entry = next;
             let action = crate::test_run::run_xdp_into(
                 self.probe_tx.as_fd(),
                 &self.frame,
                 &mut socket.frame,
             )
             .context("BPF_PROG_TEST_RUN (writing one probe frame)")?;
+            next = batch_cursor(&self.maps.cursor)?;
             if action != transmit::XDP_REDIRECT {
                 continue; // counted as a probe error by the program
             }
-            let Some(ifindex) = self
-                .targets
-                .get(id as usize)
+            let Some(ifindex) = ready
+                .get(entry as usize)
+                .and_then(|&id| self.targets.get(id as usize))
                 .and_then(Option::as_ref)
                 .and_then(|t| t.entry.map(|e| e.ifindex))
             else {
@@ -243,11 +257,10 @@ impl Prober {
             if let Err(e) = socket.send(ifindex) {
                 // A full ring (or a device gone): the director's loss; the
                 // rest waits for its next grid point.
-                debug!(probe = id, "sending a probe frame: {e}");
-                let k = k as u32;
+                debug!(probe = ready[entry as usize], "sending a probe frame: {e}");
                 return Ok(Transmitted {
-                    frames: k + 1,
-                    lossy: k..k + 1,
+                    frames: entry + 1,
+                    lossy: entry..entry + 1,
                     dropped: 1,
                 });
             }
