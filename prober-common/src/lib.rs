@@ -357,11 +357,6 @@ pub struct ProbeState {
     pub reset_nonce: u32,
 }
 
-/// Unanswered SYNs in a row after which `probe_tx` still resets the last
-/// one's 4-tuple before the next SYN. Past them the real server is most
-/// likely down, and a RST per probe would only double the frames to it.
-pub const RESETS_IN_A_ROW: u32 = 4;
-
 /// Per-target reply results, one value per CPU: what the controller
 /// reads for each probe it judges, so kept small (the RTT histogram,
 /// read only for `status` and metrics, is in [`RttHistogram`]).

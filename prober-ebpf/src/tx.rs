@@ -16,9 +16,7 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use prober_common::{
-    cookie::probe_cookie, encap, family, probe_kind, ProbeTarget, RESETS_IN_A_ROW,
-};
+use prober_common::{cookie::probe_cookie, encap, family, probe_kind, ProbeTarget};
 
 use crate::{
     counters, packet::*, BATCH_CURSOR, PROBE_BATCH, PROBE_CONFIG, PROBE_STATE, PROBE_TARGETS,
@@ -65,11 +63,10 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
     let secret = config.secret;
     let unanswered = state.last_sent_ns != 0 && state.last_reply_ns < state.last_sent_ns;
     let last_nonce = state.sent as u32;
-    if target.kind == probe_kind::TCP_SYN
-        && unanswered
-        && state.reset_nonce != last_nonce
-        && state.misses_in_row < RESETS_IN_A_ROW
-    {
+    // After every miss, not only the first few: once a stall ends, the
+    // first SYN must find the 4-tuple clean. To a dead host it is one
+    // small frame more per probe.
+    if target.kind == probe_kind::TCP_SYN && unanswered && state.reset_nonce != last_nonce {
         let ip = match target.encap {
             encap::NONE => ETH_HLEN,
             encap::IPIP => ETH_HLEN + IPV4_HLEN,
@@ -175,15 +172,10 @@ fn write_outer_ipip(ctx: &XdpContext, target: &ProbeTarget, inner_len: usize) ->
     write_at(ctx, ETH_HLEN, outer)
 }
 
+/// The cookie a target's SYN of probe `nonce` carries as its sequence.
 #[inline(always)]
-fn write_tcp_syn<const IP: usize>(
-    ctx: &XdpContext,
-    target: &ProbeTarget,
-    secret: [u64; 2],
-    nonce: u32,
-) -> Result<(), ()> {
-    let (saddr, daddr) = (v4(&target.src_addr), v4(&target.dst_addr));
-    let cookie = probe_cookie(
+fn syn_cookie(target: &ProbeTarget, secret: [u64; 2], nonce: u32) -> u32 {
+    probe_cookie(
         secret,
         &target.src_addr,
         &target.dst_addr,
@@ -191,28 +183,55 @@ fn write_tcp_syn<const IP: usize>(
         target.dst_port,
         IPPROTO_TCP,
         nonce,
-    );
-    let mut syn = TcpSyn {
-        tcp: TcpHdr {
-            source: target.src_port,
-            dest: target.dst_port,
-            seq: cookie.to_be_bytes(),
-            ack_seq: [0; 4],
-            doff: ((size_of::<TcpSyn>() / 4) as u8) << 4,
-            flags: TCP_SYN,
-            window: 64240u16.to_be(),
-            check: 0,
-            urg_ptr: 0,
-        },
-        mss_option: [2, 4, 0x05, 0xb4],
-    };
-    syn.tcp.check = tcp_checksum(saddr, daddr, &syn);
+    )
+}
+
+/// A TCP header of the target's 4-tuple; checksum left to fill in.
+#[inline(always)]
+fn tcp_header(target: &ProbeTarget, seq: u32, flags: u8, len: usize, window: u16) -> TcpHdr {
+    TcpHdr {
+        source: target.src_port,
+        dest: target.dst_port,
+        seq: seq.to_be_bytes(),
+        ack_seq: [0; 4],
+        doff: ((len / 4) as u8) << 4,
+        flags,
+        window: window.to_be(),
+        check: 0,
+        urg_ptr: 0,
+    }
+}
+
+/// Writes the IPv4 header at `IP` and the TCP `segment` after it.
+#[inline(always)]
+fn write_tcp<const IP: usize, T: Copy>(
+    ctx: &XdpContext,
+    target: &ProbeTarget,
+    segment: T,
+) -> Result<(), ()> {
+    let (saddr, daddr) = (v4(&target.src_addr), v4(&target.dst_addr));
     write_at(
         ctx,
         IP,
-        ipv4_header(saddr, daddr, IPPROTO_TCP, size_of::<TcpSyn>()),
+        ipv4_header(saddr, daddr, IPPROTO_TCP, size_of::<T>()),
     )?;
-    write_at(ctx, IP + IPV4_HLEN, syn)
+    write_at(ctx, IP + IPV4_HLEN, segment)
+}
+
+#[inline(always)]
+fn write_tcp_syn<const IP: usize>(
+    ctx: &XdpContext,
+    target: &ProbeTarget,
+    secret: [u64; 2],
+    nonce: u32,
+) -> Result<(), ()> {
+    let cookie = syn_cookie(target, secret, nonce);
+    let mut syn = TcpSyn {
+        tcp: tcp_header(target, cookie, TCP_SYN, size_of::<TcpSyn>(), 64240),
+        mss_option: [2, 4, 0x05, 0xb4],
+    };
+    syn.tcp.check = tcp_checksum(v4(&target.src_addr), v4(&target.dst_addr), &syn);
+    write_tcp::<IP, _>(ctx, target, syn)
 }
 
 /// The RST for the SYN of probe `nonce`: seq = its cookie + 1, the next
@@ -226,34 +245,10 @@ fn write_tcp_reset<const IP: usize>(
     secret: [u64; 2],
     nonce: u32,
 ) -> Result<(), ()> {
-    let (saddr, daddr) = (v4(&target.src_addr), v4(&target.dst_addr));
-    let cookie = probe_cookie(
-        secret,
-        &target.src_addr,
-        &target.dst_addr,
-        target.src_port,
-        target.dst_port,
-        IPPROTO_TCP,
-        nonce,
-    );
-    let mut rst = TcpHdr {
-        source: target.src_port,
-        dest: target.dst_port,
-        seq: cookie.wrapping_add(1).to_be_bytes(),
-        ack_seq: [0; 4],
-        doff: ((size_of::<TcpHdr>() / 4) as u8) << 4,
-        flags: TCP_RST,
-        window: 0,
-        check: 0,
-        urg_ptr: 0,
-    };
-    rst.check = tcp_checksum(saddr, daddr, &rst);
-    write_at(
-        ctx,
-        IP,
-        ipv4_header(saddr, daddr, IPPROTO_TCP, size_of::<TcpHdr>()),
-    )?;
-    write_at(ctx, IP + IPV4_HLEN, rst)
+    let seq = syn_cookie(target, secret, nonce).wrapping_add(1);
+    let mut rst = tcp_header(target, seq, TCP_RST, size_of::<TcpHdr>(), 0);
+    rst.check = tcp_checksum(v4(&target.src_addr), v4(&target.dst_addr), &rst);
+    write_tcp::<IP, _>(ctx, target, rst)
 }
 
 #[inline(always)]

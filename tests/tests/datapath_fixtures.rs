@@ -788,13 +788,16 @@ fn an_unanswered_syn_is_reset_before_the_next_one() {
         (2, 1, 1)
     );
     assert_eq!(f.counters().resets_before_probe, 1);
-    // Unanswered RESETS_IN_A_ROW times in a row, the server is most likely
-    // down: SYNs only.
-    let mut state = f.maps.state.get(&5, 0).unwrap();
-    state.misses_in_row = prober_common::RESETS_IN_A_ROW;
-    f.maps.state.set(5, state, 0).unwrap();
-    let (_, frame) = transmit(&mut f, target);
-    assert_eq!(frame[34 + 13], SYN);
+    // Unanswered again: reset again.
+    let (_, rst) = transmit(&mut f, target);
+    assert_eq!(rst[34 + 13], RST);
+    let (_, syn) = run_tx(&f);
+    assert_eq!(syn[34 + 13], SYN);
+    let state = f.maps.state.get(&5, 0).unwrap();
+    assert_eq!(
+        (state.sent, state.timed_out, state.misses_in_row),
+        (3, 2, 2)
+    );
     // Answered: no RST, and the run of misses ends.
     mark_answered(&mut f);
     let (_, frame) = transmit(&mut f, target);
@@ -804,7 +807,7 @@ fn an_unanswered_syn_is_reset_before_the_next_one() {
         (state.sent, state.timed_out, state.misses_in_row),
         (4, 2, 0)
     );
-    assert_eq!(f.counters().resets_before_probe, 1);
+    assert_eq!(f.counters().resets_before_probe, 2);
 }
 
 #[test]

@@ -15,7 +15,7 @@
 //!
 //! Usage: `scale [--runs N] [--cases 1000@1s,10000@1s,...] [--tools
 //! prober,keepalived] [--prober PATH] [--out FILE] [--profile DIR]
-//! [--logs DIR]`.
+//! [--logs DIR] [--threaded-servers]`.
 
 use std::{
     fmt::Write as _,
@@ -70,7 +70,7 @@ fn main() -> Result<()> {
             case.servers,
             case.interval.as_millis()
         );
-        let bed = Bed::new(case.servers)?;
+        let bed = Bed::new(case.servers, options.threaded_servers)?;
         for run in 1..=options.runs {
             for &tool in &options.tools {
                 // A run that fails (a checker that never got going at this
@@ -137,6 +137,9 @@ struct Options {
     profile: Option<PathBuf>,
     /// Where the checkers' logs go (appended run after run).
     logs: Option<PathBuf>,
+    /// The real servers' receive work in a kernel thread of its own
+    /// (threaded NAPI on their veth end), off the checker's CPU time.
+    threaded_servers: bool,
 }
 
 impl Options {
@@ -149,6 +152,7 @@ impl Options {
             tools: vec![Tool::Prober, Tool::Keepalived],
             profile: None,
             logs: None,
+            threaded_servers: false,
         };
         while let Some(arg) = args.next() {
             let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -166,6 +170,7 @@ impl Options {
                 "--out" => options.out = Some(value()?.into()),
                 "--profile" => options.profile = Some(value()?.into()),
                 "--logs" => options.logs = Some(value()?.into()),
+                "--threaded-servers" => options.threaded_servers = true,
                 "--tools" => {
                     options.tools = value()?
                         .split(',')
@@ -177,7 +182,7 @@ impl Options {
                         .collect::<Result<_>>()?
                 }
                 other => bail!(
-                    "unknown argument '{other}' (known: --runs, --cases, --tools, --prober, --out, --profile, --logs)"
+                    "unknown argument '{other}' (known: --runs, --cases, --tools, --prober, --out, --profile, --logs, --threaded-servers)"
                 ),
             }
         }
@@ -242,7 +247,7 @@ struct Bed {
 }
 
 impl Bed {
-    fn new(n: usize) -> Result<Self> {
+    fn new(n: usize, threaded: bool) -> Result<Self> {
         let director = NetNs::new("scd")?;
         let servers = NetNs::new("scs")?;
         director.ip(&[
@@ -295,6 +300,12 @@ impl Bed {
             &format!("{SLOW_BY_MS}ms"),
         ])?;
         let peer_xdp = PeerXdp::attach(&servers, SERVER_IF)?;
+        if threaded {
+            // The veth's NAPI exists once XDP is attached to it.
+            run(Command::new("ip")
+                .args(["netns", "exec", &servers.name, "sh", "-c"])
+                .arg(format!("echo 1 > /sys/class/net/{SERVER_IF}/threaded")))?;
+        }
         let listener = Listener::start(&servers)?;
         let ipvs = director.enter(IpvsClient::connect)??;
         Ok(Self {
@@ -715,10 +726,11 @@ impl Checker {
         pids
     }
 
-    /// User plus system CPU seconds of the checker's processes so far.
+    /// User and system CPU seconds of the checker's processes so far.
     /// On veth the kernel does the real servers' side of each exchange in
-    /// the sender's context, so this includes it, for both checkers.
-    fn cpu_seconds(&self) -> f64 {
+    /// the sender's context (unless `--threaded-servers`), so the system
+    /// part includes it, for both checkers.
+    fn cpu_seconds(&self) -> (f64, f64) {
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         self.pids()
@@ -728,9 +740,9 @@ impl Checker {
                 let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
                 // utime and stime: fields 14 and 15 of stat, 11 and 12
                 // after the command name.
-                (field(11) + field(12)) / ticks
+                (field(11) / ticks, field(12) / ticks)
             })
-            .sum()
+            .fold((0.0, 0.0), |(u, s), (du, ds)| (u + du, s + ds))
     }
 
     /// Resident memory of the checker's processes, summed, in KiB: now
@@ -845,8 +857,9 @@ fn keepalived_config(bed: &Bed, interval: Duration) -> String {
 /// What one run of one checker measured.
 #[derive(Debug, Clone, Default)]
 struct Sample {
-    /// Checker CPU seconds over the steady window.
+    /// Checker CPU seconds over the steady window, and the system part.
     cpu: f64,
+    cpu_system: f64,
     /// Whole-guest busy CPU seconds over the window.
     machine_cpu: f64,
     /// SYNs that reached the real servers in the window.
@@ -887,14 +900,24 @@ impl Sample {
         self.cpu / self.window
     }
 
+    /// The share of the checker's CPU time spent in the kernel.
+    fn kernel_share(&self) -> f64 {
+        if self.cpu > 0.0 {
+            self.cpu_system / self.cpu
+        } else {
+            0.0
+        }
+    }
+
     fn summary(&self) -> String {
         format!(
-            "{:.0} checks/s of {:.0} asked, {:.3} CPU s per 10k checks ({:.1} % of a core; \
-             whole guest {:.3}), RSS {:.1} MiB (peak {:.1}), started in {:.1} s, death -> 0 in {}, \
+            "{:.0} checks/s of {:.0} asked, {:.3} CPU s per 10k checks ({:.0} % in the kernel; \
+             {:.1} % of a core; whole guest {:.3}), RSS {:.1} MiB (peak {:.1}), started in {:.1} s, death -> 0 in {}, \
              latency -> weight in {}, all {} at 0 in {} ({} still up), {} writes/s",
             self.checks_per_second(),
             self.asked_per_second,
             self.cpu_per_10k(),
+            self.kernel_share() * 100.0,
             self.core_share() * 100.0,
             self.machine_cpu_per_10k(),
             self.rss_kib as f64 / 1024.0,
@@ -981,7 +1004,7 @@ fn measure_running(
     sample.started = started_at.elapsed().as_secs_f64();
     thread::sleep(WARM.max(interval * 3));
 
-    let (cpu0, machine0, syns0, t0) = (
+    let ((user0, system0), machine0, syns0, t0) = (
         checker.cpu_seconds(),
         machine_cpu_seconds()?,
         bed.syns()?,
@@ -991,7 +1014,9 @@ fn measure_running(
         Some(path) => record_profile(checker, path)?,
         None => thread::sleep(STEADY),
     }
-    sample.cpu = checker.cpu_seconds() - cpu0;
+    let (user, system) = checker.cpu_seconds();
+    sample.cpu = (user - user0) + (system - system0);
+    sample.cpu_system = system - system0;
     sample.rss_kib = checker.memory_kib("VmRSS:");
     sample.machine_cpu = machine_cpu_seconds()? - machine0;
     sample.checks = bed.syns()? - syns0;
@@ -1176,6 +1201,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 
 struct Medians {
     cpu_per_10k: f64,
+    kernel_share: f64,
     machine_per_10k: f64,
     core_share: f64,
     checks_per_second: f64,
@@ -1205,6 +1231,7 @@ impl Medians {
         };
         Self {
             cpu_per_10k: m(&|s| s.cpu_per_10k()),
+            kernel_share: m(&|s| s.kernel_share()),
             machine_per_10k: m(&|s| s.machine_cpu_per_10k()),
             core_share: m(&|s| s.core_share()),
             checks_per_second: m(&|s| s.checks_per_second()),
@@ -1243,7 +1270,7 @@ impl Report {
 
     fn table(&self) -> String {
         let mut out = String::from(
-            "| real servers | interval | checker | CPU s per 10k checks | of one core | \
+            "| real servers | interval | checker | CPU s per 10k checks (kernel) | of one core | \
              whole guest CPU s per 10k | checks/s (asked) | RSS (peak) | death -> weight 0 | \
              latency -> weight | all weights 0 after | IPVS writes/s |\n\
              |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -1276,9 +1303,10 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {interval} | {name} | {:.4} | {:.1} % | {:.4} | {:.0} ({:.0}) | {:.1} MiB ({:.1}) | {} | {} | {all_down} | {} |",
+                    "| {} | {interval} | {name} | {:.4} ({:.0} %) | {:.1} % | {:.4} | {:.0} ({:.0}) | {:.1} MiB ({:.1}) | {} | {} | {all_down} | {} |",
                     thousands(case.servers as f64),
                     m.cpu_per_10k,
+                    m.kernel_share * 100.0,
                     m.core_share * 100.0,
                     m.machine_per_10k,
                     m.checks_per_second,
