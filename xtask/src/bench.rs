@@ -206,13 +206,16 @@ const METHOD: &str = "
   `inhibit_on_failure` (weight 0, like prober's down). prober finds the services in IPVS;
   keepalived puts them there itself.
 - **CPU** is user + system time of the checker's processes (keepalived: its parent and its
-  checker process) over a 10 s window after 5 s of warm-up, from `/proc/PID/stat`; *whole
-  guest* is every CPU's busy time in that window from `/proc/stat`, the listener and softirqs
-  included. On veth the kernel does the real servers' side of each exchange (the SYN-ACK, the
-  RST or the accept and FIN) in the context of the process that sent, so both checkers'
-  figures include the real servers' kernel work, which a director never does; that narrows
-  the ratio. (Threaded NAPI would move it out, but veth's 256-frame ring then drops most of
-  a burst of probes sent at once.) **Checks** are the client SYNs reaching the real servers
+  checker process) over a 10 s window after 5 s of warm-up, from `/proc/PID/stat`, with the
+  kernel's share in brackets; *whole guest* is every CPU's busy time in that window from
+  `/proc/stat`, the listener and softirqs included. On veth the kernel does the real servers'
+  side of each exchange (the SYN-ACK, the RST or the accept and FIN) in the context of the
+  process that sent, so both checkers' figures include the real servers' kernel work, which a
+  director never does; that narrows the ratio. With `--threaded-servers` the real servers'
+  veth end runs threaded NAPI, so that work runs in a kernel thread of its own and is left
+  out; the replies' arrival at the director (prober's XDP ingress, keepalived's socket
+  receive) then runs there too, so each checker's receive side is left out as well, the same
+  way for both. **Checks** are the client SYNs reaching the real servers
   in the window, counted by one tc filter for both. **RSS** is VmRSS at the end of the window,
   the peak (VmHWM, at the end of the run, after the mass death) in brackets, summed over
   keepalived's processes.

@@ -1090,6 +1090,9 @@ fn measure_running(
 /// report (kernel and user symbols, resolved here in the guest) to `path`.
 fn record_profile(checker: &Checker, path: &Path) -> Result<()> {
     let data = path.with_extension("data");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let pids: Vec<String> = checker.pids().iter().map(u32::to_string).collect();
     run(Command::new("perf")
         .args([
