@@ -23,6 +23,12 @@ pub mod map_names {
     pub const REPLY_INDEX: &str = "REPLY_INDEX";
     /// Target id -> [`ProbeState`](crate::ProbeState): send times and counts.
     pub const PROBE_STATE: &str = "PROBE_STATE";
+    /// Target id -> [`Expectation`](crate::Expectation): what userspace
+    /// holds of each target, written only by userspace.
+    pub const PROBE_EXPECT: &str = "PROBE_EXPECT";
+    /// Ring buffer of [`ProbeEvent`](crate::ProbeEvent)s: the outcomes
+    /// that go against what userspace expects, and latency moves.
+    pub const PROBE_EVENTS: &str = "PROBE_EVENTS";
     /// Target id -> per-CPU [`ProbeResults`](crate::ProbeResults).
     pub const PROBE_RESULTS: &str = "PROBE_RESULTS";
     /// Target id -> per-CPU [`RttHistogram`](crate::RttHistogram).
@@ -255,6 +261,8 @@ pub struct DatapathCounters {
     /// SYN-ACK may have been lost, leaving the real server's end of that
     /// 4-tuple half-open, where it would swallow the next SYN.
     pub resets_before_probe: u64,
+    /// Probe events the ring buffer had no room for (userspace behind).
+    pub events_lost: u64,
 }
 
 impl DatapathCounters {
@@ -279,6 +287,7 @@ impl DatapathCounters {
             resets_before_probe: self
                 .resets_before_probe
                 .saturating_add(o.resets_before_probe),
+            events_lost: self.events_lost.saturating_add(o.events_lost),
         }
     }
 }
@@ -336,9 +345,9 @@ pub struct ReplyKey {
     pub _pad: [u8; 2],
 }
 
-/// Per-target send state. Written by `probe_tx` (all but last_reply_ns)
-/// and by the ingress program (last_reply_ns). `sent` is also the nonce of
-/// the outstanding probe's cookie.
+/// Per-target send state and verdict runs. Written by `probe_tx` (sends,
+/// timeouts) and by the ingress program (replies). `sent` is also the
+/// nonce of the outstanding probe's cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProbeState {
@@ -355,6 +364,83 @@ pub struct ProbeState {
     /// The nonce whose 4-tuple `probe_tx` last reset (see
     /// [`DatapathCounters::resets_before_probe`]); 0: none.
     pub reset_nonce: u32,
+    /// Settled outcomes in a row that were answers (see [`outcome`]).
+    pub successes_in_row: u32,
+    /// Settled outcomes in a row that were failures: timeouts, slow
+    /// answers, refusals, ICMP errors.
+    pub failures_in_row: u32,
+    /// Answer RTT estimate, ns (0: none yet): an EWMA whose weight for a
+    /// sample `dt` after the last is dt / (dt + decay), the first-order
+    /// form of userspace's 1 - exp(-dt / decay).
+    pub rtt_ewma_ns: u64,
+    /// When the estimate last took a sample (CLOCK_MONOTONIC).
+    pub rtt_ewma_at_ns: u64,
+    /// The estimate last reported to userspace.
+    pub rtt_reported_ns: u64,
+}
+
+/// What userspace holds of a target, so the datapath reports only what
+/// goes against it (see [`ProbeEvent`]). Written only by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expectation {
+    /// [`expected`].
+    pub state: u8,
+    pub _pad: [u8; 3],
+    /// An answer later than this counts as a timeout (a slow answer);
+    /// 0: none does.
+    pub timeout_us: u32,
+}
+
+/// [`Expectation::state`] codes.
+pub mod expected {
+    /// Nothing known yet: every outcome is reported.
+    pub const UNKNOWN: u8 = 0;
+    pub const UP: u8 = 1;
+    pub const DOWN: u8 = 2;
+}
+
+/// [`ProbeEvent::outcome`] codes: how one probe settled.
+pub mod outcome {
+    /// A SYN-ACK or echo reply within the timeout.
+    pub const ANSWERED: u8 = 1;
+    /// A RST: the host is up, nothing listens.
+    pub const REFUSED: u8 = 2;
+    /// An ICMP destination-unreachable quoting the probe.
+    pub const UNREACHABLE: u8 = 3;
+    /// No reply before the next probe was sent.
+    pub const TIMED_OUT: u8 = 4;
+    /// An answer later than the target's timeout.
+    pub const SLOW: u8 = 5;
+}
+
+/// One probe's settled outcome, sent to userspace through the ring buffer
+/// when it goes against the target's [`Expectation`] (a failure of an up
+/// target, an answer of a down one), when it ends a run of such outcomes
+/// (so userspace's runs are the datapath's), when nothing is expected
+/// yet, and when an answer moved the RTT estimate beyond the reporting
+/// band. A steady target sends nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeEvent {
+    pub target_id: u32,
+    /// [`outcome`].
+    pub outcome: u8,
+    pub _pad: [u8; 3],
+    /// Outcomes of this kind (success or failure) in a row, this one
+    /// included: userspace takes the run from here, so a lost event can
+    /// delay a verdict but never make a run look longer than it is.
+    pub in_row: u32,
+    /// The nonce of the probe that settled.
+    pub nonce: u32,
+    /// When that probe was sent (CLOCK_MONOTONIC).
+    pub sent_ns: u64,
+    /// The answer's RTT, ns (0 but for answers and slow answers).
+    pub rtt_ns: u64,
+    /// The RTT estimate after this outcome, ns (0: none yet).
+    pub rtt_ewma_ns: u64,
+    /// The target's last answer before this outcome (0: never).
+    pub answered_before_ns: u64,
 }
 
 /// Per-target reply results, one value per CPU: what the controller
@@ -438,6 +524,18 @@ pub struct ProbeConfig {
     /// Userspace moves the window every second.
     pub agent_sequence_min: u64,
     pub agent_sequence_max: u64,
+    /// Time constant of the RTT estimate, µs; 0: each sample replaces it.
+    pub rtt_decay_us: u32,
+    /// An answer moving the estimate by more than this share (per mille)
+    /// of the value last reported plus `rtt_slack_us` is reported (the
+    /// slack the weights add to every latency, so sub-millisecond jitter
+    /// reports nothing).
+    pub rtt_band_permille: u16,
+    /// 1: a sample above the estimate replaces it (peak EWMA).
+    pub rtt_peak: u8,
+    pub _pad3: u8,
+    pub rtt_slack_us: u32,
+    pub _pad4: u32,
 }
 
 /// Key of `DR_CHECKS`: one L7 check connection as the director's side
@@ -657,6 +755,8 @@ mod user {
     unsafe impl aya::Pod for super::ProbeTarget {}
     unsafe impl aya::Pod for super::ReplyKey {}
     unsafe impl aya::Pod for super::ProbeState {}
+    unsafe impl aya::Pod for super::Expectation {}
+    unsafe impl aya::Pod for super::ProbeEvent {}
     unsafe impl aya::Pod for super::ProbeResults {}
     unsafe impl aya::Pod for super::RttHistogram {}
     unsafe impl aya::Pod for super::ProbeConfig {}
@@ -699,11 +799,11 @@ mod tests {
 
     #[test]
     fn layouts_have_no_holes() {
-        assert_no_holes!(DatapathCounters, 112, {
+        assert_no_holes!(DatapathCounters, 120, {
             packets: u64, bytes: u64, replies_matched: u64, replies_rejected: u64,
             replies_late: u64, resets_sent: u64, probes_built: u64, probe_errors: u64, agent_reports: u64,
             agent_malformed: u64, agent_unknown: u64, agent_unauthenticated: u64,
-            agent_replayed: u64, resets_before_probe: u64,
+            agent_replayed: u64, resets_before_probe: u64, events_lost: u64,
         });
         assert_no_holes!(ProbeTarget, 88, {
             dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, _pad0: u8,
@@ -714,18 +814,26 @@ mod tests {
             remote_addr: [u8; 16], remote_port: u16, local_port: u16, family: u8, protocol: u8,
             _pad: [u8; 2],
         });
-        assert_no_holes!(ProbeState, 40, {
+        assert_no_holes!(ProbeState, 72, {
             sent: u64, timed_out: u64, last_sent_ns: u64, last_reply_ns: u64,
-            misses_in_row: u32, reset_nonce: u32,
+            misses_in_row: u32, reset_nonce: u32, successes_in_row: u32, failures_in_row: u32,
+            rtt_ewma_ns: u64, rtt_ewma_at_ns: u64, rtt_reported_ns: u64,
+        });
+        assert_no_holes!(Expectation, 8, { state: u8, _pad: [u8; 3], timeout_us: u32 });
+        assert_no_holes!(ProbeEvent, 48, {
+            target_id: u32, outcome: u8, _pad: [u8; 3], in_row: u32, nonce: u32, sent_ns: u64,
+            rtt_ns: u64, rtt_ewma_ns: u64, answered_before_ns: u64,
         });
         assert_no_holes!(ProbeResults, 40, {
             answered: u64, refused: u64, unreachable: u64, last_rtt_ns: u64, last_reply_ns: u64,
         });
         assert_no_holes!(RttHistogram, 8 * RTT_BUCKETS, { log2_us: [u64; RTT_BUCKETS] });
-        assert_no_holes!(ProbeConfig, 80, {
+        assert_no_holes!(ProbeConfig, 96, {
             secret: [u64; 2], previous_secret: [u64; 2], local_port_min: u16, local_port_max: u16,
             agent_port: u16, _pad: [u8; 2], agent_addr: [u8; 4], agent_auth: u8, _pad2: [u8; 3],
             agent_key: [u64; 2], agent_sequence_min: u64, agent_sequence_max: u64,
+            rtt_decay_us: u32, rtt_band_permille: u16, rtt_peak: u8, _pad3: u8,
+            rtt_slack_us: u32, _pad4: u32,
         });
         assert_no_holes!(DrCheckKey, 12, {
             local_addr: [u8; 4], local_port: u16, remote_port: u16, protocol: u8, _pad: [u8; 3],
@@ -773,6 +881,8 @@ mod tests {
             map_names::REPLY_INDEX,
             map_names::PROBE_STATE,
             map_names::PROBE_RESULTS,
+            map_names::PROBE_EXPECT,
+            map_names::PROBE_EVENTS,
             map_names::PROBE_CONFIG,
             map_names::PROBE_BATCH,
             map_names::BATCH_CURSOR,

@@ -23,18 +23,19 @@ mod packet;
 mod passive;
 mod rx;
 mod tx;
+mod verdict;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_UNSPEC},
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     macros::{btf_map, classifier, kretprobe, xdp},
     programs::{RetProbeContext, TcContext, XdpContext},
 };
 use prober_common::{
-    AgentReport, BatchCursor, DatapathCounters, DrCheckFlow, DrCheckKey, FlowKey, FlowState,
-    HealthKey, HealthRecord, IpvsChanges, PassiveStats, ProbeConfig, ProbeResults, ProbeState,
-    ProbeTarget, ReplyKey, RttHistogram, ServerKey, WeightKey, WeightRecord, MAX_AGENTS,
-    MAX_PASSIVE_FLOWS, MAX_PASSIVE_SERVERS, MAX_TARGETS,
+    AgentReport, BatchCursor, DatapathCounters, DrCheckFlow, DrCheckKey, Expectation, FlowKey,
+    FlowState, HealthKey, HealthRecord, IpvsChanges, PassiveStats, ProbeConfig, ProbeEvent,
+    ProbeResults, ProbeState, ProbeTarget, ReplyKey, RttHistogram, ServerKey, WeightKey,
+    WeightRecord, MAX_AGENTS, MAX_PASSIVE_FLOWS, MAX_PASSIVE_SERVERS, MAX_TARGETS,
 };
 
 const TARGETS: usize = MAX_TARGETS as usize;
@@ -49,6 +50,12 @@ static PROBE_TARGETS: Array<ProbeTarget, TARGETS> = Array::new();
 static REPLY_INDEX: HashMap<ReplyKey, u32, TARGETS> = HashMap::new();
 #[btf_map]
 static PROBE_STATE: Array<ProbeState, TARGETS> = Array::new();
+#[btf_map]
+static PROBE_EXPECT: Array<Expectation, TARGETS> = Array::new();
+/// 1 MiB: 21,000 events, a second of every target of a 20,000-target
+/// director failing at once, drained every tick.
+#[btf_map]
+static PROBE_EVENTS: RingBuf<ProbeEvent, { 1 << 20 }> = RingBuf::new();
 #[btf_map]
 static PROBE_RESULTS: PerCpuArray<ProbeResults, TARGETS> = PerCpuArray::new();
 #[btf_map]

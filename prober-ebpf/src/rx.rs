@@ -16,11 +16,13 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use prober_common::{cookie::probe_cookie, encap, family, rtt_bucket, ProbeConfig, ReplyKey};
+use prober_common::{
+    cookie::probe_cookie, encap, family, outcome, rtt_bucket, ProbeConfig, ReplyKey,
+};
 
 use crate::{
-    counters, packet::*, PROBE_CONFIG, PROBE_RESULTS, PROBE_RTT, PROBE_STATE, PROBE_TARGETS,
-    REPLY_INDEX,
+    counters, packet::*, verdict, PROBE_CONFIG, PROBE_RESULTS, PROBE_RTT, PROBE_STATE,
+    PROBE_TARGETS, REPLY_INDEX,
 };
 
 const L4: usize = ETH_HLEN + IPV4_HLEN;
@@ -398,8 +400,9 @@ fn rejected(ctx: &XdpContext, from: [u8; 4]) {
     );
 }
 
-/// Records a matched reply. Only the first reply to a probe counts and
-/// gives an RTT; a retransmitted SYN-ACK still gets its RST.
+/// Records a matched reply and settles its probe. Only the first reply
+/// to a probe counts and gives an RTT; a retransmitted SYN-ACK still gets
+/// its RST.
 #[inline(always)]
 fn record(target_id: u32, outcome: Outcome) {
     if let Some(c) = counters() {
@@ -419,10 +422,11 @@ fn record(target_id: u32, outcome: Outcome) {
     if sent == 0 || state.last_reply_ns >= sent {
         return; // duplicate, or no probe outstanding
     }
-    state.last_reply_ns = now;
-    match outcome {
+    let expect = verdict::expectation(target_id);
+    let nonce = state.sent as u32;
+    let rtt = now.saturating_sub(sent);
+    let settled = match outcome {
         Outcome::Answered => {
-            let rtt = now.saturating_sub(sent);
             results.answered += 1;
             results.last_rtt_ns = rtt;
             results.last_reply_ns = now;
@@ -433,8 +437,27 @@ fn record(target_id: u32, outcome: Outcome) {
                     *bucket += 1;
                 }
             }
+            if expect.timeout_us != 0 && rtt > expect.timeout_us as u64 * 1000 {
+                outcome::SLOW
+            } else {
+                outcome::ANSWERED
+            }
         }
-        Outcome::Refused => results.refused += 1,
-        Outcome::Unreachable => results.unreachable += 1,
-    }
+        Outcome::Refused => {
+            results.refused += 1;
+            outcome::REFUSED
+        }
+        Outcome::Unreachable => {
+            results.unreachable += 1;
+            outcome::UNREACHABLE
+        }
+    };
+    let rtt = if matches!(outcome, Outcome::Answered) {
+        rtt
+    } else {
+        0
+    };
+    verdict::settle(target_id, state, &expect, settled, nonce, rtt);
+    // After settling: the event says when the target last answered before.
+    state.last_reply_ns = now;
 }

@@ -16,10 +16,11 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use prober_common::{cookie::probe_cookie, encap, family, probe_kind, ProbeTarget};
+use prober_common::{cookie::probe_cookie, encap, family, outcome, probe_kind, ProbeTarget};
 
 use crate::{
-    counters, packet::*, BATCH_CURSOR, PROBE_BATCH, PROBE_CONFIG, PROBE_STATE, PROBE_TARGETS,
+    counters, packet::*, verdict, BATCH_CURSOR, PROBE_BATCH, PROBE_CONFIG, PROBE_STATE,
+    PROBE_TARGETS,
 };
 
 /// A TCP SYN with one option, MSS 1460, so it looks like any client's SYN.
@@ -121,6 +122,8 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
     if unanswered {
         state.timed_out += 1;
         state.misses_in_row = state.misses_in_row.saturating_add(1);
+        let expect = verdict::expectation(target_id);
+        verdict::settle(target_id, state, &expect, outcome::TIMED_OUT, last_nonce, 0);
     } else {
         state.misses_in_row = 0;
     }

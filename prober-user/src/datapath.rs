@@ -35,6 +35,7 @@ const PINNED_MAPS: &[&str] = &[
     map_names::PROBE_STATE,
     map_names::PROBE_RESULTS,
     map_names::PROBE_RTT,
+    map_names::PROBE_EXPECT,
     map_names::PROBE_CONFIG,
     map_names::PASSIVE_SERVERS,
     map_names::PASSIVE_FLOWS,
@@ -76,10 +77,21 @@ const PER_TARGET_MAPS: &[&str] = &[
     map_names::PROBE_STATE,
     map_names::PROBE_RESULTS,
     map_names::PROBE_RTT,
+    map_names::PROBE_EXPECT,
     map_names::PROBE_BATCH,
     map_names::WEIGHT_STATE,
     map_names::HEALTH_STATE,
 ];
+
+/// The probe event ring: room for one event per target (every target
+/// failing in the same interval; the ring is drained every tick), at
+/// least 1 MiB, a power of two as the kernel requires.
+fn event_ring_bytes(capacity: u32) -> u32 {
+    let per_target = std::mem::size_of::<prober_common::ProbeEvent>() as u64;
+    (u64::from(capacity) * per_target)
+        .clamp(1 << 20, 1 << 30)
+        .next_power_of_two() as u32
+}
 
 /// Like [`load_programs_logging`], with the per-target maps holding
 /// `capacity` probes (and the state maps as many records each).
@@ -93,6 +105,7 @@ pub fn load_programs_sized(level: EbpfLog, capacity: u32) -> Result<Ebpf> {
     for &name in PER_TARGET_MAPS {
         loader.map_max_entries(name, capacity);
     }
+    loader.map_max_entries(map_names::PROBE_EVENTS, event_ring_bytes(capacity));
     let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
         format!("loading prober's eBPF object (maps sized for {capacity} probes)")
     })?;
@@ -146,6 +159,8 @@ pub fn take_probe_maps(ebpf: &mut Ebpf) -> Result<crate::probe::ProbeMaps> {
         state: Array::try_from(take(map_names::PROBE_STATE)?)?,
         results: aya::maps::PerCpuArray::try_from(take(map_names::PROBE_RESULTS)?)?,
         rtt: aya::maps::PerCpuArray::try_from(take(map_names::PROBE_RTT)?)?,
+        expect: Array::try_from(take(map_names::PROBE_EXPECT)?)?,
+        events: aya::maps::RingBuf::try_from(take(map_names::PROBE_EVENTS)?)?,
     })
 }
 

@@ -9,8 +9,9 @@ use aya::{
     Ebpf,
 };
 use prober_common::{
-    cookie::probe_cookie, encap, family, map_names, probe_kind, program_names, BatchCursor,
-    DatapathCounters, ProbeConfig, ProbeResults, ProbeState, ProbeTarget,
+    cookie::probe_cookie, encap, expected, family, map_names, probe_kind, program_names,
+    BatchCursor, DatapathCounters, Expectation, ProbeConfig, ProbeEvent, ProbeResults, ProbeState,
+    ProbeTarget,
 };
 use prober_tests::packets::*;
 use prober_user::{
@@ -1043,4 +1044,220 @@ fn batched_map_reads_and_writes_match_per_entry_ones() {
     write_array_prefix(&maps.batch, &[41, 42, 43]).unwrap();
     let written: Vec<u32> = (0..3).map(|i| maps.batch.get(&i, 0).unwrap()).collect();
     assert_eq!(written, [41, 42, 43]);
+}
+
+/// Sends the fixture's TCP target's next probe (target id `TCP_TARGET`,
+/// whose replies the reply index knows).
+fn send_tcp_probe(f: &mut Fixture) {
+    let target = tx_target(
+        probe_kind::TCP_SYN,
+        encap::NONE,
+        RS,
+        SERVICE_PORT,
+        TCP_LOCAL_PORT,
+    );
+    f.maps.targets.set(TCP_TARGET, target, 0).unwrap();
+    f.maps.batch.set(0, TCP_TARGET, 0).unwrap();
+    f.maps
+        .cursor
+        .set(0, BatchCursor { next: 0, len: 1 }, 0)
+        .unwrap();
+    // A RST before the SYN takes a run of its own.
+    for _ in 0..2 {
+        let _ = run_tx(f);
+        if f.maps.cursor.get(&0, 0).unwrap().next == 1 {
+            return;
+        }
+    }
+    panic!("probe_tx did not send the SYN in two runs");
+}
+
+/// Answers the TCP target's outstanding probe, as `rtt_ns` late when given
+/// (its send time moved back that far).
+fn answer_tcp_probe(f: &mut Fixture, rtt_ns: Option<u64>) {
+    let mut state = f.maps.state.get(&TCP_TARGET, 0).unwrap();
+    if let Some(rtt) = rtt_ns {
+        state.last_sent_ns = monotonic_ns() - rtt;
+        // Still outstanding: the last answer before its (earlier) send.
+        state.last_reply_ns = state.last_reply_ns.min(state.last_sent_ns - 1);
+        f.maps.state.set(TCP_TARGET, state, 0).unwrap();
+    }
+    let cookie = cookie_of_send(SECRET, TCP_LOCAL_PORT, SERVICE_PORT, 6, state.sent as u32);
+    let (action, _) = f.rx(&syn_ack(cookie.wrapping_add(1)));
+    assert_eq!(action, XDP_TX);
+}
+
+/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out pointer.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The events the datapath has reported since the last call, as
+/// (outcome, run length, nonce).
+fn events(f: &mut Fixture) -> Vec<(u8, u32, u32)> {
+    let mut out = Vec::new();
+    while let Some(item) = f.maps.events.next() {
+        assert_eq!(item.len(), std::mem::size_of::<ProbeEvent>());
+        // SAFETY: a ProbeEvent the program wrote, read unaligned.
+        let event: ProbeEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        assert_eq!(event.target_id, TCP_TARGET);
+        out.push((event.outcome, event.in_row, event.nonce));
+    }
+    out
+}
+
+fn expect(f: &mut Fixture, state: u8, timeout_us: u32) {
+    f.maps
+        .expect
+        .set(
+            TCP_TARGET,
+            Expectation {
+                state,
+                _pad: [0; 3],
+                timeout_us,
+            },
+            0,
+        )
+        .unwrap();
+}
+
+/// A fixture whose TCP target has sent nothing yet, with the weights'
+/// default 5 ms slack around RTT reports (test runs answer in µs).
+fn verdict_fixture() -> Fixture {
+    let mut f = fixture();
+    f.maps
+        .state
+        .set(TCP_TARGET, ProbeState::default(), 0)
+        .unwrap();
+    let mut config = f.maps.config.get(&0, 0).unwrap();
+    config.rtt_band_permille = 50;
+    config.rtt_slack_us = 5_000;
+    f.maps.config.set(0, config, 0).unwrap();
+    f
+}
+
+#[test]
+fn an_up_target_reports_only_its_failures_and_the_answer_that_ends_them() {
+    use prober_common::outcome::*;
+    let mut f = verdict_fixture();
+    expect(&mut f, expected::UP, 0);
+    send_tcp_probe(&mut f);
+    answer_tcp_probe(&mut f, None);
+    // The first answer gives the first RTT estimate: reported.
+    assert_eq!(events(&mut f), [(ANSWERED, 1, 1)]);
+    for _ in 0..3 {
+        send_tcp_probe(&mut f);
+        answer_tcp_probe(&mut f, None);
+    }
+    assert_eq!(
+        events(&mut f),
+        [],
+        "answers of an up target within the band"
+    );
+    // Probes 5 and 6 go unanswered: each is settled by the next send.
+    send_tcp_probe(&mut f);
+    send_tcp_probe(&mut f);
+    send_tcp_probe(&mut f);
+    assert_eq!(events(&mut f), [(TIMED_OUT, 1, 5), (TIMED_OUT, 2, 6)]);
+    // Probe 7 is answered: the run of failures ends, and userspace hears it.
+    answer_tcp_probe(&mut f, None);
+    send_tcp_probe(&mut f);
+    answer_tcp_probe(&mut f, None);
+    assert_eq!(events(&mut f), [(ANSWERED, 1, 7)]);
+    let state = f.maps.state.get(&TCP_TARGET, 0).unwrap();
+    assert_eq!((state.successes_in_row, state.failures_in_row), (2, 0));
+    assert_eq!(f.counters().events_lost, 0);
+}
+
+#[test]
+fn a_down_target_reports_its_answers_and_the_failure_that_ends_them() {
+    use prober_common::outcome::*;
+    let mut f = verdict_fixture();
+    expect(&mut f, expected::DOWN, 0);
+    send_tcp_probe(&mut f);
+    send_tcp_probe(&mut f);
+    send_tcp_probe(&mut f);
+    assert_eq!(events(&mut f), [], "a down target's silence is no news");
+    answer_tcp_probe(&mut f, None);
+    send_tcp_probe(&mut f);
+    answer_tcp_probe(&mut f, None);
+    assert_eq!(events(&mut f), [(ANSWERED, 1, 3), (ANSWERED, 2, 4)]);
+    // A refusal ends the run of answers.
+    let state = f.maps.state.get(&TCP_TARGET, 0).unwrap();
+    send_tcp_probe(&mut f);
+    let cookie = cookie_of_send(
+        SECRET,
+        TCP_LOCAL_PORT,
+        SERVICE_PORT,
+        6,
+        state.sent as u32 + 1,
+    );
+    let rst = tcp_frame(
+        RS,
+        DIRECTOR,
+        &Tcp {
+            src_port: SERVICE_PORT,
+            dst_port: TCP_LOCAL_PORT,
+            seq: 0,
+            ack: cookie.wrapping_add(1),
+            flags: RST | ACK,
+            options: &[],
+        },
+    );
+    assert_eq!(f.rx(&rst).0, XDP_DROP);
+    send_tcp_probe(&mut f);
+    send_tcp_probe(&mut f);
+    assert_eq!(events(&mut f), [(REFUSED, 1, 5)]);
+}
+
+#[test]
+fn with_nothing_expected_every_outcome_is_reported() {
+    use prober_common::outcome::*;
+    let mut f = verdict_fixture();
+    send_tcp_probe(&mut f);
+    answer_tcp_probe(&mut f, None);
+    send_tcp_probe(&mut f);
+    answer_tcp_probe(&mut f, None);
+    send_tcp_probe(&mut f);
+    send_tcp_probe(&mut f);
+    assert_eq!(
+        events(&mut f),
+        [(ANSWERED, 1, 1), (ANSWERED, 2, 2), (TIMED_OUT, 1, 3)]
+    );
+}
+
+#[test]
+fn a_slow_answer_is_a_failure_and_an_rtt_move_beyond_the_band_is_reported() {
+    use prober_common::outcome::*;
+    let mut f = verdict_fixture();
+    expect(&mut f, expected::UP, 100_000);
+    send_tcp_probe(&mut f);
+    answer_tcp_probe(&mut f, Some(2_000_000));
+    let first = f.maps.state.get(&TCP_TARGET, 0).unwrap().rtt_ewma_ns;
+    assert!((2_000_000..3_000_000).contains(&first), "{first}");
+    assert_eq!(events(&mut f), [(ANSWERED, 1, 1)]);
+    // 2 ms -> 40 ms: beyond 5 % of (2 ms + 5 ms slack), though the
+    // target is up as expected.
+    send_tcp_probe(&mut f);
+    answer_tcp_probe(&mut f, Some(40_000_000));
+    assert_eq!(events(&mut f), [(ANSWERED, 2, 2)]);
+    // Past the 100 ms timeout: a failure.
+    send_tcp_probe(&mut f);
+    answer_tcp_probe(&mut f, Some(150_000_000));
+    assert_eq!(events(&mut f), [(SLOW, 1, 3)]);
+    let state = f.maps.state.get(&TCP_TARGET, 0).unwrap();
+    assert_eq!((state.successes_in_row, state.failures_in_row), (0, 1));
+    assert!(
+        state.rtt_ewma_ns < 50_000_000,
+        "a slow answer is no RTT sample"
+    );
 }

@@ -24,8 +24,8 @@ use aya::{
     programs::ProgramFd,
 };
 use prober_common::{
-    encap, family, probe_kind, BatchCursor, ProbeConfig, ProbeResults, ProbeState, ProbeTarget,
-    ReplyKey, RttHistogram, PROBE_FRAME_MAX,
+    encap, family, probe_kind, BatchCursor, Expectation, ProbeConfig, ProbeResults, ProbeState,
+    ProbeTarget, ReplyKey, RttHistogram, PROBE_FRAME_MAX,
 };
 use tracing::{info, warn};
 
@@ -47,6 +47,11 @@ pub const ROUTE_REFRESH: Duration = Duration::from_secs(30);
 /// (32768-60999), so no local connection shares a probe's 4-tuple.
 pub const DEFAULT_LOCAL_PORTS: (u16, u16) = (61000, 65535);
 
+/// An RTT estimate that moved by more than this share (per mille) of
+/// the last reported one plus the weights' slack is reported: finer moves
+/// change a weight by less than the weights' hysteresis would write.
+pub const RTT_REPORT_BAND_PERMILLE: u16 = 50;
+
 /// How often the cookie secret changes; replies to the previous secret's
 /// probes are still accepted, older ones are not.
 pub const SECRET_ROTATION: Duration = Duration::from_secs(60);
@@ -66,6 +71,10 @@ pub struct ProbeMaps {
     pub results: PerCpuArray<MapData, ProbeResults>,
     /// Read for `status` and metrics only, never per tick.
     pub rtt: PerCpuArray<MapData, RttHistogram>,
+    /// What the controller holds of each target (see [`Expectation`]).
+    pub expect: Array<MapData, Expectation>,
+    /// Outcomes that go against it, from both programs.
+    pub events: aya::maps::RingBuf<MapData>,
 }
 
 /// One configured probe and what the kernel told us about its path.
@@ -162,6 +171,12 @@ impl Prober {
             agent_key: [0; 2],
             agent_sequence_min: 0,
             agent_sequence_max: 0,
+            rtt_decay_us: 0,
+            rtt_band_permille: RTT_REPORT_BAND_PERMILLE,
+            rtt_peak: 0,
+            _pad3: 0,
+            rtt_slack_us: 0,
+            _pad4: 0,
         };
         let mut prober = Self {
             maps,
@@ -355,6 +370,19 @@ impl Prober {
         self.config.agent_sequence_min = now_us.saturating_sub(slack);
         self.config.agent_sequence_max = now_us.saturating_add(slack);
         self.agent_window_at = Some(Instant::now());
+        self.maps
+            .config
+            .set(0, self.config, 0)
+            .context("writing PROBE_CONFIG")
+    }
+
+    /// How the datapath keeps each target's RTT estimate: the weight
+    /// policy's time constant and peak rule, and the slack its band
+    /// counts in (see [`ProbeConfig::rtt_band_permille`]).
+    pub fn set_rtt_estimate(&mut self, decay: Duration, peak: bool, slack: Duration) -> Result<()> {
+        self.config.rtt_decay_us = decay.as_micros().min(u32::MAX as u128) as u32;
+        self.config.rtt_peak = u8::from(peak);
+        self.config.rtt_slack_us = slack.as_micros().min(u32::MAX as u128) as u32;
         self.maps
             .config
             .set(0, self.config, 0)
