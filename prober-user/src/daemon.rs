@@ -159,6 +159,12 @@ pub fn run(daemon: &Daemon) -> Result<()> {
         let ifindex = preflight::interface_index(interface)?;
         let mut prober = probe::Prober::new(maps, probe_tx, interface, ifindex, &daemon.probes)?;
         prober.set_transmit(daemon.transmit)?;
+        // A second handle on the pinned counters: the replies the datapath
+        // matched tell the director path's verdict that answers still come.
+        prober.watch_counters(probe::report::open_pinned(
+            &daemon.pin_dir,
+            prober_common::map_names::COUNTERS,
+        )?);
         let mut mode = if daemon.probes.is_empty() {
             let passive = passive::Passive::new(datapath.passive_maps()?);
             if let (Some(agent), Some(address)) = (config.agent, daemon.agent_address(&config)?) {
@@ -277,6 +283,9 @@ pub fn run(daemon: &Daemon) -> Result<()> {
                         if let Err(e) = prober.send_round() {
                             warn!("sending probes: {e:#}");
                         }
+                        // Nothing judges them here: the ring is kept empty
+                        // so `events_lost` means what it says elsewhere.
+                        prober.discard_events();
                     }
                     }
                     let wake = match &mode {

@@ -81,6 +81,12 @@ impl DirectorPath {
         }
     }
 
+    /// Something answered a probe this tick (the datapath's count of
+    /// matched replies moved): the path works.
+    pub fn answered(&mut self) {
+        self.answered_this_tick = true;
+    }
+
     /// The verdict after a tick's results; `up_probes` is how many probes
     /// are up now, `link_up` whether the interface has carrier.
     pub fn end_tick(&mut self, up_probes: usize, link_up: bool) -> Option<Change> {

@@ -109,6 +109,31 @@ impl Health {
         limits: RiseFall,
         now: Instant,
     ) -> Option<Transition> {
+        self.observe_run(seen, u32::MAX, limits, now)
+    }
+
+    /// Feeds one outcome the datapath settled, `in_row` being the length
+    /// of its run there (this outcome included): the run counted here
+    /// never exceeds it, so an outcome lost on the way (a full ring) can
+    /// delay a verdict but never make a run look longer than it was. It
+    /// can be shorter: failures forgiven here stay forgiven.
+    pub fn observe_settled(
+        &mut self,
+        seen: Observations,
+        in_row: u32,
+        limits: RiseFall,
+        now: Instant,
+    ) -> Option<Transition> {
+        self.observe_run(seen, in_row.max(1), limits, now)
+    }
+
+    fn observe_run(
+        &mut self,
+        seen: Observations,
+        most_in_row: u32,
+        limits: RiseFall,
+        now: Instant,
+    ) -> Option<Transition> {
         let ok = seen.answered;
         let bad = seen.failures();
         if ok == 0 && bad == 0 {
@@ -118,7 +143,8 @@ impl Health {
             self.failures = 0;
             self.successes = self
                 .successes
-                .saturating_add(ok.min(u32::MAX as u64) as u32);
+                .saturating_add(ok.min(u32::MAX as u64) as u32)
+                .min(most_in_row);
             if self.state == State::Down && self.successes >= limits.rise {
                 return Some(self.switch(State::Up, Cause::Answered, now));
             }
@@ -126,7 +152,8 @@ impl Health {
             self.successes = 0;
             self.failures = self
                 .failures
-                .saturating_add(bad.min(u32::MAX as u64) as u32);
+                .saturating_add(bad.min(u32::MAX as u64) as u32)
+                .min(most_in_row);
             if self.state == State::Up && self.failures >= limits.fall {
                 let cause = if seen.refused > 0 {
                     Cause::Refused
@@ -258,5 +285,32 @@ mod tests {
             h.observe(three, limits, now).map(|t| t.to),
             Some(State::Down)
         );
+    }
+
+    #[test]
+    fn a_settled_run_is_never_longer_than_the_datapath_s() {
+        let now = Instant::now();
+        let limits = RiseFall { rise: 2, fall: 3 };
+        let mut h = Health::new(State::Up, now);
+        // Two failures seen; the answer that ended them was lost; a new
+        // run of one failure must not make three.
+        assert_eq!(h.observe_settled(ONE_TIMEOUT, 1, limits, now), None);
+        assert_eq!(h.observe_settled(ONE_TIMEOUT, 2, limits, now), None);
+        assert_eq!(h.observe_settled(ONE_TIMEOUT, 1, limits, now), None);
+        assert_eq!(h.observe_settled(ONE_TIMEOUT, 2, limits, now), None);
+        assert_eq!(
+            h.observe_settled(ONE_TIMEOUT, 3, limits, now),
+            Some(Transition {
+                to: State::Down,
+                cause: Cause::TimedOut
+            })
+        );
+        // Forgiven failures stay forgiven though the datapath's run goes on.
+        let mut h = Health::new(State::Up, now);
+        h.observe_settled(ONE_TIMEOUT, 1, limits, now);
+        h.forgive_failures();
+        assert_eq!(h.observe_settled(ONE_TIMEOUT, 2, limits, now), None);
+        assert_eq!(h.observe_settled(ONE_TIMEOUT, 3, limits, now), None);
+        assert!(h.observe_settled(ONE_TIMEOUT, 4, limits, now).is_some());
     }
 }

@@ -363,8 +363,14 @@ impl Collector for Snapshot {
         counter(
             &mut e,
             "prober_probe_frames_dropped_here",
-            "Probe frames the probing interface dropped as they were sent (its ring full); their probes' silence counts against no server",
+            "Probe frames the probing interface dropped as they were sent (its ring full)",
             &[(vec![], s.frames_dropped_here)],
+        )?;
+        counter(
+            &mut e,
+            "prober_probe_events",
+            "Probe outcomes the datapath reported: failures of up targets, answers of down ones, the outcomes ending such runs, RTT moves beyond the band",
+            &[(vec![], s.probe_events)],
         )?;
         let d = &s.datapath;
         counter(

@@ -38,6 +38,11 @@ pub struct Status {
     /// Probe frames the probing interface dropped as they were sent.
     #[serde(default)]
     pub frames_dropped_here: u64,
+    /// Probe outcomes the datapath reported: only those that go against
+    /// what is held of a target, end such a run, or move its RTT beyond
+    /// the band (a steady target reports nothing).
+    #[serde(default)]
+    pub probe_events: u64,
     /// Full IPVS dumps asked for, and IPVS configuration calls by other
     /// processes that the kernel signalled (None: no signal, IPVS is
     /// dumped every `discovery` only).

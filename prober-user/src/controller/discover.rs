@@ -249,15 +249,13 @@ impl Controller {
                             health: Health::new(state, now),
                             evidence: false,
                             latency,
+                            active_rtt_ns: None,
+                            passive_rtt: None,
+                            expected: None,
                             response: None,
                             response_at: None,
-                            last: Counts::default(),
                             grid: now,
                             queued_at: None,
-                            outstanding: false,
-                            sent_at: now,
-                            sent_into_drops: false,
-                            excused_last: false,
                             came_up_at: None,
                             latency_saved_at: now,
                         },
@@ -332,14 +330,14 @@ impl Controller {
             .map(|b| (b.destination.addr, b.destination.port))
             .collect();
         self.passive.sync(&nat)?;
-        self.pending.retain(|server, _| nat.contains(server));
         // New probes (and those with a new interval) go on their grid from
         // now (not from the tick's start: this discovery may have taken
-        // long, and their first sends must not all be overdue at once),
-        // new ones from the datapath's counters as they stand (kept from
-        // an earlier run).
+        // long, and their first sends must not all be overdue at once).
+        // The datapath learns what is held of new targets (and of those
+        // whose timeout changed).
         let now = Instant::now();
         for spec in &specs {
+            self.write_expectation(*spec);
             let (Some(id), Some(track)) = (self.prober.id_of(spec), self.probes.get_mut(spec))
             else {
                 continue;
@@ -348,15 +346,8 @@ impl Controller {
                 continue;
             }
             track.grid = schedule::next_send(self.epoch, id, track.settings.interval, now);
-            // A new probe's slot starts with zeroed counters (freed slots
-            // are cleared), so its `last` needs no read.
-            let at = if track.outstanding {
-                track.grid.min(track.sent_at + track.settings.timeout)
-            } else {
-                track.grid
-            };
-            track.queued_at = Some(at);
-            self.queue.push(at, id);
+            track.queued_at = Some(track.grid);
+            self.queue.push(track.grid, id);
         }
         self.plan = plan;
         self.dump_fingerprint = Some(fingerprint);

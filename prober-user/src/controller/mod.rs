@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::Result;
-use prober_common::HealthRecord;
+use prober_common::{expected, outcome, Expectation, HealthRecord, ProbeEvent};
 use prober_ipvs::{
     ChangeOutcome, Destination, DestinationKey, ServiceKey, WeightChange, WeightUpdate,
 };
@@ -43,7 +43,7 @@ use crate::{
     passive::{self, Passive},
     probe::{
         schedule::{self, Send},
-        Counts, ProbeSpec, Prober,
+        MonotonicClock, ProbeSpec, Prober,
     },
     state::{health_key, weight_key, StateStore},
     targets::{self, CheckSettings, Plan, ProbeSettings},
@@ -70,25 +70,24 @@ struct ProbeTrack {
     /// Whether this run has seen any result yet: until then the weights
     /// this probe decides are left as IPVS has them.
     evidence: bool,
+    /// The latency weights use: the datapath's RTT estimate and the
+    /// client handshakes' (see `observe::combined_latency`).
     latency: Option<LatencyEwma>,
+    /// The datapath's RTT estimate as last reported, ns.
+    active_rtt_ns: Option<f64>,
+    /// Client handshakes' RTT (NAT servers, passive measurement).
+    passive_rtt: Option<LatencyEwma>,
+    /// What the datapath was last told of this target.
+    expected: Option<prober_common::Expectation>,
     /// Response time (request -> first response byte) from passive
     /// measurement, and when it last had a sample.
     response: Option<LatencyEwma>,
     response_at: Option<Instant>,
-    last: Counts,
     /// The grid point of its next send (see `probe::schedule`).
     grid: Instant,
     /// When it is next looked at: its only valid entry in the queue (None:
     /// not queued yet, it has no target id).
     queued_at: Option<Instant>,
-    /// A probe is out and not yet settled.
-    outstanding: bool,
-    /// When the outstanding probe was handed to the kernel (at the latest).
-    sent_at: Instant,
-    /// The interface dropped frames of the chunk it went out in.
-    sent_into_drops: bool,
-    /// The last result was excused for that (excused once in a row).
-    excused_last: bool,
     /// When it last came up in this run (slow start).
     came_up_at: Option<Instant>,
     latency_saved_at: Instant,
@@ -155,6 +154,8 @@ struct Totals {
     /// Sends a full ring kept back to their next grid point.
     sends_held_back: u64,
     drops_to_say: SaidEveryMinute,
+    /// Outcomes the datapath reported (only news: see `take_probe_events`).
+    probe_events: u64,
     /// Full IPVS dumps asked for; configuration calls signalled.
     ipvs_dumps: u64,
     ipvs_changes_signalled: u64,
@@ -201,8 +202,6 @@ pub struct Controller {
     dump_fingerprint: Option<u64>,
     prober: Prober,
     passive: Passive,
-    /// Passive measurements not yet taken by their probe's evaluation.
-    pending: FxHashMap<passive::Server, passive::Delta>,
     store: Option<StateStore>,
     plan: Plan,
     probes: FxHashMap<ProbeSpec, ProbeTrack>,
@@ -242,7 +241,13 @@ pub struct Controller {
     epoch: Instant,
     /// Buffers reused by every tick (nothing allocated per tick).
     popped: Vec<(Instant, u32)>,
+    /// This tick's due probes whose next hop is unresolved.
     due_ids: Vec<u32>,
+    probe_events: Vec<prober_common::ProbeEvent>,
+    /// Hosts whose failed checks wait for their diagnosis, this tick.
+    diagnosis_hosts: Vec<IpAddr>,
+    /// The datapath's count of matched replies at the last tick.
+    replies_matched: u64,
     sending: Vec<u32>,
     /// A tick that used its whole budget: the next waits until then.
     hold_until: Option<Instant>,
@@ -301,6 +306,10 @@ impl Controller {
     ) -> Self {
         let (checker, check_reports) = Checker::new(config.max_checks, extras.gate);
         let diagnosis = diagnosis_window(&config);
+        let mut prober = prober;
+        if let Err(e) = set_rtt_estimate(&mut prober, &config) {
+            warn!("{e:#}: the datapath's RTT estimate takes each sample as it comes");
+        }
         Self {
             checker,
             check_reports,
@@ -326,7 +335,9 @@ impl Controller {
             dump_fingerprint: None,
             prober,
             passive,
-            pending: FxHashMap::default(),
+            probe_events: Vec::new(),
+            diagnosis_hosts: Vec::new(),
+            replies_matched: 0,
             store: None,
             plan: Plan::default(),
             probes: FxHashMap::default(),
@@ -411,6 +422,7 @@ impl Controller {
         self.alerts.set_diagnosis(diagnosis_window(&config));
         self.alerts
             .set_settle_probes(u64::from(config.limits.fall) + 1);
+        set_rtt_estimate(&mut self.prober, &config)?;
         self.config = config;
         self.next_discovery = now;
         self.dump_fingerprint = None;
@@ -461,15 +473,15 @@ impl Controller {
         // against the clock as it is now, not as the tick began.
         let now = Instant::now();
         self.touched.clear();
-        self.settle_and_send(now);
+        self.send_due_probes(now);
+        self.take_probe_events(now);
         // After the sends: reading every followed server's samples is the
-        // regular tick's longest step, and must not make them late. The
-        // samples are judged with each probe's next result.
+        // regular tick's longest step, and must not make them late.
         if full {
             match self.passive.take_deltas() {
                 Ok(deltas) => {
                     for (server, delta) in deltas {
-                        self.pending.entry(server).or_default().add(delta);
+                        self.observe_passive(server, delta, now);
                     }
                 }
                 Err(e) => warn!("reading passive measurements: {e:#}"),
@@ -489,6 +501,7 @@ impl Controller {
         if !full && self.touched.is_empty() {
             return Ok(());
         }
+        self.feed_diagnosis();
         // Asked only about hosts whose L3 probe is down: the hosts with an
         // L4 probe up are gathered once, on the first question of a tick.
         let probes = &self.probes;
@@ -517,6 +530,13 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// The datapath keeps each target's RTT estimate as the weight policy
+/// says.
+fn set_rtt_estimate(prober: &mut Prober, config: &Config) -> Result<()> {
+    let policy = &config.policy;
+    prober.set_rtt_estimate(policy.decay, policy.peak_ewma, policy.latency_slack)
 }
 
 /// How long a failed check waits for its host's L3 probe: time for it to

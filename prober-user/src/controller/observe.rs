@@ -1,36 +1,22 @@
-//! Observe: probes settled and sent on their grid, their results and
+//! Observe: probes sent on their grid, what the datapath settled and
 //! passive samples turned into each target's health and latency, L7
 //! check reports taken, and the director's own path judged.
 
 use super::*;
 
 impl Controller {
-    /// Settles the probes whose reply is in or whose own timeout (counted
-    /// from their own send) has passed, and sends those whose grid point
-    /// has come, at most `schedule::budget` in one tick. Only the probes
-    /// due are looked at, their counters read a block at a time.
-    pub(super) fn settle_and_send(&mut self, now: Instant) {
+    /// Sends the probes whose grid point has come, at most
+    /// `schedule::budget` in one tick. The datapath settles them (see
+    /// [`Controller::take_probe_events`]); only a probe whose next hop
+    /// does not answer ARP, which cannot be sent, is settled here, as a
+    /// timeout.
+    pub(super) fn send_due_probes(&mut self, now: Instant) {
         let mut popped = std::mem::take(&mut self.popped);
-        let mut ids = std::mem::take(&mut self.due_ids);
         let mut sending = std::mem::take(&mut self.sending);
+        let mut unresolved = std::mem::take(&mut self.due_ids);
         self.queue.pop_due(now, &mut popped);
-        ids.clear();
         sending.clear();
-        for &(at, id) in &popped {
-            let queued = self
-                .prober
-                .spec_of(id)
-                .and_then(|spec| self.probes.get(&spec))
-                .is_some_and(|track| track.queued_at == Some(at));
-            if queued {
-                ids.push(id);
-            }
-        }
-        ids.sort_unstable();
-        ids.dedup();
-        if let Err(e) = self.prober.read_counts(&ids) {
-            warn!("reading probe results in batches: {e:#}; reading them one by one");
-        }
+        unresolved.clear();
         let since = self
             .last_send_pass
             .map_or(Duration::ZERO, |at| now.duration_since(at));
@@ -49,54 +35,27 @@ impl Controller {
             if track.queued_at != Some(at) {
                 continue; // left behind by a reschedule, or done already
             }
-            let timing = track.settings;
-            if track.outstanding {
-                let replied = self
-                    .prober
-                    .fresh_counts(id)
-                    .is_ok_and(|c| c.replies() > track.last.replies());
-                let settles_at = track.sent_at + timing.timeout;
-                if !replied && now < settles_at {
-                    // Neither answered nor timed out: looked at again when
-                    // its own timeout is up.
-                    track.queued_at = Some(settles_at);
-                    self.queue.push(settles_at, id);
-                    continue;
-                }
-            }
+            let interval = track.settings.interval;
             let grid = track.grid;
-            let verdict = schedule::send_due(self.epoch, id, timing.interval, grid, now);
-            let over_budget = matches!(verdict, Send::Now { .. }) && sending.len() >= budget;
-            // One probe's unreadable counters must not stop the others.
-            let send = if over_budget && !track.outstanding {
-                true // nothing to settle; evaluated when it goes
-            } else {
-                self.evaluate(spec, now).unwrap_or_else(|e| {
-                    warn!(probe = %spec, "reading probe results: {e:#}");
-                    true
-                })
-            };
-            let track = self.probes.get_mut(&spec).expect("due probes are tracked");
-            track.outstanding = false;
-            let next = match verdict {
+            let next = match schedule::send_due(self.epoch, id, interval, grid, now) {
                 Send::Wait => grid,
                 // Over the budget: it keeps its place (the oldest go
                 // first next time), and the next tick waits a slot.
-                Send::Now { .. } if over_budget => {
-                    self.hold_until = Some(now + timing.interval / schedule::SLOTS);
+                Send::Now { .. } if sending.len() >= budget => {
+                    self.hold_until = Some(now + interval / schedule::SLOTS);
                     at
                 }
                 Send::Now { next, late: behind } => {
-                    if send {
+                    if self.prober.neighbour_unresolved(id) {
+                        unresolved.push(id);
+                    } else {
                         sending.push(id);
-                        late += behind as u64;
                     }
+                    late += behind as u64;
+                    track.grid = next.max(grid);
                     next
                 }
             };
-            if !over_budget {
-                track.grid = next.max(grid);
-            }
             track.queued_at = Some(next);
             self.queue.push(next, id);
         }
@@ -112,29 +71,16 @@ impl Controller {
         };
         // What a full ring kept back goes at its next grid point.
         let held_back = sending.len() - sent.attempted.min(sending.len());
-        sending.truncate(sent.attempted);
-        self.note_sends(sending.len() as u64, budget, late, now);
+        self.note_sends(sent.attempted as u64, budget, late, now);
         self.note_director_drops(sent.dropped, held_back as u64, now);
-        // Taken after the send returned: no probe left later than this,
-        // so no timeout counted from it is ever short.
-        let sent_at = Instant::now();
-        for (k, &id) in sending.iter().enumerate() {
-            let Some(track) = self
-                .prober
-                .spec_of(id)
-                .and_then(|spec| self.probes.get_mut(&spec))
-            else {
-                continue;
+        for &id in &unresolved {
+            let timeout = ProbeEvent {
+                target_id: id,
+                outcome: outcome::TIMED_OUT,
+                in_row: u32::MAX,
+                ..Default::default()
             };
-            track.outstanding = true;
-            track.sent_at = sent_at;
-            // Which frames of the chunk the ring dropped is not known.
-            track.sent_into_drops = sent.lossy.contains(&k);
-            // Settled at its grid point if answered by then, else when its
-            // timeout is up.
-            let at = track.grid.min(sent_at + track.settings.timeout);
-            track.queued_at = Some(at);
-            self.queue.push(at, id);
+            self.observe_probe_event(&timeout, now, None);
         }
         if self.queue.len() > 2 * self.probes.len() + 1024 {
             // Entries left behind by reschedules.
@@ -147,8 +93,30 @@ impl Controller {
             });
         }
         self.popped = popped;
-        self.due_ids = ids;
+        self.due_ids = unresolved;
         self.sending = sending;
+    }
+
+    /// Takes what the datapath settled since the last tick: only outcomes
+    /// that go against what is held of a target, the ones that end such a
+    /// run, and RTT moves (a steady target costs nothing here). Then the
+    /// replies it matched, for the director path's verdict.
+    pub(super) fn take_probe_events(&mut self, now: Instant) {
+        let mut events = std::mem::take(&mut self.probe_events);
+        self.prober.take_events(&mut events);
+        if !events.is_empty() {
+            let clock = MonotonicClock::now();
+            for event in &events {
+                self.observe_probe_event(event, now, Some(&clock));
+            }
+            self.totals.probe_events += events.len() as u64;
+        }
+        self.probe_events = events;
+        if let Some(replies) = self.prober.replies_matched() {
+            if replies != std::mem::replace(&mut self.replies_matched, replies) {
+                self.path.answered();
+            }
+        }
     }
 
     /// Counts a tick's sends: a new largest batch past a power of two, and
@@ -174,8 +142,8 @@ impl Controller {
     }
 
     /// Counts probe frames the director's own interface dropped (a full
-    /// ring when a late batch went out at once): their probes' silence
-    /// counts against no server. Said at most once a minute.
+    /// ring when a late batch went out at once). Said at most once a
+    /// minute.
     fn note_director_drops(&mut self, dropped: u64, held_back: u64, now: Instant) {
         let totals = &mut self.totals;
         totals.frames_dropped_here += dropped;
@@ -185,7 +153,7 @@ impl Controller {
                 dropped,
                 interface = %self.prober.interface(),
                 held_back = totals.sends_held_back,
-                "the probing interface dropped probe frames as they were sent (its ring was full): a probe of the chunk that overflowed that gets no answer counts against no server (once in a row), and the rest of the batch waited for its next grid point"
+                "the probing interface dropped probe frames as they were sent (its ring was full): their probes time out (fall absorbs a lost one), and the rest of the batch waited for its next grid point"
             );
         }
     }
@@ -276,6 +244,7 @@ impl Controller {
                     let timing = track.settings.timing;
                     let recovery =
                         timing.interval * (track.settings.limits.rise + 1) + timing.timeout;
+                    self.feed_host_probes(report.spec.address, &MonotonicClock::now());
                     self.alerts.check_down(
                         report.spec.address,
                         subject,
@@ -294,96 +263,270 @@ impl Controller {
         }
     }
 
-    /// Turns what the datapath counted since the last probe into one
-    /// interval's observations and feeds health and latency.
-    /// Returns whether to send the next active probe: not when the real
-    /// server's own traffic just showed it answering.
-    pub(super) fn evaluate(&mut self, spec: ProbeSpec, now: Instant) -> Result<bool> {
-        let decay = self.config.policy.decay;
-        let peak = self.config.policy.peak_ewma;
-        let passive = passive_server(&spec)
-            .and_then(|server| self.pending.remove(&server))
-            .unwrap_or_default();
-        let neighbour_unresolved = self
+    /// Feeds one settled outcome into its probe's health and latency.
+    /// `clock` places the datapath's times (None: settled here, now).
+    fn observe_probe_event(
+        &mut self,
+        event: &ProbeEvent,
+        now: Instant,
+        clock: Option<&MonotonicClock>,
+    ) {
+        let id = event.target_id;
+        let Some(spec) = self.prober.spec_of(id) else {
+            return; // a slot freed since
+        };
+        let Some(track) = self.probes.get_mut(&spec) else {
+            return;
+        };
+        let mut seen = Observations::default();
+        match event.outcome {
+            outcome::ANSWERED => seen.answered = 1,
+            outcome::REFUSED => seen.refused = 1,
+            outcome::UNREACHABLE => seen.unreachable = 1,
+            outcome::TIMED_OUT | outcome::SLOW => seen.timed_out = 1,
+            _ => return,
+        }
+        // A slow answer is a failure of the server, but the director's
+        // path carried it.
+        let replied = event.outcome != outcome::TIMED_OUT;
+        // Only the active probe's own result says whether the path works;
+        // a timeout counts against it only for a probe that was up (a
+        // dead server's silence is old news).
+        if replied || track.health.state() == State::Up {
+            self.path.probe_result(spec, spec.real_server(), replied);
+        }
+        // While the director's own path is suspected, silence is no
+        // evidence against the server: its health waits, so nothing is
+        // taken out when the path comes back. Nor is the silence of a
+        // probe sent while it was suspected and settled just after.
+        let sent_at = clock.and_then(|c| c.instant_of(event.sent_ns));
+        let sent_during_fault = self
+            .fault_cleared_at
+            .zip(sent_at)
+            .is_some_and(|(cleared, sent)| sent <= cleared);
+        if !replied && (self.path.suspected().is_some() || sent_during_fault) {
+            seen.timed_out = 0;
+        }
+        if event.outcome == outcome::TIMED_OUT && clock.is_some() {
+            if let Err(e) = self.prober.revalidate_neighbour(id) {
+                warn!(probe = %spec, "asking the kernel to check the neighbour: {e:#}");
+            }
+        }
+        let track = self.probes.get_mut(&spec).expect("looked up above");
+        if event.rtt_ewma_ns > 0 && track.active_rtt_ns != Some(event.rtt_ewma_ns as f64) {
+            track.active_rtt_ns = Some(event.rtt_ewma_ns as f64);
+            track.latency = combined_latency(track, now);
+            // A move beyond the band: the pools it weighs in follow now.
+            for &i in self.plan.by_probe.get(&spec).into_iter().flatten() {
+                self.touched.insert(self.plan.bindings[i].service);
+            }
+        }
+        let host = spec.real_server();
+        let diagnoses_host = self.plan.hosts.get(&host) == Some(&spec);
+        if diagnoses_host {
+            // What the host answered before this outcome (down L3 needs a
+            // host that answered once) and with it.
+            let answered = clock.and_then(|c| c.instant_of(event.answered_before_ns));
+            if let Some(at) = answered {
+                self.alerts.host_answered(host, at);
+            }
+            if seen.answered > 0 {
+                self.alerts.host_answered(host, now);
+            }
+        }
+        if seen == Observations::default() {
+            self.save_health(spec, false, now);
+            return; // excused: no evidence either way
+        }
+        let track = self.probes.get_mut(&spec).expect("looked up above");
+        track.evidence = true;
+        let transition =
+            track
+                .health
+                .observe_settled(seen, event.in_row, track.settings.limits, now);
+        if let Some(t) = transition {
+            self.on_transition(spec, t, now);
+        }
+        self.save_health(spec, transition.is_some(), now);
+        self.write_expectation(spec);
+    }
+
+    /// A probe's state changed: its pools are recomputed, logs and alerts.
+    fn on_transition(&mut self, spec: ProbeSpec, t: crate::health::Transition, now: Instant) {
+        let Some(track) = self.probes.get_mut(&spec) else {
+            return;
+        };
+        if t.to == State::Up {
+            track.came_up_at = Some(now);
+            self.up_probes += 1;
+        } else {
+            self.up_probes = self.up_probes.saturating_sub(1);
+        }
+        let recovery = track.settings.interval * (track.settings.limits.rise + 1);
+        for &i in self.plan.by_probe.get(&spec).into_iter().flatten() {
+            self.touched.insert(self.plan.bindings[i].service);
+        }
+        let host = spec.real_server();
+        let diagnoses_host = self.plan.hosts.get(&host) == Some(&spec);
+        let names = self.plan.services_of_probe(&spec);
+        let layer = layer_of(&spec);
+        // While the director is suspected its one alert stands for every
+        // server it cannot reach.
+        let director_suspected = self.path.suspected().is_some();
+        // Probes sent so far, to tell a verdict's timing in probes (one
+        // map read per change of state).
+        let sent = self
             .prober
             .id_of(&spec)
-            .is_some_and(|id| self.prober.neighbour_unresolved(id));
+            .and_then(|id| self.prober.state_of(id))
+            .map_or(0, |s| s.sent);
+        match t.to {
+            State::Down => {
+                warn!(probe = %spec, cause = ?t.cause, sent, services = ?names, "real server DOWN");
+                if diagnoses_host && !director_suspected {
+                    self.alerts.host_down(host, cause_text(t.cause), now);
+                }
+                if !names.is_empty() && !director_suspected {
+                    self.feed_host_probes(host, &MonotonicClock::now());
+                    self.alerts.check_down(
+                        host,
+                        spec.to_string(),
+                        layer,
+                        cause_text(t.cause),
+                        names,
+                        recovery,
+                        now,
+                    );
+                }
+            }
+            State::Up => {
+                info!(probe = %spec, sent, services = ?names, "real server UP");
+                if diagnoses_host {
+                    self.alerts.host_up(host, now);
+                }
+                self.alerts.check_up(&spec.to_string(), now);
+            }
+        }
+    }
+
+    /// Tells the alerts what the probes of hosts with a failed check did
+    /// (the datapath's counts, read for those hosts only): whether the
+    /// host still answers, and whether its probes had their chance.
+    pub(super) fn feed_diagnosis(&mut self) {
+        let mut hosts = std::mem::take(&mut self.diagnosis_hosts);
+        self.alerts.hosts_awaiting_diagnosis(&mut hosts);
+        if !hosts.is_empty() {
+            let clock = MonotonicClock::now();
+            for &host in &hosts {
+                self.feed_host_probes(host, &clock);
+            }
+        }
+        self.diagnosis_hosts = hosts;
+    }
+
+    fn feed_host_probes(&mut self, host: IpAddr, clock: &MonotonicClock) {
+        let state = |spec: &ProbeSpec| {
+            self.prober
+                .id_of(spec)
+                .and_then(|id| self.prober.state_of(id))
+        };
+        let l3 = self.plan.hosts.get(&host).and_then(state);
+        // A scan of the probes, only while a check of this host waits.
+        let l4: u64 = self
+            .probes
+            .keys()
+            .filter(|spec| {
+                spec.real_server() == host
+                    && matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. })
+            })
+            .filter_map(state)
+            .map(|s| s.sent)
+            .sum();
+        if let Some(at) = l3.and_then(|s| clock.instant_of(s.last_reply_ns)) {
+            self.alerts.host_answered(host, at);
+        }
+        self.alerts
+            .host_probes_sent(host, [l3.map_or(0, |s| s.sent), l4]);
+    }
+
+    /// Saves the probe's health and latency for restarts: on a change of
+    /// state, and its latency at most every `LATENCY_SAVE`.
+    fn save_health(&mut self, spec: ProbeSpec, changed: bool, now: Instant) {
+        let (Some(store), Some(track)) = (self.store.as_mut(), self.probes.get_mut(&spec)) else {
+            return;
+        };
+        if !changed && now.duration_since(track.latency_saved_at) < LATENCY_SAVE {
+            return;
+        }
+        track.latency_saved_at = now;
+        let record = HealthRecord {
+            latency_ns: track.latency.map_or(0, |l| l.value_ns() as u64),
+            state: if track.health.state() == State::Up {
+                1
+            } else {
+                2
+            },
+            _pad: [0; 7],
+        };
+        if let Err(e) = store.set_health(health_key(&spec), record) {
+            warn!(probe = %spec, "saving its health: {e:#}");
+        }
+    }
+
+    /// Tells the datapath what is held of the probe's target, when that
+    /// changed: its state once there is evidence (nothing before, so its
+    /// first outcome is reported), and the timeout past which an answer
+    /// is slow.
+    pub(super) fn write_expectation(&mut self, spec: ProbeSpec) {
+        let (Some(id), Some(track)) = (self.prober.id_of(&spec), self.probes.get_mut(&spec)) else {
+            return;
+        };
+        let wanted = Expectation {
+            state: match (track.evidence, track.health.state()) {
+                (false, _) => expected::UNKNOWN,
+                (true, State::Up) => expected::UP,
+                (true, State::Down) => expected::DOWN,
+            },
+            _pad: [0; 3],
+            timeout_us: track.settings.timeout.as_micros().min(u32::MAX as u128) as u32,
+        };
+        if track.expected == Some(wanted) {
+            return;
+        }
+        match self.prober.set_expectation(id, wanted) {
+            Ok(()) => track.expected = Some(wanted),
+            Err(e) => warn!(probe = %spec, "{e:#}"),
+        }
+    }
+
+    /// Folds a server's passive samples (see README, "Passive
+    /// measurement") into its probe's latency and response time. Client
+    /// handshakes feed the RTT estimate; server resets and resent client
+    /// SYNs are never a failure: any client can send duplicate SYNs or
+    /// stray segments through the VIP, and nothing a stranger sends may
+    /// take a server out (its own probes decide).
+    pub(super) fn observe_passive(
+        &mut self,
+        server: passive::Server,
+        passive: passive::Delta,
+        now: Instant,
+    ) {
+        let spec = ProbeSpec {
+            kind: crate::probe::ProbeKind::TcpSyn { port: server.1 },
+            destination: server.0,
+            forwarding: crate::probe::Forwarding::Direct,
+        };
+        let decay = self.config.policy.decay;
+        let peak = self.config.policy.peak_ewma;
         let Some(track) = self.probes.get_mut(&spec) else {
-            return Ok(true);
+            return;
         };
-        let counts = match self.prober.id_of(&spec) {
-            Some(id) => self.prober.fresh_counts(id)?,
-            None => track.last,
-        };
-        let last = std::mem::replace(&mut track.last, counts);
-        let mut seen = Observations::default();
-        let mut rtt_sample = None;
-        let mut revalidate = false;
-        if track.outstanding {
-            seen.answered = counts.answered.saturating_sub(last.answered);
-            seen.refused = counts.refused.saturating_sub(last.refused);
-            seen.unreachable = counts.unreachable.saturating_sub(last.unreachable);
-            let slow = counts.last_rtt_ns as u128 > track.settings.timeout.as_nanos();
-            if seen.answered > 0 && slow {
-                seen.answered -= 1;
-                seen.timed_out += 1;
-            }
-            if seen.answered > 0 && !slow {
-                rtt_sample = Some(counts.last_rtt_ns as f64);
-            }
-            let sent = counts.sent > last.sent;
-            if seen.answered + seen.refused + seen.unreachable + seen.timed_out == 0
-                && (sent || neighbour_unresolved)
-            {
-                // No answer within the interval, or the real server does
-                // not answer ARP. A probe that could not be sent for other
-                // reasons (route by another interface...) is no evidence.
-                seen.timed_out = 1;
-                if sent {
-                    revalidate = true;
-                }
-            }
-        }
-        if track.outstanding {
-            // Only the active probe's own result says whether the path
-            // works; a timeout counts against it only for a probe that
-            // was up (a dead server's silence is old news).
-            let replied = seen.answered + seen.refused + seen.unreachable > 0;
-            if replied || (seen.timed_out > 0 && track.health.state() == State::Up) {
-                self.path.probe_result(spec, spec.real_server(), replied);
-            }
-            // While the director's own path is suspected, silence is no
-            // evidence against the server: its health waits, so nothing
-            // is taken out when the path comes back.
-            // Nor is the silence of a probe sent while it was suspected
-            // and settled just after.
-            let sent_during_fault = self
-                .fault_cleared_at
-                .is_some_and(|cleared| track.sent_at <= cleared);
-            // Lost in the director's own ring: no evidence, once in a row
-            // (a ring that overflows on every send must not hide a death).
-            let dropped_here = track.sent_into_drops && !track.excused_last;
-            track.excused_last = !replied && dropped_here;
-            if !replied && (self.path.suspected().is_some() || sent_during_fault || dropped_here) {
-                seen.timed_out = 0;
-            }
-        }
-        if revalidate {
-            if let Some(id) = self.prober.id_of(&spec) {
-                if let Err(e) = self.prober.revalidate_neighbour(id) {
-                    warn!(probe = %spec, "asking the kernel to check the neighbour: {e:#}");
-                }
-            }
-        }
-        // Passive evidence (see README, "Passive measurement"): client
-        // handshakes count as one success and feed the RTT estimate.
-        // Server resets and resent client SYNs are never a failure: any
-        // client can send duplicate SYNs or stray segments through the
-        // VIP, and nothing a stranger sends may take a server out (its own
-        // probes decide).
         if let Some(handshake) = passive.mean_handshake_ns() {
-            seen.answered += 1;
-            rtt_sample = Some(rtt_sample.map_or(handshake, |active| (active + handshake) / 2.0));
+            match &mut track.passive_rtt {
+                Some(ewma) => ewma.observe(handshake, now, decay, peak),
+                None => track.passive_rtt = Some(LatencyEwma::new(handshake, now)),
+            }
+            track.latency = combined_latency(track, now);
         }
         let bad = passive.resets + passive.syn_retransmits;
         if bad >= PASSIVE_BURST && bad > passive.handshakes {
@@ -401,100 +544,19 @@ impl Controller {
             }
             track.response_at = Some(now);
         }
-        let send_next = passive.handshakes == 0;
-        if seen == Observations::default() {
-            return Ok(send_next); // nothing settled: no evidence either way
-        }
-        track.evidence = true;
-        if let Some(sample) = rtt_sample {
-            match &mut track.latency {
-                Some(ewma) => ewma.observe(sample, now, decay, peak),
-                None => track.latency = Some(LatencyEwma::new(sample, now)),
-            }
-        }
-        let transition = track.health.observe(seen, track.settings.limits, now);
-        let store = self.store.as_mut();
-        let host = spec.real_server();
-        let diagnoses_host = self.plan.hosts.get(&host) == Some(&spec);
-        if diagnoses_host && seen.answered > seen.failures() {
-            self.alerts.host_answered(host, now);
-        }
-        if diagnoses_host || matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. }) {
-            self.alerts.probe_settled(host, diagnoses_host);
-        }
-        if let Some(t) = transition {
-            if t.to == State::Up {
-                track.came_up_at = Some(now);
-                self.up_probes += 1;
-            } else {
-                self.up_probes = self.up_probes.saturating_sub(1);
-            }
-            for &i in self.plan.by_probe.get(&spec).into_iter().flatten() {
-                self.touched.insert(self.plan.bindings[i].service);
-            }
-            let names = self.plan.services_of_probe(&spec);
-            let layer = layer_of(&spec);
-            // While the director is suspected its one alert stands for
-            // every server it cannot reach.
-            let director_suspected = self.path.suspected().is_some();
-            match t.to {
-                State::Down => {
-                    warn!(probe = %spec, cause = ?t.cause, sent = counts.sent, services = ?names, "real server DOWN");
-                    if diagnoses_host && !director_suspected {
-                        self.alerts.host_down(host, cause_text(t.cause), now);
-                    }
-                    if !names.is_empty() && !director_suspected {
-                        let recovery = track.settings.interval * (track.settings.limits.rise + 1);
-                        self.alerts.check_down(
-                            host,
-                            spec.to_string(),
-                            layer,
-                            cause_text(t.cause),
-                            names,
-                            recovery,
-                            now,
-                        );
-                    }
-                }
-                State::Up => {
-                    info!(probe = %spec, sent = counts.sent, services = ?names, "real server UP");
-                    if diagnoses_host {
-                        self.alerts.host_up(host, now);
-                    }
-                    self.alerts.check_up(&spec.to_string(), now);
-                }
-            }
-        }
-        if let Some(store) = store {
-            if transition.is_some() || now.duration_since(track.latency_saved_at) >= LATENCY_SAVE {
-                track.latency_saved_at = now;
-                store.set_health(
-                    health_key(&spec),
-                    HealthRecord {
-                        latency_ns: track.latency.map_or(0, |l| l.value_ns() as u64),
-                        state: if track.health.state() == State::Up {
-                            1
-                        } else {
-                            2
-                        },
-                        _pad: [0; 7],
-                    },
-                )?;
-            }
-        }
-        Ok(send_next)
     }
 }
 
-/// The real server whose own traffic can stand in for this probe: a TCP
-/// probe straight to it (NAT destinations are probed that way).
-fn passive_server(spec: &ProbeSpec) -> Option<passive::Server> {
-    match (spec.kind, spec.forwarding) {
-        (crate::probe::ProbeKind::TcpSyn { port }, crate::probe::Forwarding::Direct) => {
-            Some((spec.destination, port))
-        }
-        _ => None,
-    }
+/// A probe's latency: the datapath's estimate from its probes and the one
+/// from client handshakes (NAT servers), averaged when both exist.
+fn combined_latency(track: &ProbeTrack, now: Instant) -> Option<LatencyEwma> {
+    let passive = track.passive_rtt.map(|l| l.value_ns());
+    let value = match (track.active_rtt_ns, passive) {
+        (Some(a), Some(p)) => (a + p) / 2.0,
+        (Some(v), None) | (None, Some(v)) => v,
+        (None, None) => return track.latency,
+    };
+    Some(LatencyEwma::new(value, now))
 }
 
 /// The names of the services whose bindings match.

@@ -117,6 +117,7 @@ impl Controller {
             capacity: self.prober.capacity(),
             sends_late: self.totals.sends_late,
             frames_dropped_here: self.totals.frames_dropped_here,
+            probe_events: self.totals.probe_events,
             ipvs_dumps: self.totals.ipvs_dumps,
             ipvs_changes_signalled: self
                 .ipvs_changes

@@ -112,7 +112,8 @@ struct HostState {
     /// When L3 last went down.
     down_since: Option<Instant>,
     reason: String,
-    /// Outcomes of the host's L3 and L4 probes settled so far.
+    /// Probes the host's L3 probe and its L4 probes sent so far (each
+    /// send settles the one before).
     probes_settled: [u64; 2],
 }
 
@@ -173,11 +174,25 @@ impl Alerts {
         self.settle_probes = outcomes;
     }
 
-    /// One outcome of a host's L3 (`l3`) or L4 probe was settled.
-    pub fn probe_settled(&mut self, host: IpAddr, l3: bool) {
+    /// How many probes the host's L3 probe and its L4 probes have sent so
+    /// far (the datapath's counts, read for the hosts that matter: see
+    /// [`Alerts::hosts_awaiting_diagnosis`]).
+    pub fn host_probes_sent(&mut self, host: IpAddr, sent: [u64; 2]) {
         if self.diagnose {
-            self.hosts.entry(host).or_default().probes_settled[usize::from(!l3)] += 1;
+            self.hosts.entry(host).or_default().probes_settled = sent;
         }
+    }
+
+    /// The hosts of failed checks not yet reported, waiting for their
+    /// host's own verdict, into `out` (cleared first).
+    pub fn hosts_awaiting_diagnosis(&self, out: &mut Vec<IpAddr>) {
+        out.clear();
+        if !self.diagnose {
+            return;
+        }
+        out.extend(self.checks.values().filter(|c| !c.reported).map(|c| c.host));
+        out.sort_unstable();
+        out.dedup();
     }
 
     /// New flapping settings (on reload).
@@ -260,8 +275,9 @@ impl Alerts {
     }
 
     /// The L3 probe of a host answered (`answered`) or went down/up.
-    pub fn host_answered(&mut self, host: IpAddr, now: Instant) {
-        self.hosts.entry(host).or_default().answered_at = Some(now);
+    pub fn host_answered(&mut self, host: IpAddr, at: Instant) {
+        let answered = &mut self.hosts.entry(host).or_default().answered_at;
+        *answered = Some(answered.map_or(at, |before| before.max(at)));
     }
 
     /// The host's L3 probe went down; reported once L4 agrees (`poll`).

@@ -168,23 +168,20 @@ fn a_failed_check_waits_for_its_hosts_probes_however_late_the_director_is() {
     let t0 = Instant::now();
     let at = |ms| t0 + Duration::from_millis(ms);
     a.host_answered(host(HOST), t0);
-    a.probe_settled(host(HOST), true);
-    a.probe_settled(host(HOST), false);
+    a.host_probes_sent(host(HOST), [1, 1]);
     l7_down(&mut a, "http", t0);
+    let mut waiting = Vec::new();
+    a.hosts_awaiting_diagnosis(&mut waiting);
+    assert_eq!(waiting, [host(HOST)]);
     // Long past the window, but the stalled director has settled no
     // probe of the host since: its L3 verdict may still come.
     assert!(a.poll(at(5000), NONE_ALIVE).is_empty());
-    for _ in 0..4 {
-        a.probe_settled(host(HOST), true);
-    }
-    for _ in 0..3 {
-        a.probe_settled(host(HOST), false);
-    }
+    a.host_probes_sent(host(HOST), [5, 4]);
     assert!(
         a.poll(at(5100), NONE_ALIVE).is_empty(),
         "L4 has not had its chance"
     );
-    a.probe_settled(host(HOST), false);
+    a.host_probes_sent(host(HOST), [5, 5]);
     let events = a.poll(at(5200), NONE_ALIVE);
     assert_eq!(events.len(), 1);
     assert_eq!(
@@ -196,10 +193,10 @@ fn a_failed_check_waits_for_its_hosts_probes_however_late_the_director_is() {
     let mut a = alerts(800);
     a.set_settle_probes(4);
     a.host_answered(host(HOST), t0);
-    a.probe_settled(host(HOST), true);
+    a.host_probes_sent(host(HOST), [1, 0]);
     l7_down(&mut a, "http", t0);
     assert!(a.poll(at(5000), NONE_ALIVE).is_empty());
-    a.probe_settled(host(HOST), true);
+    a.host_probes_sent(host(HOST), [2, 0]);
     a.host_down(host(HOST), "no answer".into(), at(6000));
     let events = a.poll(at(6000), NONE_ALIVE);
     assert_eq!(events.len(), 1, "{events:?}");

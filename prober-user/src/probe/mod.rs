@@ -11,6 +11,7 @@ pub mod schedule;
 mod send;
 pub mod spec;
 pub mod transmit;
+mod verdicts;
 
 use std::{
     collections::HashMap,
@@ -29,10 +30,11 @@ use prober_common::{
 };
 use tracing::{info, warn};
 
-pub use counts::{Counts, ProbeReport, ProbeReports};
+pub use counts::{ProbeReport, ProbeReports};
 use paths::{NeighbourKeepalive, Nudges, RESOLUTION_BACKOFF};
 pub use send::Sent;
 pub use spec::{Forwarding, ProbeKind, ProbeSpec};
+pub use verdicts::MonotonicClock;
 
 use crate::{
     map_batch::ArraySnapshot,
@@ -132,14 +134,6 @@ pub struct Prober {
     lost_logged: Option<Instant>,
     /// When the window of acceptable agent sequences was last moved.
     agent_window_at: Option<Instant>,
-    /// The blocks read by [`Prober::read_counts`]: one syscall per map per
-    /// block due, not one per target, and no allocation per tick.
-    states: ArraySnapshot<ProbeState>,
-    results: ArraySnapshot<ProbeResults>,
-    /// Counters of the ids read by the last `read_counts` (those whose
-    /// generation is the current one).
-    cached: Vec<(u64, Counts)>,
-    generation: u64,
     /// Whether probe frames seem to vanish (a veth without an XDP peer).
     delivery: delivery::DeliveryWatch,
     /// Live frames, or a packet socket where the kernel refuses them.
@@ -147,6 +141,9 @@ pub struct Prober {
     keepalive: NeighbourKeepalive,
     cpus: usize,
     send_buffers: send::SendBuffers,
+    /// The datapath's counters, for the replies it matched (the director
+    /// path's evidence); None in tests without a pinned map.
+    counters: Option<PerCpuArray<MapData, prober_common::DatapathCounters>>,
 }
 
 impl Prober {
@@ -197,16 +194,13 @@ impl Prober {
             notifications_lost: 0,
             lost_logged: None,
             agent_window_at: None,
-            states: ArraySnapshot::default(),
-            results: ArraySnapshot::default(),
-            cached: Vec::new(),
-            generation: 0,
             delivery: delivery::DeliveryWatch::new(interface),
             transmit: transmit::Transmit::new(transmit::TransmitMode::Auto)?,
             keepalive: NeighbourKeepalive::new(interface),
             cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))?,
             send_buffers: send::SendBuffers::default(),
+            counters: None,
         };
         prober
             .maps
@@ -338,6 +332,7 @@ impl Prober {
         }
         self.maps.targets.set(id, ProbeTarget::default(), 0)?;
         self.maps.state.set(id, ProbeState::default(), 0)?;
+        self.maps.expect.set(id, Expectation::default(), 0)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let zeros = PerCpuValues::try_from(vec![ProbeResults::default(); cpus])?;
         self.maps.results.set(id, zeros, 0)?;

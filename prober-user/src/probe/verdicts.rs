@@ -1,0 +1,91 @@
+//! What the datapath settles (see prober-ebpf's `verdict.rs`): its events
+//! taken from the ring, what the controller holds of each target written
+//! back so only news is reported, and the count of matched replies.
+
+use aya::maps::{MapData, PerCpuArray};
+use prober_common::{DatapathCounters, Expectation, ProbeEvent, ProbeState};
+
+use super::*;
+
+impl Prober {
+    /// Moves the events reported since the last call into `out` (cleared
+    /// first; its allocation is kept from call to call).
+    pub fn take_events(&mut self, out: &mut Vec<ProbeEvent>) {
+        out.clear();
+        while let Some(item) = self.maps.events.next() {
+            if item.len() >= std::mem::size_of::<ProbeEvent>() {
+                // SAFETY: the program writes whole ProbeEvents; read
+                // unaligned from the ring's bytes.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
+    }
+
+    /// Drops the events reported so far (probes without a controller).
+    pub fn discard_events(&mut self) {
+        while self.maps.events.next().is_some() {}
+    }
+
+    /// Tells the datapath what the controller holds of target `id`.
+    pub fn set_expectation(&mut self, id: u32, expectation: Expectation) -> Result<()> {
+        self.maps
+            .expect
+            .set(id, expectation, 0)
+            .with_context(|| format!("writing PROBE_EXPECT[{id}]"))
+    }
+
+    /// Target `id`'s send state as it stands (one map read).
+    pub fn state_of(&self, id: u32) -> Option<ProbeState> {
+        self.maps.state.get(&id, 0).ok()
+    }
+
+    /// Lets [`Prober::replies_matched`] read the datapath's counters.
+    pub fn watch_counters(&mut self, counters: PerCpuArray<MapData, DatapathCounters>) {
+        self.counters = Some(counters);
+    }
+
+    /// Replies matched to a probe so far, all CPUs (None: not watched, or
+    /// unreadable).
+    pub fn replies_matched(&self) -> Option<u64> {
+        let per_cpu = self.counters.as_ref()?.get(&0, 0).ok()?;
+        Some(per_cpu.iter().map(|c| c.replies_matched).sum())
+    }
+}
+
+/// The datapath's clock (CLOCK_MONOTONIC, bpf_ktime_get_ns) read beside
+/// an [`Instant`], which on Linux counts the same clock: datapath times
+/// become instants.
+#[derive(Debug, Clone, Copy)]
+pub struct MonotonicClock {
+    at: Instant,
+    ns: u64,
+}
+
+impl MonotonicClock {
+    pub fn now() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid out pointer; CLOCK_MONOTONIC always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        Self {
+            at: Instant::now(),
+            ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+        }
+    }
+
+    /// The instant of datapath time `ns` (0, never: None).
+    pub fn instant_of(&self, ns: u64) -> Option<Instant> {
+        if ns == 0 {
+            return None;
+        }
+        Some(if ns <= self.ns {
+            self.at
+                .checked_sub(Duration::from_nanos(self.ns - ns))
+                .unwrap_or(self.at)
+        } else {
+            self.at + Duration::from_nanos(ns - self.ns)
+        })
+    }
+}
