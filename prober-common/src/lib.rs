@@ -35,7 +35,8 @@ pub mod map_names {
     pub const PROBE_RTT: &str = "PROBE_RTT";
     /// Slot 0: [`ProbeConfig`](crate::ProbeConfig) (secrets, local port range).
     pub const PROBE_CONFIG: &str = "PROBE_CONFIG";
-    /// Index -> target id: the targets of the batch being sent.
+    /// Index -> target id: the send wheel, every target once, ordered by
+    /// the slot of the interval it is sent in; a slot's run is a range.
     pub const PROBE_BATCH: &str = "PROBE_BATCH";
     /// Slot 0: [`BatchCursor`](crate::BatchCursor) of the batch being sent.
     pub const BATCH_CURSOR: &str = "BATCH_CURSOR";
@@ -263,6 +264,9 @@ pub struct DatapathCounters {
     pub resets_before_probe: u64,
     /// Probe events the ring buffer had no room for (userspace behind).
     pub events_lost: u64,
+    /// Batch entries `probe_tx` walked past: not due yet, or without a
+    /// path (no MAC for their next hop).
+    pub entries_not_due: u64,
 }
 
 impl DatapathCounters {
@@ -288,6 +292,7 @@ impl DatapathCounters {
                 .resets_before_probe
                 .saturating_add(o.resets_before_probe),
             events_lost: self.events_lost.saturating_add(o.events_lost),
+            entries_not_due: self.entries_not_due.saturating_add(o.entries_not_due),
         }
     }
 }
@@ -377,10 +382,15 @@ pub struct ProbeState {
     pub rtt_ewma_at_ns: u64,
     /// The estimate last reported to userspace.
     pub rtt_reported_ns: u64,
+    /// Not sent before this (CLOCK_MONOTONIC): half a turn of the send
+    /// wheel short of a full interval after the last send (see
+    /// [`ProbeConfig::send_turn_us`]); 0: due.
+    pub next_send_ns: u64,
 }
 
 /// What userspace holds of a target, so the datapath reports only what
-/// goes against it (see [`ProbeEvent`]). Written only by userspace.
+/// goes against it (see [`ProbeEvent`]), and how often to probe it.
+/// Written only by userspace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Expectation {
@@ -390,6 +400,9 @@ pub struct Expectation {
     /// An answer later than this counts as a timeout (a slow answer);
     /// 0: none does.
     pub timeout_us: u32,
+    /// Its probe interval; 0: sent whenever its entry is walked.
+    pub interval_us: u32,
+    pub _pad2: u32,
 }
 
 /// [`Expectation::state`] codes.
@@ -535,7 +548,11 @@ pub struct ProbeConfig {
     pub rtt_peak: u8,
     pub _pad3: u8,
     pub rtt_slack_us: u32,
-    pub _pad4: u32,
+    /// How long the send wheel takes to walk every target once (the
+    /// shortest interval): a target is due when less than half a turn is
+    /// left of its interval, so a walk a little late or early still sends
+    /// it once per interval.
+    pub send_turn_us: u32,
 }
 
 /// Key of `DR_CHECKS`: one L7 check connection as the director's side
@@ -597,8 +614,9 @@ pub struct IpvsChanges {
     pub last_comm: [u8; 16],
 }
 
-/// Progress of the batch `probe_tx` is sending: run i sends the target at
-/// `PROBE_BATCH[next]` and advances `next` while it is below `len`.
+/// Progress of the walk `probe_tx` is making over `PROBE_BATCH`: a run
+/// sends the first due target from `next` on (passing over a few that are
+/// not), and leaves `next` after it; the walk ends at `len`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchCursor {
@@ -799,11 +817,11 @@ mod tests {
 
     #[test]
     fn layouts_have_no_holes() {
-        assert_no_holes!(DatapathCounters, 120, {
+        assert_no_holes!(DatapathCounters, 128, {
             packets: u64, bytes: u64, replies_matched: u64, replies_rejected: u64,
             replies_late: u64, resets_sent: u64, probes_built: u64, probe_errors: u64, agent_reports: u64,
             agent_malformed: u64, agent_unknown: u64, agent_unauthenticated: u64,
-            agent_replayed: u64, resets_before_probe: u64, events_lost: u64,
+            agent_replayed: u64, resets_before_probe: u64, events_lost: u64, entries_not_due: u64,
         });
         assert_no_holes!(ProbeTarget, 88, {
             dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, _pad0: u8,
@@ -814,12 +832,14 @@ mod tests {
             remote_addr: [u8; 16], remote_port: u16, local_port: u16, family: u8, protocol: u8,
             _pad: [u8; 2],
         });
-        assert_no_holes!(ProbeState, 72, {
+        assert_no_holes!(ProbeState, 80, {
             sent: u64, timed_out: u64, last_sent_ns: u64, last_reply_ns: u64,
             misses_in_row: u32, reset_nonce: u32, successes_in_row: u32, failures_in_row: u32,
-            rtt_ewma_ns: u64, rtt_ewma_at_ns: u64, rtt_reported_ns: u64,
+            rtt_ewma_ns: u64, rtt_ewma_at_ns: u64, rtt_reported_ns: u64, next_send_ns: u64,
         });
-        assert_no_holes!(Expectation, 8, { state: u8, _pad: [u8; 3], timeout_us: u32 });
+        assert_no_holes!(Expectation, 16, {
+            state: u8, _pad: [u8; 3], timeout_us: u32, interval_us: u32, _pad2: u32,
+        });
         assert_no_holes!(ProbeEvent, 48, {
             target_id: u32, outcome: u8, _pad: [u8; 3], in_row: u32, nonce: u32, sent_ns: u64,
             rtt_ns: u64, rtt_ewma_ns: u64, answered_before_ns: u64,
@@ -833,7 +853,7 @@ mod tests {
             agent_port: u16, _pad: [u8; 2], agent_addr: [u8; 4], agent_auth: u8, _pad2: [u8; 3],
             agent_key: [u64; 2], agent_sequence_min: u64, agent_sequence_max: u64,
             rtt_decay_us: u32, rtt_band_permille: u16, rtt_peak: u8, _pad3: u8,
-            rtt_slack_us: u32, _pad4: u32,
+            rtt_slack_us: u32, send_turn_us: u32,
         });
         assert_no_holes!(DrCheckKey, 12, {
             local_addr: [u8; 4], local_port: u16, remote_port: u16, protocol: u8, _pad: [u8; 3],

@@ -1,8 +1,11 @@
-//! `probe_tx`: one run writes one probe frame. The daemon fills
-//! `PROBE_BATCH` with the target ids due, resets `BATCH_CURSOR` and runs the
-//! program over it in BPF_PROG_TEST_RUN calls (live frames), each run on
-//! the same scratch frame of `PROBE_FRAME_MAX` bytes, until the cursor
-//! reaches the end.
+//! `probe_tx`: one run writes one probe frame. `PROBE_BATCH` holds the
+//! send wheel (every target, ordered by the slot of the interval it goes
+//! in); for each slot the daemon points `BATCH_CURSOR` at the slot's range
+//! and runs the program over it in BPF_PROG_TEST_RUN calls (live frames),
+//! each run on the same scratch frame of `PROBE_FRAME_MAX` bytes, until
+//! the cursor reaches the end. A run sends the next target that is due
+//! (its interval nearly gone by since its last send) and has a path: the
+//! daemon does nothing per target.
 //!
 //! A SYN whose probe went unanswered is followed by a RST for it first
 //! (one run that leaves the cursor where it is): if it was the SYN-ACK
@@ -13,10 +16,14 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
+    bindings::xdp_action,
     helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use prober_common::{cookie::probe_cookie, encap, family, outcome, probe_kind, ProbeTarget};
+use prober_common::{
+    cookie::probe_cookie, encap, family, outcome, probe_kind, BatchCursor, Expectation,
+    ProbeConfig, ProbeTarget,
+};
 
 use crate::{
     counters, packet::*, verdict, BATCH_CURSOR, PROBE_BATCH, PROBE_CONFIG, PROBE_STATE,
@@ -40,16 +47,22 @@ struct IcmpEcho {
     zero: [u8; 4],
 }
 
+/// Entries one run may walk past (not due, or without a path) before it
+/// gives up sending: bounds a run's work and the verifier's loop.
+const WALK: u32 = 32;
+
 pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
     // SAFETY: single-slot arrays; BPF_PROG_TEST_RUN runs the batch serially
     // on one CPU, so nothing else writes the cursor meanwhile.
     let cursor = unsafe { &mut *BATCH_CURSOR.get_ptr_mut(0).ok_or(())? };
-    let index = cursor.next;
-    if index >= cursor.len {
-        return Err(());
+    if cursor.next >= cursor.len {
+        return Err(()); // run past the end of the walk
     }
-    cursor.next = index + 1;
-    let target_id = *PROBE_BATCH.get(index).ok_or(())?;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some((index, target_id)) = next_due(cursor, now)? else {
+        return Ok(xdp_action::XDP_DROP); // none due in this stretch: no frame
+    };
     let target = PROBE_TARGETS.get(target_id).ok_or(())?;
     let config = PROBE_CONFIG.get(0).ok_or(())?;
     if target.family != family::IPV4 {
@@ -117,18 +130,17 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
         _ => return Err(()),
     }
 
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let expect = verdict::expectation(target_id);
     if unanswered {
         state.timed_out += 1;
         state.misses_in_row = state.misses_in_row.saturating_add(1);
-        let expect = verdict::expectation(target_id);
         verdict::settle(target_id, state, &expect, outcome::TIMED_OUT, last_nonce, 0);
     } else {
         state.misses_in_row = 0;
     }
     state.sent += 1;
     state.last_sent_ns = now;
+    state.next_send_ns = next_send(now, &expect, config);
     if let Some(c) = counters() {
         c.probes_built += 1;
     }
@@ -136,6 +148,50 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
     // XDP_ABORTED for a bad ifindex.
     let action = unsafe { bpf_redirect(target.ifindex, 0) };
     Ok(action as u32)
+}
+
+/// The next entry of the walk whose target is due and has a path, with
+/// its index, the cursor left after it; None when `WALK` entries (or the
+/// rest of the walk) have none; an error for a walk past the batch map.
+#[inline(always)]
+fn next_due(cursor: &mut BatchCursor, now: u64) -> Result<Option<(u32, u32)>, ()> {
+    let mut passed = 0;
+    let mut found = None;
+    for _ in 0..WALK {
+        let index = cursor.next;
+        if index >= cursor.len {
+            break;
+        }
+        cursor.next = index + 1;
+        let Some(&id) = PROBE_BATCH.get(index) else {
+            return Err(());
+        };
+        let has_path = PROBE_TARGETS.get(id).is_some_and(|t| t.kind != 0);
+        let due = PROBE_STATE.get(id).is_some_and(|s| s.next_send_ns <= now);
+        if has_path && due {
+            found = Some((index, id));
+            break;
+        }
+        passed += 1;
+    }
+    if let Some(c) = counters() {
+        c.entries_not_due += passed;
+    }
+    Ok(found)
+}
+
+/// When a target just sent is next due: its interval on, less half a
+/// turn of the wheel, so the walk that comes a turn (or `interval`) later
+/// finds it due even a little early; a target without an interval is
+/// always due.
+#[inline(always)]
+fn next_send(now: u64, expect: &Expectation, config: &ProbeConfig) -> u64 {
+    let interval = expect.interval_us as u64 * 1000;
+    if interval == 0 {
+        return 0;
+    }
+    let half_turn = (config.send_turn_us as u64 * 1000).min(interval) / 2;
+    now + interval - half_turn
 }
 
 /// Grows or shrinks the scratch frame to `len` bytes.

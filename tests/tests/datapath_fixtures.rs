@@ -902,7 +902,7 @@ fn probe_tx_survives_random_target_entries_and_batch_cursors() {
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     };
     let runs = 100_000u64;
-    let (mut sent, mut refused) = (0u64, 0u64);
+    let (mut sent, mut refused, mut passed_over) = (0u64, 0u64, 0u64);
     let errors_before = f.counters().probe_errors;
     for i in 0..runs {
         let mut bytes = [0u8; 16];
@@ -940,9 +940,14 @@ fn probe_tx_survives_random_target_entries_and_batch_cursors() {
             len: (next() % 3) as u32,
         };
         f.maps.cursor.set(0, cursor, 0).unwrap();
+        let before = f.counters();
         let run = run_xdp(f.tx.as_fd(), &[0u8; prober_common::PROBE_FRAME_MAX], 1).unwrap();
+        let after = f.counters();
         match run.action {
-            XDP_DROP => refused += 1,
+            XDP_DROP if after.probe_errors > before.probe_errors => refused += 1,
+            // Entries without a path (kind 0) walked past, counted.
+            XDP_DROP if after.entries_not_due > before.entries_not_due => passed_over += 1,
+            XDP_DROP => panic!("run {i}: dropped, counted nowhere: {target:?}, {cursor:?}"),
             XDP_REDIRECT => {
                 sent += 1;
                 let frame = &run.frame;
@@ -963,14 +968,14 @@ fn probe_tx_survives_random_target_entries_and_batch_cursors() {
         }
     }
     let errors = f.counters().probe_errors - errors_before;
-    println!("{runs} random probe_tx runs: {sent} well-formed frames sent, {refused} refused and counted");
+    println!("{runs} random probe_tx runs: {sent} well-formed frames sent, {refused} refused and counted, {passed_over} passed over an entry without a path");
     assert_eq!(errors, refused, "every refusal counted");
     assert!(sent > 0 && refused > 0);
     prober_tests::record(
         "hostile input",
         "random probe target entries and batch cursors handed to probe_tx",
         runs,
-        &format!("{sent} well-formed IPv4 frames sent, {refused} runs refused and counted, no malformed frame"),
+        &format!("{sent} well-formed IPv4 frames sent, {refused} runs refused and counted, {passed_over} walked past an entry without a path, no malformed frame"),
         "nothing",
     );
 }
@@ -1124,6 +1129,8 @@ fn expect(f: &mut Fixture, state: u8, timeout_us: u32) {
                 state,
                 _pad: [0; 3],
                 timeout_us,
+                interval_us: 0,
+                _pad2: 0,
             },
             0,
         )
@@ -1260,4 +1267,64 @@ fn a_slow_answer_is_a_failure_and_an_rtt_move_beyond_the_band_is_reported() {
         state.rtt_ewma_ns < 50_000_000,
         "a slow answer is no RTT sample"
     );
+}
+
+#[test]
+fn the_walk_sends_the_targets_due_and_passes_over_the_rest() {
+    let mut f = fixture();
+    let probe = |port| tx_target(probe_kind::TCP_SYN, encap::NONE, RS, port, 61234);
+    // The wheel: target 3 has no path (kind 0), 4 and 6 are due, each
+    // every second of a one-second turn.
+    for (id, target) in [(3, ProbeTarget::default()), (4, probe(81)), (6, probe(82))] {
+        f.maps.targets.set(id, target, 0).unwrap();
+        f.maps.state.set(id, ProbeState::default(), 0).unwrap();
+        let every_second = Expectation {
+            interval_us: 1_000_000,
+            ..Default::default()
+        };
+        f.maps.expect.set(id, every_second, 0).unwrap();
+    }
+    let mut config = f.maps.config.get(&0, 0).unwrap();
+    config.send_turn_us = 1_000_000;
+    f.maps.config.set(0, config, 0).unwrap();
+    for (index, id) in [3, 4, 6].into_iter().enumerate() {
+        f.maps.batch.set(index as u32, id, 0).unwrap();
+    }
+    let walk = |f: &mut Fixture| {
+        f.maps
+            .cursor
+            .set(0, BatchCursor { next: 0, len: 3 }, 0)
+            .unwrap();
+        let mut sent = vec![];
+        for _ in 0..4 {
+            if f.maps.cursor.get(&0, 0).unwrap().next >= 3 {
+                break;
+            }
+            let (action, frame) = run_tx(f);
+            if action == XDP_REDIRECT {
+                sent.push(be16(&frame[34..], 2));
+            } else {
+                assert_eq!(action, XDP_DROP);
+            }
+        }
+        sent
+    };
+    assert_eq!(
+        walk(&mut f),
+        [81, 82],
+        "both due, the one without a path passed over"
+    );
+    assert_eq!(f.counters().entries_not_due, 1);
+    let sent_at = f.maps.state.get(&4, 0).unwrap().last_sent_ns;
+    let next = f.maps.state.get(&4, 0).unwrap().next_send_ns;
+    assert_eq!(
+        next - sent_at,
+        500_000_000,
+        "due half a turn before its interval is up"
+    );
+    // The same walk again at once: nothing is due, nothing is an error.
+    assert_eq!(walk(&mut f), Vec::<u16>::new());
+    assert_eq!(f.counters().entries_not_due, 4);
+    assert_eq!(f.counters().probe_errors, 0);
+    assert_eq!(f.maps.state.get(&4, 0).unwrap().sent, 1);
 }

@@ -146,9 +146,17 @@ fn a_stopped_server_goes_to_zero_in_time_and_returns_through_slow_start() {
         back.elapsed()
     );
     let ramp: Vec<u32> = seen.iter().copied().filter(|w| *w > 0).collect();
+    let about_it = |log: String| -> String {
+        log.lines()
+            .filter(|l| l.contains(&rs(0)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert!(
         ramp.len() >= 3 && ramp[0] <= 25,
-        "slow start from the floor: {seen:?}"
+        "slow start from the floor: {seen:?}; what the daemon said of {}:\n{}",
+        rs(0),
+        about_it(daemon.log())
     );
     assert!(ramp.windows(2).all(|w| w[0] < w[1]), "rising: {seen:?}");
 }

@@ -225,14 +225,9 @@ impl Controller {
 
         for (spec, settings) in &plan.probes {
             match self.probes.get_mut(spec) {
-                Some(track) => {
-                    // A new interval (a reload) applies from now: the
-                    // probe is queued again on its new grid below.
-                    if track.settings.interval != settings.interval {
-                        track.queued_at = None;
-                    }
-                    track.settings = *settings;
-                }
+                // A new interval or timeout (a reload) reaches the datapath
+                // with its expectation below.
+                Some(track) => track.settings = *settings,
                 None => {
                     let remembered = store.health(&health_key(spec));
                     let state = match remembered.map(|r| r.state) {
@@ -254,8 +249,7 @@ impl Controller {
                             expected: None,
                             response: None,
                             response_at: None,
-                            grid: now,
-                            queued_at: None,
+                            unresolved_settled_at: None,
                             came_up_at: None,
                             latency_saved_at: now,
                         },
@@ -330,24 +324,11 @@ impl Controller {
             .map(|b| (b.destination.addr, b.destination.port))
             .collect();
         self.passive.sync(&nat)?;
-        // New probes (and those with a new interval) go on their grid from
-        // now (not from the tick's start: this discovery may have taken
-        // long, and their first sends must not all be overdue at once).
-        // The datapath learns what is held of new targets (and of those
-        // whose timeout changed).
-        let now = Instant::now();
+        // The datapath learns what is held of new targets, and of those
+        // whose interval or timeout changed (a write each; the rest cost a
+        // comparison). New ones go out at their slot's next turn.
         for spec in &specs {
             self.write_expectation(*spec);
-            let (Some(id), Some(track)) = (self.prober.id_of(spec), self.probes.get_mut(spec))
-            else {
-                continue;
-            };
-            if track.queued_at.is_some() {
-                continue;
-            }
-            track.grid = schedule::next_send(self.epoch, id, track.settings.interval, now);
-            track.queued_at = Some(track.grid);
-            self.queue.push(track.grid, id);
         }
         self.plan = plan;
         self.dump_fingerprint = Some(fingerprint);

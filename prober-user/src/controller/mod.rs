@@ -41,10 +41,7 @@ use crate::{
     health::{Cause, Health, Observations, State},
     ipvs_changes::{Changed, IpvsChangeSignal, FALLBACK_DISCOVERY},
     passive::{self, Passive},
-    probe::{
-        schedule::{self, Send},
-        MonotonicClock, ProbeSpec, Prober,
-    },
+    probe::{schedule, MonotonicClock, ProbeSpec, Prober},
     state::{health_key, weight_key, StateStore},
     targets::{self, CheckSettings, Plan, ProbeSettings},
     weights::{pool_weights, LatencyEwma, Member},
@@ -53,6 +50,10 @@ use crate::{
 /// Server resets plus resent client SYNs in one interval that are logged
 /// (at debug) when they outnumber the handshakes that succeeded.
 const PASSIVE_BURST: u64 = 5;
+
+/// Slots of the send wheel one tick walks at most: a late tick catches
+/// up by a slot and a bit, never with a burst of everything due.
+const MOST_SLOTS_PER_TICK: u32 = 2;
 
 /// Latency estimates are saved for restarts this often.
 const LATENCY_SAVE: Duration = Duration::from_secs(2);
@@ -83,11 +84,9 @@ struct ProbeTrack {
     /// measurement, and when it last had a sample.
     response: Option<LatencyEwma>,
     response_at: Option<Instant>,
-    /// The grid point of its next send (see `probe::schedule`).
-    grid: Instant,
-    /// When it is next looked at: its only valid entry in the queue (None:
-    /// not queued yet, it has no target id).
-    queued_at: Option<Instant>,
+    /// When its next hop's MAC was last missing at its slot (settled
+    /// as a timeout then).
+    unresolved_settled_at: Option<Instant>,
     /// When it last came up in this run (slow start).
     came_up_at: Option<Instant>,
     latency_saved_at: Instant,
@@ -156,6 +155,8 @@ struct Totals {
     drops_to_say: SaidEveryMinute,
     /// Outcomes the datapath reported (only news: see `take_probe_events`).
     probe_events: u64,
+    /// Wheel slots not walked in their turn (a whole turn behind).
+    slots_skipped: u64,
     /// Full IPVS dumps asked for; configuration calls signalled.
     ipvs_dumps: u64,
     ipvs_changes_signalled: u64,
@@ -235,28 +236,20 @@ pub struct Controller {
     /// may have begun before them).
     ipvs_changed: Option<Changed>,
     ipvs_problem: Option<String>,
-    /// Probes by when they are next to be settled or sent.
-    queue: schedule::Queue,
-    /// Where every probe's send grid starts.
+    /// When the send wheel's slot 0 first came, and the next slot to
+    /// walk, counted from it.
     epoch: Instant,
-    /// Buffers reused by every tick (nothing allocated per tick).
-    popped: Vec<(Instant, u32)>,
-    /// This tick's due probes whose next hop is unresolved.
+    next_slot: u64,
+    /// This tick's unresolved targets of a slot (kept to reuse).
     due_ids: Vec<u32>,
     probe_events: Vec<prober_common::ProbeEvent>,
     /// Hosts whose failed checks wait for their diagnosis, this tick.
     diagnosis_hosts: Vec<IpAddr>,
     /// The datapath's count of matched replies at the last tick.
     replies_matched: u64,
-    sending: Vec<u32>,
-    /// A tick that used its whole budget: the next waits until then.
-    hold_until: Option<Instant>,
     /// Probes up now: counted at each discovery, kept by each transition
     /// (every wake asks, and a count would cost a pass over every probe).
     up_probes: usize,
-    /// When the last tick's sends were worked out (the budget grows with
-    /// the time since).
-    last_send_pass: Option<Instant>,
     /// Services whose pools a health change touched this tick: recomputed
     /// at once, the others in turn, a share per tick.
     touched: HashSet<ServiceKey>,
@@ -310,6 +303,9 @@ impl Controller {
         if let Err(e) = set_rtt_estimate(&mut prober, &config) {
             warn!("{e:#}: the datapath's RTT estimate takes each sample as it comes");
         }
+        if let Err(e) = prober.set_send_turn(shortest_interval(&config)) {
+            warn!("{e:#}: targets are sent at every turn of the send wheel");
+        }
         Self {
             checker,
             check_reports,
@@ -356,11 +352,9 @@ impl Controller {
             ipvs_changed: None,
             ipvs_problem: None,
             latency_hold_until: now + config.policy.decay,
-            queue: schedule::Queue::default(),
             epoch: now,
-            popped: Vec::new(),
+            next_slot: 0,
             due_ids: Vec::new(),
-            sending: Vec::new(),
             touched: HashSet::new(),
             pool_cursor: 0,
             pools_rotated_at: None,
@@ -368,9 +362,7 @@ impl Controller {
             pools_due: Vec::new(),
             candidates: Vec::new(),
             pool_members: Vec::new(),
-            last_send_pass: None,
             up_probes: 0,
-            hold_until: None,
             discovery_delay: std::env::var("PROBER_DEBUG_SLOW_DISCOVERY_MS")
                 .ok()
                 .and_then(|ms| ms.parse().ok())
@@ -423,6 +415,13 @@ impl Controller {
         self.alerts
             .set_settle_probes(u64::from(config.limits.fall) + 1);
         set_rtt_estimate(&mut self.prober, &config)?;
+        let turn = shortest_interval(&config);
+        if turn != self.tick_interval() {
+            // Slots of another length: the wheel starts its turns afresh.
+            self.prober.set_send_turn(turn)?;
+            self.epoch = now;
+            self.next_slot = 0;
+        }
         self.config = config;
         self.next_discovery = now;
         self.dump_fingerprint = None;
@@ -434,12 +433,12 @@ impl Controller {
         &self.config
     }
 
-    /// When a probe is next to be settled or sent: `tick` should run
-    /// then (with `full` false if the regular tick is not due), so
-    /// timeouts are exact and sends keep to their grid.
+    /// When the send wheel's next slot comes: `tick` should run then
+    /// (with `full` false if the regular tick is not due).
     pub fn next_wake(&self) -> Option<Instant> {
-        let next = self.queue.next()?;
-        Some(self.hold_until.map_or(next, |hold| next.max(hold)))
+        let since = self.slot_len().as_nanos() * u128::from(self.next_slot);
+        self.epoch
+            .checked_add(Duration::from_nanos(u64::try_from(since).ok()?))
     }
 
     /// The shortest probe interval: how often `tick` should run.
@@ -450,13 +449,7 @@ impl Controller {
     }
 
     pub fn tick_interval(&self) -> Duration {
-        self.config
-            .services
-            .iter()
-            .filter_map(|s| s.interval)
-            .chain([self.config.interval])
-            .min()
-            .unwrap_or(self.config.interval)
+        shortest_interval(&self.config)
     }
 
     /// One pass: probes due now are settled and sent; a `full` tick (the
@@ -473,7 +466,7 @@ impl Controller {
         // against the clock as it is now, not as the tick began.
         let now = Instant::now();
         self.touched.clear();
-        self.send_due_probes(now);
+        self.send_due_slots(now);
         self.take_probe_events(now);
         // After the sends: reading every followed server's samples is the
         // regular tick's longest step, and must not make them late.
@@ -530,6 +523,18 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// The shortest probe interval configured: the tick, and the send
+/// wheel's turn.
+fn shortest_interval(config: &Config) -> Duration {
+    config
+        .services
+        .iter()
+        .filter_map(|s| s.interval)
+        .chain([config.interval])
+        .min()
+        .unwrap_or(config.interval)
 }
 
 /// The datapath keeps each target's RTT estimate as the weight policy

@@ -1,79 +1,82 @@
-//! Observe: probes sent on their grid, what the datapath settled and
+//! Observe: the send wheel turned, what the datapath settled and
 //! passive samples turned into each target's health and latency, L7
 //! check reports taken, and the director's own path judged.
 
 use super::*;
 
 impl Controller {
-    /// Sends the probes whose grid point has come, at most
-    /// `schedule::budget` in one tick. The datapath settles them (see
-    /// [`Controller::take_probe_events`]); only a probe whose next hop
-    /// does not answer ARP, which cannot be sent, is settled here, as a
-    /// timeout.
-    pub(super) fn send_due_probes(&mut self, now: Instant) {
-        let mut popped = std::mem::take(&mut self.popped);
-        let mut sending = std::mem::take(&mut self.sending);
-        let mut unresolved = std::mem::take(&mut self.due_ids);
-        self.queue.pop_due(now, &mut popped);
-        sending.clear();
-        unresolved.clear();
-        let since = self
-            .last_send_pass
-            .map_or(Duration::ZERO, |at| now.duration_since(at));
-        self.last_send_pass = Some(now);
-        let budget = schedule::budget(self.probes.len(), since, self.tick_interval());
-        let mut late = 0u64;
-        // Oldest first (the queue's order), so what the budget defers is
-        // the newest.
-        for &(at, id) in &popped {
-            let Some(spec) = self.prober.spec_of(id) else {
-                continue;
-            };
-            let Some(track) = self.probes.get_mut(&spec) else {
-                continue;
-            };
-            if track.queued_at != Some(at) {
-                continue; // left behind by a reschedule, or done already
-            }
-            let interval = track.settings.interval;
-            let grid = track.grid;
-            let next = match schedule::send_due(self.epoch, id, interval, grid, now) {
-                Send::Wait => grid,
-                // Over the budget: it keeps its place (the oldest go
-                // first next time), and the next tick waits a slot.
-                Send::Now { .. } if sending.len() >= budget => {
-                    self.hold_until = Some(now + interval / schedule::SLOTS);
-                    at
-                }
-                Send::Now { next, late: behind } => {
-                    if self.prober.neighbour_unresolved(id) {
-                        unresolved.push(id);
-                    } else {
-                        sending.push(id);
-                    }
-                    late += behind as u64;
-                    track.grid = next.max(grid);
-                    next
-                }
-            };
-            track.queued_at = Some(next);
-            self.queue.push(next, id);
+    /// Walks the send wheel's slots whose time has come, at most
+    /// [`MOST_SLOTS_PER_TICK`] in one tick: `probe_tx` sends each target
+    /// due in them, and settles the probes before (see
+    /// [`Controller::take_probe_events`]); nothing here is per target. A
+    /// target whose next hop does not answer ARP cannot be sent: it is
+    /// settled here, as a timeout, once per interval.
+    pub(super) fn send_due_slots(&mut self, now: Instant) {
+        let slot_len = self.slot_len();
+        let current = (now.saturating_duration_since(self.epoch).as_nanos()
+            / slot_len.as_nanos().max(1)) as u64;
+        if current >= self.next_slot + u64::from(schedule::SLOTS) {
+            // A whole turn behind (a stall): the missed slots wait for
+            // their next turn rather than go out at once.
+            self.totals.slots_skipped += current - self.next_slot;
+            self.next_slot = current;
         }
-        let sent = match self.prober.send(&sending) {
-            Ok(sent) => sent,
-            Err(e) => {
-                warn!("sending probes: {e:#}");
-                crate::probe::Sent {
-                    attempted: sending.len(),
-                    ..Default::default()
+        let mut walked = 0;
+        while self.next_slot <= current && walked < MOST_SLOTS_PER_TICK {
+            let slot = (self.next_slot % u64::from(schedule::SLOTS)) as u32;
+            let late = current - self.next_slot > u64::from(schedule::SLOTS / 2);
+            let sent = match self.prober.send_slot(slot) {
+                Ok(sent) => sent,
+                Err(e) => {
+                    warn!("sending probes: {e:#}");
+                    crate::probe::Sent::default()
                 }
+            };
+            self.note_sends(sent.frames, if late { sent.frames } else { 0 }, now);
+            self.note_director_drops(sent.dropped, u64::from(sent.left), now);
+            self.settle_unresolved(slot, now);
+            self.next_slot += 1;
+            walked += 1;
+        }
+    }
+
+    /// The length of one slot of the wheel's turn (the shortest interval).
+    pub(super) fn slot_len(&self) -> Duration {
+        self.tick_interval() / schedule::SLOTS
+    }
+
+    /// Settles, as timeouts, the probes of slot `slot` that cannot be sent
+    /// for want of their next hop's MAC (the host does not answer ARP),
+    /// once per interval each.
+    fn settle_unresolved(&mut self, slot: u32, now: Instant) {
+        let mut ids = std::mem::take(&mut self.due_ids);
+        ids.clear();
+        ids.extend(
+            self.prober
+                .unresolved_targets()
+                .iter()
+                .copied()
+                .filter(|&id| schedule::slot_of(id) == slot),
+        );
+        let turn = self.tick_interval();
+        for &id in &ids {
+            let Some(track) = self
+                .prober
+                .spec_of(id)
+                .and_then(|spec| self.probes.get_mut(&spec))
+            else {
+                continue;
+            };
+            // As the datapath does: due half a turn short of its interval.
+            let interval = track.settings.interval;
+            let due_after = interval - turn.min(interval) / 2;
+            if track
+                .unresolved_settled_at
+                .is_some_and(|at| now < at + due_after)
+            {
+                continue;
             }
-        };
-        // What a full ring kept back goes at its next grid point.
-        let held_back = sending.len() - sent.attempted.min(sending.len());
-        self.note_sends(sent.attempted as u64, budget, late, now);
-        self.note_director_drops(sent.dropped, held_back as u64, now);
-        for &id in &unresolved {
+            track.unresolved_settled_at = Some(now);
             let timeout = ProbeEvent {
                 target_id: id,
                 outcome: outcome::TIMED_OUT,
@@ -82,19 +85,7 @@ impl Controller {
             };
             self.observe_probe_event(&timeout, now, None);
         }
-        if self.queue.len() > 2 * self.probes.len() + 1024 {
-            // Entries left behind by reschedules.
-            let (probes, prober) = (&self.probes, &self.prober);
-            self.queue.retain(|at, id| {
-                prober
-                    .spec_of(id)
-                    .and_then(|spec| probes.get(&spec))
-                    .is_some_and(|t| t.queued_at == Some(at))
-            });
-        }
-        self.popped = popped;
-        self.due_ids = unresolved;
-        self.sending = sending;
+        self.due_ids = ids;
     }
 
     /// Takes what the datapath settled since the last tick: only outcomes
@@ -119,15 +110,15 @@ impl Controller {
         }
     }
 
-    /// Counts a tick's sends: a new largest batch past a power of two, and
-    /// late sends (at most once a minute), are said.
-    pub(super) fn note_sends(&mut self, sent: u64, budget: usize, late: u64, now: Instant) {
+    /// Counts a slot's sends: a new largest past a power of two, and late
+    /// ones (at most once a minute), are said.
+    pub(super) fn note_sends(&mut self, sent: u64, late: u64, now: Instant) {
         let totals = &mut self.totals;
         if sent > totals.largest_send {
             if sent.ilog2() > totals.largest_send.max(1).ilog2() {
                 info!(
                     probes = sent,
-                    budget, "largest probe send so far (sends are spread over each interval)"
+                    "largest probe send so far (sends are spread over each interval)"
                 );
             }
             totals.largest_send = sent;
@@ -136,7 +127,7 @@ impl Controller {
         if let Some(late) = totals.late_to_say.add(late, now) {
             warn!(
                 late,
-                "probe sends went out over half an interval late (the daemon was stalled or cannot keep up); they are spread, at most a slot's budget per tick, not sent at once"
+                "probe sends went out over half an interval late (the daemon was stalled or cannot keep up); a slot's sends go at most {MOST_SLOTS_PER_TICK} slots at a time, never all at once"
             );
         }
     }
@@ -153,7 +144,7 @@ impl Controller {
                 dropped,
                 interface = %self.prober.interface(),
                 held_back = totals.sends_held_back,
-                "the probing interface dropped probe frames as they were sent (its ring was full): their probes time out (fall absorbs a lost one), and the rest of the batch waited for its next grid point"
+                "the probing interface dropped probe frames as they were sent (its ring was full): their probes time out (fall absorbs a lost one), and the rest of the slot waited for its next turn"
             );
         }
     }
@@ -488,7 +479,9 @@ impl Controller {
                 (true, State::Down) => expected::DOWN,
             },
             _pad: [0; 3],
-            timeout_us: track.settings.timeout.as_micros().min(u32::MAX as u128) as u32,
+            timeout_us: micros(track.settings.timeout),
+            interval_us: micros(track.settings.interval),
+            _pad2: 0,
         };
         if track.expected == Some(wanted) {
             return;
@@ -545,6 +538,10 @@ impl Controller {
             track.response_at = Some(now);
         }
     }
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u32::MAX as u128) as u32
 }
 
 /// A probe's latency: the datapath's estimate from its probes and the one

@@ -12,6 +12,7 @@ mod send;
 pub mod spec;
 pub mod transmit;
 mod verdicts;
+mod wheel;
 
 use std::{
     collections::HashMap,
@@ -144,6 +145,10 @@ pub struct Prober {
     /// The datapath's counters, for the replies it matched (the director
     /// path's evidence); None in tests without a pinned map.
     counters: Option<PerCpuArray<MapData, prober_common::DatapathCounters>>,
+    /// Every target, by the slot it is sent in (see `wheel`).
+    wheel: wheel::Wheel,
+    /// Targets whose next hop has no MAC, from the last neighbour read.
+    unresolved: Vec<u32>,
 }
 
 impl Prober {
@@ -173,7 +178,7 @@ impl Prober {
             rtt_peak: 0,
             _pad3: 0,
             rtt_slack_us: 0,
-            _pad4: 0,
+            send_turn_us: 0,
         };
         let mut prober = Self {
             maps,
@@ -201,6 +206,8 @@ impl Prober {
                 .map_err(|(what, e)| anyhow::anyhow!("reading {what}: {e}"))?,
             send_buffers: send::SendBuffers::default(),
             counters: None,
+            wheel: wheel::Wheel::default(),
+            unresolved: Vec::new(),
         };
         prober
             .maps
@@ -258,6 +265,9 @@ impl Prober {
             .filter(|(spec, _)| !wanted.contains(spec))
             .map(|(s, id)| (*s, *id))
             .collect();
+        if !gone.is_empty() {
+            self.wheel_changed();
+        }
         for (spec, id) in gone {
             self.clear_slot(id)?;
             self.ids.remove(&spec);
@@ -315,6 +325,7 @@ impl Prober {
             added = true;
         }
         if added {
+            self.wheel_changed();
             self.look_up_routes();
         }
         self.refresh_neighbours()
@@ -378,6 +389,16 @@ impl Prober {
         self.config.rtt_decay_us = decay.as_micros().min(u32::MAX as u128) as u32;
         self.config.rtt_peak = u8::from(peak);
         self.config.rtt_slack_us = slack.as_micros().min(u32::MAX as u128) as u32;
+        self.maps
+            .config
+            .set(0, self.config, 0)
+            .context("writing PROBE_CONFIG")
+    }
+
+    /// How long the send wheel takes to turn: the shortest interval
+    /// (see [`ProbeConfig::send_turn_us`]).
+    pub fn set_send_turn(&mut self, turn: Duration) -> Result<()> {
+        self.config.send_turn_us = turn.as_micros().min(u32::MAX as u128) as u32;
         self.maps
             .config
             .set(0, self.config, 0)

@@ -111,10 +111,13 @@ impl Prober {
 
     /// Whether some target waits for its next hop's MAC.
     pub fn any_neighbour_unresolved(&self) -> bool {
-        self.targets
-            .iter()
-            .flatten()
-            .any(|t| t.neighbour_unresolved)
+        !self.unresolved.is_empty()
+    }
+
+    /// The targets whose next hop's MAC is not known (as of the last
+    /// neighbour read): the datapath cannot send them.
+    pub fn unresolved_targets(&self) -> &[u32] {
+        &self.unresolved
     }
 
     /// Whether target `id` waits for its next hop's MAC.
@@ -348,6 +351,14 @@ impl Prober {
             }
             target.problem = problem;
         }
+        self.unresolved.clear();
+        self.unresolved.extend(
+            self.targets
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.as_ref().is_some_and(|t| t.neighbour_unresolved))
+                .map(|(id, _)| id as u32),
+        );
         Ok(())
     }
 }

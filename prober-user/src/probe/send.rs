@@ -1,7 +1,7 @@
-//! Sending a batch of probes: the ids with a known path go into
-//! `PROBE_BATCH` and `probe_tx` writes each one's frame, which leaves as a
-//! live XDP frame (a ring's worth a syscall) or through the packet socket;
-//! frames the probing interface drops stop the batch there.
+//! Sending a slot of the wheel: `probe_tx` walks its range of
+//! `PROBE_BATCH` and writes the frame of each target due, which leaves as
+//! a live XDP frame (a ring's worth a syscall) or through the packet
+//! socket; frames the probing interface drops stop the walk there.
 
 use std::{os::fd::AsFd, time::Duration};
 
@@ -11,7 +11,6 @@ use prober_common::BatchCursor;
 use tracing::{debug, warn};
 
 use super::{delivery, transmit, Prober, SECRET_ROTATION};
-use crate::map_batch;
 
 /// An interface's transmit drops in a /proc/net/dev table: the fourth
 /// transmit column, after eight receive columns.
@@ -30,32 +29,29 @@ fn batch_cursor(cursor: &Array<MapData, BatchCursor>) -> std::io::Result<u32> {
         .map_err(|e| std::io::Error::other(format!("reading BATCH_CURSOR: {e}")))
 }
 
-/// What one send did, in positions of the ids it was given.
+/// What one slot's send did.
 #[derive(Debug, Clone, Default)]
 pub struct Sent {
-    /// The first this many were sent (or had no path); the rest were not:
-    /// the interface's ring was full.
-    pub attempted: usize,
-    /// Those whose frames the interface may have dropped.
-    pub lossy: std::ops::Range<usize>,
+    /// Frames `probe_tx` wrote (probes, and RSTs before some).
+    pub frames: u64,
+    /// Wheel entries left unwalked: the interface's ring was full, so
+    /// they wait for the slot's next turn.
+    pub left: u32,
     /// Frames the interface dropped.
     pub dropped: u64,
 }
 
-/// What the transmit path did, in positions of the frames it was given.
+/// What the transmit path did with a range of the wheel.
 #[derive(Debug, Clone, Default)]
 struct Transmitted {
-    frames: u32,
-    lossy: std::ops::Range<u32>,
+    /// Where the walk stopped.
+    reached: u32,
     dropped: u64,
 }
 
 /// What a send reuses from one to the next: nothing allocated per send.
 #[derive(Default)]
 pub(super) struct SendBuffers {
-    round: Vec<u32>,
-    ready: Vec<u32>,
-    positions: Vec<usize>,
     /// The last /proc/self/net/dev read.
     dev_table: String,
 }
@@ -77,20 +73,23 @@ impl SendBuffers {
 }
 
 impl Prober {
-    /// Sends one probe to every target with a known path.
+    /// Sends one probe to every target with a known path (no interval:
+    /// every target is due at every walk).
     pub fn send_round(&mut self) -> Result<Sent> {
-        let mut all = std::mem::take(&mut self.send_buffers.round);
-        all.clear();
-        all.extend(self.targets().map(|(id, _)| id));
-        let sent = self.send(&all);
-        self.send_buffers.round = all;
-        sent
+        let len = self.wheel_len()?;
+        self.send_range(0..len)
     }
 
-    /// Sends one probe to each of `ids` whose path is known, until the
-    /// probing interface drops frames (its ring full: the director's
-    /// loss). Says how far it got and which frames may have been lost.
-    pub fn send(&mut self, ids: &[u32]) -> Result<Sent> {
+    /// Walks slot `slot` of the send wheel: `probe_tx` sends each of its
+    /// targets that is due and has a path, until the probing interface
+    /// drops frames (its ring full: the director's loss).
+    pub fn send_slot(&mut self, slot: u32) -> Result<Sent> {
+        self.wheel_len()?;
+        let range = self.wheel.slot(slot);
+        self.send_range(range)
+    }
+
+    fn send_range(&mut self, range: std::ops::Range<u32>) -> Result<Sent> {
         if self.last_rotation.elapsed() >= SECRET_ROTATION {
             self.rotate_secret()?;
         }
@@ -101,39 +100,22 @@ impl Prober {
         {
             self.move_agent_window()?;
         }
-        // The ids with a known path, and where each stands in `ids`, in
-        // buffers kept from send to send.
-        let mut ready = std::mem::take(&mut self.send_buffers.ready);
-        let mut positions = std::mem::take(&mut self.send_buffers.positions);
-        ready.clear();
-        positions.clear();
-        for (position, &id) in ids.iter().enumerate() {
-            let known = self
-                .targets
-                .get(id as usize)
-                .and_then(Option::as_ref)
-                .is_some_and(|t| t.entry.is_some());
-            if known {
-                positions.push(position);
-                ready.push(id);
-            }
+        if range.is_empty() {
+            return Ok(Sent::default());
         }
-        let sent = self.send_ready(ids.len(), &positions, &ready);
-        self.send_buffers.ready = ready;
-        self.send_buffers.positions = positions;
-        sent
-    }
-
-    /// Sends `ready`, the ids at `positions` of a send of `asked` ids.
-    fn send_ready(&mut self, asked: usize, positions: &[usize], ready: &[u32]) -> Result<Sent> {
-        map_batch::write_array_prefix(&self.maps.batch, ready).context("writing PROBE_BATCH")?;
-        let len = ready.len() as u32;
         self.maps
             .cursor
-            .set(0, BatchCursor { next: 0, len }, 0)
+            .set(
+                0,
+                BatchCursor {
+                    next: range.start,
+                    len: range.end,
+                },
+                0,
+            )
             .context("writing BATCH_CURSOR")?;
-        let out = self.transmit(ready)?;
-        let in_ids = |k: u32| positions.get(k as usize).copied().unwrap_or(asked);
+        let built_before = self.frames_built();
+        let out = self.transmit(range.clone())?;
         // Only XDP's frames vanish on a veth without an XDP peer.
         let live = matches!(self.transmit, transmit::Transmit::Live { .. });
         if live && self.delivery.watching() {
@@ -149,53 +131,46 @@ impl Prober {
             }
         }
         Ok(Sent {
-            attempted: in_ids(out.frames),
-            lossy: if out.lossy.is_empty() {
-                0..0
-            } else {
-                in_ids(out.lossy.start)..in_ids(out.lossy.end)
-            },
+            frames: self.frames_built().saturating_sub(built_before),
+            left: range.end.saturating_sub(out.reached),
             dropped: out.dropped,
         })
     }
 
-    /// Runs `probe_tx` over the batch with live frames, at most
-    /// [`transmit::LIVE_CHUNK`] frames a syscall with a yield between:
+    /// Runs `probe_tx` over `range` of the wheel with live frames, at
+    /// most [`transmit::LIVE_CHUNK`] runs a syscall with a yield between:
     /// the device's ring (a veth peer's holds 256) is drained by softirq
     /// work that a long run would starve, and what overflows it is lost.
-    /// An entry takes one run, or two when a RST goes before its SYN (see
-    /// `probe_tx`), so the cursor says how far each call got.
-    fn transmit_live(&mut self, len: u32) -> std::io::Result<Transmitted> {
-        let mut done = 0;
-        let mut runs_left = 2 * len;
+    /// A run walks past entries not due and sends the next that is (a RST
+    /// first takes a run of its own), so the cursor says how far each call
+    /// got; every entry takes at most two runs.
+    fn transmit_live(&mut self, range: std::ops::Range<u32>) -> std::io::Result<Transmitted> {
+        let mut done = range.start;
+        let mut runs_left = 2 * range.len() as u32;
         let mut before = self.send_buffers.tx_dropped(&self.interface);
-        while done < len && runs_left > 0 {
-            let runs = (len - done).min(transmit::LIVE_CHUNK).min(runs_left);
+        while done < range.end && runs_left > 0 {
+            let runs = (range.end - done).min(transmit::LIVE_CHUNK).min(runs_left);
             crate::test_run::run_xdp_live(self.probe_tx.as_fd(), &self.frame, runs)?;
             runs_left -= runs;
-            let chunk_start = done;
-            done = batch_cursor(&self.maps.cursor)?.min(len);
-            let chunk = chunk_start..done;
+            done = batch_cursor(&self.maps.cursor)?.min(range.end);
             let after = self.send_buffers.tx_dropped(&self.interface);
             if let (Some(before), Some(after)) = (before, after) {
                 if after > before {
-                    // The ring is full: the rest waits for its next grid
-                    // point rather than overflow it too.
+                    // The ring is full: the rest waits for its next turn
+                    // rather than overflow it too.
                     return Ok(Transmitted {
-                        frames: done,
-                        lossy: chunk,
+                        reached: done,
                         dropped: after - before,
                     });
                 }
             }
             before = after;
-            if done < len {
+            if done < range.end {
                 std::thread::yield_now();
             }
         }
         Ok(Transmitted {
-            frames: done,
-            lossy: 0..0,
+            reached: range.end,
             dropped: 0,
         })
     }
@@ -206,13 +181,12 @@ impl Prober {
         Ok(())
     }
 
-    /// Sends the batch `ready` (already in `PROBE_BATCH`, the cursor at
-    /// its start): in one live-frames run, or frame by frame through the
-    /// packet socket, from wherever a refused live run left the cursor.
-    fn transmit(&mut self, ready: &[u32]) -> Result<Transmitted> {
-        let len = ready.len() as u32;
+    /// Walks `range` of the wheel (the cursor at its start): in
+    /// live-frames runs, or frame by frame through the packet socket, from
+    /// wherever a refused live run left the cursor.
+    fn transmit(&mut self, range: std::ops::Range<u32>) -> Result<Transmitted> {
         if let transmit::Transmit::Live { fallback } = self.transmit {
-            match self.transmit_live(len) {
+            match self.transmit_live(range.clone()) {
                 Ok(out) => return Ok(out),
                 Err(e) if fallback && transmit::refused(&e) => {
                     warn!(
@@ -230,12 +204,12 @@ impl Prober {
         let transmit::Transmit::Socket(socket) = &mut self.transmit else {
             return Ok(Transmitted::default());
         };
-        // One frame a run, one run per entry or two (a RST first).
+        // One frame a run at most; an entry takes one run or two (a RST
+        // first). Every target's path leaves by the probing interface.
         let mut next = batch_cursor(&self.maps.cursor)?;
-        let mut runs_left = 2 * len;
-        while next < len && runs_left > 0 {
+        let mut runs_left = 2 * range.len() as u32;
+        while next < range.end && runs_left > 0 {
             runs_left -= 1;
-            let entry = next;
             let action = crate::test_run::run_xdp_into(
                 self.probe_tx.as_fd(),
                 &self.frame,
@@ -244,30 +218,20 @@ impl Prober {
             .context("BPF_PROG_TEST_RUN (writing one probe frame)")?;
             next = batch_cursor(&self.maps.cursor)?;
             if action != transmit::XDP_REDIRECT {
-                continue; // counted as a probe error by the program
+                continue; // nothing due, or counted as a probe error
             }
-            let Some(ifindex) = ready
-                .get(entry as usize)
-                .and_then(|&id| self.targets.get(id as usize))
-                .and_then(Option::as_ref)
-                .and_then(|t| t.entry.map(|e| e.ifindex))
-            else {
-                continue;
-            };
-            if let Err(e) = socket.send(ifindex) {
+            if let Err(e) = socket.send(self.ifindex) {
                 // A full ring (or a device gone): the director's loss; the
-                // rest waits for its next grid point.
-                debug!(probe = ready[entry as usize], "sending a probe frame: {e}");
+                // rest waits for its next turn.
+                debug!("sending a probe frame: {e}");
                 return Ok(Transmitted {
-                    frames: entry + 1,
-                    lossy: entry..entry + 1,
+                    reached: next,
                     dropped: 1,
                 });
             }
         }
         Ok(Transmitted {
-            frames: len,
-            lossy: 0..0,
+            reached: range.end,
             dropped: 0,
         })
     }

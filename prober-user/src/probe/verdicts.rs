@@ -44,6 +44,17 @@ impl Prober {
         self.counters = Some(counters);
     }
 
+    /// Frames `probe_tx` wrote so far, all CPUs (0: not watched).
+    pub(super) fn frames_built(&self) -> u64 {
+        let Some(per_cpu) = self.counters.as_ref().and_then(|c| c.get(&0, 0).ok()) else {
+            return 0;
+        };
+        per_cpu
+            .iter()
+            .map(|c| c.probes_built + c.resets_before_probe)
+            .sum()
+    }
+
     /// Replies matched to a probe so far, all CPUs (None: not watched, or
     /// unreadable).
     pub fn replies_matched(&self) -> Option<u64> {
