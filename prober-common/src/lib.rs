@@ -267,6 +267,9 @@ pub struct DatapathCounters {
     /// Batch entries `probe_tx` walked past: not due yet, or without a
     /// path (no MAC for their next hop).
     pub entries_not_due: u64,
+    /// Unanswered probes not counted as timeouts: sent in a chunk whose
+    /// frames the director's own interface dropped (once in a row).
+    pub timeouts_excused: u64,
 }
 
 impl DatapathCounters {
@@ -293,6 +296,7 @@ impl DatapathCounters {
                 .saturating_add(o.resets_before_probe),
             events_lost: self.events_lost.saturating_add(o.events_lost),
             entries_not_due: self.entries_not_due.saturating_add(o.entries_not_due),
+            timeouts_excused: self.timeouts_excused.saturating_add(o.timeouts_excused),
         }
     }
 }
@@ -386,6 +390,11 @@ pub struct ProbeState {
     /// wheel short of a full interval after the last send (see
     /// [`ProbeConfig::send_turn_us`]); 0: due.
     pub next_send_ns: u64,
+    /// The nonce of the last unanswered probe excused as lost in the
+    /// director's own ring ([`Expectation::lossy_nonce`]); the one after
+    /// it is never excused.
+    pub excused_nonce: u32,
+    pub _pad: u32,
 }
 
 /// What userspace holds of a target, so the datapath reports only what
@@ -402,7 +411,10 @@ pub struct Expectation {
     pub timeout_us: u32,
     /// Its probe interval; 0: sent whenever its entry is walked.
     pub interval_us: u32,
-    pub _pad2: u32,
+    /// The nonce of a probe sent in a chunk whose frames the probing
+    /// interface dropped (its ring full): its silence is the director's
+    /// loss, not the server's, and is excused once in a row.
+    pub lossy_nonce: u32,
 }
 
 /// [`Expectation::state`] codes.
@@ -817,11 +829,12 @@ mod tests {
 
     #[test]
     fn layouts_have_no_holes() {
-        assert_no_holes!(DatapathCounters, 128, {
+        assert_no_holes!(DatapathCounters, 136, {
             packets: u64, bytes: u64, replies_matched: u64, replies_rejected: u64,
             replies_late: u64, resets_sent: u64, probes_built: u64, probe_errors: u64, agent_reports: u64,
             agent_malformed: u64, agent_unknown: u64, agent_unauthenticated: u64,
             agent_replayed: u64, resets_before_probe: u64, events_lost: u64, entries_not_due: u64,
+            timeouts_excused: u64,
         });
         assert_no_holes!(ProbeTarget, 88, {
             dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, _pad0: u8,
@@ -832,13 +845,14 @@ mod tests {
             remote_addr: [u8; 16], remote_port: u16, local_port: u16, family: u8, protocol: u8,
             _pad: [u8; 2],
         });
-        assert_no_holes!(ProbeState, 80, {
+        assert_no_holes!(ProbeState, 88, {
             sent: u64, timed_out: u64, last_sent_ns: u64, last_reply_ns: u64,
             misses_in_row: u32, reset_nonce: u32, successes_in_row: u32, failures_in_row: u32,
             rtt_ewma_ns: u64, rtt_ewma_at_ns: u64, rtt_reported_ns: u64, next_send_ns: u64,
+            excused_nonce: u32, _pad: u32,
         });
         assert_no_holes!(Expectation, 16, {
-            state: u8, _pad: [u8; 3], timeout_us: u32, interval_us: u32, _pad2: u32,
+            state: u8, _pad: [u8; 3], timeout_us: u32, interval_us: u32, lossy_nonce: u32,
         });
         assert_no_holes!(ProbeEvent, 48, {
             target_id: u32, outcome: u8, _pad: [u8; 3], in_row: u32, nonce: u32, sent_ns: u64,

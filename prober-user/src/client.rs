@@ -54,7 +54,7 @@ pub fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
     }
     let stats = &all.counters;
     println!(
-        "ingress: {} frames, {} bytes; replies matched {}, late {}, rejected {}; resets sent {} (and {} for unanswered SYNs); probes built {}, errors {}",
+        "ingress: {} frames, {} bytes; replies matched {}, late {}, rejected {}; resets sent {} (and {} for unanswered SYNs); probes built {}, errors {}; wheel entries not due {}; events lost {}; timeouts excused (lost in the director's ring) {}",
         stats.packets,
         stats.bytes,
         stats.replies_matched,
@@ -63,7 +63,10 @@ pub fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
         stats.resets_sent,
         stats.resets_before_probe,
         stats.probes_built,
-        stats.probe_errors
+        stats.probe_errors,
+        stats.entries_not_due,
+        stats.events_lost,
+        stats.timeouts_excused
     );
     let refused = stats.agent_unauthenticated + stats.agent_replayed;
     if stats.agent_reports + stats.agent_malformed + stats.agent_unknown + refused > 0 {

@@ -372,6 +372,12 @@ impl Collector for Snapshot {
             "Probe outcomes the datapath reported: failures of up targets, answers of down ones, the outcomes ending such runs, RTT moves beyond the band",
             &[(vec![], s.probe_events)],
         )?;
+        counter(
+            &mut e,
+            "prober_probe_slots_skipped",
+            "Send-wheel slots not walked in their turn (the daemon was a whole turn behind); their targets went a turn later",
+            &[(vec![], s.slots_skipped)],
+        )?;
         let d = &s.datapath;
         counter(
             &mut e,
@@ -418,6 +424,12 @@ impl Collector for Snapshot {
             "prober_resets_before_probe",
             "RSTs sent for an unanswered SYN before the next one (a lost SYN-ACK leaves the real server half-open)",
             &[(vec![], d.resets_before_probe)],
+        )?;
+        counter(
+            &mut e,
+            "prober_probe_events_lost",
+            "Probe outcomes the datapath's event ring had no room for (the daemon behind); a lost outcome delays a verdict, never makes one",
+            &[(vec![], d.events_lost)],
         )?;
         counter(
             &mut e,

@@ -43,6 +43,10 @@ pub struct Status {
     /// the band (a steady target reports nothing).
     #[serde(default)]
     pub probe_events: u64,
+    /// Send-wheel slots not walked in their turn: the daemon was a whole
+    /// turn behind (a stall), and their targets went a turn later.
+    #[serde(default)]
+    pub slots_skipped: u64,
     /// Full IPVS dumps asked for, and IPVS configuration calls by other
     /// processes that the kernel signalled (None: no signal, IPVS is
     /// dumped every `discovery` only).

@@ -1130,7 +1130,7 @@ fn expect(f: &mut Fixture, state: u8, timeout_us: u32) {
                 _pad: [0; 3],
                 timeout_us,
                 interval_us: 0,
-                _pad2: 0,
+                lossy_nonce: 0,
             },
             0,
         )
@@ -1327,4 +1327,32 @@ fn the_walk_sends_the_targets_due_and_passes_over_the_rest() {
     assert_eq!(f.counters().entries_not_due, 4);
     assert_eq!(f.counters().probe_errors, 0);
     assert_eq!(f.maps.state.get(&4, 0).unwrap().sent, 1);
+}
+
+#[test]
+fn a_probe_lost_in_the_directors_ring_is_excused_once_in_a_row() {
+    use prober_common::outcome::*;
+    let mut f = verdict_fixture();
+    let lossy = |f: &mut Fixture, nonce: u32| {
+        let e = Expectation {
+            state: expected::UP,
+            lossy_nonce: nonce,
+            ..Default::default()
+        };
+        f.maps.expect.set(TCP_TARGET, e, 0).unwrap();
+    };
+    // Probe 1 went out in a chunk the interface dropped frames of.
+    send_tcp_probe(&mut f);
+    lossy(&mut f, 1);
+    send_tcp_probe(&mut f);
+    assert_eq!(events(&mut f), [], "probe 1's silence is the director's");
+    assert_eq!(f.counters().timeouts_excused, 1);
+    // Probe 2 too: not excused, the one before it was.
+    lossy(&mut f, 2);
+    send_tcp_probe(&mut f);
+    assert_eq!(events(&mut f), [(TIMED_OUT, 1, 2)]);
+    assert_eq!(f.counters().timeouts_excused, 1);
+    // Probe 3, not marked: a timeout as any.
+    send_tcp_probe(&mut f);
+    assert_eq!(events(&mut f), [(TIMED_OUT, 2, 3)]);
 }

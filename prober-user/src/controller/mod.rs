@@ -150,13 +150,14 @@ struct Totals {
     late_to_say: SaidEveryMinute,
     /// Probe frames the probing interface dropped as they were sent.
     frames_dropped_here: u64,
-    /// Sends a full ring kept back to their next grid point.
+    /// Wheel entries a full ring left unwalked until their next turn.
     sends_held_back: u64,
     drops_to_say: SaidEveryMinute,
     /// Outcomes the datapath reported (only news: see `take_probe_events`).
     probe_events: u64,
     /// Wheel slots not walked in their turn (a whole turn behind).
     slots_skipped: u64,
+    skipped_to_say: SaidEveryMinute,
     /// Full IPVS dumps asked for; configuration calls signalled.
     ipvs_dumps: u64,
     ipvs_changes_signalled: u64,

@@ -18,7 +18,14 @@ impl Controller {
         if current >= self.next_slot + u64::from(schedule::SLOTS) {
             // A whole turn behind (a stall): the missed slots wait for
             // their next turn rather than go out at once.
-            self.totals.slots_skipped += current - self.next_slot;
+            let skipped = current - self.next_slot;
+            self.totals.slots_skipped += skipped;
+            if let Some(skipped) = self.totals.skipped_to_say.add(skipped, now) {
+                warn!(
+                    skipped,
+                    "the daemon fell a whole turn of the send wheel behind (a stall): that many slots were not walked, their targets go at their next turn"
+                );
+            }
             self.next_slot = current;
         }
         let mut walked = 0;
@@ -481,7 +488,7 @@ impl Controller {
             _pad: [0; 3],
             timeout_us: micros(track.settings.timeout),
             interval_us: micros(track.settings.interval),
-            _pad2: 0,
+            lossy_nonce: 0, // the prober's own (see `Prober::set_expectation`)
         };
         if track.expected == Some(wanted) {
             return;

@@ -118,6 +118,7 @@ impl Controller {
             sends_late: self.totals.sends_late,
             frames_dropped_here: self.totals.frames_dropped_here,
             probe_events: self.totals.probe_events,
+            slots_skipped: self.totals.slots_skipped,
             ipvs_dumps: self.totals.ipvs_dumps,
             ipvs_changes_signalled: self
                 .ipvs_changes

@@ -149,6 +149,9 @@ pub struct Prober {
     wheel: wheel::Wheel,
     /// Targets whose next hop has no MAC, from the last neighbour read.
     unresolved: Vec<u32>,
+    /// What `PROBE_EXPECT` holds, by target id (it has two writers here:
+    /// the controller's expectation, the send path's lossy nonce).
+    expectations: Vec<Expectation>,
 }
 
 impl Prober {
@@ -208,6 +211,7 @@ impl Prober {
             counters: None,
             wheel: wheel::Wheel::default(),
             unresolved: Vec::new(),
+            expectations: Vec::new(),
         };
         prober
             .maps
@@ -344,6 +348,9 @@ impl Prober {
         self.maps.targets.set(id, ProbeTarget::default(), 0)?;
         self.maps.state.set(id, ProbeState::default(), 0)?;
         self.maps.expect.set(id, Expectation::default(), 0)?;
+        if let Some(slot) = self.expectations.get_mut(id as usize) {
+            *slot = Expectation::default();
+        }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let zeros = PerCpuValues::try_from(vec![ProbeResults::default(); cpus])?;
         self.maps.results.set(id, zeros, 0)?;

@@ -10,7 +10,7 @@ use aya::maps::{Array, MapData};
 use prober_common::BatchCursor;
 use tracing::{debug, warn};
 
-use super::{delivery, transmit, Prober, SECRET_ROTATION};
+use super::{delivery, transmit, verdicts, Prober, SECRET_ROTATION};
 
 /// An interface's transmit drops in a /proc/net/dev table: the fourth
 /// transmit column, after eight receive columns.
@@ -47,6 +47,9 @@ struct Transmitted {
     /// Where the walk stopped.
     reached: u32,
     dropped: u64,
+    /// The entries of the chunk whose frames were dropped, and when it
+    /// began (CLOCK_MONOTONIC ns).
+    lossy: Option<(std::ops::Range<u32>, u64)>,
 }
 
 /// What a send reuses from one to the next: nothing allocated per send.
@@ -116,6 +119,9 @@ impl Prober {
             .context("writing BATCH_CURSOR")?;
         let built_before = self.frames_built();
         let out = self.transmit(range.clone())?;
+        if let Some((chunk, since)) = out.lossy.clone() {
+            self.mark_lossy(chunk, since);
+        }
         // Only XDP's frames vanish on a veth without an XDP peer.
         let live = matches!(self.transmit, transmit::Transmit::Live { .. });
         if live && self.delivery.watching() {
@@ -150,6 +156,8 @@ impl Prober {
         let mut before = self.send_buffers.tx_dropped(&self.interface);
         while done < range.end && runs_left > 0 {
             let runs = (range.end - done).min(transmit::LIVE_CHUNK).min(runs_left);
+            let chunk_start = done;
+            let since = verdicts::monotonic_ns();
             crate::test_run::run_xdp_live(self.probe_tx.as_fd(), &self.frame, runs)?;
             runs_left -= runs;
             done = batch_cursor(&self.maps.cursor)?.min(range.end);
@@ -157,10 +165,12 @@ impl Prober {
             if let (Some(before), Some(after)) = (before, after) {
                 if after > before {
                     // The ring is full: the rest waits for its next turn
-                    // rather than overflow it too.
+                    // rather than overflow it too. Which frames of the
+                    // chunk were lost is not known.
                     return Ok(Transmitted {
                         reached: done,
                         dropped: after - before,
+                        lossy: Some((chunk_start..(done + 1).min(range.end), since)),
                     });
                 }
             }
@@ -172,6 +182,7 @@ impl Prober {
         Ok(Transmitted {
             reached: range.end,
             dropped: 0,
+            lossy: None,
         })
     }
 
@@ -210,6 +221,7 @@ impl Prober {
         let mut runs_left = 2 * range.len() as u32;
         while next < range.end && runs_left > 0 {
             runs_left -= 1;
+            let (entry, since) = (next, verdicts::monotonic_ns());
             let action = crate::test_run::run_xdp_into(
                 self.probe_tx.as_fd(),
                 &self.frame,
@@ -227,12 +239,14 @@ impl Prober {
                 return Ok(Transmitted {
                     reached: next,
                     dropped: 1,
+                    lossy: Some((entry..(next + 1).min(range.end), since)),
                 });
             }
         }
         Ok(Transmitted {
             reached: range.end,
             dropped: 0,
+            lossy: None,
         })
     }
 }

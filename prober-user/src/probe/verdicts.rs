@@ -5,6 +5,8 @@
 use aya::maps::{MapData, PerCpuArray};
 use prober_common::{DatapathCounters, Expectation, ProbeEvent, ProbeState};
 
+use tracing::debug;
+
 use super::*;
 
 impl Prober {
@@ -26,12 +28,61 @@ impl Prober {
         while self.maps.events.next().is_some() {}
     }
 
-    /// Tells the datapath what the controller holds of target `id`.
+    /// Tells the datapath what the controller holds of target `id` (its
+    /// lossy nonce is the prober's own: kept).
     pub fn set_expectation(&mut self, id: u32, expectation: Expectation) -> Result<()> {
+        let index = id as usize;
+        if self.expectations.len() <= index {
+            self.expectations.resize(index + 1, Expectation::default());
+        }
+        let lossy_nonce = self.expectations[index].lossy_nonce;
+        self.write_expectation(
+            id,
+            Expectation {
+                lossy_nonce,
+                ..expectation
+            },
+        )
+    }
+
+    fn write_expectation(&mut self, id: u32, expectation: Expectation) -> Result<()> {
         self.maps
             .expect
             .set(id, expectation, 0)
-            .with_context(|| format!("writing PROBE_EXPECT[{id}]"))
+            .with_context(|| format!("writing PROBE_EXPECT[{id}]"))?;
+        if let Some(slot) = self.expectations.get_mut(id as usize) {
+            *slot = expectation;
+        }
+        Ok(())
+    }
+
+    /// The targets of wheel entries `range` sent since `since_ns` went out
+    /// in a chunk whose frames the probing interface dropped: their
+    /// probes' silence is excused once in a row (see `probe_tx`). Reads
+    /// and writes each of them: only when the ring overflows.
+    pub(super) fn mark_lossy(&mut self, range: std::ops::Range<u32>, since_ns: u64) {
+        for index in range {
+            let Some(id) = self.wheel.id_at(index) else {
+                continue;
+            };
+            let Some(state) = self.state_of(id) else {
+                continue;
+            };
+            if state.last_sent_ns < since_ns {
+                continue; // walked past, not sent in this chunk
+            }
+            let index = id as usize;
+            if self.expectations.len() <= index {
+                self.expectations.resize(index + 1, Expectation::default());
+            }
+            let marked = Expectation {
+                lossy_nonce: state.sent as u32,
+                ..self.expectations[index]
+            };
+            if let Err(e) = self.write_expectation(id, marked) {
+                debug!("marking a probe lost in the director's ring: {e:#}");
+            }
+        }
     }
 
     /// Target `id`'s send state as it stands (one map read).
@@ -63,6 +114,17 @@ impl Prober {
     }
 }
 
+/// CLOCK_MONOTONIC now, in ns: the clock of bpf_ktime_get_ns.
+pub(super) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The datapath's clock (CLOCK_MONOTONIC, bpf_ktime_get_ns) read beside
 /// an [`Instant`], which on Linux counts the same clock: datapath times
 /// become instants.
@@ -74,15 +136,9 @@ pub struct MonotonicClock {
 
 impl MonotonicClock {
     pub fn now() -> Self {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: a valid out pointer; CLOCK_MONOTONIC always exists.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         Self {
             at: Instant::now(),
-            ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+            ns: monotonic_ns(),
         }
     }
 

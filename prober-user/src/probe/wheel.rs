@@ -51,6 +51,11 @@ impl Wheel {
         }
     }
 
+    /// The target id at entry `index` of `PROBE_BATCH`.
+    pub(super) fn id_at(&self, index: u32) -> Option<u32> {
+        self.ids.get(index as usize).copied()
+    }
+
     fn len(&self) -> u32 {
         self.ids.len() as u32
     }
