@@ -136,8 +136,8 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
         state.misses_in_row = state.misses_in_row.saturating_add(1);
         // Lost in the director's own ring: no evidence, once in a row (a
         // ring that overflows on every send must not hide a death).
-        let excused_before = state.excused_nonce != 0
-            && state.excused_nonce == last_nonce.wrapping_sub(1);
+        let excused_before =
+            state.excused_nonce != 0 && state.excused_nonce == last_nonce.wrapping_sub(1);
         let lost_here = last_nonce != 0 && expect.lossy_nonce == last_nonce && !excused_before;
         if lost_here {
             state.excused_nonce = last_nonce;
