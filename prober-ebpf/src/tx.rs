@@ -68,8 +68,10 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
     if target.family != family::IPV4 {
         return Err(()); // IPv6 probes: the layouts are ready, the writer is not
     }
-    // SAFETY: an array slot, shared with the ingress program, which only
-    // stores last_reply_ns; 8-byte stores are atomic.
+    // SAFETY: an array slot, shared with the ingress program, which on a
+    // reply to the outstanding probe stores last_reply_ns, the runs and
+    // the RTT estimate (field by field; a reply to the probe this run
+    // replaces is late, and recorded nowhere).
     let state = unsafe { &mut *PROBE_STATE.get_ptr_mut(target_id).ok_or(())? };
     // This probe's nonce: the send count it makes (the ingress program
     // checks replies against the count as it stands).
