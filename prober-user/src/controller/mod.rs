@@ -52,7 +52,8 @@ use crate::{
 const PASSIVE_BURST: u64 = 5;
 
 /// Slots of the send wheel one tick walks at most: a late tick catches
-/// up by a slot and a bit, never with a burst of everything due.
+/// up by a slot and a bit, never with a burst of everything due (and
+/// stops at a full ring).
 const MOST_SLOTS_PER_TICK: u32 = 2;
 
 /// Latency estimates are saved for restarts this often.
@@ -241,6 +242,8 @@ pub struct Controller {
     /// walk, counted from it.
     epoch: Instant,
     next_slot: u64,
+    /// A slot a full ring stopped, and how many of its entries are left.
+    slot_left: Option<(u32, u32)>,
     /// This tick's unresolved targets of a slot (kept to reuse).
     due_ids: Vec<u32>,
     probe_events: Vec<prober_common::ProbeEvent>,
@@ -355,6 +358,7 @@ impl Controller {
             latency_hold_until: now + config.policy.decay,
             epoch: now,
             next_slot: 0,
+            slot_left: None,
             due_ids: Vec::new(),
             touched: HashSet::new(),
             pool_cursor: 0,
@@ -422,6 +426,7 @@ impl Controller {
             self.prober.set_send_turn(turn)?;
             self.epoch = now;
             self.next_slot = 0;
+            self.slot_left = None;
         }
         self.config = config;
         self.next_discovery = now;

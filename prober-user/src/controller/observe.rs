@@ -28,23 +28,42 @@ impl Controller {
             }
             self.next_slot = current;
         }
+        // The rest of a slot a full ring stopped goes first.
+        if let Some((slot, left)) = self.slot_left.take() {
+            let sent = self.walk(slot, left, false, now);
+            if sent.left > 0 {
+                self.slot_left = Some((slot, sent.left));
+                return; // the ring is still full
+            }
+        }
         let mut walked = 0;
         while self.next_slot <= current && walked < MOST_SLOTS_PER_TICK {
             let slot = (self.next_slot % u64::from(schedule::SLOTS)) as u32;
             let late = current - self.next_slot > u64::from(schedule::SLOTS / 2);
-            let sent = match self.prober.send_slot(slot) {
-                Ok(sent) => sent,
-                Err(e) => {
-                    warn!("sending probes: {e:#}");
-                    crate::probe::Sent::default()
-                }
-            };
-            self.note_sends(sent.frames, if late { sent.frames } else { 0 }, now);
-            self.note_director_drops(sent.dropped, u64::from(sent.left), now);
+            let sent = self.walk(slot, u32::MAX, late, now);
             self.settle_unresolved(slot, now);
             self.next_slot += 1;
             walked += 1;
+            if sent.left > 0 {
+                // A full ring: the rest of this slot at the next tick.
+                self.slot_left = Some((slot, sent.left));
+                break;
+            }
         }
+    }
+
+    /// Walks the last `tail` entries of slot `slot` (all of it: u32::MAX).
+    fn walk(&mut self, slot: u32, tail: u32, late: bool, now: Instant) -> crate::probe::Sent {
+        let sent = match self.prober.send_slot(slot, tail) {
+            Ok(sent) => sent,
+            Err(e) => {
+                warn!("sending probes: {e:#}");
+                crate::probe::Sent::default()
+            }
+        };
+        self.note_sends(sent.frames, if late { sent.frames } else { 0 }, now);
+        self.note_director_drops(sent.dropped, u64::from(sent.left), now);
+        sent
     }
 
     /// The length of one slot of the wheel's turn (the shortest interval).
@@ -151,7 +170,7 @@ impl Controller {
                 dropped,
                 interface = %self.prober.interface(),
                 held_back = totals.sends_held_back,
-                "the probing interface dropped probe frames as they were sent (its ring was full): their probes time out (fall absorbs a lost one), and the rest of the slot waited for its next turn"
+                "the probing interface dropped probe frames as they were sent (its ring was full): their probes time out (fall absorbs a lost one), and the rest of the slot waited for the next tick"
             );
         }
     }

@@ -35,7 +35,7 @@ pub struct Sent {
     /// Frames `probe_tx` wrote (probes, and RSTs before some).
     pub frames: u64,
     /// Wheel entries left unwalked: the interface's ring was full, so
-    /// they wait for the slot's next turn.
+    /// they wait for the next tick.
     pub left: u32,
     /// Frames the interface dropped.
     pub dropped: u64,
@@ -83,13 +83,15 @@ impl Prober {
         self.send_range(0..len)
     }
 
-    /// Walks slot `slot` of the send wheel: `probe_tx` sends each of its
-    /// targets that is due and has a path, until the probing interface
-    /// drops frames (its ring full: the director's loss).
-    pub fn send_slot(&mut self, slot: u32) -> Result<Sent> {
+    /// Walks the last `tail` entries of slot `slot` of the send wheel
+    /// (all of them: u32::MAX): `probe_tx` sends each target that is due
+    /// and has a path, until the probing interface drops frames (its ring
+    /// full: the director's loss; [`Sent::left`] says what is left).
+    pub fn send_slot(&mut self, slot: u32, tail: u32) -> Result<Sent> {
         self.wheel_len()?;
         let range = self.wheel.slot(slot);
-        self.send_range(range)
+        let start = range.end.saturating_sub(tail).max(range.start);
+        self.send_range(start..range.end)
     }
 
     fn send_range(&mut self, range: std::ops::Range<u32>) -> Result<Sent> {
