@@ -9,6 +9,11 @@
 #![no_std]
 
 pub mod cookie;
+mod passive;
+mod verdict;
+
+pub use passive::*;
+pub use verdict::*;
 
 /// Directory under bpffs where prober pins its maps.
 pub const PIN_DIR: &str = "/sys/fs/bpf/prober";
@@ -397,77 +402,6 @@ pub struct ProbeState {
     pub _pad: u32,
 }
 
-/// What userspace holds of a target, so the datapath reports only what
-/// goes against it (see [`ProbeEvent`]), and how often to probe it.
-/// Written only by userspace.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Expectation {
-    /// [`expected`].
-    pub state: u8,
-    pub _pad: [u8; 3],
-    /// An answer later than this counts as a timeout (a slow answer);
-    /// 0: none does.
-    pub timeout_us: u32,
-    /// Its probe interval; 0: sent whenever its entry is walked.
-    pub interval_us: u32,
-    /// The nonce of a probe sent in a chunk whose frames the probing
-    /// interface dropped (its ring full): its silence is the director's
-    /// loss, not the server's, and is excused once in a row.
-    pub lossy_nonce: u32,
-}
-
-/// [`Expectation::state`] codes.
-pub mod expected {
-    /// Nothing known yet: every outcome is reported.
-    pub const UNKNOWN: u8 = 0;
-    pub const UP: u8 = 1;
-    pub const DOWN: u8 = 2;
-}
-
-/// [`ProbeEvent::outcome`] codes: how one probe settled.
-pub mod outcome {
-    /// A SYN-ACK or echo reply within the timeout.
-    pub const ANSWERED: u8 = 1;
-    /// A RST: the host is up, nothing listens.
-    pub const REFUSED: u8 = 2;
-    /// An ICMP destination-unreachable quoting the probe.
-    pub const UNREACHABLE: u8 = 3;
-    /// No reply before the next probe was sent.
-    pub const TIMED_OUT: u8 = 4;
-    /// An answer later than the target's timeout.
-    pub const SLOW: u8 = 5;
-}
-
-/// One probe's settled outcome, sent to userspace through the ring buffer
-/// when it goes against the target's [`Expectation`] (a failure of an up
-/// target, an answer of a down one), when it ends a run of such outcomes
-/// (so userspace's runs are the datapath's), when nothing is expected
-/// yet, and when an answer moved the RTT estimate beyond the reporting
-/// band. A steady target sends nothing.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProbeEvent {
-    pub target_id: u32,
-    /// [`outcome`].
-    pub outcome: u8,
-    pub _pad: [u8; 3],
-    /// Outcomes of this kind (success or failure) in a row, this one
-    /// included: userspace takes the run from here, so a lost event can
-    /// delay a verdict but never make a run look longer than it is.
-    pub in_row: u32,
-    /// The nonce of the probe that settled.
-    pub nonce: u32,
-    /// When that probe was sent (CLOCK_MONOTONIC).
-    pub sent_ns: u64,
-    /// The answer's RTT, ns (0 but for answers and slow answers).
-    pub rtt_ns: u64,
-    /// The RTT estimate after this outcome, ns (0: none yet).
-    pub rtt_ewma_ns: u64,
-    /// The target's last answer before this outcome (0: never).
-    pub answered_before_ns: u64,
-}
-
 /// Per-target reply results, one value per CPU: what the controller
 /// reads for each probe it judges, so kept small (the RTT histogram,
 /// read only for `status` and metrics, is in [`RttHistogram`]).
@@ -694,87 +628,6 @@ pub struct HealthRecord {
     /// 1 up, 2 down.
     pub state: u8,
     pub _pad: [u8; 7],
-}
-
-/// A tracked real server: address and port as the director forwards to it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ServerKey {
-    pub addr: [u8; 16],
-    /// Network byte order.
-    pub port: u16,
-    /// [`family`].
-    pub family: u8,
-    pub _pad: u8,
-}
-
-/// One client connection to a tracked real server (after IPVS NAT: the
-/// server side is the real server, the client side is the client).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub server_addr: [u8; 16],
-    pub client_addr: [u8; 16],
-    /// Network byte order.
-    pub server_port: u16,
-    /// Network byte order.
-    pub client_port: u16,
-    pub family: u8,
-    pub _pad: [u8; 3],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowState {
-    /// When the client's SYN was forwarded (0: not seen).
-    pub syn_ns: u64,
-    /// When the request being answered was forwarded; while half-open with
-    /// the SYN-ACK seen, the acknowledgement number the client's ACK must
-    /// carry (the real server's sequence number + 1).
-    pub request_ns: u64,
-    /// The real server's id in `PASSIVE_SERVERS`.
-    pub server_id: u32,
-    /// [`flow_flags`].
-    pub flags: u32,
-}
-
-/// What the real server's own traffic showed, one value per CPU.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PassiveStats {
-    /// Handshakes measured (SYN forwarded -> SYN-ACK back, SYN not resent).
-    pub handshakes: u64,
-    pub handshake_rtt_sum_ns: u64,
-    /// Requests answered (request data forwarded -> first response data).
-    pub responses: u64,
-    pub response_time_sum_ns: u64,
-    /// When this CPU last took a sample (CLOCK_MONOTONIC).
-    pub last_sample_ns: u64,
-    /// RSTs sent by the server.
-    pub resets: u64,
-    /// SYNs the client had to send again: no SYN-ACK came in time.
-    pub syn_retransmits: u64,
-    pub _pad: u64,
-    /// Log2 µs histograms, as [`RttHistogram::log2_us`].
-    pub handshake_log2_us: [u64; RTT_BUCKETS],
-    pub response_log2_us: [u64; RTT_BUCKETS],
-}
-
-impl Default for PassiveStats {
-    fn default() -> Self {
-        Self {
-            handshakes: 0,
-            handshake_rtt_sum_ns: 0,
-            responses: 0,
-            response_time_sum_ns: 0,
-            last_sample_ns: 0,
-            resets: 0,
-            syn_retransmits: 0,
-            _pad: 0,
-            handshake_log2_us: [0; RTT_BUCKETS],
-            response_log2_us: [0; RTT_BUCKETS],
-        }
-    }
 }
 
 #[cfg(feature = "user")]
