@@ -66,6 +66,9 @@ pub mod map_names {
     pub const PASSIVE_CONNS: &str = "PASSIVE_CONNS";
     /// Server id -> per-CPU [`PassiveStats`](crate::PassiveStats).
     pub const PASSIVE_STATS: &str = "PASSIVE_STATS";
+    /// Server id -> 1 when a sample was taken since userspace last looked
+    /// (it clears them): only those servers' statistics are read.
+    pub const PASSIVE_SEEN: &str = "PASSIVE_SEEN";
     /// Slot 0: [`IpvsChanges`](crate::IpvsChanges), IPVS configuration
     /// changes made by other processes.
     pub const IPVS_CHANGES: &str = "IPVS_CHANGES";
@@ -275,6 +278,9 @@ pub struct DatapathCounters {
     /// Unanswered probes not counted as timeouts: sent in a chunk whose
     /// frames the director's own interface dropped (once in a row).
     pub timeouts_excused: u64,
+    /// ARP replies that reached the interface: a neighbour answered, so
+    /// the director's own path works (see the director-fault rule).
+    pub arp_replies: u64,
 }
 
 impl DatapathCounters {
@@ -302,6 +308,7 @@ impl DatapathCounters {
             events_lost: self.events_lost.saturating_add(o.events_lost),
             entries_not_due: self.entries_not_due.saturating_add(o.entries_not_due),
             timeouts_excused: self.timeouts_excused.saturating_add(o.timeouts_excused),
+            arp_replies: self.arp_replies.saturating_add(o.arp_replies),
         }
     }
 }
@@ -682,12 +689,12 @@ mod tests {
 
     #[test]
     fn layouts_have_no_holes() {
-        assert_no_holes!(DatapathCounters, 136, {
+        assert_no_holes!(DatapathCounters, 144, {
             packets: u64, bytes: u64, replies_matched: u64, replies_rejected: u64,
             replies_late: u64, resets_sent: u64, probes_built: u64, probe_errors: u64, agent_reports: u64,
             agent_malformed: u64, agent_unknown: u64, agent_unauthenticated: u64,
             agent_replayed: u64, resets_before_probe: u64, events_lost: u64, entries_not_due: u64,
-            timeouts_excused: u64,
+            timeouts_excused: u64, arp_replies: u64,
         });
         assert_no_holes!(ProbeTarget, 88, {
             dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, _pad0: u8,

@@ -83,6 +83,8 @@ static PASSIVE_FLOWS: LruHashMap<FlowKey, FlowState, FLOWS> = LruHashMap::new();
 static PASSIVE_CONNS: LruHashMap<FlowKey, FlowState, FLOWS> = LruHashMap::new();
 #[btf_map]
 static PASSIVE_STATS: PerCpuArray<PassiveStats, SERVERS> = PerCpuArray::new();
+#[btf_map]
+static PASSIVE_SEEN: Array<u8, SERVERS> = Array::new();
 
 #[btf_map]
 static DR_CHECKS: HashMap<DrCheckKey, DrCheckFlow, 1024> = HashMap::new();

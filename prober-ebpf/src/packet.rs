@@ -37,6 +37,10 @@ pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
 pub const TCP_HLEN: usize = 20;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+/// The ARP operation of a reply, at its offset in an ARP header.
+pub const ARP_OP_REPLY: u16 = 2;
+pub const ARP_OP_OFFSET: usize = 6;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;

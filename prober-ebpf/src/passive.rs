@@ -27,7 +27,8 @@ use aya_ebpf::{bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, programs::TcC
 use prober_common::{family, flow_flags, rtt_bucket, FlowKey, FlowState, PassiveStats, ServerKey};
 
 use crate::{
-    packet::*, PASSIVE_CONNS, PASSIVE_FLOWS, PASSIVE_PORTS, PASSIVE_SERVERS, PASSIVE_STATS,
+    packet::*, PASSIVE_CONNS, PASSIVE_FLOWS, PASSIVE_PORTS, PASSIVE_SEEN, PASSIVE_SERVERS,
+    PASSIVE_STATS,
 };
 
 const L4: usize = ETH_HLEN + IPV4_HLEN;
@@ -68,8 +69,15 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// This CPU's statistics of a server, about to take a sample: the server
+/// is marked seen, so userspace reads only servers with news.
 #[inline(always)]
 fn stats(server_id: u32) -> Option<&'static mut PassiveStats> {
+    if let Some(seen) = PASSIVE_SEEN.get_ptr_mut(server_id) {
+        // SAFETY: an array slot; every writer stores a constant, so a
+        // race between CPUs (or with userspace clearing it) loses nothing.
+        unsafe { *seen = 1 };
+    }
     // SAFETY: this CPU's slot of a per-CPU array, valid for the run.
     PASSIVE_STATS
         .get_ptr_mut(server_id)

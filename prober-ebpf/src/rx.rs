@@ -35,6 +35,20 @@ enum Outcome {
     Unreachable,
 }
 
+/// Counts ARP replies: a neighbour answering is the evidence that the
+/// director's own path works when every probe goes silent at once.
+#[inline(always)]
+fn count_arp_reply(ctx: &XdpContext) {
+    let Ok(op) = read_at::<_, u16>(ctx, ETH_HLEN + ARP_OP_OFFSET) else {
+        return;
+    };
+    if op == ARP_OP_REPLY.to_be() {
+        if let Some(c) = counters() {
+            c.arp_replies += 1;
+        }
+    }
+}
+
 pub fn try_prober_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     if let Some(c) = counters() {
         c.packets += 1;
@@ -42,6 +56,9 @@ pub fn try_prober_xdp(ctx: &XdpContext) -> Result<u32, ()> {
     }
     let eth: EthHdr = read_at(ctx, 0)?;
     if eth.ether_type != ETH_P_IP.to_be() {
+        if eth.ether_type == ETH_P_ARP.to_be() {
+            count_arp_reply(ctx);
+        }
         return Ok(xdp_action::XDP_PASS);
     }
     let ip: Ipv4Hdr = read_at(ctx, ETH_HLEN)?;

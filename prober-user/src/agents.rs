@@ -39,6 +39,8 @@ pub struct Agents {
     deadline: Option<Duration>,
     hosts: HashSet<Ipv4Addr>,
     fresh: HashMap<Ipv4Addr, AgentView>,
+    /// Hosts whose view changed at the last refresh.
+    changed: Vec<IpAddr>,
 }
 
 impl Agents {
@@ -48,6 +50,7 @@ impl Agents {
             deadline,
             hosts: HashSet::new(),
             fresh: HashMap::new(),
+            changed: Vec::new(),
         }
     }
 
@@ -83,6 +86,7 @@ impl Agents {
 
     /// Reads every report; logs agents that start or stop reporting.
     pub fn refresh(&mut self) {
+        self.changed.clear();
         let Some(deadline) = self.deadline else {
             return;
         };
@@ -105,6 +109,9 @@ impl Agents {
                 weight: report.weight,
             });
             let before = self.fresh.get(host).copied();
+            if before != view {
+                self.changed.push(IpAddr::V4(*host));
+            }
             match (before, view) {
                 (None, Some(v)) => {
                     info!(%host, state = ?v.state, weight = v.weight, "agent reporting");
@@ -125,6 +132,12 @@ impl Agents {
     }
 
     /// The real server's fresh report, if its agent speaks.
+    /// The hosts whose view changed (came, went, or said something new)
+    /// at the last [`Agents::refresh`].
+    pub fn changed(&self) -> &[IpAddr] {
+        &self.changed
+    }
+
     pub fn view(&self, host: IpAddr) -> Option<AgentView> {
         match host {
             IpAddr::V4(v4) => self.fresh.get(&v4).copied(),

@@ -54,7 +54,7 @@ pub fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
     }
     let stats = &all.counters;
     println!(
-        "ingress: {} frames, {} bytes; replies matched {}, late {}, rejected {}; resets sent {} (and {} for unanswered SYNs); probes built {}, errors {}; wheel entries not due {}; events lost {}; timeouts excused (lost in the director's ring) {}",
+        "ingress: {} frames, {} bytes; replies matched {}, late {}, rejected {}; resets sent {} (and {} for unanswered SYNs); probes built {}, errors {}; wheel entries not due {}; events lost {}; timeouts excused (lost in the director's ring) {}; ARP replies {}",
         stats.packets,
         stats.bytes,
         stats.replies_matched,
@@ -66,7 +66,8 @@ pub fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
         stats.probe_errors,
         stats.entries_not_due,
         stats.events_lost,
-        stats.timeouts_excused
+        stats.timeouts_excused,
+        stats.arp_replies
     );
     let refused = stats.agent_unauthenticated + stats.agent_replayed;
     if stats.agent_reports + stats.agent_malformed + stats.agent_unknown + refused > 0 {

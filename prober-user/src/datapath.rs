@@ -258,6 +258,7 @@ impl Datapath {
             servers: HashMap::try_from(take(map_names::PASSIVE_SERVERS)?)?,
             ports: Array::try_from(take(map_names::PASSIVE_PORTS)?)?,
             stats: aya::maps::PerCpuArray::try_from(take(map_names::PASSIVE_STATS)?)?,
+            seen: Array::try_from(take(map_names::PASSIVE_SEEN)?)?,
         })
     }
 

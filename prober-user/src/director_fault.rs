@@ -3,13 +3,20 @@
 //! (keepalived's and HAProxy's behaviour); keeping weights is right only
 //! when the director itself has lost the network: its interface has no
 //! carrier, or every probe that was answering stopped being answered at
-//! once across several hosts. Pure: the controller feeds it each probe's
-//! result and asks it once per tick.
+//! once across several hosts *and* the neighbours it asks (ARP) do not
+//! answer either. When they do answer, the director's path works and the
+//! silence is the real servers': every one of them goes to weight 0, as
+//! when they all die. Pure: the controller feeds it each probe's result,
+//! the ARP replies the datapath saw, and asks it once per tick.
 //!
 //! A refusal (RST) or an ICMP unreachable is an answer for this purpose:
 //! something on the far side spoke, so the director's path works.
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{
+    collections::HashSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use crate::probe::ProbeSpec;
 
@@ -18,6 +25,11 @@ use crate::probe::ProbeSpec;
 /// once is an ordinary failure and goes to weight 0.
 pub const MIN_SILENT_HOSTS: usize = 3;
 
+/// How long the director asks its neighbours (ARP) after every probe went
+/// silent before it suspects its own path. A working path answers within
+/// milliseconds; weights are held meanwhile.
+pub const NEIGHBOUR_WAIT: Duration = Duration::from_secs(1);
+
 /// Why the director's own path is suspected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Suspicion {
@@ -25,7 +37,8 @@ pub enum Suspicion {
     /// down), or has not carried an answer since it came back.
     LinkDown,
     /// Every probe that was answering went unanswered since the last
-    /// answer: `probes` probes of `hosts` hosts.
+    /// answer: `probes` probes of `hosts` hosts, and no neighbour answered
+    /// ARP either.
     AllSilent { probes: usize, hosts: usize },
 }
 
@@ -35,7 +48,7 @@ impl std::fmt::Display for Suspicion {
             Suspicion::LinkDown => write!(f, "the probing interface has no carrier"),
             Suspicion::AllSilent { probes, hosts } => write!(
                 f,
-                "all {probes} probes of {hosts} real server hosts went unanswered at once"
+                "all {probes} probes of {hosts} real server hosts went unanswered at once, and no neighbour answered ARP"
             ),
         }
     }
@@ -46,6 +59,12 @@ impl std::fmt::Display for Suspicion {
 pub enum Change {
     Suspected(Suspicion),
     Cleared,
+    /// Every answering probe went silent but neighbours answer ARP: the
+    /// real servers are silent, not the director (said once per silence).
+    ServersSilent {
+        probes: usize,
+        hosts: usize,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +79,13 @@ pub struct DirectorPath {
     silent: HashSet<ProbeSpec>,
     silent_hosts: HashSet<IpAddr>,
     answered_this_tick: bool,
+    /// A neighbour answered ARP since the last probe answer.
+    neighbour_answered: bool,
+    /// Since when every answering probe is silent with no neighbour heard:
+    /// the neighbours are being asked, and weights held.
+    asking_since: Option<Instant>,
+    /// The silence was put down to the real servers (and said).
+    servers_silent: bool,
     /// The link went down: suspected until a probe is answered after it
     /// is back (neighbours are resolved again meanwhile).
     awaiting_answer: bool,
@@ -87,38 +113,52 @@ impl DirectorPath {
         self.answered_this_tick = true;
     }
 
+    /// A neighbour answered ARP (the datapath's count of ARP replies
+    /// moved): the director's own path works.
+    pub fn neighbour_answered(&mut self) {
+        self.neighbour_answered = true;
+    }
+
     /// The verdict after a tick's results; `up_probes` is how many probes
     /// are up now, `link_up` whether the interface has carrier.
-    pub fn end_tick(&mut self, up_probes: usize, link_up: bool) -> Option<Change> {
+    pub fn end_tick(&mut self, up_probes: usize, link_up: bool, now: Instant) -> Option<Change> {
         if std::mem::take(&mut self.answered_this_tick) {
             self.answered_ever = true;
             self.up_at_last_answer = up_probes;
             self.silent.clear();
             self.silent_hosts.clear();
+            self.neighbour_answered = false;
+            self.servers_silent = false;
             if link_up {
                 self.awaiting_answer = false;
             }
         }
-        let now = if !link_up {
+        let all_silent = self.answered_ever
+            && self.up_at_last_answer > 0
+            && self.silent.len() >= self.up_at_last_answer
+            && self.silent_hosts.len() >= MIN_SILENT_HOSTS;
+        if !all_silent || self.neighbour_answered {
+            self.asking_since = None;
+        }
+        let verdict = if !link_up {
             self.awaiting_answer = true;
             Some(Suspicion::LinkDown)
         } else if self.awaiting_answer {
             Some(Suspicion::LinkDown)
-        } else if self.answered_ever
-            && self.up_at_last_answer > 0
-            && self.silent.len() >= self.up_at_last_answer
-            && self.silent_hosts.len() >= MIN_SILENT_HOSTS
-        {
-            Some(Suspicion::AllSilent {
-                probes: self.silent.len(),
-                hosts: self.silent_hosts.len(),
-            })
+        } else if all_silent && !self.neighbour_answered {
+            let since = *self.asking_since.get_or_insert(now);
+            (now.saturating_duration_since(since) >= NEIGHBOUR_WAIT).then_some(
+                Suspicion::AllSilent {
+                    probes: self.silent.len(),
+                    hosts: self.silent_hosts.len(),
+                },
+            )
         } else {
             None
         };
-        match (&self.suspicion, &now) {
+        let change = match (&self.suspicion, &verdict) {
             (None, Some(s)) => {
-                self.suspicion = now.clone();
+                self.suspicion = verdict.clone();
                 Some(Change::Suspected(s.clone()))
             }
             (Some(_), None) => {
@@ -127,12 +167,42 @@ impl DirectorPath {
             }
             // A suspicion that changes reason stays one suspicion.
             _ => None,
+        };
+        if change.is_none()
+            && self.suspicion.is_none()
+            && all_silent
+            && self.neighbour_answered
+            && !std::mem::replace(&mut self.servers_silent, true)
+        {
+            return Some(Change::ServersSilent {
+                probes: self.silent.len(),
+                hosts: self.silent_hosts.len(),
+            });
         }
+        change
     }
 
-    /// Whether weights are to be kept (fail open) now.
+    /// The director's own path is suspected: weights are kept (fail
+    /// open) and one alert stands for every server.
     pub fn suspected(&self) -> Option<&Suspicion> {
         self.suspicion.as_ref()
+    }
+
+    /// Whether weights are held now: suspected, or still asking the
+    /// neighbours whether the silence is the director's.
+    pub fn holding(&self) -> bool {
+        self.suspicion.is_some() || self.asking_since.is_some()
+    }
+
+    /// Whether neighbours should be asked (ARP) now: every answering probe
+    /// is silent and none has answered yet.
+    pub fn asking_neighbours(&self) -> bool {
+        self.asking_since.is_some()
+    }
+
+    /// The probes that went silent since the last answer.
+    pub fn silent_probes(&self) -> impl Iterator<Item = &ProbeSpec> {
+        self.silent.iter()
     }
 
     /// Probes that left the plan no longer count.
@@ -186,80 +256,162 @@ mod tests {
         }
     }
 
-    /// One tick: `answers` hosts reply, `silent` hosts time out.
-    fn tick(
-        path: &mut DirectorPath,
-        answers: &[u8],
-        silent: &[u8],
-        up: usize,
-        link: bool,
-    ) -> Option<Change> {
-        for &h in answers {
-            path.probe_result(probe(h), probe(h).real_server(), true);
+    /// A director path with a clock: each tick comes `step` after the
+    /// last.
+    struct Bed {
+        path: DirectorPath,
+        now: Instant,
+        step: Duration,
+    }
+
+    impl Bed {
+        fn new() -> Self {
+            Self {
+                path: DirectorPath::new(),
+                now: Instant::now(),
+                step: Duration::from_millis(400),
+            }
         }
-        for &h in silent {
-            path.probe_result(probe(h), probe(h).real_server(), false);
+
+        /// One tick: `answers` hosts reply, `silent` hosts time out.
+        fn tick(&mut self, answers: &[u8], silent: &[u8], up: usize, link: bool) -> Option<Change> {
+            for &h in answers {
+                self.path
+                    .probe_result(probe(h), probe(h).real_server(), true);
+            }
+            for &h in silent {
+                self.path
+                    .probe_result(probe(h), probe(h).real_server(), false);
+            }
+            self.now += self.step;
+            self.path.end_tick(up, link, self.now)
         }
-        path.end_tick(up, link)
+
+        /// Ticks with nothing new until `NEIGHBOUR_WAIT` has passed since
+        /// the silence: what the last of them said.
+        fn wait_for_neighbours(&mut self, up: usize) -> Option<Change> {
+            let mut said = None;
+            for _ in 0..NEIGHBOUR_WAIT.as_millis().div_ceil(self.step.as_millis()) {
+                said = said.or(self.tick(&[], &[], up, true));
+            }
+            said
+        }
     }
 
     #[test]
     fn servers_dying_while_others_answer_are_no_director_fault() {
-        let mut path = DirectorPath::new();
-        assert_eq!(tick(&mut path, &[1, 2, 3, 4], &[], 4, true), None);
+        let mut bed = Bed::new();
+        assert_eq!(bed.tick(&[1, 2, 3, 4], &[], 4, true), None);
         for _ in 0..5 {
-            assert_eq!(tick(&mut path, &[4], &[1, 2, 3], 4, true), None);
+            assert_eq!(bed.tick(&[4], &[1, 2, 3], 4, true), None);
         }
-        assert_eq!(path.suspected(), None);
+        assert_eq!(bed.path.suspected(), None);
+        assert!(!bed.path.holding());
     }
 
     #[test]
     fn one_or_two_hosts_going_silent_together_are_no_director_fault() {
         for pool in [1u8, 2] {
             let hosts: Vec<u8> = (1..=pool).collect();
-            let mut path = DirectorPath::new();
-            tick(&mut path, &hosts, &[], hosts.len(), true);
+            let mut bed = Bed::new();
+            bed.tick(&hosts, &[], hosts.len(), true);
             for _ in 0..5 {
-                assert_eq!(tick(&mut path, &[], &hosts, hosts.len(), true), None);
+                assert_eq!(bed.tick(&[], &hosts, hosts.len(), true), None);
+                assert!(!bed.path.holding());
             }
         }
     }
 
     #[test]
-    fn every_answering_probe_silent_at_once_is_suspected_and_clears_on_an_answer() {
-        let mut path = DirectorPath::new();
-        tick(&mut path, &[1, 2, 3, 4], &[], 4, true);
+    fn every_answering_probe_silent_with_no_neighbour_answering_is_suspected_and_clears_on_an_answer(
+    ) {
+        let mut bed = Bed::new();
+        bed.tick(&[1, 2, 3, 4], &[], 4, true);
+        // The neighbours are asked first; weights are held meanwhile.
+        assert_eq!(bed.tick(&[], &[1, 2, 3, 4], 4, true), None);
+        assert!(bed.path.holding() && bed.path.asking_neighbours());
+        assert_eq!(bed.path.suspected(), None);
         assert_eq!(
-            tick(&mut path, &[], &[1, 2, 3, 4], 4, true),
+            bed.wait_for_neighbours(4),
             Some(Change::Suspected(Suspicion::AllSilent {
                 probes: 4,
                 hosts: 4
             }))
         );
-        assert_eq!(tick(&mut path, &[], &[1, 2, 3, 4], 4, true), None, "once");
-        assert!(path.suspected().is_some());
+        assert_eq!(bed.tick(&[], &[1, 2, 3, 4], 4, true), None, "once");
+        assert!(bed.path.suspected().is_some() && bed.path.asking_neighbours());
+        assert_eq!(bed.tick(&[2], &[1, 3, 4], 4, true), Some(Change::Cleared));
+        assert!(!bed.path.holding());
+    }
+
+    #[test]
+    fn every_probe_silent_while_a_neighbour_answers_is_the_servers_not_the_director() {
+        let mut bed = Bed::new();
+        bed.tick(&[1, 2, 3, 4], &[], 4, true);
+        assert_eq!(bed.tick(&[], &[1, 2, 3, 4], 4, true), None);
+        assert!(bed.path.holding());
+        bed.path.neighbour_answered();
         assert_eq!(
-            tick(&mut path, &[2], &[1, 3, 4], 4, true),
-            Some(Change::Cleared)
+            bed.tick(&[], &[], 4, true),
+            Some(Change::ServersSilent {
+                probes: 4,
+                hosts: 4
+            })
         );
+        assert!(!bed.path.holding() && !bed.path.asking_neighbours());
+        assert_eq!(
+            bed.wait_for_neighbours(4),
+            None,
+            "said once, never suspected"
+        );
+        assert_eq!(bed.path.suspected(), None);
+        // Once probes are answered again a new silence asks again.
+        bed.tick(&[1, 2, 3, 4], &[], 4, true);
+        assert_eq!(bed.tick(&[], &[1, 2, 3, 4], 4, true), None);
+        assert!(bed.path.asking_neighbours());
+    }
+
+    #[test]
+    fn a_neighbour_answering_after_the_suspicion_clears_it() {
+        let mut bed = Bed::new();
+        bed.tick(&[1, 2, 3], &[], 3, true);
+        bed.tick(&[], &[1, 2, 3], 3, true);
+        assert!(matches!(
+            bed.wait_for_neighbours(3),
+            Some(Change::Suspected(_))
+        ));
+        bed.path.neighbour_answered();
+        assert_eq!(bed.tick(&[], &[], 3, true), Some(Change::Cleared));
+        assert_eq!(
+            bed.tick(&[], &[], 3, true),
+            Some(Change::ServersSilent {
+                probes: 3,
+                hosts: 3
+            })
+        );
+        assert!(!bed.path.holding());
     }
 
     #[test]
     fn silence_spread_over_ticks_counts_until_an_answer() {
-        let mut path = DirectorPath::new();
-        tick(&mut path, &[1, 2, 3], &[], 3, true);
-        assert_eq!(tick(&mut path, &[], &[1, 2], 3, true), None);
+        let mut bed = Bed::new();
+        bed.tick(&[1, 2, 3], &[], 3, true);
+        assert_eq!(bed.tick(&[], &[1, 2], 3, true), None);
+        assert!(!bed.path.holding());
+        assert_eq!(bed.tick(&[], &[3], 3, true), None);
+        assert!(bed.path.holding());
         assert!(matches!(
-            tick(&mut path, &[], &[3], 3, true),
+            bed.wait_for_neighbours(3),
             Some(Change::Suspected(_))
         ));
     }
 
     #[test]
     fn silence_from_the_start_says_nothing() {
-        let mut path = DirectorPath::new();
-        for _ in 0..3 {
-            assert_eq!(tick(&mut path, &[], &[1, 2, 3, 4], 4, true), None);
+        let mut bed = Bed::new();
+        for _ in 0..6 {
+            assert_eq!(bed.tick(&[], &[1, 2, 3, 4], 4, true), None);
+            assert!(!bed.path.holding());
         }
     }
 
@@ -271,17 +423,17 @@ mod tests {
 
     #[test]
     fn a_link_without_carrier_is_suspected_at_once() {
-        let mut path = DirectorPath::new();
+        let mut bed = Bed::new();
         assert_eq!(
-            tick(&mut path, &[1], &[], 1, false),
+            bed.tick(&[1], &[], 1, false),
             Some(Change::Suspected(Suspicion::LinkDown))
         );
-        assert_eq!(tick(&mut path, &[1], &[], 1, true), Some(Change::Cleared));
+        assert_eq!(bed.tick(&[1], &[], 1, true), Some(Change::Cleared));
         // Back up but nothing answered yet (neighbours being resolved
         // again): still the director's fault.
-        tick(&mut path, &[], &[], 1, false);
-        assert_eq!(tick(&mut path, &[], &[1], 1, true), None);
-        assert!(path.suspected().is_some());
-        assert_eq!(tick(&mut path, &[1], &[], 1, true), Some(Change::Cleared));
+        bed.tick(&[], &[], 1, false);
+        assert_eq!(bed.tick(&[], &[1], 1, true), None);
+        assert!(bed.path.suspected().is_some());
+        assert_eq!(bed.tick(&[1], &[], 1, true), Some(Change::Cleared));
     }
 }

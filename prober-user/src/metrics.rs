@@ -378,6 +378,12 @@ impl Collector for Snapshot {
             "Send-wheel slots not walked in their turn (the daemon was a whole turn behind); their targets went a turn later",
             &[(vec![], s.slots_skipped)],
         )?;
+        counter(
+            &mut e,
+            "prober_pools_recomputed",
+            "Pools whose weights were worked out again: touched by a change, or with something moving (a step, slow start, agent, command or client times)",
+            &[(vec![], s.pools_recomputed)],
+        )?;
         let d = &s.datapath;
         counter(
             &mut e,

@@ -22,6 +22,8 @@ pub struct PassiveMaps {
     pub servers: BpfHashMap<MapData, ServerKey, u32>,
     pub ports: Array<MapData, u64>,
     pub stats: PerCpuArray<MapData, PassiveStats>,
+    /// Servers with a sample since the last look.
+    pub seen: Array<MapData, u8>,
 }
 
 /// What one real server's traffic showed since the last look.
@@ -89,9 +91,15 @@ pub type Server = (IpAddr, u16);
 pub struct Passive {
     maps: PassiveMaps,
     ids: HashMap<Server, u32>,
+    /// Who holds each id (the reverse of `ids`).
+    servers: Vec<Option<Server>>,
     last: HashMap<u32, Delta>,
-    /// PASSIVE_STATS as of the last `take_deltas`, read in one syscall.
+    /// PASSIVE_SEEN and the PASSIVE_STATS read from it at the last
+    /// `take_deltas`, and the zeros that clear the flags (buffers reused).
+    seen: ArraySnapshot<u8>,
     stats: ArraySnapshot<PassiveStats>,
+    zeros: Vec<u8>,
+    seen_ids: Vec<u32>,
     /// NAT servers past the table's size, as last said.
     unfollowed: usize,
 }
@@ -101,8 +109,12 @@ impl Passive {
         Self {
             maps,
             ids: HashMap::new(),
+            servers: Vec::new(),
             last: HashMap::new(),
+            seen: ArraySnapshot::default(),
             stats: ArraySnapshot::default(),
+            zeros: Vec::new(),
+            seen_ids: Vec::new(),
             unfollowed: 0,
         }
     }
@@ -133,6 +145,9 @@ impl Passive {
             let _ = self.maps.servers.remove(&Self::key(&server));
             if let Some(id) = self.ids.remove(&server) {
                 self.last.remove(&id);
+                if let Some(slot) = self.servers.get_mut(id as usize) {
+                    *slot = None;
+                }
             }
         }
         let used: HashSet<u32> = self.ids.values().copied().collect();
@@ -164,6 +179,14 @@ impl Passive {
                 .insert(Self::key(server), id, 0)
                 .context("writing PASSIVE_SERVERS")?;
             self.ids.insert(*server, id);
+            if self.servers.len() <= id as usize {
+                self.servers.resize(id as usize + 1, None);
+            }
+            self.servers[id as usize] = Some(*server);
+        }
+        // Ids past the last held one are never read.
+        while self.servers.last() == Some(&None) {
+            self.servers.pop();
         }
         if unfollowed != self.unfollowed {
             self.unfollowed = unfollowed;
@@ -206,23 +229,55 @@ impl Passive {
         Some((handshake, response))
     }
 
-    /// What each followed server's traffic showed since the last call.
-    pub fn take_deltas(&mut self) -> Result<HashMap<Server, Delta>> {
-        let mut out = HashMap::with_capacity(self.ids.len());
-        let count = self.ids.values().max().map_or(0, |id| id + 1);
+    /// What each followed server's traffic showed since the last call,
+    /// into `out` (servers without a new sample are left out). Only the
+    /// servers the datapath marked seen are read: one read of the flags,
+    /// one write clearing them, then each marked server's statistics (all
+    /// of them in one read when most are marked). A sample that lands
+    /// between the flags' read and their clearing is taken with the
+    /// server's next one: statistics are totals, so nothing is lost.
+    pub fn take_deltas(&mut self, out: &mut Vec<(Server, Delta)>) -> Result<()> {
+        out.clear();
+        let count = self.servers.len() as u32;
+        if count == 0 {
+            return Ok(());
+        }
+        self.seen
+            .read(&self.maps.seen, count)
+            .context("reading PASSIVE_SEEN")?;
+        self.seen_ids.clear();
+        self.seen_ids
+            .extend((0..count).filter(|&id| self.seen.get(id as usize, 0).is_some_and(|s| s != 0)));
+        if self.seen_ids.is_empty() {
+            return Ok(());
+        }
+        self.zeros.resize(count as usize, 0);
+        crate::map_batch::write_array_prefix(&self.maps.seen, &self.zeros)
+            .context("clearing PASSIVE_SEEN")?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        self.stats
-            .read_per_cpu(&self.maps.stats, count, cpus)
-            .context("reading PASSIVE_STATS")?;
-        for (server, id) in &self.ids {
-            let now = total(self.stats.per_cpu(*id as usize));
-            let before = self.last.insert(*id, now).unwrap_or_default();
+        let whole = self.seen_ids.len() * 4 >= count as usize;
+        if whole {
+            self.stats
+                .read_per_cpu(&self.maps.stats, count, cpus)
+                .context("reading PASSIVE_STATS")?;
+        }
+        for &id in &self.seen_ids {
+            let Some(server) = self.servers[id as usize] else {
+                continue;
+            };
+            if !whole {
+                self.stats
+                    .read_per_cpu_range(&self.maps.stats, id, 1, cpus)
+                    .context("reading PASSIVE_STATS")?;
+            }
+            let now = total(self.stats.per_cpu(id as usize));
+            let before = self.last.insert(id, now).unwrap_or_default();
             let delta = minus(now, before);
             if delta != Delta::default() {
-                out.insert(*server, delta);
+                out.push((server, delta));
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

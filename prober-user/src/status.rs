@@ -47,6 +47,11 @@ pub struct Status {
     /// turn behind (a stall), and their targets went a turn later.
     #[serde(default)]
     pub slots_skipped: u64,
+    /// Pools whose weights were worked out again: those a change touched,
+    /// and in turn those with something moving (a step, slow start, agent,
+    /// command or client times). A steady director recomputes none.
+    #[serde(default)]
+    pub pools_recomputed: u64,
     /// Full IPVS dumps asked for, and IPVS configuration calls by other
     /// processes that the kernel signalled (None: no signal, IPVS is
     /// dumped every `discovery` only).

@@ -483,6 +483,15 @@ impl Daemon {
         }
     }
 
+    /// `prober status --json` from this daemon's control socket.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = run(Command::new(prober_bin())
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["status", "--json"]))?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     /// `prober stats --json` against this daemon's pins.
     pub fn stats(&self) -> Result<serde_json::Value> {
         let out = run(Command::new(prober_bin())

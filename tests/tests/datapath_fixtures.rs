@@ -427,6 +427,30 @@ fn frames_that_are_not_probe_replies_pass_untouched() {
 }
 
 #[test]
+fn arp_replies_are_counted_and_pass_untouched_requests_are_not_counted() {
+    let f = fixture();
+    let arp = |op: u8| {
+        let mut body = vec![0, 1, 8, 0, 6, 4, 0, op];
+        body.extend_from_slice(&MAC_B);
+        body.extend_from_slice(&RS);
+        body.extend_from_slice(&MAC_A);
+        body.extend_from_slice(&DIRECTOR);
+        ethernet(MAC_A, MAC_B, 0x0806, &body)
+    };
+    for (op, counted) in [(1, 0), (2, 1), (2, 2), (1, 2)] {
+        let frame = arp(op);
+        let (action, out) = f.rx(&frame);
+        assert_eq!(action, XDP_PASS, "ARP op {op}");
+        assert_eq!(out, frame, "ARP op {op}: frame changed");
+        assert_eq!(f.counters().arp_replies, counted, "after ARP op {op}");
+    }
+    // Cut short before its operation: passed, not counted.
+    let short = &arp(2)[..18];
+    assert_eq!(f.rx(short).0, XDP_PASS);
+    assert_eq!(f.counters().arp_replies, 2);
+}
+
+#[test]
 fn truncated_replies_pass_untouched_at_every_length() {
     let f = fixture();
     let full = valid_syn_ack();

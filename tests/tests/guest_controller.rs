@@ -350,6 +350,47 @@ fn replies_lost_on_the_directors_side_keep_every_weight_with_one_alert() {
 }
 
 #[test]
+fn every_real_server_silent_while_its_host_answers_arp_goes_to_zero() {
+    // Every real server stops answering TCP at once (a blackhole route
+    // to the director in each: SYN-ACKs vanish, as when every daemon
+    // hangs or a firewall change goes wrong), while the hosts still answer
+    // ARP: the director's path works, so this is no director fault and
+    // every weight goes to 0, as keepalived would have it.
+    let (lan, _listeners) = service(4);
+    let pin_dir = PinDir::new();
+    let daemon = start(
+        &lan,
+        &pin_dir,
+        &format!("{FAST}\n[weights]\nlatency_aware = false\n"),
+    );
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(lan.weights(VS).unwrap(), all(100, 4), "{}", daemon.log());
+    let director = format!("{}/32", Lan::director_addr());
+    for server in &lan.servers {
+        server
+            .ip(&["route", "add", "blackhole", &director])
+            .unwrap();
+    }
+    wait_for(Duration::from_secs(20), || {
+        let w = lan.weights(VS)?;
+        Ok((w == all(0, 4)).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", daemon.log()));
+    let log = daemon.log();
+    assert!(verdicts(&daemon, "suspected").is_empty(), "{log}");
+    let silent: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("the next hops answer ARP"))
+        .collect();
+    assert_eq!(silent.len(), 1, "said once: {log}");
+    assert!(silent[0].contains("hosts=4"), "{}", silent[0]);
+    assert_eq!(writes(&daemon), 4, "one write each: {log}");
+    let arp_replies = daemon.stats().unwrap()["counters"]["arp_replies"].clone();
+    println!("{}\nARP replies counted: {arp_replies}", silent[0]);
+    assert!(arp_replies.as_u64().unwrap() > 0, "{arp_replies}");
+}
+
+#[test]
 fn a_slow_discovery_neither_shortens_a_timeout_nor_sends_a_probe_early() {
     // Replies take 80 ms; every discovery (each second) stalls the tick
     // for 150 ms before probes go out, as a dump under load does. A

@@ -219,9 +219,23 @@ fn seventy_thousand_probes_are_all_sent_spread_and_only_the_dead_server_goes_out
     // once an interval (its sends fall on a grid).
     let before = Instant::now();
     let first_stats = daemon.stats().unwrap();
+    let recomputed = |status: serde_json::Value| status["pools_recomputed"].as_u64().unwrap();
+    let recomputed_before = recomputed(daemon.status().unwrap());
     std::thread::sleep(INTERVAL * 3);
     let second_stats = daemon.stats().unwrap();
     let span = before.elapsed();
+    // Nothing changes: the pools' weights are not worked out again (a
+    // rotation would recompute each once an interval, 3 x {pools}); at
+    // most the last of them settling, once.
+    let pools = N.div_ceil(PER_SERVICE) as u64;
+    let recomputed_in_window = recomputed(daemon.status().unwrap()) - recomputed_before;
+    println!(
+        "pools recomputed over three intervals at rest: {recomputed_in_window} of {pools} pools"
+    );
+    assert!(
+        recomputed_in_window <= pools,
+        "{recomputed_in_window} pool recomputations in three quiet intervals ({pools} pools)"
+    );
     let most = (span.as_nanos() / INTERVAL.as_nanos()) as u64 + 1;
     let (first_sent, second_sent) = (sent_of(&first_stats), sent_of(&second_stats));
     assert_eq!(second_sent.len(), 2 * N, "every probe is a target");

@@ -35,6 +35,7 @@ struct Fixture {
     ingress: ProgramFd,
     flows: HashMap<MapData, FlowKey, FlowState>,
     stats: PerCpuArray<MapData, PassiveStats>,
+    seen: Array<MapData, u8>,
 }
 
 fn fixture() -> Fixture {
@@ -47,6 +48,7 @@ fn fixture() -> Fixture {
         Array::try_from(ebpf.take_map(map_names::PASSIVE_PORTS).unwrap()).unwrap();
     let flows = HashMap::try_from(ebpf.take_map(map_names::PASSIVE_FLOWS).unwrap()).unwrap();
     let stats = PerCpuArray::try_from(ebpf.take_map(map_names::PASSIVE_STATS).unwrap()).unwrap();
+    let seen = Array::try_from(ebpf.take_map(map_names::PASSIVE_SEEN).unwrap()).unwrap();
     servers
         .insert(
             ServerKey {
@@ -68,6 +70,7 @@ fn fixture() -> Fixture {
         ingress,
         flows,
         stats,
+        seen,
     }
 }
 
@@ -106,6 +109,13 @@ impl Fixture {
                 }
                 s
             })
+    }
+
+    /// The servers the datapath marked seen (a sample to read).
+    fn seen(&self) -> Vec<u32> {
+        (0..8)
+            .filter(|&id| self.seen.get(&id, 0).unwrap() != 0)
+            .collect()
     }
 
     fn flow(&self) -> Option<FlowState> {
@@ -278,6 +288,26 @@ fn server_resets_are_counted_and_fin_or_rst_end_the_flow() {
     f.out(&to_server(RS, SYN, 0));
     f.out(&to_server(RS, FIN | ACK, 0));
     assert!(f.flow().is_none(), "the client's FIN ended the flow");
+}
+
+#[test]
+fn a_sample_marks_its_server_seen_and_foreign_traffic_marks_nothing() {
+    let mut f = fixture();
+    // Answers with no flow behind them, an untracked server: nothing.
+    f.back(&from_server(SYN | ACK, 0));
+    f.out(&to_server(OTHER_RS, SYN, 0));
+    assert_eq!(f.seen(), Vec::<u32>::new());
+    f.out(&to_server(RS, SYN, 0));
+    f.back(&from_server(SYN | ACK, 0));
+    assert_eq!(f.stats().handshakes, 1);
+    assert_eq!(f.seen(), vec![SERVER_ID], "only the sampled server");
+    // Userspace clears the flag after reading; the next sample sets it.
+    f.seen.set(SERVER_ID, 0, 0).unwrap();
+    f.out(&to_server(RS, ACK, 0));
+    f.out(&to_server(RS, ACK | PSH, 100));
+    f.back(&from_server(ACK | PSH, 100));
+    assert_eq!(f.stats().responses, 1);
+    assert_eq!(f.seen(), vec![SERVER_ID]);
 }
 
 #[test]

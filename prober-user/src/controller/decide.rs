@@ -16,6 +16,7 @@ impl Controller {
         }
         let mut due = std::mem::take(&mut self.pools_due);
         self.collect_pools_due(now, &mut due);
+        self.totals.pools_recomputed += due.len() as u64;
         let by_service = std::mem::take(&mut self.plan.by_service);
         let mut updates = Vec::new();
         for &k in &due {
@@ -26,6 +27,9 @@ impl Controller {
             let slow_start = self.config.weights_for(&service).1.slow_start;
             let mut members = std::mem::take(&mut self.candidates);
             members.clear();
+            // Whether something in this pool moves without a change
+            // touching it (see `pool_settled`).
+            let mut live = now < self.latency_hold_until;
             for &i in members_idx {
                 let b = &self.plan.bindings[i];
                 let (Some(dest), Some(probe)) = (
@@ -59,15 +63,22 @@ impl Controller {
                         .or(agent.map(|a| a.weight))
                         .unwrap_or(dest.configured),
                 };
+                let ramping = probe
+                    .came_up_at
+                    .is_some_and(|at| now.duration_since(at) < slow_start);
+                live |= check_weight.is_some()
+                    || agent.is_some()
+                    || ramping
+                    || !probe.evidence
+                    || probe.response.is_some()
+                    || probe.passive_rtt.is_some();
                 let why = Reason::of(&ReasonInputs {
                     probe_down: probe.health.state() == State::Down,
                     failing_check: failing,
                     agent: agent.map(|a| a.state),
                     check_weight,
                     configured,
-                    slow_start: probe
-                        .came_up_at
-                        .is_some_and(|at| now.duration_since(at) < slow_start),
+                    slow_start: ramping,
                     current: dest.current,
                 });
                 let given = check_weight.is_some() || agent.is_some();
@@ -94,8 +105,9 @@ impl Controller {
                 .iter()
                 .filter(|m| m.member.up && m.member.configured > 0)
                 .count();
-            let suspected = self.path.suspected().is_some();
-            if !suspected {
+            // Suspected, or still asking the neighbours whether to be.
+            let holding = self.path.holding();
+            if !holding {
                 self.alerts
                     .service_health(&service.to_string(), healthy, members.len(), now);
             }
@@ -125,8 +137,9 @@ impl Controller {
                     m.member.latency_ns = None;
                 }
             }
-            if suspected {
-                // Fail open: the director, not the pool, is at fault.
+            self.pool_settled[k] = false;
+            if holding {
+                // Fail open: the director, not the pool, may be at fault.
                 self.candidates = members;
                 continue;
             }
@@ -154,6 +167,7 @@ impl Controller {
             }
             // Only latency-aware pools have latency-made weights to keep.
             let hold_latency = latency_aware && now < self.latency_hold_until;
+            let written_before = updates.len();
             for (m, weight) in members.drain(..).zip(result.weights) {
                 let b = &self.plan.bindings[m.index];
                 let key = (b.service, b.destination.key());
@@ -181,6 +195,8 @@ impl Controller {
                     m.why.describe(b, &self.checks),
                 ));
             }
+            // Nothing to write and nothing moving: a change must touch it.
+            self.pool_settled[k] = !live && updates.len() == written_before;
             self.candidates = members;
             self.pool_members = pool;
         }
@@ -204,8 +220,12 @@ impl Controller {
                 due.push(k);
             }
         }
+        if self.pool_settled.len() != n {
+            self.pool_settled = vec![false; n];
+        }
         // Exactly n pools an interval (each once: damping's steps are per
-        // interval), the fraction carried from wake to wake.
+        // interval), the fraction carried from wake to wake; settled pools
+        // are passed over.
         let share = match self.pools_rotated_at {
             None => n,
             Some(at) => {
@@ -219,7 +239,10 @@ impl Controller {
         };
         self.pools_rotated_at = Some(now);
         for i in 0..share {
-            due.push((self.pool_cursor + i) % n);
+            let k = (self.pool_cursor + i) % n;
+            if !self.pool_settled[k] {
+                due.push(k);
+            }
         }
         self.pool_cursor = (self.pool_cursor + share) % n;
         due.sort_unstable();

@@ -331,6 +331,7 @@ impl Controller {
             self.write_expectation(*spec);
         }
         self.plan = plan;
+        self.pool_settled.clear();
         self.dump_fingerprint = Some(fingerprint);
         if let Some(store) = &self.store {
             if store.not_saved > self.not_saved {

@@ -61,6 +61,10 @@ const LATENCY_SAVE: Duration = Duration::from_secs(2);
 /// After the carrier comes back, how long next hops still being resolved
 /// keep the director suspected.
 const LINK_SETTLE: Duration = Duration::from_secs(10);
+/// While every probe is silent, the next hops of this many silent hosts
+/// are asked (ARP), this often: one answer shows the director's path works.
+const NEIGHBOURS_ASKED: usize = 4;
+const NEIGHBOUR_ASK_EVERY: Duration = Duration::from_millis(250);
 /// Unprobed destinations named one by one in a discovery's warnings.
 const UNCHECKED_NAMED: usize = 20;
 /// Batches of IPVS writes this large are logged with their duration.
@@ -158,6 +162,8 @@ struct Totals {
     probe_events: u64,
     /// Wheel slots not walked in their turn (a whole turn behind).
     slots_skipped: u64,
+    /// Pools recomputed (see `pool_settled`).
+    pools_recomputed: u64,
     skipped_to_say: SaidEveryMinute,
     /// Full IPVS dumps asked for; configuration calls signalled.
     ipvs_dumps: u64,
@@ -247,10 +253,15 @@ pub struct Controller {
     /// This tick's unresolved targets of a slot (kept to reuse).
     due_ids: Vec<u32>,
     probe_events: Vec<prober_common::ProbeEvent>,
+    /// This tick's passive samples (kept to reuse).
+    passive_deltas: Vec<(passive::Server, passive::Delta)>,
     /// Hosts whose failed checks wait for their diagnosis, this tick.
     diagnosis_hosts: Vec<IpAddr>,
-    /// The datapath's count of matched replies at the last tick.
-    replies_matched: u64,
+    /// What the datapath had heard (matched replies, ARP replies) at the
+    /// last tick.
+    heard: crate::probe::Heard,
+    /// When the next hops of silent probes were last asked (ARP).
+    neighbours_asked_at: Option<Instant>,
     /// Probes up now: counted at each discovery, kept by each transition
     /// (every wake asks, and a count would cost a pass over every probe).
     up_probes: usize,
@@ -264,6 +275,12 @@ pub struct Controller {
     pools_rotated_at: Option<Instant>,
     /// Pools owed to the rotation, in fractions of one.
     pool_credit: f64,
+    /// By pool (index into `plan.by_service`): its last recomputation
+    /// changed nothing and nothing in it moves with time (no step to take,
+    /// no slow start, no agent, check weight or client response times), so
+    /// only a change touching it recomputes it, not the rotation. Reset
+    /// with the plan.
+    pool_settled: Vec<bool>,
     pools_due: Vec<usize>,
     /// A pool's members as decide weighs them, kept from pool to pool.
     candidates: Vec<decide::Candidate>,
@@ -336,8 +353,10 @@ impl Controller {
             prober,
             passive,
             probe_events: Vec::new(),
+            passive_deltas: Vec::new(),
             diagnosis_hosts: Vec::new(),
-            replies_matched: 0,
+            heard: Default::default(),
+            neighbours_asked_at: None,
             store: None,
             plan: Plan::default(),
             probes: FxHashMap::default(),
@@ -364,6 +383,7 @@ impl Controller {
             pool_cursor: 0,
             pools_rotated_at: None,
             pool_credit: 0.0,
+            pool_settled: Vec::new(),
             pools_due: Vec::new(),
             candidates: Vec::new(),
             pool_members: Vec::new(),
@@ -477,14 +497,16 @@ impl Controller {
         // After the sends: reading every followed server's samples is the
         // regular tick's longest step, and must not make them late.
         if full {
-            match self.passive.take_deltas() {
-                Ok(deltas) => {
-                    for (server, delta) in deltas {
+            let mut deltas = std::mem::take(&mut self.passive_deltas);
+            match self.passive.take_deltas(&mut deltas) {
+                Ok(()) => {
+                    for &(server, delta) in &deltas {
                         self.observe_passive(server, delta, now);
                     }
                 }
                 Err(e) => warn!("reading passive measurements: {e:#}"),
             }
+            self.passive_deltas = deltas;
         }
         self.judge_director_path(now);
         self.restart_ended_checks();
@@ -492,6 +514,15 @@ impl Controller {
         if full {
             if let Some(agents) = &mut self.agents {
                 agents.refresh();
+                // Their pools follow a new view now (a settled pool is
+                // recomputed only when touched).
+                if !agents.changed().is_empty() {
+                    for b in &self.plan.bindings {
+                        if agents.changed().contains(&b.destination.addr) {
+                            self.touched.insert(b.service);
+                        }
+                    }
+                }
             }
         }
         self.update_weights(now);

@@ -129,9 +129,13 @@ impl Controller {
             self.totals.probe_events += events.len() as u64;
         }
         self.probe_events = events;
-        if let Some(replies) = self.prober.replies_matched() {
-            if replies != std::mem::replace(&mut self.replies_matched, replies) {
+        if let Some(heard) = self.prober.heard() {
+            let before = std::mem::replace(&mut self.heard, heard);
+            if heard.replies_matched != before.replies_matched {
                 self.path.answered();
+            }
+            if heard.arp_replies != before.arp_replies {
+                self.path.neighbour_answered();
             }
         }
     }
@@ -194,7 +198,19 @@ impl Controller {
                 .link_back_at
                 .is_some_and(|at| now.duration_since(at) < LINK_SETTLE)
             && self.prober.any_neighbour_unresolved();
-        match self.path.end_tick(up, link_up && !settling) {
+        let change = self.path.end_tick(up, link_up && !settling, now);
+        if self.path.asking_neighbours()
+            && self
+                .neighbours_asked_at
+                .is_none_or(|at| now.duration_since(at) >= NEIGHBOUR_ASK_EVERY)
+        {
+            self.neighbours_asked_at = Some(now);
+            let silent = self.path.silent_probes().copied();
+            if let Err(e) = self.prober.ask_neighbours(silent, NEIGHBOURS_ASKED) {
+                warn!("asking the next hops (ARP) whether the director's path works: {e:#}");
+            }
+        }
+        match change {
             Some(director_fault::Change::Suspected(why)) => {
                 // The silence that raised the suspicion counts against no
                 // server either.
@@ -206,6 +222,14 @@ impl Controller {
                     "director-side fault suspected: {why}; keeping every weight as it is (fail open) until probes are answered again"
                 );
                 self.alerts.director_fault(why.to_string(), now);
+            }
+            Some(director_fault::Change::ServersSilent { probes, hosts }) => {
+                warn!(
+                    interface = self.prober.interface(),
+                    probes,
+                    hosts,
+                    "every probe that was answering went silent at once, but the next hops answer ARP: the director's path works, so the real servers are taken as silent (they go down as fall counts)"
+                );
             }
             Some(director_fault::Change::Cleared) => {
                 self.fault_cleared_at = Some(now);
@@ -228,6 +252,14 @@ impl Controller {
             track.evidence = true;
             let seen = match &report.outcome {
                 Outcome::Passed { weight } => {
+                    if track.weight != *weight {
+                        // A command's weight: its pools follow it now.
+                        for b in &self.plan.bindings {
+                            if b.checks.contains(&report.spec) {
+                                self.touched.insert(b.service);
+                            }
+                        }
+                    }
                     track.weight = *weight;
                     track.failure = None;
                     Observations {
@@ -321,7 +353,9 @@ impl Controller {
             .fault_cleared_at
             .zip(sent_at)
             .is_some_and(|(cleared, sent)| sent <= cleared);
-        if !replied && (self.path.suspected().is_some() || sent_during_fault) {
+        // (While the neighbours are asked, too: the datapath's run length
+        // comes with the next failure, so nothing is lost if they answer.)
+        if !replied && (self.path.holding() || sent_during_fault) {
             seen.timed_out = 0;
         }
         if event.outcome == outcome::TIMED_OUT && clock.is_some() {
@@ -333,9 +367,13 @@ impl Controller {
         if event.rtt_ewma_ns > 0 && track.active_rtt_ns != Some(event.rtt_ewma_ns as f64) {
             track.active_rtt_ns = Some(event.rtt_ewma_ns as f64);
             track.latency = combined_latency(track, now);
-            // A move beyond the band: the pools it weighs in follow now.
+            // A move beyond the band: the latency-aware pools it weighs
+            // in follow now.
             for &i in self.plan.by_probe.get(&spec).into_iter().flatten() {
-                self.touched.insert(self.plan.bindings[i].service);
+                let service = self.plan.bindings[i].service;
+                if self.config.weights_for(&service).0 {
+                    self.touched.insert(service);
+                }
             }
         }
         let host = spec.real_server();
@@ -540,6 +578,9 @@ impl Controller {
         let Some(track) = self.probes.get_mut(&spec) else {
             return;
         };
+        // Its pools weigh client times from now on (and keep recomputing
+        // while they do): a settled pool must hear of the first.
+        let first = track.passive_rtt.is_none() && track.response.is_none();
         if let Some(handshake) = passive.mean_handshake_ns() {
             match &mut track.passive_rtt {
                 Some(ewma) => ewma.observe(handshake, now, decay, peak),
@@ -562,6 +603,11 @@ impl Controller {
                 None => track.response = Some(LatencyEwma::new(response, now)),
             }
             track.response_at = Some(now);
+        }
+        if first && (track.passive_rtt.is_some() || track.response.is_some()) {
+            for &i in self.plan.by_probe.get(&spec).into_iter().flatten() {
+                self.touched.insert(self.plan.bindings[i].service);
+            }
         }
     }
 }

@@ -119,6 +119,7 @@ impl Controller {
             frames_dropped_here: self.totals.frames_dropped_here,
             probe_events: self.totals.probe_events,
             slots_skipped: self.totals.slots_skipped,
+            pools_recomputed: self.totals.pools_recomputed,
             ipvs_dumps: self.totals.ipvs_dumps,
             ipvs_changes_signalled: self
                 .ipvs_changes

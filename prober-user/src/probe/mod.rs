@@ -35,7 +35,7 @@ pub use counts::{ProbeReport, ProbeReports};
 use paths::{NeighbourKeepalive, Nudges, RESOLUTION_BACKOFF};
 pub use send::Sent;
 pub use spec::{Forwarding, ProbeKind, ProbeSpec};
-pub use verdicts::MonotonicClock;
+pub use verdicts::{Heard, MonotonicClock};
 
 use crate::{
     map_batch::ArraySnapshot,
@@ -155,6 +155,8 @@ pub struct Prober {
     /// What `PROBE_EXPECT` holds, by target id (it has two writers here:
     /// the controller's expectation, the send path's lossy nonce).
     expectations: Vec<Expectation>,
+    /// Sends ARP requests while every probe is silent (opened then).
+    arp_socket: Option<transmit::PacketSocket>,
 }
 
 impl Prober {
@@ -215,6 +217,7 @@ impl Prober {
             wheel: wheel::Wheel::default(),
             unresolved: Vec::new(),
             expectations: Vec::new(),
+            arp_socket: None,
         };
         prober
             .maps

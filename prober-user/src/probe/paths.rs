@@ -2,6 +2,8 @@
 //! path a probe frame takes (interface, next hop, source), next hops kept
 //! resolved while probes use them, resolution retried with a back-off.
 
+use std::net::Ipv4Addr;
+
 use super::*;
 
 /// A pass over every next hop in use, marking each used in turn.
@@ -151,6 +153,52 @@ impl Prober {
             return Ok(());
         }
         self.routes.request_resolution(ifindex, next_hop)
+    }
+
+    /// Sends an ARP request (broadcast) to the next hops of up to `most`
+    /// of these probes' targets, one per next hop: the replies, counted by
+    /// the ingress program, show whether the director's own path works
+    /// while every probe is silent. Targets without a path are skipped.
+    pub fn ask_neighbours(
+        &mut self,
+        probes: impl Iterator<Item = ProbeSpec>,
+        most: usize,
+    ) -> Result<()> {
+        let mut asked: Vec<IpAddr> = Vec::with_capacity(most);
+        for spec in probes {
+            if asked.len() >= most {
+                break;
+            }
+            let Some(target) = self
+                .ids
+                .get(&spec)
+                .and_then(|&id| self.targets[id as usize].as_ref())
+            else {
+                continue;
+            };
+            let (Ok(path), Some(entry)) = (&target.path, &target.entry) else {
+                continue;
+            };
+            let (IpAddr::V4(source), IpAddr::V4(next_hop)) = (path.source, path.next_hop) else {
+                continue; // IPv6 neighbours answer NDP, not ARP
+            };
+            if asked.contains(&path.next_hop) {
+                continue;
+            }
+            asked.push(path.next_hop);
+            let socket = match &mut self.arp_socket {
+                Some(socket) => socket,
+                none => none.insert(super::transmit::PacketSocket::open()?),
+            };
+            socket.frame.clear();
+            socket
+                .frame
+                .extend_from_slice(&arp_request(entry.src_mac, source, next_hop));
+            socket
+                .send(path.ifindex)
+                .with_context(|| format!("sending an ARP request for {next_hop}"))?;
+        }
+        Ok(())
     }
 
     /// Follows the kernel: routes again after route, address or link
@@ -360,5 +408,38 @@ impl Prober {
                 .map(|(id, _)| id as u32),
         );
         Ok(())
+    }
+}
+
+/// A broadcast ARP request from `source` (at `mac`) for `target`.
+fn arp_request(mac: [u8; 6], source: Ipv4Addr, target: Ipv4Addr) -> [u8; 42] {
+    let mut frame = [0u8; 42];
+    frame[..6].fill(0xff);
+    frame[6..12].copy_from_slice(&mac);
+    frame[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    // Ethernet, IPv4, 6- and 4-byte addresses, a request.
+    frame[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    frame[22..28].copy_from_slice(&mac);
+    frame[28..32].copy_from_slice(&source.octets());
+    frame[38..42].copy_from_slice(&target.octets());
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_arp_request_asks_who_has_the_target_from_the_director() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let frame = super::arp_request(mac, [192, 0, 2, 1].into(), [192, 0, 2, 9].into());
+        // As tcpdump would decode it: broadcast, ARP, "who-has 192.0.2.9
+        // tell 192.0.2.1".
+        assert_eq!(&frame[..6], &[0xff; 6]);
+        assert_eq!(&frame[6..12], &mac);
+        assert_eq!(&frame[12..14], &[8, 6]);
+        assert_eq!(&frame[20..22], &[0, 1], "a request");
+        assert_eq!(&frame[22..28], &mac);
+        assert_eq!(&frame[28..32], &[192, 0, 2, 1]);
+        assert_eq!(&frame[32..38], &[0; 6], "target hardware address unknown");
+        assert_eq!(&frame[38..42], &[192, 0, 2, 9]);
     }
 }

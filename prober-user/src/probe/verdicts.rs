@@ -106,12 +106,25 @@ impl Prober {
             .sum()
     }
 
-    /// Replies matched to a probe so far, all CPUs (None: not watched, or
-    /// unreadable).
-    pub fn replies_matched(&self) -> Option<u64> {
+    /// What the datapath heard so far, all CPUs, in one read (None: not
+    /// watched, or unreadable).
+    pub fn heard(&self) -> Option<Heard> {
         let per_cpu = self.counters.as_ref()?.get(&0, 0).ok()?;
-        Some(per_cpu.iter().map(|c| c.replies_matched).sum())
+        Some(Heard {
+            replies_matched: per_cpu.iter().map(|c| c.replies_matched).sum(),
+            arp_replies: per_cpu.iter().map(|c| c.arp_replies).sum(),
+        })
     }
+}
+
+/// What the datapath heard on the probing interface, counted since it
+/// was loaded: the director path's evidence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Heard {
+    /// Replies matched to a probe.
+    pub replies_matched: u64,
+    /// ARP replies (a neighbour answered).
+    pub arp_replies: u64,
 }
 
 /// CLOCK_MONOTONIC now, in ns: the clock of bpf_ktime_get_ns.
