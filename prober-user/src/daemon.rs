@@ -422,6 +422,7 @@ fn snapshot(
     status.config = daemon.config_path.as_ref().map(|p| p.display().to_string());
     status.uptime_s = started.elapsed().as_secs_f64();
     status.interval_ms = controller.config().interval.as_millis() as u64;
+    status.memory = prober_user::status::Memory::now();
     match stats::read_counters(&daemon.pin_dir) {
         Ok(c) => status.datapath = c,
         Err(e) => warn!("reading COUNTERS: {e:#}"),

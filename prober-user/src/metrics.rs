@@ -188,6 +188,26 @@ impl Collector for Snapshot {
         )?;
         gauge(
             &mut e,
+            "prober_memory",
+            "The daemon's resident memory, and its heap's live allocations and free space",
+            Some(&Unit::Bytes),
+            &[
+                (
+                    vec![("kind", "resident".into())],
+                    (s.memory.rss_kib * 1024) as f64,
+                ),
+                (
+                    vec![("kind", "heap_in_use".into())],
+                    (s.memory.heap_in_use_kib * 1024) as f64,
+                ),
+                (
+                    vec![("kind", "heap_free".into())],
+                    (s.memory.heap_free_kib * 1024) as f64,
+                ),
+            ],
+        )?;
+        gauge(
+            &mut e,
             "prober_unchecked_destinations",
             "destinations prober does not check (see prober status), weights left alone",
             None,

@@ -211,22 +211,18 @@ impl Passive {
         Ok(())
     }
 
-    /// A followed server's handshake and response-time histograms (log2
-    /// µs), summed over CPUs.
-    pub fn histograms(&self, server: &Server) -> Option<(Vec<u64>, Vec<u64>)> {
-        let id = self.ids.get(server)?;
-        let per_cpu = self.maps.stats.get(id, 0).ok()?;
-        let mut handshake = vec![0u64; prober_common::RTT_BUCKETS];
-        let mut response = vec![0u64; prober_common::RTT_BUCKETS];
-        for cpu in per_cpu.iter() {
-            for (sum, n) in handshake.iter_mut().zip(cpu.handshake_log2_us) {
-                *sum += n;
-            }
-            for (sum, n) in response.iter_mut().zip(cpu.response_log2_us) {
-                *sum += n;
-            }
-        }
-        Some((handshake, response))
+    /// Every followed server's statistics, read in one syscall (for
+    /// `status`: never a read per server on the daemon's thread).
+    pub fn snapshot(&self) -> Result<PassiveSnapshot<'_>> {
+        let mut stats = ArraySnapshot::default();
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        stats
+            .read_per_cpu(&self.maps.stats, self.servers.len() as u32, cpus)
+            .context("reading PASSIVE_STATS")?;
+        Ok(PassiveSnapshot {
+            passive: self,
+            stats,
+        })
     }
 
     /// What each followed server's traffic showed since the last call,
@@ -278,6 +274,31 @@ impl Passive {
             }
         }
         Ok(())
+    }
+}
+
+/// Every followed server's statistics as of one read.
+pub struct PassiveSnapshot<'a> {
+    passive: &'a Passive,
+    stats: ArraySnapshot<PassiveStats>,
+}
+
+impl PassiveSnapshot<'_> {
+    /// A followed server's handshake and response-time histograms (log2
+    /// µs), summed over CPUs.
+    pub fn histograms(&self, server: &Server) -> Option<(Vec<u64>, Vec<u64>)> {
+        let id = *self.passive.ids.get(server)? as usize;
+        let mut handshake = vec![0u64; prober_common::RTT_BUCKETS];
+        let mut response = vec![0u64; prober_common::RTT_BUCKETS];
+        for cpu in self.stats.per_cpu(id) {
+            for (sum, n) in handshake.iter_mut().zip(cpu.handshake_log2_us) {
+                *sum += n;
+            }
+            for (sum, n) in response.iter_mut().zip(cpu.response_log2_us) {
+                *sum += n;
+            }
+        }
+        Some((handshake, response))
     }
 }
 

@@ -7,6 +7,37 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use prober_common::RTT_BUCKETS;
 use serde::{Deserialize, Serialize};
 
+/// Resident memory, and the allocator's view of it: what the heap holds
+/// in live allocations, and what it keeps free (fragmentation, or memory
+/// not yet returned after a peak).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memory {
+    pub rss_kib: u64,
+    pub heap_in_use_kib: u64,
+    pub heap_free_kib: u64,
+}
+
+impl Memory {
+    /// This process now (zeros where unreadable).
+    pub fn now() -> Self {
+        let rss_kib = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0);
+        // SAFETY: mallinfo2 only reads the allocator's own statistics.
+        let info = unsafe { libc::mallinfo2() };
+        Self {
+            rss_kib,
+            heap_in_use_kib: ((info.uordblks + info.hblkhd) / 1024) as u64,
+            heap_free_kib: (info.fordblks / 1024) as u64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
     pub pid: u32,
@@ -47,6 +78,9 @@ pub struct Status {
     /// turn behind (a stall), and their targets went a turn later.
     #[serde(default)]
     pub slots_skipped: u64,
+    /// The daemon's memory as of the snapshot.
+    #[serde(default)]
+    pub memory: Memory,
     /// Pools whose weights were worked out again: those a change touched,
     /// and in turn those with something moving (a step, slow start, agent,
     /// command or client times). A steady director recomputes none.

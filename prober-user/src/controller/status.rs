@@ -13,6 +13,10 @@ impl Controller {
         if let Err(e) = &reports {
             warn!("reading probe results for status: {e:#}");
         }
+        let passive = self.passive.snapshot();
+        if let Err(e) = &passive {
+            warn!("reading passive measurements for status: {e:#}");
+        }
         for b in &self.plan.bindings {
             let Some(dest) = self.dests.get(&(b.service, b.destination.key())) else {
                 continue;
@@ -63,12 +67,12 @@ impl Controller {
                 _ if up => "up",
                 _ => "down",
             };
-            let passive = (b.destination.forwarding == prober_ipvs::Forwarding::Masquerade)
-                .then(|| {
-                    self.passive
-                        .histograms(&(b.destination.addr, b.destination.port))
-                })
-                .flatten();
+            let passive = match &passive {
+                Ok(passive) if b.destination.forwarding == prober_ipvs::Forwarding::Masquerade => {
+                    passive.histograms(&(b.destination.addr, b.destination.port))
+                }
+                _ => None,
+            };
             let (handshake, response) = passive.unwrap_or_default();
             let rtt = RttStatus {
                 active_ewma_ms: probe.and_then(|p| p.latency).map(|l| l.value_ns() / 1e6),

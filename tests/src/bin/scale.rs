@@ -616,7 +616,9 @@ struct Checker {
     child: Child,
     log: PathBuf,
     _files: Vec<PathBuf>,
-    _pin_dir: Option<PinDir>,
+    /// prober's pins and its binary (to ask it for its status).
+    pin_dir: Option<PinDir>,
+    prober: PathBuf,
 }
 
 fn seconds(interval: Duration) -> String {
@@ -700,7 +702,8 @@ impl Checker {
             child,
             log,
             _files: files,
-            _pin_dir: pin_dir,
+            pin_dir,
+            prober: prober.to_path_buf(),
         })
     }
 
@@ -761,6 +764,23 @@ impl Checker {
                     .ok()
             })
             .sum()
+    }
+
+    /// prober's heap as it says in `status` (live allocations, free), KiB.
+    fn heap_kib(&self) -> Option<(u64, u64)> {
+        let pin_dir = self.pin_dir.as_ref()?;
+        let out = Command::new(&self.prober)
+            .arg("--pin-dir")
+            .arg(&**pin_dir)
+            .args(["status", "--json"])
+            .output()
+            .ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let memory = &status["memory"];
+        Some((
+            memory["heap_in_use_kib"].as_u64()?,
+            memory["heap_free_kib"].as_u64()?,
+        ))
     }
 
     fn check_alive(&mut self) -> Result<()> {
@@ -881,6 +901,9 @@ struct Sample {
     left_up: usize,
     /// IPVS weight writes per second while all changed.
     write_rate: Option<f64>,
+    /// prober's own account of its heap at the end of the window (live
+    /// allocations, free), KiB.
+    heap_kib: Option<(u64, u64)>,
 }
 
 impl Sample {
@@ -900,6 +923,11 @@ impl Sample {
         self.cpu / self.window
     }
 
+    /// The checker's own userspace time, of one core, at rest.
+    fn user_share(&self) -> f64 {
+        (self.cpu - self.cpu_system) / self.window
+    }
+
     /// The share of the checker's CPU time spent in the kernel.
     fn kernel_share(&self) -> f64 {
         if self.cpu > 0.0 {
@@ -912,16 +940,22 @@ impl Sample {
     fn summary(&self) -> String {
         format!(
             "{:.0} checks/s of {:.0} asked, {:.3} CPU s per 10k checks ({:.0} % in the kernel; \
-             {:.1} % of a core; whole guest {:.3}), RSS {:.1} MiB (peak {:.1}), started in {:.1} s, death -> 0 in {}, \
+             {:.1} % of a core, {:.1} % in userspace; whole guest {:.3}), RSS {:.1} MiB (peak {:.1}; heap {}), started in {:.1} s, death -> 0 in {}, \
              latency -> weight in {}, all {} at 0 in {} ({} still up), {} writes/s",
             self.checks_per_second(),
             self.asked_per_second,
             self.cpu_per_10k(),
             self.kernel_share() * 100.0,
             self.core_share() * 100.0,
+            self.user_share() * 100.0,
             self.machine_cpu_per_10k(),
             self.rss_kib as f64 / 1024.0,
             self.peak_rss_kib as f64 / 1024.0,
+            self.heap_kib.map_or("-".to_string(), |(used, free)| format!(
+                "{:.1} MiB in use, {:.1} free",
+                used as f64 / 1024.0,
+                free as f64 / 1024.0
+            )),
             self.started,
             secs(self.death),
             secs(self.latency),
@@ -1018,6 +1052,7 @@ fn measure_running(
     sample.cpu = (user - user0) + (system - system0);
     sample.cpu_system = system - system0;
     sample.rss_kib = checker.memory_kib("VmRSS:");
+    sample.heap_kib = checker.heap_kib();
     sample.machine_cpu = machine_cpu_seconds()? - machine0;
     sample.checks = bed.syns()? - syns0;
     sample.window = t0.elapsed().as_secs_f64();
@@ -1207,6 +1242,7 @@ struct Medians {
     kernel_share: f64,
     machine_per_10k: f64,
     core_share: f64,
+    user_share: f64,
     checks_per_second: f64,
     asked: f64,
     rss_mib: f64,
@@ -1237,6 +1273,7 @@ impl Medians {
             kernel_share: m(&|s| s.kernel_share()),
             machine_per_10k: m(&|s| s.machine_cpu_per_10k()),
             core_share: m(&|s| s.core_share()),
+            user_share: m(&|s| s.user_share()),
             checks_per_second: m(&|s| s.checks_per_second()),
             asked: m(&|s| s.asked_per_second),
             rss_mib: m(&|s| s.rss_kib as f64 / 1024.0),
@@ -1273,7 +1310,7 @@ impl Report {
 
     fn table(&self) -> String {
         let mut out = String::from(
-            "| real servers | interval | checker | CPU s per 10k checks (kernel) | of one core | \
+            "| real servers | interval | checker | CPU s per 10k checks (kernel) | of one core (userspace) | \
              whole guest CPU s per 10k | checks/s (asked) | RSS (peak) | death -> weight 0 | \
              latency -> weight | all weights 0 after | IPVS writes/s |\n\
              |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -1306,11 +1343,12 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {interval} | {name} | {:.4} ({:.0} %) | {:.1} % | {:.4} | {:.0} ({:.0}) | {:.1} MiB ({:.1}) | {} | {} | {all_down} | {} |",
+                    "| {} | {interval} | {name} | {:.4} ({:.0} %) | {:.1} % ({:.1} %) | {:.4} | {:.0} ({:.0}) | {:.1} MiB ({:.1}) | {} | {} | {all_down} | {} |",
                     thousands(case.servers as f64),
                     m.cpu_per_10k,
                     m.kernel_share * 100.0,
                     m.core_share * 100.0,
+                    m.user_share * 100.0,
                     m.machine_per_10k,
                     m.checks_per_second,
                     m.asked,
