@@ -129,7 +129,6 @@ impl Controller {
                 continue;
             };
             if track.own_unsure_write(fresh.weight) {
-                track.destination = fresh.clone();
                 withdraw(store, track, &key);
                 continue;
             }
@@ -142,7 +141,6 @@ impl Controller {
             // as at a discovery; the next tick works from it.
             manual_change(&self.config, &key.0, fresh, track.current, track);
             track.current = fresh.weight;
-            track.destination = fresh.clone();
             withdraw(store, track, &key);
         }
         if let Some((unknown, error)) = &outcome.unknown {

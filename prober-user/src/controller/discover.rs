@@ -143,7 +143,6 @@ impl Controller {
             let dumped = dest.weight;
             match self.dests.get_mut(&key) {
                 Some(track) => {
-                    track.destination = dest.clone();
                     // A write of unknown outcome that IPVS holds: ours.
                     if track.own_unsure_write(dumped) {
                         store.set_weight(wkey, record(track))?;
@@ -163,7 +162,6 @@ impl Controller {
                         configured: remembered.map_or(dumped, |r| r.configured),
                         written: remembered.filter(|r| r.has_written == 1).map(|r| r.written),
                         current: dumped,
-                        destination: dest.clone(),
                         computed: None,
                         unsure: None,
                         last_change: None,
@@ -193,6 +191,20 @@ impl Controller {
             .copied()
             .collect();
         let mut restores = Vec::new();
+        // Looked up by key: a scan of the dump for each would be quadratic
+        // when many leave at once.
+        let dumped: HashMap<(ServiceKey, DestinationKey), &Destination> = if gone.is_empty() {
+            HashMap::new()
+        } else {
+            services
+                .iter()
+                .flat_map(|vs| {
+                    vs.destinations
+                        .iter()
+                        .map(|d| ((vs.service.key, d.key()), d))
+                })
+                .collect()
+        };
         for key in gone {
             let Some(track) = self.dests.remove(&key) else {
                 continue;
@@ -201,11 +213,7 @@ impl Controller {
             // Still in IPVS but no longer managed (the config now leaves it
             // alone): hand it back at its configured weight, not at the
             // last one prober wrote.
-            let still_there = services
-                .iter()
-                .filter(|vs| vs.service.key == key.0)
-                .flat_map(|vs| &vs.destinations)
-                .find(|d| d.key() == key.1);
+            let still_there = dumped.get(&key).copied();
             match still_there {
                 Some(dest) if track.written.is_some() && dest.weight != track.configured => {
                     info!(service = %key.0, destination = %key.1, "no longer managed: weight {} back to its configured {}", dest.weight, track.configured);
@@ -300,20 +308,23 @@ impl Controller {
         if let Some(agents) = &mut self.agents {
             agents.sync(plan.bindings.iter().map(|b| b.destination.addr))?;
         }
-        let mut services_of_host: HashMap<IpAddr, BTreeSet<String>> = HashMap::new();
-        for b in &plan.bindings {
-            services_of_host
-                .entry(b.destination.addr)
-                .or_default()
-                .insert(b.service.to_string());
-        }
+        let names: HashMap<ServiceKey, String> = plan
+            .by_service
+            .iter()
+            .map(|(service, _)| (*service, service.to_string()))
+            .collect();
+        let topology = crate::events::Topology::of(
+            plan.bindings
+                .iter()
+                .map(|b| (b.destination.addr, names[&b.service].as_str())),
+        );
         let subjects: HashSet<String> = plan
             .checks
             .keys()
             .map(|c| c.to_string())
             .chain(plan.bindings.iter().map(|b| b.probe.to_string()))
             .collect();
-        self.alerts.set_topology(services_of_host, &subjects);
+        self.alerts.set_topology(topology, &subjects);
         let specs: Vec<ProbeSpec> = plan.probes.keys().copied().collect();
         self.prober.sync_targets(&specs)?;
         // NAT real servers: the director sees both directions of their traffic.

@@ -119,7 +119,6 @@ struct DestTrack {
     written: Option<u32>,
     /// The weight in IPVS, as dumped or as written since.
     current: u32,
-    destination: Destination,
     /// What the policy last wanted (written or not).
     computed: Option<u32>,
     /// A weight prober tried to write when the socket failed mid-batch:

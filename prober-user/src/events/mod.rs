@@ -124,6 +124,45 @@ struct Flap {
     last_message: String,
 }
 
+/// Which services use each real server host: every service name once
+/// (sorted), each host with the indexes of its services (a few bytes a
+/// host, not a set of strings).
+#[derive(Debug, Default)]
+pub struct Topology {
+    services: Vec<String>,
+    of_host: HashMap<IpAddr, Box<[u32]>>,
+}
+
+impl Topology {
+    /// From (host, service) pairs, in any order, repeats allowed.
+    pub fn of<'a>(pairs: impl Iterator<Item = (IpAddr, &'a str)> + Clone) -> Self {
+        let mut names: Vec<&str> = pairs.clone().map(|(_, s)| s).collect();
+        names.sort_unstable();
+        names.dedup();
+        let services: Vec<String> = names.into_iter().map(String::from).collect();
+        let mut of_host: HashMap<IpAddr, Vec<u32>> = HashMap::new();
+        for (host, service) in pairs {
+            let k = services
+                .binary_search_by(|s| s.as_str().cmp(service))
+                .unwrap_or(0) as u32;
+            let list = of_host.entry(host).or_default();
+            if !list.contains(&k) {
+                list.push(k);
+            }
+        }
+        Self {
+            services,
+            of_host: of_host
+                .into_iter()
+                .map(|(host, mut list)| {
+                    list.sort_unstable();
+                    (host, list.into_boxed_slice())
+                })
+                .collect(),
+        }
+    }
+}
+
 pub struct Alerts {
     config: AlertConfig,
     /// How long a failed check waits for L3 to decide whether its host is
@@ -138,7 +177,7 @@ pub struct Alerts {
     hosts: HashMap<IpAddr, HostState>,
     checks: HashMap<String, CheckDown>,
     /// Every service using each host, for host events.
-    services_of_host: HashMap<IpAddr, BTreeSet<String>>,
+    topology: Topology,
     empty_services: BTreeSet<String>,
     flaps: HashMap<String, Flap>,
     out: Vec<Event>,
@@ -155,7 +194,7 @@ impl Alerts {
             diagnose: diagnosis.is_some(),
             hosts: HashMap::new(),
             checks: HashMap::new(),
-            services_of_host: HashMap::new(),
+            topology: Topology::default(),
             empty_services: BTreeSet::new(),
             flaps: HashMap::new(),
             out: Vec::new(),
@@ -202,21 +241,14 @@ impl Alerts {
 
     /// Which services use which host, and which checks exist (after each
     /// IPVS discovery): what is gone is forgotten.
-    pub fn set_topology(
-        &mut self,
-        services_of_host: HashMap<IpAddr, BTreeSet<String>>,
-        checks: &HashSet<String>,
-    ) {
-        self.hosts.retain(|h, _| services_of_host.contains_key(h));
+    pub fn set_topology(&mut self, topology: Topology, checks: &HashSet<String>) {
+        self.hosts.retain(|h, _| topology.of_host.contains_key(h));
         self.checks.retain(|subject, c| {
-            services_of_host.contains_key(&c.host) && checks.contains(subject)
+            topology.of_host.contains_key(&c.host) && checks.contains(subject)
         });
-        self.empty_services.retain(|s| {
-            services_of_host
-                .values()
-                .any(|services| services.contains(s))
-        });
-        self.services_of_host = services_of_host;
+        self.empty_services
+            .retain(|s| topology.services.binary_search(s).is_ok());
+        self.topology = topology;
     }
 
     /// A check went down; `recovery` is how long it needs to come back
@@ -347,8 +379,7 @@ impl Alerts {
     }
 
     fn all_services(&self) -> Vec<String> {
-        let all: BTreeSet<&String> = self.services_of_host.values().flatten().collect();
-        all.into_iter().cloned().collect()
+        self.topology.services.clone()
     }
 
     /// How many members of a virtual service are healthy.
@@ -533,10 +564,13 @@ impl Alerts {
     }
 
     fn services_of(&self, host: IpAddr) -> Vec<String> {
-        self.services_of_host
+        self.topology
+            .of_host
             .get(&host)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .map(|&k| self.topology.services[k as usize].clone())
+            .collect()
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -13,15 +13,12 @@ fn alerts(settle_ms: u64) -> Alerts {
         AlertConfig::default(),
         Some(Duration::from_millis(settle_ms)),
     );
-    let mut map = HashMap::new();
-    map.insert(
-        host(HOST),
+    let map = Topology::of(
         ["TCP 192.0.2.1:80", "TCP 192.0.2.1:443", "TCP 192.0.2.2:80"]
             .into_iter()
-            .map(String::from)
-            .collect(),
+            .map(|s| (host(HOST), s))
+            .chain([(host("10.0.0.9"), "s")]),
     );
-    map.insert(host("10.0.0.9"), ["s".to_string()].into_iter().collect());
     let subjects = [
         "l4 80", "l4 443", "l4 8080", "http", "x", "y", "slow", "dead",
     ]
@@ -264,7 +261,7 @@ fn what_leaves_ipvs_is_forgotten() {
     down(&mut a, HOST, "l4 80", t0);
     a.service_health("TCP 192.0.2.1:80", 0, 1, t0);
     assert_eq!(a.poll(t0, NONE_ALIVE).len(), 2);
-    a.set_topology(HashMap::new(), &HashSet::new());
+    a.set_topology(Topology::default(), &HashSet::new());
     assert!(a.checks.is_empty() && a.empty_services.is_empty());
 }
 
