@@ -80,15 +80,28 @@ pub mod map_names {
     /// the last report of each real server's agent. Userspace creates one
     /// entry per real server; reports from other addresses are refused.
     pub const AGENTS: &str = "AGENTS";
+    /// Slot [`SEND_PATH_PROBE_TX`](crate::SEND_PATH_PROBE_TX): `probe_tx`,
+    /// which `prober_xdp` tail-calls for the daemon's send requests.
+    pub const SEND_PATH: &str = "SEND_PATH";
 }
+
+/// `SEND_PATH`'s slot of `probe_tx`.
+pub const SEND_PATH_PROBE_TX: u32 = 0;
+
+/// The ingress interface a test run without a device gets (the loopback,
+/// the first interface of every network namespace): a frame with it at
+/// `prober_xdp` is the daemon's send request, never one off the wire of
+/// the probing interface.
+pub const SEND_REQUEST_IFINDEX: u32 = 1;
 
 /// Names of the programs in the eBPF object.
 pub mod program_names {
     /// Ingress XDP program of the director's interface: counts, matches probe
     /// replies, passes everything else.
     pub const XDP_INGRESS: &str = "prober_xdp";
-    /// XDP program run by the daemon through BPF_PROG_TEST_RUN (live frames):
-    /// writes one probe frame per run and redirects it out.
+    /// XDP program that writes one probe frame per run and redirects it
+    /// out: tail-called by `prober_xdp` for the daemon's send requests
+    /// (BPF_PROG_TEST_RUN with live frames).
     pub const PROBE_TX: &str = "probe_tx";
     /// TC egress classifier of the director's interface: notes when
     /// forwarded SYNs and requests leave for tracked real servers.

@@ -155,9 +155,9 @@ pub fn run(daemon: &Daemon) -> Result<()> {
                 .name("ebpf-log".into())
                 .spawn(move || drain_ebpf_log(logger))?;
         }
-        let (maps, probe_tx) = datapath.prober_parts()?;
+        let (maps, sender) = datapath.prober_parts()?;
         let ifindex = preflight::interface_index(interface)?;
-        let mut prober = probe::Prober::new(maps, probe_tx, interface, ifindex, &daemon.probes)?;
+        let mut prober = probe::Prober::new(maps, sender, interface, ifindex, &daemon.probes)?;
         prober.set_transmit(daemon.transmit)?;
         // A second handle on the pinned counters: the replies the datapath
         // matched tell the director path's verdict that answers still come.

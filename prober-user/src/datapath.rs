@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, MapData, ProgramArray},
     programs::{
         tc::{self, SchedClassifierLinkId, TcAttachType},
         xdp::XdpLinkId,
@@ -173,6 +173,9 @@ pub struct Datapath {
     pinned: Vec<PathBuf>,
     // Held for the daemon's lifetime: one prober per pin directory.
     _pin_dir_lock: File,
+    /// `prober_xdp`'s way to `probe_tx`, held open: the kernel empties a
+    /// program array when its last descriptor closes.
+    send_path: Option<ProgramArray<MapData>>,
 }
 
 impl Datapath {
@@ -187,7 +190,7 @@ impl Datapath {
                 bpffs_root.display()
             );
         }
-        preflight::interface_index(interface)?;
+        preflight::probing_interface_index(interface)?;
         let pin_dir_lock = lock_pin_dir(pin_dir)?;
 
         let mut ebpf = load_programs_sized(log, capacity)?;
@@ -219,6 +222,7 @@ impl Datapath {
             egress_link: Some(egress_link),
             pinned: Vec::new(),
             _pin_dir_lock: pin_dir_lock,
+            send_path: None,
         };
         for &name in PINNED_MAPS {
             datapath.pin_map(name, pin_dir)?;
@@ -305,9 +309,21 @@ impl Datapath {
             .context("reading eBPF log records (AYA_LOGS)")
     }
 
-    /// The probe transmitter and the maps it uses (call once).
+    /// The maps the prober uses and the program its sends test-run (call
+    /// once): the attached `prober_xdp`, with `probe_tx` put in its send
+    /// path, so that a send does not patch the kernel's XDP dispatcher.
     pub fn prober_parts(&mut self) -> Result<(crate::probe::ProbeMaps, ProgramFd)> {
-        let fd = program_fd(&self.ebpf, program_names::PROBE_TX)?;
+        let probe_tx = program_fd(&self.ebpf, program_names::PROBE_TX)?;
+        let mut send_path = ProgramArray::try_from(
+            self.ebpf
+                .take_map(map_names::SEND_PATH)
+                .ok_or_else(|| anyhow!("the eBPF object has no map {}", map_names::SEND_PATH))?,
+        )?;
+        send_path
+            .set(prober_common::SEND_PATH_PROBE_TX, &probe_tx, 0)
+            .context("putting probe_tx in SEND_PATH")?;
+        self.send_path = Some(send_path);
+        let fd = program_fd(&self.ebpf, program_names::XDP_INGRESS)?;
         Ok((take_probe_maps(&mut self.ebpf)?, fd))
     }
 

@@ -26,6 +26,11 @@ pub enum PreflightError {
     NoBpffs(String),
     #[error("no network interface named '{0}' (`ip link` lists the interfaces)")]
     UnknownInterface(String),
+    #[error(
+        "'{0}' is the loopback interface: real servers are probed through the interface \
+         that reaches them (`ip route get REAL_SERVER` names it)"
+    )]
+    Loopback(String),
 }
 
 /// Fails unless this process may load and attach eBPF programs.
@@ -108,6 +113,15 @@ pub fn interface_index(name: &str) -> Result<u32, PreflightError> {
     }
 }
 
+/// The index of the interface to probe through: any but the loopback,
+/// whose frames the datapath takes for its own send requests.
+pub fn probing_interface_index(name: &str) -> Result<u32, PreflightError> {
+    match interface_index(name)? {
+        prober_common::SEND_REQUEST_IFINDEX => Err(PreflightError::Loopback(name.to_string())),
+        index => Ok(index),
+    }
+}
+
 /// Whether interface `index` still exists (under any name: a renamed
 /// interface keeps its programs). Only "no such device" counts as gone; any
 /// other failure of the lookup says nothing and counts as present.
@@ -167,6 +181,12 @@ mod tests {
             err.to_string(),
             "no network interface named 'no-such-if0' (`ip link` lists the interfaces)"
         );
+    }
+
+    #[test]
+    fn the_loopback_is_no_probing_interface() {
+        let err = probing_interface_index("lo").unwrap_err();
+        assert!(err.to_string().contains("'lo' is the loopback"), "{err}");
     }
 
     #[test]

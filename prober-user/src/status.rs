@@ -7,6 +7,47 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use prober_common::RTT_BUCKETS;
 use serde::{Deserialize, Serialize};
 
+/// Where the daemon's wakes spent their time since it started, in ms
+/// summed over wakes: discovery and the kernel's route changes, sending,
+/// taking what the datapath, checks and agents said, deciding weights,
+/// and the rest (alerts); and the longest wake.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct WakeTimes {
+    pub wakes: u64,
+    pub discover_ms: f64,
+    pub send_ms: f64,
+    pub observe_ms: f64,
+    pub decide_ms: f64,
+    pub alerts_ms: f64,
+    pub longest_ms: f64,
+    /// How late wakes came for the slot they were for (the run loop's
+    /// timer and the scheduler), summed.
+    #[serde(default)]
+    pub late_ms: f64,
+}
+
+impl WakeTimes {
+    /// A wake came this late for its slot.
+    pub fn late(&mut self, by: std::time::Duration) {
+        self.late_ms += by.as_secs_f64() * 1e3;
+    }
+
+    /// One wake: when it began, its phases ended (discover, send,
+    /// observe, decide), and when it ended.
+    pub fn record(&mut self, laps: [std::time::Instant; 5], end: std::time::Instant) {
+        let ms = |a: std::time::Instant, b: std::time::Instant| {
+            b.saturating_duration_since(a).as_secs_f64() * 1e3
+        };
+        self.wakes += 1;
+        self.discover_ms += ms(laps[0], laps[1]);
+        self.send_ms += ms(laps[1], laps[2]);
+        self.observe_ms += ms(laps[2], laps[3]);
+        self.decide_ms += ms(laps[3], laps[4]);
+        self.alerts_ms += ms(laps[4], end);
+        self.longest_ms = self.longest_ms.max(ms(laps[0], end));
+    }
+}
+
 /// Resident memory, and the allocator's view of it: what the heap holds
 /// in live allocations, and what it keeps free (fragmentation, or memory
 /// not yet returned after a peak).
@@ -81,6 +122,9 @@ pub struct Status {
     /// The daemon's memory as of the snapshot.
     #[serde(default)]
     pub memory: Memory,
+    /// Where the daemon's wakes spent their time.
+    #[serde(default)]
+    pub wakes: WakeTimes,
     /// Pools whose weights were worked out again: those a change touched,
     /// and in turn those with something moving (a step, slow start, agent,
     /// command or client times). A steady director recomputes none.

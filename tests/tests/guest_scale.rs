@@ -306,9 +306,10 @@ fn seventy_thousand_probes_are_all_sent_spread_and_only_the_dead_server_goes_out
         })
         .max()
         .expect("the largest send is said");
-    // One slot of the wheel at most, each probe with a RST before it at
-    // worst.
-    let budget = prober_user::probe::schedule::most_in_a_slot(2 * N) * 2;
+    // The slots one tick may walk at most, each probe with a RST before
+    // it at worst.
+    use prober_user::probe::schedule;
+    let budget = schedule::most_in_a_slot(2 * N) * 2 * schedule::MOST_SLOTS_PER_TICK as usize;
     println!("largest send of one slot: {largest} frames (at most {budget})");
     assert!(largest <= budget, "{largest} frames in one slot");
     assert!(largest < 2 * N / 10, "never a tenth of all probes at once");

@@ -41,7 +41,10 @@ use crate::{
     health::{Cause, Health, Observations, State},
     ipvs_changes::{Changed, IpvsChangeSignal, FALLBACK_DISCOVERY},
     passive::{self, Passive},
-    probe::{schedule, MonotonicClock, ProbeSpec, Prober},
+    probe::{
+        schedule::{self, MOST_SLOTS_PER_TICK},
+        MonotonicClock, ProbeSpec, Prober,
+    },
     state::{health_key, weight_key, StateStore},
     targets::{self, CheckSettings, Plan, ProbeSettings},
     weights::{pool_weights, LatencyEwma, Member},
@@ -50,11 +53,6 @@ use crate::{
 /// Server resets plus resent client SYNs in one interval that are logged
 /// (at debug) when they outnumber the handshakes that succeeded.
 const PASSIVE_BURST: u64 = 5;
-
-/// Slots of the send wheel one tick walks at most: a late tick catches
-/// up by a slot and a bit, never with a burst of everything due (and
-/// stops at a full ring).
-const MOST_SLOTS_PER_TICK: u32 = 2;
 
 /// Latency estimates are saved for restarts this often.
 const LATENCY_SAVE: Duration = Duration::from_secs(2);
@@ -163,6 +161,8 @@ struct Totals {
     slots_skipped: u64,
     /// Pools recomputed (see `pool_settled`).
     pools_recomputed: u64,
+    /// Where the wakes' time went.
+    wake_ms: crate::status::WakeTimes,
     skipped_to_say: SaidEveryMinute,
     /// Full IPVS dumps asked for; configuration calls signalled.
     ipvs_dumps: u64,
@@ -190,6 +190,15 @@ impl SaidEveryMinute {
         self.said_at = Some(now);
         Some(std::mem::take(&mut self.unsaid))
     }
+}
+
+/// Slots a full ring stopped the walk of: `count` slots from `first`,
+/// of which the last `left` entries are still to walk.
+#[derive(Debug, Clone, Copy)]
+struct SlotsLeft {
+    first: u32,
+    count: u32,
+    left: u32,
 }
 
 pub struct Controller {
@@ -248,7 +257,7 @@ pub struct Controller {
     epoch: Instant,
     next_slot: u64,
     /// A slot a full ring stopped, and how many of its entries are left.
-    slot_left: Option<(u32, u32)>,
+    slot_left: Option<SlotsLeft>,
     /// This tick's unresolved targets of a slot (kept to reuse).
     due_ids: Vec<u32>,
     probe_events: Vec<prober_common::ProbeEvent>,
@@ -482,6 +491,12 @@ impl Controller {
     /// agents; every pass recomputes the pools a health change touched and
     /// its share of the others.
     pub fn tick(&mut self, now: Instant, full: bool, open_store: OpenStore<'_>) -> Result<()> {
+        let began = Instant::now();
+        // How late this wake came for the slot it was for.
+        let late = self
+            .next_wake()
+            .map_or(Duration::ZERO, |due| began.saturating_duration_since(due));
+        self.totals.wake_ms.late(late);
         self.take_ipvs_results(now, open_store);
         self.discover_when_due(now);
         if let Err(e) = self.prober.follow_kernel() {
@@ -492,6 +507,7 @@ impl Controller {
         let now = Instant::now();
         self.touched.clear();
         self.send_due_slots(now);
+        let sent = Instant::now();
         self.take_probe_events(now);
         // After the sends: reading every followed server's samples is the
         // regular tick's longest step, and must not make them late.
@@ -524,10 +540,14 @@ impl Controller {
                 }
             }
         }
+        let observed = Instant::now();
         self.update_weights(now);
+        let decided = Instant::now();
+        let laps = [began, now, sent, observed, decided];
         // Alerts' timers run at the regular tick and on health changes,
         // not on every wake that only sends (a pass over every host).
         if !full && self.touched.is_empty() {
+            self.totals.wake_ms.record(laps, decided);
             return Ok(());
         }
         self.feed_diagnosis();
@@ -557,6 +577,7 @@ impl Controller {
                 .or_default() += 1;
             self.sink.send(&event);
         }
+        self.totals.wake_ms.record(laps, Instant::now());
         Ok(())
     }
 }

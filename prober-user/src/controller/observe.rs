@@ -28,33 +28,55 @@ impl Controller {
             }
             self.next_slot = current;
         }
-        // The rest of a slot a full ring stopped goes first.
-        if let Some((slot, left)) = self.slot_left.take() {
-            let sent = self.walk(slot, left, false, now);
+        // The rest of the slots a full ring stopped goes first.
+        if let Some(stopped) = self.slot_left.take() {
+            let sent = self.walk(stopped.first, stopped.count, stopped.left, false, now);
             if sent.left > 0 {
-                self.slot_left = Some((slot, sent.left));
+                self.slot_left = Some(SlotsLeft {
+                    left: sent.left,
+                    ..stopped
+                });
                 return; // the ring is still full
             }
         }
         let mut walked = 0;
         while self.next_slot <= current && walked < MOST_SLOTS_PER_TICK {
-            let slot = (self.next_slot % u64::from(schedule::SLOTS)) as u32;
+            let first = (self.next_slot % u64::from(schedule::SLOTS)) as u32;
+            // The slots due now from here, in one walk: consecutive in the
+            // wheel, so one range (not past its end).
+            let count = (current - self.next_slot + 1)
+                .min(u64::from(MOST_SLOTS_PER_TICK - walked))
+                .min(u64::from(schedule::SLOTS - first)) as u32;
             let late = current - self.next_slot > u64::from(schedule::SLOTS / 2);
-            let sent = self.walk(slot, u32::MAX, late, now);
-            self.settle_unresolved(slot, now);
-            self.next_slot += 1;
-            walked += 1;
+            let sent = self.walk(first, count, u32::MAX, late, now);
+            for slot in first..first + count {
+                self.settle_unresolved(slot, now);
+            }
+            self.next_slot += u64::from(count);
+            walked += count;
             if sent.left > 0 {
-                // A full ring: the rest of this slot at the next tick.
-                self.slot_left = Some((slot, sent.left));
+                // A full ring: the rest of these slots at the next tick.
+                self.slot_left = Some(SlotsLeft {
+                    first,
+                    count,
+                    left: sent.left,
+                });
                 break;
             }
         }
     }
 
-    /// Walks the last `tail` entries of slot `slot` (all of it: u32::MAX).
-    fn walk(&mut self, slot: u32, tail: u32, late: bool, now: Instant) -> crate::probe::Sent {
-        let sent = match self.prober.send_slot(slot, tail) {
+    /// Walks the last `tail` entries (all of them: u32::MAX) of `count`
+    /// slots from `first`.
+    fn walk(
+        &mut self,
+        first: u32,
+        count: u32,
+        tail: u32,
+        late: bool,
+        now: Instant,
+    ) -> crate::probe::Sent {
+        let sent = match self.prober.send_slots(first, count, tail) {
             Ok(sent) => sent,
             Err(e) => {
                 warn!("sending probes: {e:#}");

@@ -124,6 +124,7 @@ impl Controller {
             probe_events: self.totals.probe_events,
             slots_skipped: self.totals.slots_skipped,
             pools_recomputed: self.totals.pools_recomputed,
+            wakes: self.totals.wake_ms,
             ipvs_dumps: self.totals.ipvs_dumps,
             ipvs_changes_signalled: self
                 .ipvs_changes

@@ -111,7 +111,9 @@ pub struct Path {
 
 pub struct Prober {
     maps: ProbeMaps,
-    probe_tx: ProgramFd,
+    /// The program a send test-runs: `prober_xdp` as the daemon sets it up
+    /// (it hands the runs to `probe_tx`), or `probe_tx` itself in tests.
+    sender: ProgramFd,
     ifindex: u32,
     interface: String,
     /// Indexed by target id; None: a free id.
@@ -162,7 +164,7 @@ pub struct Prober {
 impl Prober {
     pub fn new(
         maps: ProbeMaps,
-        probe_tx: ProgramFd,
+        sender: ProgramFd,
         interface: &str,
         ifindex: u32,
         specs: &[ProbeSpec],
@@ -190,7 +192,7 @@ impl Prober {
         };
         let mut prober = Self {
             maps,
-            probe_tx,
+            sender,
             ifindex,
             interface: interface.to_string(),
             targets: Vec::new(),

@@ -333,6 +333,8 @@ impl Prober {
             self.resolutions.forget(addr);
         }
         let mut resolution_requested = std::collections::HashSet::new();
+        let mut said: std::collections::BTreeMap<Option<String>, (usize, ProbeSpec)> =
+            Default::default();
         for id in 0..self.targets.len() {
             let Some(target) = &self.targets[id] else {
                 continue;
@@ -375,10 +377,10 @@ impl Prober {
             };
             target.neighbour_unresolved = unresolved;
             if target.problem != problem {
-                match &problem {
-                    Some(p) => warn!(probe = %target.spec, "cannot probe: {p}"),
-                    None => info!(probe = %target.spec, "path resolved"),
-                }
+                // Said once per problem (a dead next hop can hold
+                // thousands of targets), with a count and one example.
+                let said = said.entry(problem.clone()).or_insert((0, target.spec));
+                said.0 += 1;
             }
             if entry != target.entry {
                 let written = entry.unwrap_or_default(); // kind 0: slot unused
@@ -398,6 +400,12 @@ impl Prober {
                 target.entry = entry;
             }
             target.problem = problem;
+        }
+        for (problem, (targets, example)) in said {
+            match problem {
+                Some(p) => warn!(targets, example = %example, "cannot probe: {p}"),
+                None => info!(targets, example = %example, "paths resolved"),
+            }
         }
         self.unresolved.clear();
         self.unresolved.extend(

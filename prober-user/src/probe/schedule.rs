@@ -17,6 +17,11 @@ pub const BLOCK: u32 = 64;
 /// under emulation, where 28,000 at once lost thousands).
 pub const SLOTS: u32 = 100;
 
+/// Slots of the send wheel one tick walks at most: a late tick catches
+/// up by a few slots, walked as one range (one syscall per device ring's
+/// worth, not one per slot), never with a burst of everything due.
+pub const MOST_SLOTS_PER_TICK: u32 = 4;
+
 /// Which of the [`SLOTS`] of an interval probe `id` goes out in.
 pub fn slot_of(id: u32) -> u32 {
     // The golden ratio's fractional part spreads consecutive blocks

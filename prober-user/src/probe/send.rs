@@ -83,15 +83,18 @@ impl Prober {
         self.send_range(0..len)
     }
 
-    /// Walks the last `tail` entries of slot `slot` of the send wheel
-    /// (all of them: u32::MAX): `probe_tx` sends each target that is due
-    /// and has a path, until the probing interface drops frames (its ring
-    /// full: the director's loss; [`Sent::left`] says what is left).
-    pub fn send_slot(&mut self, slot: u32, tail: u32) -> Result<Sent> {
+    /// Walks the last `tail` entries (all of them: u32::MAX) of `count`
+    /// consecutive slots of the send wheel from `first` (one range of
+    /// `PROBE_BATCH`; not past the wheel's last slot): `probe_tx` sends
+    /// each target that is due and has a path, until the probing
+    /// interface drops frames (its ring full: the director's loss;
+    /// [`Sent::left`] says what is left).
+    pub fn send_slots(&mut self, first: u32, count: u32, tail: u32) -> Result<Sent> {
         self.wheel_len()?;
-        let range = self.wheel.slot(slot);
-        let start = range.end.saturating_sub(tail).max(range.start);
-        self.send_range(start..range.end)
+        let last = (first + count.max(1) - 1).min(super::schedule::SLOTS - 1);
+        let (start, end) = (self.wheel.slot(first).start, self.wheel.slot(last).end);
+        let start = end.saturating_sub(tail).max(start);
+        self.send_range(start..end)
     }
 
     fn send_range(&mut self, range: std::ops::Range<u32>) -> Result<Sent> {
@@ -160,7 +163,7 @@ impl Prober {
             let runs = (range.end - done).min(transmit::LIVE_CHUNK).min(runs_left);
             let chunk_start = done;
             let since = verdicts::monotonic_ns();
-            crate::test_run::run_xdp_live(self.probe_tx.as_fd(), &self.frame, runs)?;
+            crate::test_run::run_xdp_live(self.sender.as_fd(), &self.frame, runs)?;
             runs_left -= runs;
             done = batch_cursor(&self.maps.cursor)?.min(range.end);
             let after = self.send_buffers.tx_dropped(&self.interface);
@@ -224,12 +227,9 @@ impl Prober {
         while next < range.end && runs_left > 0 {
             runs_left -= 1;
             let (entry, since) = (next, verdicts::monotonic_ns());
-            let action = crate::test_run::run_xdp_into(
-                self.probe_tx.as_fd(),
-                &self.frame,
-                &mut socket.frame,
-            )
-            .context("BPF_PROG_TEST_RUN (writing one probe frame)")?;
+            let action =
+                crate::test_run::run_xdp_into(self.sender.as_fd(), &self.frame, &mut socket.frame)
+                    .context("BPF_PROG_TEST_RUN (writing one probe frame)")?;
             next = batch_cursor(&self.maps.cursor)?;
             if action != transmit::XDP_REDIRECT {
                 continue; // nothing due, or counted as a probe error

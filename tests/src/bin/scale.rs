@@ -766,21 +766,57 @@ impl Checker {
             .sum()
     }
 
+    /// What `prober stats` says (datapath counters), for the logs.
+    fn stats_text(&self) -> Option<String> {
+        let text = String::from_utf8_lossy(&self.prober_says(&["stats"])?).into_owned();
+        // The counters, not the table of every target; and the daemon's
+        // own account of its sends.
+        let mut said: Vec<String> = text.lines().take(6).map(String::from).collect();
+        if let Some(status) = self.status() {
+            let fields = [
+                "largest_send",
+                "sends_late",
+                "frames_dropped_here",
+                "probe_events",
+                "slots_skipped",
+                "pools_recomputed",
+                "wakes",
+            ];
+            said.push(
+                fields
+                    .iter()
+                    .map(|f| format!("{f}={}", status[f]))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        Some(said.join("\n"))
+    }
+
     /// prober's heap as it says in `status` (live allocations, free), KiB.
     fn heap_kib(&self) -> Option<(u64, u64)> {
-        let pin_dir = self.pin_dir.as_ref()?;
-        let out = Command::new(&self.prober)
-            .arg("--pin-dir")
-            .arg(&**pin_dir)
-            .args(["status", "--json"])
-            .output()
-            .ok()?;
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let status = self.status()?;
         let memory = &status["memory"];
         Some((
             memory["heap_in_use_kib"].as_u64()?,
             memory["heap_free_kib"].as_u64()?,
         ))
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.prober_says(&["status", "--json"])?).ok()
+    }
+
+    /// What `prober ARGS` prints against this checker's pins (prober only).
+    fn prober_says(&self, args: &[&str]) -> Option<Vec<u8>> {
+        let pin_dir = self.pin_dir.as_ref()?;
+        let out = Command::new(&self.prober)
+            .arg("--pin-dir")
+            .arg(&**pin_dir)
+            .args(args)
+            .output()
+            .ok()?;
+        Some(out.stdout)
     }
 
     fn check_alive(&mut self) -> Result<()> {
@@ -1053,6 +1089,9 @@ fn measure_running(
     sample.cpu_system = system - system0;
     sample.rss_kib = checker.memory_kib("VmRSS:");
     sample.heap_kib = checker.heap_kib();
+    if let Some(stats) = checker.stats_text() {
+        println!("[scale] prober stats at the end of the steady window:\n{stats}");
+    }
     sample.machine_cpu = machine_cpu_seconds()? - machine0;
     sample.checks = bed.syns()? - syns0;
     sample.window = t0.elapsed().as_secs_f64();
@@ -1102,7 +1141,9 @@ fn measure_running(
         if t0.elapsed() > mass_limit {
             break;
         }
-        thread::sleep(Duration::from_millis(20));
+        // Each look is a full dump, which holds IPVS's lock against the
+        // checker's writes: five a second is resolution enough.
+        thread::sleep(Duration::from_millis(200));
     }
     sample.write_rate = match tool {
         // prober: its own account of its batches (writes over netlink time).
