@@ -18,12 +18,43 @@ use crate::{
     probe::{Forwarding, ProbeKind, ProbeSpec},
 };
 
+/// What a binding keeps of its IPVS destination: which it is, how IPVS
+/// forwards to it and its weight as dumped (not its counters: a plan
+/// holds one per real server, 100,000 on a large director).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundDestination {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub forwarding: IpvsForwarding,
+    pub weight: u32,
+}
+
+impl BoundDestination {
+    pub fn key(&self) -> DestinationKey {
+        DestinationKey {
+            addr: self.addr,
+            port: self.port,
+        }
+    }
+}
+
+impl From<&Destination> for BoundDestination {
+    fn from(d: &Destination) -> Self {
+        Self {
+            addr: d.addr,
+            port: d.port,
+            forwarding: d.forwarding,
+            weight: d.weight,
+        }
+    }
+}
+
 /// A destination of a virtual service and the probe that checks it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Binding {
     pub service: ServiceKey,
-    /// As last dumped: sent back unchanged with a new weight.
-    pub destination: Destination,
+    /// As last dumped.
+    pub destination: BoundDestination,
     pub probe: ProbeSpec,
     /// L7 checks and commands: all must pass for the destination to be up.
     pub checks: Vec<CheckSpec>,
@@ -239,7 +270,7 @@ pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize
                     }
                     plan.bindings.push(Binding {
                         service: key,
-                        destination: dest.clone(),
+                        destination: dest.into(),
                         probe,
                         checks,
                     });

@@ -139,7 +139,7 @@ impl Controller {
             }
             // Someone set this weight since the last dump: theirs stands,
             // as at a discovery; the next tick works from it.
-            manual_change(&self.config, &key.0, fresh, track.current, track);
+            manual_change(&self.config, &key.0, &fresh.into(), track.current, track);
             track.current = fresh.weight;
             withdraw(store, track, &key);
         }

@@ -632,7 +632,7 @@ fn record(track: &DestTrack) -> prober_common::WeightRecord {
 fn manual_change(
     config: &Config,
     service: &ServiceKey,
-    dest: &Destination,
+    dest: &targets::BoundDestination,
     expected: u32,
     track: &mut DestTrack,
 ) {
