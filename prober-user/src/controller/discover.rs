@@ -10,13 +10,22 @@ impl Controller {
     pub(super) fn take_ipvs_results(&mut self, now: Instant, open_store: OpenStore<'_>) {
         while let Some(done) = self.ipvs.take() {
             match done {
-                ipvs_worker::Done::Dump(dump) => {
+                ipvs_worker::Done::Dump(dump, dumped_in) => {
                     let before = self.dump_fingerprint;
-                    let applied = dump
-                        .map_err(anyhow::Error::from)
-                        .and_then(|services| self.discover(now, &services, open_store));
+                    let started = Instant::now();
+                    let mut destinations = 0;
+                    let applied = dump.map_err(anyhow::Error::from).and_then(|services| {
+                        destinations = services.iter().map(|vs| vs.destinations.len()).sum();
+                        self.discover(now, &services, open_store)
+                    });
                     self.note_ipvs_read(applied);
                     if self.dump_fingerprint != before {
+                        info!(
+                            destinations,
+                            dump_ms = dumped_in.as_millis() as u64,
+                            plan_ms = started.elapsed().as_millis() as u64,
+                            "IPVS read and the plan worked out again (the dump on the IPVS thread, the plan on this one)"
+                        );
                         // A rebuild held the dump and the old plan and the
                         // new at once: what it freed goes back to the
                         // system (glibc keeps it in its arenas otherwise,

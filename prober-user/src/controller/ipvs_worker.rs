@@ -24,7 +24,8 @@ enum Job {
 
 /// What a job came to.
 pub(super) enum Done {
-    Dump(Result<Vec<VirtualService>, IpvsError>),
+    /// A dump, and how long IPVS took to give it.
+    Dump(Result<Vec<VirtualService>, IpvsError>, std::time::Duration),
     Written(ChangeOutcome),
 }
 
@@ -100,7 +101,7 @@ impl IpvsWorker {
     pub(super) fn take(&mut self) -> Option<Done> {
         let done = self.done.try_recv().ok()?;
         match &done {
-            Done::Dump(_) => self.dump_in_flight = false,
+            Done::Dump(..) => self.dump_in_flight = false,
             Done::Written(_) => self.write_in_flight = false,
         }
         Some(done)
@@ -121,7 +122,7 @@ fn serve(
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     let done = match job {
-                        Job::Dump => Done::Dump(Err(e)),
+                        Job::Dump => Done::Dump(Err(e), std::time::Duration::ZERO),
                         Job::Write(batch) => Done::Written(ChangeOutcome {
                             not_sent: (0..batch.len()).collect(),
                             unknown: Some((Vec::new(), e)),
@@ -141,11 +142,12 @@ fn serve(
         let ipvs = client.as_mut().expect("connected above");
         let done = match job {
             Job::Dump => {
+                let started = std::time::Instant::now();
                 let dump = ipvs.dump();
                 if dump.is_err() {
                     client = None; // a fresh socket for the next try
                 }
-                Done::Dump(dump)
+                Done::Dump(dump, started.elapsed())
             }
             Job::Write(batch) => Done::Written(ipvs.change_weights(&batch)),
             Job::Restore(updates) => {
