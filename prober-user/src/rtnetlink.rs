@@ -266,6 +266,8 @@ pub struct Changes {
 /// and link notifications, so paths follow the kernel without polling it.
 pub struct ChangeWatch {
     socket: Socket,
+    /// The receive buffer, reused from read to read.
+    buf: Vec<u8>,
 }
 
 impl ChangeWatch {
@@ -287,20 +289,33 @@ impl ChangeWatch {
                 .add_membership(group)
                 .with_context(|| format!("joining rtnetlink group {group}"))?;
         }
+        // Tests only: a receive queue a flood of changes overflows however
+        // fast the daemon reads.
+        if let Some(bytes) = std::env::var("PROBER_DEBUG_RTNETLINK_RECEIVE_QUEUE")
+            .ok()
+            .and_then(|b| b.parse::<usize>().ok())
+        {
+            socket
+                .set_rx_buf_sz(bytes)
+                .context("setting the rtnetlink socket's receive queue")?;
+        }
         socket.set_non_blocking(true)?;
-        Ok(Self { socket })
+        Ok(Self {
+            socket,
+            buf: Vec::with_capacity(64 * 1024),
+        })
     }
 
     /// Drains the pending notifications. A lost notification (ENOBUFS)
     /// reports everything as changed.
-    pub fn poll(&self) -> Changes {
+    pub fn poll(&mut self) -> Changes {
         let mut changes = Changes::default();
         // Bounded: the queue drains; 10k reads is far more than one tick's.
         for _ in 0..10_000 {
-            let mut buf = Vec::with_capacity(64 * 1024);
-            match self.socket.recv(&mut buf, 0) {
+            self.buf.clear();
+            match self.socket.recv(&mut self.buf, 0) {
                 Ok(_) => {
-                    let mut rest = &buf[..];
+                    let mut rest = &self.buf[..];
                     while rest.len() >= 16 {
                         let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
                         if len < 16 || len > rest.len() {

@@ -383,7 +383,18 @@ fn every_real_server_silent_while_its_host_answers_arp_goes_to_zero() {
         .filter(|l| l.contains("the next hops answer ARP"))
         .collect();
     assert_eq!(silent.len(), 1, "said once: {log}");
-    assert!(silent[0].contains("hosts=4"), "{}", silent[0]);
+    // Said when the silence reached enough hosts (the rest may still be
+    // on their way to their next probe).
+    let hosts: usize = silent[0]
+        .split("hosts=")
+        .nth(1)
+        .and_then(|h| h.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (prober_user::director_fault::MIN_SILENT_HOSTS..=4).contains(&hosts),
+        "{}",
+        silent[0]
+    );
     assert_eq!(writes(&daemon), 4, "one write each: {log}");
     let arp_replies = daemon.stats().unwrap()["counters"]["arp_replies"].clone();
     println!("{}\nARP replies counted: {arp_replies}", silent[0]);

@@ -794,7 +794,17 @@ fn a_flood_of_route_changes_overflowing_its_notifications_is_survived() {
     let _serial = serial();
     let (lan, mut listeners) = service(2);
     let pin_dir = PinDir::new();
-    let daemon = start(&lan, &pin_dir, FAST);
+    // A notification queue the flood overflows however fast the daemon
+    // reads it (it drains the queue every few ms).
+    let path = config(FAST);
+    let daemon = Daemon::start_with_env(
+        &lan.director,
+        LAN_IF,
+        &pin_dir,
+        &["--config", path.to_str().unwrap()],
+        &[("PROBER_DEBUG_RTNETLINK_RECEIVE_QUEUE", "4096")],
+    )
+    .unwrap();
     thread::sleep(Duration::from_millis(1500));
     // 20,000 routes added and removed at once: far more notifications than
     // the socket buffer holds between two ticks (ENOBUFS).

@@ -45,6 +45,8 @@ use crate::{
 /// Routes are looked up again at least this often, in case a change
 /// notification was lost.
 pub const ROUTE_REFRESH: Duration = Duration::from_secs(30);
+/// Targets whose route a wake looks up during that periodic check.
+const ROUTES_PER_WAKE: usize = 500;
 
 /// Local ports for probes by default: above Linux's ephemeral range
 /// (32768-60999), so no local connection shares a probe's 4-tuple.
@@ -124,6 +126,8 @@ pub struct Prober {
     routes: RouteSocket,
     changes: ChangeWatch,
     last_route_lookup: Instant,
+    /// How far the periodic check of every route has got (target ids).
+    route_pass: Option<usize>,
     frame: Vec<u8>,
     /// NTF_USE after unanswered probes: at most once a second per next
     /// hop. It costs nothing while the kernel's entry is fresh, and at most
@@ -202,6 +206,7 @@ impl Prober {
             routes: RouteSocket::open()?,
             changes: ChangeWatch::open()?,
             last_route_lookup: Instant::now(),
+            route_pass: None,
             frame: vec![0u8; PROBE_FRAME_MAX],
             revalidations: Nudges::new(Duration::from_secs(1)),
             resolutions: Nudges::new(RESOLUTION_BACKOFF),
@@ -300,7 +305,7 @@ impl Prober {
                 .or_default()
                 .insert(target.local_port);
         }
-        let mut added = false;
+        let mut added = Vec::new();
         // Free ids are searched from where the last one was found.
         let mut free_from = 0;
         for spec in specs {
@@ -334,11 +339,12 @@ impl Prober {
             });
             self.ids.insert(*spec, id as u32);
             free_from = id + 1;
-            added = true;
+            added.push(id);
         }
-        if added {
+        if !added.is_empty() {
             self.wheel_changed();
-            self.look_up_routes();
+            // Only new targets: the others' routes are followed already.
+            self.look_up_routes(added);
         }
         self.refresh_neighbours()
     }

@@ -220,9 +220,29 @@ impl Prober {
                 self.lost_logged = Some(Instant::now());
             }
         }
-        let stale = self.last_route_lookup.elapsed() >= ROUTE_REFRESH;
-        if changes.routes || stale {
-            self.look_up_routes();
+        // A change reads every path at once (changes are rare); the
+        // periodic check, in case a notification was missed, goes a slice
+        // of the targets a wake (a route lookup each: 100,000 at once
+        // stalled the daemon for seconds).
+        let mut paths_read = false;
+        if changes.routes {
+            self.look_up_routes(0..self.targets.len());
+            self.last_route_lookup = Instant::now();
+            self.route_pass = None;
+            paths_read = true;
+        } else if self.route_pass.is_none() && self.last_route_lookup.elapsed() >= ROUTE_REFRESH {
+            self.route_pass = Some(0);
+        }
+        if let Some(from) = self.route_pass {
+            let to = (from + ROUTES_PER_WAKE).min(self.targets.len());
+            self.look_up_routes(from..to);
+            if to < self.targets.len() {
+                self.route_pass = Some(to);
+            } else {
+                self.route_pass = None;
+                self.last_route_lookup = Instant::now();
+                paths_read = true;
+            }
         }
         // Targets without a neighbour are retried once a second: the
         // kernel's answer also comes as a notification.
@@ -233,7 +253,7 @@ impl Prober {
         if unresolved_due {
             self.last_unresolved_refresh = Some(Instant::now());
         }
-        if changes.routes || changes.neighbours || stale || unresolved_due {
+        if paths_read || changes.neighbours || unresolved_due {
             self.refresh_neighbours()?;
         }
         self.keep_neighbours_alive();
@@ -292,10 +312,14 @@ impl Prober {
         }
     }
 
-    /// One route lookup per distinct real server.
-    pub(super) fn look_up_routes(&mut self) {
+    /// One route lookup per distinct real server of the targets with ids
+    /// in `ids`.
+    pub(super) fn look_up_routes(&mut self, ids: impl IntoIterator<Item = usize>) {
         let mut by_server: HashMap<IpAddr, Result<Path, String>> = HashMap::new();
-        for target in self.targets.iter_mut().flatten() {
+        for id in ids {
+            let Some(Some(target)) = self.targets.get_mut(id) else {
+                continue;
+            };
             let server = target.spec.real_server();
             let path = by_server
                 .entry(server)
@@ -314,7 +338,6 @@ impl Prober {
                 (path, _) => path,
             };
         }
-        self.last_route_lookup = Instant::now();
     }
 
     /// Reads the neighbour table once and rewrites the entries whose MAC
