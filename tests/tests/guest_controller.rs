@@ -396,7 +396,7 @@ fn every_real_server_silent_while_its_host_answers_arp_goes_to_zero() {
         silent[0]
     );
     assert_eq!(writes(&daemon), 4, "one write each: {log}");
-    let arp_replies = daemon.stats().unwrap()["counters"]["arp_replies"].clone();
+    let arp_replies = daemon.stats().unwrap()["arp_replies"].clone();
     println!("{}\nARP replies counted: {arp_replies}", silent[0]);
     assert!(arp_replies.as_u64().unwrap() > 0, "{arp_replies}");
 }
