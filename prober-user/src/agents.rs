@@ -13,10 +13,10 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use prober_common::{agent_wire, AgentReport};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentState {
@@ -41,6 +41,8 @@ pub struct Agents {
     fresh: HashMap<Ipv4Addr, AgentView>,
     /// Hosts whose view changed at the last refresh.
     changed: Vec<IpAddr>,
+    /// Hosts the table had no room for, as last said.
+    refused: usize,
 }
 
 impl Agents {
@@ -51,6 +53,7 @@ impl Agents {
             hosts: HashSet::new(),
             fresh: HashMap::new(),
             changed: Vec::new(),
+            refused: 0,
         }
     }
 
@@ -63,16 +66,43 @@ impl Agents {
                 IpAddr::V6(_) => None,
             })
             .collect();
-        for host in wanted.difference(&self.hosts) {
-            self.map
-                .insert(key(*host), AgentReport::default(), 0)
-                .with_context(|| format!("adding {host} to AGENTS"))?;
-        }
+        // Those gone first: their room goes to the new ones.
         for host in self.hosts.difference(&wanted) {
             let _ = self.map.remove(&key(*host));
             self.fresh.remove(host);
         }
-        self.hosts = wanted;
+        // A full table refuses the rest: their reports are not accepted
+        // (their probes still run), said once per change of that count;
+        // the discovery goes on.
+        let mut refused = 0;
+        let mut accepted = HashSet::with_capacity(wanted.len());
+        for host in &wanted {
+            if self.hosts.contains(host) {
+                accepted.insert(*host);
+                continue;
+            }
+            match self.map.insert(key(*host), AgentReport::default(), 0) {
+                Ok(()) => {
+                    accepted.insert(*host);
+                }
+                Err(e) => {
+                    if refused == 0 {
+                        debug!(%host, "adding to AGENTS: {e}");
+                    }
+                    refused += 1;
+                }
+            }
+        }
+        if refused != self.refused {
+            self.refused = refused;
+            if refused > 0 {
+                warn!(
+                    refused,
+                    "agent reports of that many real server hosts are not accepted: the AGENTS table is full (their probes still run)"
+                );
+            }
+        }
+        self.hosts = accepted;
         Ok(())
     }
 

@@ -81,6 +81,8 @@ const PER_TARGET_MAPS: &[&str] = &[
     map_names::PROBE_BATCH,
     map_names::WEIGHT_STATE,
     map_names::HEALTH_STATE,
+    // One per real server host: never more hosts than probes.
+    map_names::AGENTS,
 ];
 
 /// The probe event ring: room for one event per target (every target
