@@ -256,7 +256,8 @@ pub struct Controller {
     /// walk, counted from it.
     epoch: Instant,
     next_slot: u64,
-    /// A slot a full ring stopped, and how many of its entries are left.
+    /// The range of slots (`first`, `count`) a full ring stopped, and how
+    /// many of its entries are left.
     slot_left: Option<SlotsLeft>,
     /// This tick's unresolved targets of a slot (kept to reuse).
     due_ids: Vec<u32>,
@@ -532,11 +533,9 @@ impl Controller {
                 // Their pools follow a new view now (a settled pool is
                 // recomputed only when touched).
                 if !agents.changed().is_empty() {
-                    for b in &self.plan.bindings {
-                        if agents.changed().contains(&b.destination.addr) {
-                            self.touched.insert(b.service);
-                        }
-                    }
+                    observe::touch_pools_using(&mut self.touched, &self.plan, |b| {
+                        agents.changed().contains(&b.destination.addr)
+                    });
                 }
             }
         }

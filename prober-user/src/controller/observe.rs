@@ -276,11 +276,9 @@ impl Controller {
                 Outcome::Passed { weight } => {
                     if track.weight != *weight {
                         // A command's weight: its pools follow it now.
-                        for b in &self.plan.bindings {
-                            if b.checks.contains(&report.spec) {
-                                self.touched.insert(b.service);
-                            }
-                        }
+                        touch_pools_using(&mut self.touched, &self.plan, |b| {
+                            b.checks.contains(&report.spec)
+                        });
                     }
                     track.weight = *weight;
                     track.failure = None;
@@ -301,11 +299,9 @@ impl Controller {
             let Some(transition) = track.health.observe(seen, track.settings.limits, now) else {
                 continue;
             };
-            for b in &self.plan.bindings {
-                if b.checks.contains(&report.spec) {
-                    self.touched.insert(b.service);
-                }
-            }
+            touch_pools_using(&mut self.touched, &self.plan, |b| {
+                b.checks.contains(&report.spec)
+            });
             let services = services_using(&self.plan, |b| b.checks.contains(&report.spec));
             let subject = report.spec.to_string();
             match transition.to {
@@ -391,12 +387,10 @@ impl Controller {
             track.latency = combined_latency(track, now);
             // A move beyond the band: the latency-aware pools it weighs
             // in follow now.
-            for &i in self.plan.by_probe.get(&spec).into_iter().flatten() {
-                let service = self.plan.bindings[i].service;
-                if self.config.weights_for(&service).0 {
-                    self.touched.insert(service);
-                }
-            }
+            let config = &self.config;
+            touch_pools_of_probe(&mut self.touched, &self.plan, &spec, |service| {
+                config.weights_for(service).0
+            });
         }
         let host = spec.real_server();
         let diagnoses_host = self.plan.hosts.get(&host) == Some(&spec);
@@ -440,9 +434,7 @@ impl Controller {
             self.up_probes = self.up_probes.saturating_sub(1);
         }
         let recovery = track.settings.interval * (track.settings.limits.rise + 1);
-        for &i in self.plan.by_probe.get(&spec).into_iter().flatten() {
-            self.touched.insert(self.plan.bindings[i].service);
-        }
+        touch_pools_of_probe(&mut self.touched, &self.plan, &spec, |_| true);
         let host = spec.real_server();
         let diagnoses_host = self.plan.hosts.get(&host) == Some(&spec);
         let names = self.plan.services_of_probe(&spec);
@@ -627,9 +619,7 @@ impl Controller {
             track.response_at = Some(now);
         }
         if first && (track.passive_rtt.is_some() || track.response.is_some()) {
-            for &i in self.plan.by_probe.get(&spec).into_iter().flatten() {
-                self.touched.insert(self.plan.bindings[i].service);
-            }
+            touch_pools_of_probe(&mut self.touched, &self.plan, &spec, |_| true);
         }
     }
 }
@@ -648,6 +638,32 @@ fn combined_latency(track: &ProbeTrack, now: Instant) -> Option<LatencyEwma> {
         (None, None) => return track.latency,
     };
     Some(LatencyEwma::new(value, now))
+}
+
+/// Marks for recomputing the pools of the services whose bindings match
+/// (a settled pool is recomputed only when touched).
+pub(super) fn touch_pools_using(
+    touched: &mut HashSet<ServiceKey>,
+    plan: &Plan,
+    uses: impl Fn(&targets::Binding) -> bool,
+) {
+    touched.extend(plan.bindings.iter().filter(|b| uses(b)).map(|b| b.service));
+}
+
+/// Marks for recomputing the pools `spec` weighs in whose service
+/// `wanted` accepts.
+fn touch_pools_of_probe(
+    touched: &mut HashSet<ServiceKey>,
+    plan: &Plan,
+    spec: &ProbeSpec,
+    wanted: impl Fn(&ServiceKey) -> bool,
+) {
+    for &i in plan.by_probe.get(spec).into_iter().flatten() {
+        let service = plan.bindings[i].service;
+        if wanted(&service) {
+            touched.insert(service);
+        }
+    }
 }
 
 /// The names of the services whose bindings match.
