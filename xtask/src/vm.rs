@@ -112,7 +112,7 @@ pub fn test_in_guest(options: &VmTestOptions) -> Result<()> {
             args: Vec::new(),
         });
     }
-    let results = run_guest(&guest, &binaries, options.timeout)?;
+    let results = run_guest(&guest, &binaries, options.timeout, GUEST_CPUS)?;
     let failed: Vec<&str> = results
         .iter()
         .filter(|r| r.status != Some(0))
@@ -529,17 +529,27 @@ fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// Boots the guest once to run `programs` (host binaries, with their
-/// arguments) in order, streaming their output, and returns how each ended.
-pub fn run_programs(programs: &[GuestProgram], timeout: Duration) -> Result<Vec<BinaryResult>> {
+/// The guest's vCPUs for tests and the demo: one per host core (TCG runs
+/// a thread per vCPU).
+pub const GUEST_CPUS: usize = 2;
+
+/// Boots the guest once, with `cpus` vCPUs, to run `programs` (host
+/// binaries, with their arguments) in order, streaming their output, and
+/// returns how each ended.
+pub fn run_programs(
+    programs: &[GuestProgram],
+    timeout: Duration,
+    cpus: usize,
+) -> Result<Vec<BinaryResult>> {
     let guest = prepare_guest()?;
-    run_guest(&guest, programs, timeout)
+    run_guest(&guest, programs, timeout, cpus)
 }
 
 fn run_guest(
     guest: &Guest,
     binaries: &[GuestProgram],
     timeout: Duration,
+    cpus: usize,
 ) -> Result<Vec<BinaryResult>> {
     let out = target_dir().join("vm-test");
     let _ = fs::remove_dir_all(&out);
@@ -595,7 +605,8 @@ fn run_guest(
 
     let console = out.join("console.log");
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2G"])
+    qemu.args(["-accel", "tcg", "-cpu", "max", "-m", "2G"])
+        .args(["-smp", &cpus.to_string()])
         .args(["-nographic", "-nodefaults", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))

@@ -13,9 +13,16 @@
 //! counted as SYNs arriving at the real servers (a tc filter), the same
 //! counter for both checkers.
 //!
+//! The real servers' kernel work is kept off the checker's account: both
+//! veth ends run threaded NAPI, the real servers' end (their TCP, the
+//! SYN-ACKs, the accepts) pinned to the guest's last vCPU with the
+//! listener and this program, the director's end (the replies' arrival:
+//! prober's XDP, keepalived's socket receive) pinned with the checker to
+//! the other vCPUs and counted as the checker's kernel time.
+//!
 //! Usage: `scale [--runs N] [--cases 1000@1s,10000@1s,...] [--tools
-//! prober,keepalived] [--prober PATH] [--out FILE] [--profile DIR]
-//! [--logs DIR] [--threaded-servers]`.
+//! prober,keepalived] [--keepalived-most N] [--prober PATH] [--out FILE]
+//! [--profile DIR] [--logs DIR]`.
 
 use std::{
     fmt::Write as _,
@@ -62,6 +69,14 @@ const MOST_SERVERS: usize = 130_000;
 fn main() -> Result<()> {
     let options = Options::parse(std::env::args().skip(1))?;
     run_modprobe()?;
+    let cpus = Cpus::split()?;
+    println!(
+        "[scale] director vCPUs {:?} (the checker and its receive thread), real servers' vCPU {}",
+        cpus.director, cpus.servers
+    );
+    // This program (its listener threads, its polling of IPVS) works on
+    // the real servers' vCPU; the checker is moved when it starts.
+    cpus.pin(0, &[cpus.servers])?;
     let _syslog = Syslog::start()?;
     let mut report = Report::default();
     for case in &options.cases {
@@ -70,9 +85,12 @@ fn main() -> Result<()> {
             case.servers,
             case.interval.as_millis()
         );
-        let bed = Bed::new(case.servers, options.threaded_servers)?;
+        let bed = Bed::new(case.servers, cpus.clone())?;
         for run in 1..=options.runs {
             for &tool in &options.tools {
+                if tool == Tool::Keepalived && case.servers > options.keepalived_most {
+                    continue;
+                }
                 // A run that fails (a checker that never got going at this
                 // size) is reported and counted, and the others go on.
                 match measure(&bed, tool, case.interval, &options) {
@@ -133,26 +151,27 @@ struct Options {
     prober: PathBuf,
     out: Option<PathBuf>,
     tools: Vec<Tool>,
+    /// keepalived is measured only at sizes up to this: at 50,000 it
+    /// reached 575 of 50,000 checks/s and never took a dead server out
+    /// (BENCHMARKS.md of 2026-11-26), and its start alone takes minutes.
+    keepalived_most: usize,
     /// Where `perf report`s of the steady window go (perf on the host).
     profile: Option<PathBuf>,
     /// Where the checkers' logs go (appended run after run).
     logs: Option<PathBuf>,
-    /// The real servers' receive work in a kernel thread of its own
-    /// (threaded NAPI on their veth end), off the checker's CPU time.
-    threaded_servers: bool,
 }
 
 impl Options {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Self> {
         let mut options = Self {
-            cases: parse_cases("1000@1s,10000@1s,50000@1s,1000@200ms")?,
+            cases: parse_cases("1000@1s,10000@1s,50000@1s,100000@1s")?,
             runs: 3,
             prober: prober_bin(),
             out: None,
             tools: vec![Tool::Prober, Tool::Keepalived],
+            keepalived_most: 10_000,
             profile: None,
             logs: None,
-            threaded_servers: false,
         };
         while let Some(arg) = args.next() {
             let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -166,11 +185,16 @@ impl Options {
                         .with_context(|| format!("--runs: '{text}' is not a positive count"))?
                 }
                 "--cases" => options.cases = parse_cases(&value()?)?,
+                "--keepalived-most" => {
+                    let text = value()?;
+                    options.keepalived_most = text.parse().with_context(|| {
+                        format!("--keepalived-most: '{text}' is not a count of real servers")
+                    })?
+                }
                 "--prober" => options.prober = value()?.into(),
                 "--out" => options.out = Some(value()?.into()),
                 "--profile" => options.profile = Some(value()?.into()),
                 "--logs" => options.logs = Some(value()?.into()),
-                "--threaded-servers" => options.threaded_servers = true,
                 "--tools" => {
                     options.tools = value()?
                         .split(',')
@@ -182,7 +206,7 @@ impl Options {
                         .collect::<Result<_>>()?
                 }
                 other => bail!(
-                    "unknown argument '{other}' (known: --runs, --cases, --tools, --prober, --out, --profile, --logs, --threaded-servers)"
+                    "unknown argument '{other}' (known: --runs, --cases, --tools, --keepalived-most, --prober, --out, --profile, --logs)"
                 ),
             }
         }
@@ -237,17 +261,96 @@ fn service_key(service: usize) -> ServiceKey {
 }
 
 /// The director and the real servers, built once per size.
+/// Which vCPUs do the director's work and which the real servers'.
+#[derive(Debug, Clone)]
+struct Cpus {
+    director: Vec<usize>,
+    servers: usize,
+}
+
+impl Cpus {
+    /// The last vCPU for the real servers, the others for the director.
+    fn split() -> Result<Self> {
+        let count = thread::available_parallelism()?.get();
+        if count < 2 {
+            bail!(
+                "the bed needs at least 2 vCPUs (one for the real servers), this guest has {count}"
+            );
+        }
+        Ok(Self {
+            director: (0..count - 1).collect(),
+            servers: count - 1,
+        })
+    }
+
+    /// Moves `pid` (0: the calling thread) onto `cpus`.
+    fn pin(&self, pid: u32, cpus: &[usize]) -> Result<()> {
+        set_affinity(pid, cpus).with_context(|| format!("pinning {pid} to vCPUs {cpus:?}"))
+    }
+
+    /// The threaded NAPI kernel threads of both veth ends, each onto its
+    /// side's vCPUs; returns the director's (its CPU time is the
+    /// checker's receive work).
+    fn pin_receive_threads(&self) -> Result<Vec<u32>> {
+        let mut director = Vec::new();
+        for (pid, comm) in processes() {
+            if comm.starts_with(&format!("napi/{SERVER_IF}")) {
+                self.pin(pid, &[self.servers])?;
+            } else if comm.starts_with(&format!("napi/{DIRECTOR_IF}")) {
+                self.pin(pid, &self.director)?;
+                director.push(pid);
+            }
+        }
+        if director.is_empty() {
+            bail!("no threaded NAPI thread for {DIRECTOR_IF}: the checker's receive work would go uncounted");
+        }
+        Ok(director)
+    }
+}
+
+/// sched_setaffinity for a process or thread (0: the caller).
+fn set_affinity(pid: u32, cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it
+    // for indexes below CPU_SETSIZE (the guest has a handful).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        if libc::sched_setaffinity(pid as libc::pid_t, std::mem::size_of_val(&set), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Every process and kernel thread: pid and command name.
+fn processes() -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            Some((pid, comm.trim().to_string()))
+        })
+        .collect()
+}
+
 struct Bed {
     director: NetNs,
     servers: NetNs,
     n: usize,
+    cpus: Cpus,
     ipvs: std::cell::RefCell<IpvsClient>,
     _listener: Listener,
     _peer_xdp: PeerXdp,
 }
 
 impl Bed {
-    fn new(n: usize, threaded: bool) -> Result<Self> {
+    fn new(n: usize, cpus: Cpus) -> Result<Self> {
         let director = NetNs::new("scd")?;
         let servers = NetNs::new("scs")?;
         director.ip(&[
@@ -299,12 +402,39 @@ impl Bed {
             "delay",
             &format!("{SLOW_BY_MS}ms"),
         ])?;
+        // Each end's receive work in a kernel thread of its own (pinned
+        // per measurement, see `Cpus`). A veth end has NAPI once XDP is
+        // attached (the real servers' end: needed anyway for prober's
+        // XDP_TX and redirects to reach it) or GRO is on (the director's
+        // end, which prober's XDP comes and goes on).
+        // veth hands a frame to the receiving end's NAPI only if GRO
+        // could merge it: with XDP on the receiver, TSO off on the sender
+        // (the XDP on the real servers' end turns it off on ours).
         let peer_xdp = PeerXdp::attach(&servers, SERVER_IF)?;
-        if threaded {
-            // The veth's NAPI exists once XDP is attached to it.
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &director.name,
+            "ethtool",
+            "-K",
+            DIRECTOR_IF,
+            "gro",
+            "on",
+        ]))?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &servers.name,
+            "ethtool",
+            "-K",
+            SERVER_IF,
+            "tso",
+            "off",
+        ]))?;
+        for (ns, interface) in [(&servers, SERVER_IF), (&director, DIRECTOR_IF)] {
             run(Command::new("ip")
-                .args(["netns", "exec", &servers.name, "sh", "-c"])
-                .arg(format!("echo 1 > /sys/class/net/{SERVER_IF}/threaded")))?;
+                .args(["netns", "exec", &ns.name, "sh", "-c"])
+                .arg(format!("echo 1 > /sys/class/net/{interface}/threaded")))?;
         }
         let listener = Listener::start(&servers)?;
         let ipvs = director.enter(IpvsClient::connect)??;
@@ -312,6 +442,7 @@ impl Bed {
             director,
             servers,
             n,
+            cpus,
             ipvs: std::cell::RefCell::new(ipvs),
             _listener: listener,
             _peer_xdp: peer_xdp,
@@ -628,16 +759,18 @@ fn seconds(interval: Duration) -> String {
 impl Checker {
     fn command(bed: &Bed, program: &Path) -> Command {
         let mut command = bed.director.command(program);
-        // SAFETY: setrlimit between fork and exec touches only the child.
-        // 50,000 checks in flight need as many sockets in keepalived.
+        let director_cpus = bed.cpus.director.clone();
+        // SAFETY: setrlimit and sched_setaffinity between fork and exec
+        // touch only the child and allocate nothing. 50,000 checks in
+        // flight need as many sockets in keepalived.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 let limit = libc::rlimit {
                     rlim_cur: 1 << 20,
                     rlim_max: 1 << 20,
                 };
                 libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-                Ok(())
+                set_affinity(0, &director_cpus)
             });
         }
         command
@@ -729,23 +862,17 @@ impl Checker {
         pids
     }
 
-    /// User and system CPU seconds of the checker's processes so far.
-    /// On veth the kernel does the real servers' side of each exchange in
-    /// the sender's context (unless `--threaded-servers`), so the system
-    /// part includes it, for both checkers.
-    fn cpu_seconds(&self) -> (f64, f64) {
-        // SAFETY: sysconf has no preconditions.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        self.pids()
-            .into_iter()
-            .filter_map(stat_fields)
-            .map(|f| {
-                let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-                // utime and stime: fields 14 and 15 of stat, 11 and 12
-                // after the command name.
-                (field(11) / ticks, field(12) / ticks)
-            })
-            .fold((0.0, 0.0), |(u, s), (du, ds)| (u + du, s + ds))
+    /// User and system CPU seconds of the checker's processes so far,
+    /// and of the director's receive threads (`receive`): kernel time
+    /// spent on the checker's replies.
+    fn cpu_seconds(&self, receive: &[u32]) -> CpuSeconds {
+        let (user, system) = process_cpu_seconds(self.pids());
+        let (_, receive) = process_cpu_seconds(receive.to_vec());
+        CpuSeconds {
+            user,
+            system,
+            receive,
+        }
     }
 
     /// Resident memory of the checker's processes, summed, in KiB: now
@@ -854,6 +981,30 @@ impl Drop for Checker {
     }
 }
 
+/// CPU seconds so far of a checker: its processes' user and system time,
+/// and its receive threads' (all kernel).
+#[derive(Debug, Clone, Copy)]
+struct CpuSeconds {
+    user: f64,
+    system: f64,
+    receive: f64,
+}
+
+/// User and system CPU seconds of `pids`, summed.
+fn process_cpu_seconds(pids: Vec<u32>) -> (f64, f64) {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    pids.into_iter()
+        .filter_map(stat_fields)
+        .map(|f| {
+            let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            // utime and stime: fields 14 and 15 of stat, 11 and 12 after
+            // the command name.
+            (field(11) / ticks, field(12) / ticks)
+        })
+        .fold((0.0, 0.0), |(u, s), (du, ds)| (u + du, s + ds))
+}
+
 /// /proc/PID/stat after the command name: field 3 (state) onwards.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -861,25 +1012,35 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
-/// Busy CPU seconds of the whole guest (every CPU, every process, softirqs).
-fn machine_cpu_seconds() -> Result<f64> {
+/// Busy CPU seconds of each vCPU so far (every process, softirqs), from
+/// the `cpuN` lines of /proc/stat.
+fn busy_cpu_seconds() -> Result<Vec<f64>> {
     let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    let values: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal: all but idle, iowait.
-    let busy: f64 = values
-        .iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, v)| v)
-        .sum();
     // SAFETY: sysconf has no preconditions.
-    Ok(busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut busy = Vec::new();
+    for line in stat.lines() {
+        let mut words = line.split_whitespace();
+        let Some(cpu) = words.next().and_then(|w| w.strip_prefix("cpu")) else {
+            continue;
+        };
+        let Ok(index) = cpu.parse::<usize>() else {
+            continue; // the "cpu" line: every vCPU summed
+        };
+        let values: Vec<f64> = words.filter_map(|v| v.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal: all but idle, iowait.
+        let seconds: f64 = values
+            .iter()
+            .take(8)
+            .enumerate()
+            .filter(|(i, _)| *i != 3 && *i != 4)
+            .map(|(_, v)| v)
+            .sum::<f64>()
+            / ticks;
+        busy.resize(busy.len().max(index + 1), 0.0);
+        busy[index] = seconds;
+    }
+    Ok(busy)
 }
 
 /// keepalived checking the same servers: a TCP_CHECK each, `retry` making
@@ -913,11 +1074,15 @@ fn keepalived_config(bed: &Bed, interval: Duration) -> String {
 /// What one run of one checker measured.
 #[derive(Debug, Clone, Default)]
 struct Sample {
-    /// Checker CPU seconds over the steady window, and the system part.
+    /// Checker CPU seconds over the steady window (its processes and its
+    /// receive threads), the kernel part, and the receive threads' part.
     cpu: f64,
     cpu_system: f64,
-    /// Whole-guest busy CPU seconds over the window.
-    machine_cpu: f64,
+    cpu_receive: f64,
+    /// Busy CPU seconds over the window of the director's vCPUs (softirqs
+    /// and every process on them included) and of the real servers' vCPU.
+    director_cpu: f64,
+    servers_cpu: f64,
     /// SYNs that reached the real servers in the window.
     checks: u64,
     window: f64,
@@ -951,8 +1116,8 @@ impl Sample {
         self.cpu / self.checks.max(1) as f64 * 10_000.0
     }
 
-    fn machine_cpu_per_10k(&self) -> f64 {
-        self.machine_cpu / self.checks.max(1) as f64 * 10_000.0
+    fn director_cpu_per_10k(&self) -> f64 {
+        self.director_cpu / self.checks.max(1) as f64 * 10_000.0
     }
 
     fn core_share(&self) -> f64 {
@@ -976,7 +1141,7 @@ impl Sample {
     fn summary(&self) -> String {
         format!(
             "{:.0} checks/s of {:.0} asked, {:.3} CPU s per 10k checks ({:.0} % in the kernel; \
-             {:.1} % of a core, {:.1} % in userspace; whole guest {:.3}), RSS {:.1} MiB (peak {:.1}; heap {}), started in {:.1} s, death -> 0 in {}, \
+             {:.1} % of a core, {:.1} % in userspace, {:.1} % receiving; director vCPUs {:.3}; real servers' vCPU {:.0} % busy), RSS {:.1} MiB (peak {:.1}; heap {}), started in {:.1} s, death -> 0 in {}, \
              latency -> weight in {}, all {} at 0 in {} ({} still up), {} writes/s",
             self.checks_per_second(),
             self.asked_per_second,
@@ -984,7 +1149,9 @@ impl Sample {
             self.kernel_share() * 100.0,
             self.core_share() * 100.0,
             self.user_share() * 100.0,
-            self.machine_cpu_per_10k(),
+            self.cpu_receive / self.window * 100.0,
+            self.director_cpu_per_10k(),
+            self.servers_cpu / self.window * 100.0,
             self.rss_kib as f64 / 1024.0,
             self.peak_rss_kib as f64 / 1024.0,
             self.heap_kib.map_or("-".to_string(), |(used, free)| format!(
@@ -1074,9 +1241,10 @@ fn measure_running(
     sample.started = started_at.elapsed().as_secs_f64();
     thread::sleep(WARM.max(interval * 3));
 
-    let ((user0, system0), machine0, syns0, t0) = (
-        checker.cpu_seconds(),
-        machine_cpu_seconds()?,
+    let receive_threads = bed.cpus.pin_receive_threads()?;
+    let (cpu0, busy0, syns0, t0) = (
+        checker.cpu_seconds(&receive_threads),
+        busy_cpu_seconds()?,
         bed.syns()?,
         Instant::now(),
     );
@@ -1084,15 +1252,19 @@ fn measure_running(
         Some(path) => record_profile(checker, path)?,
         None => thread::sleep(STEADY),
     }
-    let (user, system) = checker.cpu_seconds();
-    sample.cpu = (user - user0) + (system - system0);
-    sample.cpu_system = system - system0;
+    let cpu = checker.cpu_seconds(&receive_threads);
+    sample.cpu_receive = cpu.receive - cpu0.receive;
+    sample.cpu_system = cpu.system - cpu0.system + sample.cpu_receive;
+    sample.cpu = cpu.user - cpu0.user + sample.cpu_system;
     sample.rss_kib = checker.memory_kib("VmRSS:");
     sample.heap_kib = checker.heap_kib();
     if let Some(stats) = checker.stats_text() {
         println!("[scale] prober stats at the end of the steady window:\n{stats}");
     }
-    sample.machine_cpu = machine_cpu_seconds()? - machine0;
+    let busy = busy_cpu_seconds()?;
+    let busy_of = |cpu: usize| busy.get(cpu).unwrap_or(&0.0) - busy0.get(cpu).unwrap_or(&0.0);
+    sample.director_cpu = bed.cpus.director.iter().map(|&c| busy_of(c)).sum();
+    sample.servers_cpu = busy_of(bed.cpus.servers);
     sample.checks = bed.syns()? - syns0;
     sample.window = t0.elapsed().as_secs_f64();
     checker.check_alive()?;
@@ -1281,7 +1453,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 struct Medians {
     cpu_per_10k: f64,
     kernel_share: f64,
-    machine_per_10k: f64,
+    director_per_10k: f64,
     core_share: f64,
     user_share: f64,
     checks_per_second: f64,
@@ -1312,7 +1484,7 @@ impl Medians {
         Self {
             cpu_per_10k: m(&|s| s.cpu_per_10k()),
             kernel_share: m(&|s| s.kernel_share()),
-            machine_per_10k: m(&|s| s.machine_cpu_per_10k()),
+            director_per_10k: m(&|s| s.director_cpu_per_10k()),
             core_share: m(&|s| s.core_share()),
             user_share: m(&|s| s.user_share()),
             checks_per_second: m(&|s| s.checks_per_second()),
@@ -1352,7 +1524,7 @@ impl Report {
     fn table(&self) -> String {
         let mut out = String::from(
             "| real servers | interval | checker | CPU s per 10k checks (kernel) | of one core (userspace) | \
-             whole guest CPU s per 10k | checks/s (asked) | RSS (peak) | death -> weight 0 | \
+             director vCPUs' CPU s per 10k | checks/s (asked) | RSS (peak) | death -> weight 0 | \
              latency -> weight | all weights 0 after | IPVS writes/s |\n\
              |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
@@ -1390,7 +1562,7 @@ impl Report {
                     m.kernel_share * 100.0,
                     m.core_share * 100.0,
                     m.user_share * 100.0,
-                    m.machine_per_10k,
+                    m.director_per_10k,
                     m.checks_per_second,
                     m.asked,
                     m.rss_mib,
@@ -1420,7 +1592,7 @@ impl Report {
                 "| | | keepalived ÷ prober ({} runs) | {} | | {} | {} | {} | {} | {} | {} | {} |",
                 p.runs.min(k.runs),
                 ratio(k.cpu_per_10k, p.cpu_per_10k),
-                ratio(k.machine_per_10k, p.machine_per_10k),
+                ratio(k.director_per_10k, p.director_per_10k),
                 ratio(k.checks_per_second, p.checks_per_second),
                 ratio(k.rss_mib, p.rss_mib),
                 ratio_opt(k.death, p.death),
