@@ -277,6 +277,11 @@ pub struct Controller {
     /// Services whose pools a health change touched this tick: recomputed
     /// at once, the others in turn, a share per tick.
     touched: HashSet<ServiceKey>,
+    /// Latency-aware services whose pools an RTT move touched since the
+    /// last regular tick: recomputed then, once, however many moves came
+    /// (on a noisy path nearly every reply moves an estimate, and each
+    /// pool would otherwise be recomputed at every wake).
+    latency_touched: HashSet<ServiceKey>,
     /// The next pool (index into `plan.by_service`) to recompute in turn,
     /// when pools were last taken in turn, and this tick's pools (kept to
     /// reuse its allocation).
@@ -389,6 +394,7 @@ impl Controller {
             slot_left: None,
             due_ids: Vec::new(),
             touched: HashSet::new(),
+            latency_touched: HashSet::new(),
             pool_cursor: 0,
             pools_rotated_at: None,
             pool_credit: 0.0,
@@ -528,6 +534,7 @@ impl Controller {
         self.restart_ended_checks();
         self.take_check_reports(now);
         if full {
+            self.touched.extend(self.latency_touched.drain());
             if let Some(agents) = &mut self.agents {
                 agents.refresh();
                 // Their pools follow a new view now (a settled pool is

@@ -386,9 +386,9 @@ impl Controller {
             track.active_rtt_ns = Some(event.rtt_ewma_ns as f64);
             track.latency = combined_latency(track, now);
             // A move beyond the band: the latency-aware pools it weighs
-            // in follow now.
+            // in follow at the next regular tick.
             let config = &self.config;
-            touch_pools_of_probe(&mut self.touched, &self.plan, &spec, |service| {
+            touch_pools_of_probe(&mut self.latency_touched, &self.plan, &spec, |service| {
                 config.weights_for(service).0
             });
         }
