@@ -38,7 +38,7 @@ pub fn run() -> Result<()> {
         path: target.join("debug").join("demo"),
         args: Vec::new(),
     };
-    let results = vm::run_programs(&[demo], Duration::from_secs(600), vm::GUEST_CPUS)?;
+    let results = vm::run_programs(&[demo], Duration::from_secs(600), vm::GuestShape::TESTS)?;
     if results.iter().any(|r| r.status != Some(0)) {
         bail!("the demo failed in the guest");
     }

@@ -112,7 +112,7 @@ pub fn test_in_guest(options: &VmTestOptions) -> Result<()> {
             args: Vec::new(),
         });
     }
-    let results = run_guest(&guest, &binaries, options.timeout, GUEST_CPUS)?;
+    let results = run_guest(&guest, &binaries, options.timeout, GuestShape::TESTS)?;
     let failed: Vec<&str> = results
         .iter()
         .filter(|r| r.status != Some(0))
@@ -529,27 +529,39 @@ fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// The guest's vCPUs for tests and the demo: one per host core (TCG runs
-/// a thread per vCPU).
-pub const GUEST_CPUS: usize = 2;
+/// The guest's vCPUs and memory.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestShape {
+    pub cpus: usize,
+    pub memory_mib: usize,
+}
 
-/// Boots the guest once, with `cpus` vCPUs, to run `programs` (host
-/// binaries, with their arguments) in order, streaming their output, and
-/// returns how each ended.
+impl GuestShape {
+    /// Tests and the demo: a vCPU per host core (TCG runs a thread per
+    /// vCPU), 2 GiB.
+    pub const TESTS: Self = Self {
+        cpus: 2,
+        memory_mib: 2048,
+    };
+}
+
+/// Boots the guest once, of `shape`, to run `programs` (host binaries,
+/// with their arguments) in order, streaming their output, and returns how
+/// each ended.
 pub fn run_programs(
     programs: &[GuestProgram],
     timeout: Duration,
-    cpus: usize,
+    shape: GuestShape,
 ) -> Result<Vec<BinaryResult>> {
     let guest = prepare_guest()?;
-    run_guest(&guest, programs, timeout, cpus)
+    run_guest(&guest, programs, timeout, shape)
 }
 
 fn run_guest(
     guest: &Guest,
     binaries: &[GuestProgram],
     timeout: Duration,
-    cpus: usize,
+    shape: GuestShape,
 ) -> Result<Vec<BinaryResult>> {
     let out = target_dir().join("vm-test");
     let _ = fs::remove_dir_all(&out);
@@ -605,8 +617,9 @@ fn run_guest(
 
     let console = out.join("console.log");
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-cpu", "max", "-m", "2G"])
-        .args(["-smp", &cpus.to_string()])
+    qemu.args(["-accel", "tcg", "-cpu", "max"])
+        .args(["-smp", &shape.cpus.to_string()])
+        .args(["-m", &format!("{}M", shape.memory_mib)])
         .args(["-nographic", "-nodefaults", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
