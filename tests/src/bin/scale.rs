@@ -377,6 +377,12 @@ impl Bed {
         // keepalived's connections leave TIME_WAIT entries on prober's
         // probe ports, and prober's next run saw its servers as dead.
         servers.sysctl("net.core.somaxconn", "65535")?;
+        // IPVS's rate estimation walks every service and destination every
+        // 2 s in a timer on one CPU (6.1: no kthreads yet); emulated, at
+        // 100,000 destinations, that kept the director's vCPU busy in
+        // softirq and starved whichever checker ran. Neither checker's
+        // work: off for both.
+        director.sysctl("net.ipv4.vs.run_estimation", "0")?;
         servers.sysctl("net.ipv4.tcp_max_syn_backlog", "65535")?;
         let tc = |args: &[&str]| run(Command::new("tc").args(["-n", &servers.name]).args(args));
         // Checks, counted as client SYNs (SYN without ACK) arriving.
@@ -1012,9 +1018,9 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
-/// Busy CPU seconds of each vCPU so far (every process, softirqs), from
-/// the `cpuN` lines of /proc/stat.
-fn busy_cpu_seconds() -> Result<Vec<f64>> {
+/// Busy CPU seconds of each vCPU so far (every process, softirqs), and
+/// the softirq part, from the `cpuN` lines of /proc/stat.
+fn busy_cpu_seconds() -> Result<Vec<(f64, f64)>> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -1037,8 +1043,9 @@ fn busy_cpu_seconds() -> Result<Vec<f64>> {
             .map(|(_, v)| v)
             .sum::<f64>()
             / ticks;
-        busy.resize(busy.len().max(index + 1), 0.0);
-        busy[index] = seconds;
+        let softirq = values.get(6).copied().unwrap_or(0.0) / ticks;
+        busy.resize(busy.len().max(index + 1), (0.0, 0.0));
+        busy[index] = (seconds, softirq);
     }
     Ok(busy)
 }
@@ -1082,6 +1089,8 @@ struct Sample {
     /// Busy CPU seconds over the window of the director's vCPUs (softirqs
     /// and every process on them included) and of the real servers' vCPU.
     director_cpu: f64,
+    /// The softirq part of `director_cpu`.
+    director_softirq: f64,
     servers_cpu: f64,
     /// SYNs that reached the real servers in the window.
     checks: u64,
@@ -1141,7 +1150,7 @@ impl Sample {
     fn summary(&self) -> String {
         format!(
             "{:.0} checks/s of {:.0} asked, {:.3} CPU s per 10k checks ({:.0} % in the kernel; \
-             {:.1} % of a core, {:.1} % in userspace, {:.1} % receiving; director vCPUs {:.3}; real servers' vCPU {:.0} % busy), RSS {:.1} MiB (peak {:.1}; heap {}), started in {:.1} s, death -> 0 in {}, \
+             {:.1} % of a core, {:.1} % in userspace, {:.1} % receiving; director vCPUs {:.3}, {:.0} % busy, {:.0} % in softirq; real servers' vCPU {:.0} % busy), RSS {:.1} MiB (peak {:.1}; heap {}), started in {:.1} s, death -> 0 in {}, \
              latency -> weight in {}, all {} at 0 in {} ({} still up), {} writes/s",
             self.checks_per_second(),
             self.asked_per_second,
@@ -1151,6 +1160,8 @@ impl Sample {
             self.user_share() * 100.0,
             self.cpu_receive / self.window * 100.0,
             self.director_cpu_per_10k(),
+            self.director_cpu / self.window * 100.0,
+            self.director_softirq / self.window * 100.0,
             self.servers_cpu / self.window * 100.0,
             self.rss_kib as f64 / 1024.0,
             self.peak_rss_kib as f64 / 1024.0,
@@ -1262,9 +1273,16 @@ fn measure_running(
         println!("[scale] prober stats at the end of the steady window:\n{stats}");
     }
     let busy = busy_cpu_seconds()?;
-    let busy_of = |cpu: usize| busy.get(cpu).unwrap_or(&0.0) - busy0.get(cpu).unwrap_or(&0.0);
-    sample.director_cpu = bed.cpus.director.iter().map(|&c| busy_of(c)).sum();
-    sample.servers_cpu = busy_of(bed.cpus.servers);
+    let busy_of = |cpu: usize| {
+        let (now, before) = (busy.get(cpu).copied(), busy0.get(cpu).copied());
+        let (now, before) = (now.unwrap_or_default(), before.unwrap_or_default());
+        (now.0 - before.0, now.1 - before.1)
+    };
+    for &cpu in &bed.cpus.director {
+        sample.director_cpu += busy_of(cpu).0;
+        sample.director_softirq += busy_of(cpu).1;
+    }
+    sample.servers_cpu = busy_of(bed.cpus.servers).0;
     sample.checks = bed.syns()? - syns0;
     sample.window = t0.elapsed().as_secs_f64();
     checker.check_alive()?;
