@@ -987,6 +987,68 @@ impl Drop for Checker {
     }
 }
 
+/// Every thread's CPU seconds so far (user + system), by thread id, with
+/// its command name.
+fn thread_cpu_seconds() -> std::collections::HashMap<u32, (String, f64)> {
+    let mut threads = std::collections::HashMap::new();
+    for (pid, _) in processes() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let path = format!("/proc/{pid}/task/{tid}");
+            let Ok(stat) = std::fs::read_to_string(format!("{path}/stat")) else {
+                continue;
+            };
+            let Some(open) = stat.find('(') else { continue };
+            let Some(close) = stat.rfind(')') else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let field = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            // SAFETY: sysconf has no preconditions.
+            let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+            let comm = stat[open + 1..close].to_string();
+            threads.insert(tid, (comm, (field(11) + field(12)) / ticks));
+        }
+    }
+    threads
+}
+
+/// The `most` threads that used the most CPU between two snapshots.
+fn busiest_threads(
+    before: &std::collections::HashMap<u32, (String, f64)>,
+    after: &std::collections::HashMap<u32, (String, f64)>,
+    most: usize,
+) -> String {
+    let mut used: Vec<(f64, &str, u32)> = after
+        .iter()
+        .map(|(tid, (comm, seconds))| {
+            let earlier = before.get(tid).map_or(0.0, |(_, s)| *s);
+            (seconds - earlier, comm.as_str(), *tid)
+        })
+        .filter(|(seconds, _, _)| *seconds > 0.0)
+        .collect();
+    used.sort_by(|a, b| b.0.total_cmp(&a.0));
+    used.iter()
+        .take(most)
+        .map(|(seconds, comm, tid)| format!("{comm} ({tid}) {seconds:.2} s"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// CPU seconds so far of a checker: its processes' user and system time,
 /// and its receive threads' (all kernel).
 #[derive(Debug, Clone, Copy)]
@@ -1253,6 +1315,7 @@ fn measure_running(
     thread::sleep(WARM.max(interval * 3));
 
     let receive_threads = bed.cpus.pin_receive_threads()?;
+    let threads0 = thread_cpu_seconds();
     let (cpu0, busy0, syns0, t0) = (
         checker.cpu_seconds(&receive_threads),
         busy_cpu_seconds()?,
@@ -1263,16 +1326,17 @@ fn measure_running(
         Some(path) => record_profile(checker, path)?,
         None => thread::sleep(STEADY),
     }
+    // Everything the window measures is read at its end, before asking
+    // prober for its account: at 100,000 that answer took minutes, and
+    // the window's figures were spread over them.
     let cpu = checker.cpu_seconds(&receive_threads);
+    let busy = busy_cpu_seconds()?;
+    let threads = thread_cpu_seconds();
+    sample.checks = bed.syns()? - syns0;
+    sample.window = t0.elapsed().as_secs_f64();
     sample.cpu_receive = cpu.receive - cpu0.receive;
     sample.cpu_system = cpu.system - cpu0.system + sample.cpu_receive;
     sample.cpu = cpu.user - cpu0.user + sample.cpu_system;
-    sample.rss_kib = checker.memory_kib("VmRSS:");
-    sample.heap_kib = checker.heap_kib();
-    if let Some(stats) = checker.stats_text() {
-        println!("[scale] prober stats at the end of the steady window:\n{stats}");
-    }
-    let busy = busy_cpu_seconds()?;
     let busy_of = |cpu: usize| {
         let (now, before) = (busy.get(cpu).copied(), busy0.get(cpu).copied());
         let (now, before) = (now.unwrap_or_default(), before.unwrap_or_default());
@@ -1283,8 +1347,15 @@ fn measure_running(
         sample.director_softirq += busy_of(cpu).1;
     }
     sample.servers_cpu = busy_of(bed.cpus.servers).0;
-    sample.checks = bed.syns()? - syns0;
-    sample.window = t0.elapsed().as_secs_f64();
+    sample.rss_kib = checker.memory_kib("VmRSS:");
+    println!(
+        "[scale] busiest threads in the window: {}",
+        busiest_threads(&threads0, &threads, 6)
+    );
+    sample.heap_kib = checker.heap_kib();
+    if let Some(stats) = checker.stats_text() {
+        println!("[scale] prober stats at the end of the steady window:\n{stats}");
+    }
     checker.check_alive()?;
 
     // One real server dies: the middle service's first.
