@@ -241,7 +241,8 @@ const METHOD: &str = "
   others (the director's vCPUs), so none of it is charged to the checker. Without that, on
   veth, the real servers' side of each exchange runs in the sender's system call.
   *Director vCPUs* is the director vCPUs' busy time from `/proc/stat` (softirqs and timers
-  included). The guest has 2 vCPUs, one per host core (a third, for more director room, made
+  included). IPVS's rate estimation (a timer over every destination every 2 s) is
+  off in the director for both checkers. The guest has 2 vCPUs, one per host core (a third, for more director room, made
   every figure grow with the host's contention). **Checks** are the client SYNs reaching the real servers
   in the window, counted by one tc filter for both. **RSS** is VmRSS at the end of the window,
   the peak (VmHWM, at the end of the run, after the mass death) in brackets, summed over

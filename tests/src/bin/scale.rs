@@ -378,10 +378,8 @@ impl Bed {
         // probe ports, and prober's next run saw its servers as dead.
         servers.sysctl("net.core.somaxconn", "65535")?;
         // IPVS's rate estimation walks every service and destination every
-        // 2 s in a timer on one CPU (6.1: no kthreads yet); emulated, at
-        // 100,000 destinations, that kept the director's vCPU busy in
-        // softirq and starved whichever checker ran. Neither checker's
-        // work: off for both.
+        // 2 s in a timer on one CPU (6.1: no kthreads yet): neither
+        // checker's work, off for both.
         director.sysctl("net.ipv4.vs.run_estimation", "0")?;
         servers.sysctl("net.ipv4.tcp_max_syn_backlog", "65535")?;
         let tc = |args: &[&str]| run(Command::new("tc").args(["-n", &servers.name]).args(args));
