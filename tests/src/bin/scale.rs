@@ -260,7 +260,6 @@ fn service_key(service: usize) -> ServiceKey {
     }
 }
 
-/// The director and the real servers, built once per size.
 /// Which vCPUs do the director's work and which the real servers'.
 #[derive(Debug, Clone)]
 struct Cpus {
@@ -339,6 +338,7 @@ fn processes() -> Vec<(u32, String)> {
         .collect()
 }
 
+/// The director and the real servers, built once per size.
 struct Bed {
     director: NetNs,
     servers: NetNs,
@@ -410,10 +410,10 @@ impl Bed {
         // per measurement, see `Cpus`). A veth end has NAPI once XDP is
         // attached (the real servers' end: needed anyway for prober's
         // XDP_TX and redirects to reach it) or GRO is on (the director's
-        // end, which prober's XDP comes and goes on).
-        // veth hands a frame to the receiving end's NAPI only if GRO
-        // could merge it: with XDP on the receiver, TSO off on the sender
-        // (the XDP on the real servers' end turns it off on ours).
+        // end, which prober's XDP comes and goes on); veth hands a frame
+        // to that NAPI only if GRO could merge it: XDP on the receiver, or
+        // TSO off on the sender (the XDP on the real servers' end turns it
+        // off on ours; we turn it off on theirs).
         let peer_xdp = PeerXdp::attach(&servers, SERVER_IF)?;
         run(Command::new("ip").args([
             "netns",
@@ -1001,25 +1001,11 @@ fn thread_cpu_seconds() -> std::collections::HashMap<u32, (String, f64)> {
             else {
                 continue;
             };
-            let path = format!("/proc/{pid}/task/{tid}");
-            let Ok(stat) = std::fs::read_to_string(format!("{path}/stat")) else {
-                continue;
-            };
-            let Some(open) = stat.find('(') else { continue };
-            let Some(close) = stat.rfind(')') else {
-                continue;
-            };
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            let field = |i: usize| {
-                fields
-                    .get(i)
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            // SAFETY: sysconf has no preconditions.
-            let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-            let comm = stat[open + 1..close].to_string();
-            threads.insert(tid, (comm, (field(11) + field(12)) / ticks));
+            if let Some((comm, user, system)) =
+                stat_cpu_seconds(&format!("/proc/{pid}/task/{tid}/stat"))
+            {
+                threads.insert(tid, (comm, user + system));
+            }
         }
     }
     threads
@@ -1058,17 +1044,32 @@ struct CpuSeconds {
 
 /// User and system CPU seconds of `pids`, summed.
 fn process_cpu_seconds(pids: Vec<u32>) -> (f64, f64) {
+    pids.into_iter()
+        .filter_map(|pid| stat_cpu_seconds(&format!("/proc/{pid}/stat")))
+        .fold((0.0, 0.0), |(u, s), (_, du, ds)| (u + du, s + ds))
+}
+
+/// A process's or thread's command name and user and system CPU seconds
+/// so far, from its `stat` file at `path`.
+fn stat_cpu_seconds(path: &str) -> Option<(String, f64, f64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    pids.into_iter()
-        .filter_map(stat_fields)
-        .map(|f| {
-            let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            // utime and stime: fields 14 and 15 of stat, 11 and 12 after
-            // the command name.
-            (field(11) / ticks, field(12) / ticks)
-        })
-        .fold((0.0, 0.0), |(u, s), (du, ds)| (u + du, s + ds))
+    // utime and stime: fields 14 and 15 of stat, 11 and 12 after the
+    // command name.
+    Some((
+        stat[open + 1..close].to_string(),
+        field(11) / ticks,
+        field(12) / ticks,
+    ))
 }
 
 /// /proc/PID/stat after the command name: field 3 (state) onwards.
