@@ -54,7 +54,7 @@ pub const DEFAULT_LOCAL_PORTS: (u16, u16) = (61000, 65535);
 
 /// An RTT estimate that moved by more than this share (per mille) of
 /// the last reported one plus the weights' slack is reported. A weight
-/// goes as (fastest + slack) / (own + slack), so the estimate userspace
+/// goes as (typical + slack) / (own + slack), so the estimate userspace
 /// holds puts a weight at most 2 % off (5 % was enough, with the
 /// weights' 10 % hysteresis, to write a fast server down to 84 in the
 /// demo when a faster one came back).
