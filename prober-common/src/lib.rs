@@ -419,6 +419,10 @@ pub struct ProbeState {
     /// director's own ring ([`Expectation::lossy_nonce`]); the one after
     /// it is never excused.
     pub excused_nonce: u32,
+    /// The last two answer RTTs, µs (0: none yet): with the new one, the
+    /// estimate takes their median (see `verdict::filtered_sample`).
+    pub rtt_last_us: u32,
+    pub rtt_before_last_us: u32,
     pub _pad: u32,
 }
 

@@ -45,7 +45,8 @@ pub fn settle(
         state.failures_in_row = 0;
         in_row = state.successes_in_row;
         if let Some(config) = PROBE_CONFIG.get(0) {
-            state.rtt_ewma_ns = next_estimate(state, config, rtt_ns, now);
+            let sample_ns = filtered_sample(state, config, rtt_ns);
+            state.rtt_ewma_ns = next_estimate(state, config, sample_ns, now);
             state.rtt_ewma_at_ns = now;
             rtt_moved = beyond_band(state.rtt_ewma_ns, state.rtt_reported_ns, config);
         }
@@ -81,6 +82,27 @@ pub fn settle(
     });
     entry.submit(0);
     state.rtt_reported_ns = state.rtt_ewma_ns;
+}
+
+/// The sample the estimate takes for an answer of `rtt_ns`: the median of
+/// it and the two answers before (the answer itself until there are
+/// two). One late answer, the director's own stall (its receive thread
+/// waiting for a busy CPU) more often than the server's, then moves the
+/// estimate not at all, where it used to move it by a tenth of the
+/// spike for a whole decay period; a server that turned slow is taken
+/// from its second slow answer. Peak mode takes answers as they come:
+/// it is asked for to notice a slowing server at once.
+#[inline(always)]
+fn filtered_sample(state: &mut ProbeState, config: &ProbeConfig, rtt_ns: u64) -> u64 {
+    let now_us = (rtt_ns / 1000).min(u32::MAX as u64) as u32;
+    let (before_last, last) = (state.rtt_before_last_us, state.rtt_last_us);
+    state.rtt_before_last_us = last;
+    state.rtt_last_us = now_us.max(1);
+    if before_last == 0 || config.rtt_peak != 0 {
+        return rtt_ns;
+    }
+    let median = before_last.max(last).min(now_us).max(before_last.min(last));
+    median as u64 * 1000
 }
 
 /// The RTT estimate after an answer of `rtt_ns` at `now`.

@@ -1297,6 +1297,33 @@ fn a_slow_answer_is_a_failure_and_an_rtt_move_beyond_the_band_is_reported() {
 }
 
 #[test]
+fn one_late_answer_moves_no_estimate_and_a_second_one_does() {
+    use prober_common::outcome::*;
+    let mut f = verdict_fixture();
+    set_rtt_band(&mut f, 50, 5_000);
+    expect(&mut f, expected::UP, 500_000);
+    for _ in 0..3 {
+        send_tcp_probe(&mut f);
+        answer_tcp_probe(&mut f, Some(2_000_000));
+    }
+    let estimate = |f: &mut Fixture| f.maps.state.get(&TCP_TARGET, 0).unwrap().rtt_ewma_ns;
+    let steady = estimate(&mut f);
+    assert!((2_000_000..40_000_000).contains(&steady), "{steady}");
+    let _ = events(&mut f);
+    // One answer 300 ms late (a stall on the director's side, as often
+    // as not): the median of the last three is still a steady one.
+    send_tcp_probe(&mut f);
+    answer_tcp_probe(&mut f, Some(300_000_000));
+    assert!(estimate(&mut f) < 40_000_000, "{}", estimate(&mut f));
+    assert_eq!(events(&mut f), [], "no move reported");
+    // The next one late too: the server turned slow.
+    send_tcp_probe(&mut f);
+    answer_tcp_probe(&mut f, Some(300_000_000));
+    assert!(estimate(&mut f) >= 300_000_000, "{}", estimate(&mut f));
+    assert_eq!(events(&mut f), [(ANSWERED, 5, 5)]);
+}
+
+#[test]
 fn the_walk_sends_the_targets_due_and_passes_over_the_rest() {
     let mut f = fixture();
     let probe = |port| tx_target(probe_kind::TCP_SYN, encap::NONE, RS, port, 61234);
