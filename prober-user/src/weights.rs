@@ -48,8 +48,9 @@ pub struct WeightPolicy {
     pub decay: Duration,
     /// Peak-EWMA instead of plain EWMA (see [`LatencyEwma`]).
     pub peak_ewma: bool,
-    /// Added to every latency before comparing: differences small against
-    /// it (sub-millisecond jitter between equal servers) move no weight.
+    /// Differences from the pool's typical latency below it are noise and
+    /// move no weight; added to every latency before comparing, so those
+    /// small against it move little.
     pub latency_slack: Duration,
     /// Lowest weight of a healthy server, as a share of its configured one.
     pub floor: f64,
@@ -128,13 +129,17 @@ pub const SLOW_BEYOND_MADS: f64 = 5.0;
 
 /// The latency up to which a server of this pool counts as fast as the
 /// pool's typical one: the lower median of the up servers' latencies plus
-/// [`SLOW_BEYOND_MADS`] median absolute deviations. Against the fastest
-/// server, as before, noise that every server shares (a busy director, a
-/// loaded path) moved weights: in a pool of thousands the fastest
-/// estimate is the luckiest, and each estimate's wander past it was
-/// written. The median and its deviation hardly move with such noise, and
-/// a handful of slow servers move neither. None without estimates.
-pub fn slow_threshold_ns(members: &[Member]) -> Option<f64> {
+/// the slack or [`SLOW_BEYOND_MADS`] median absolute deviations, whichever
+/// is more. Against the fastest server, as before, noise that every
+/// server shares (a busy director, a loaded path) moved weights: in a
+/// pool of thousands the fastest estimate is the luckiest, and each
+/// estimate's wander past it was written. The median and its deviation
+/// hardly move with such noise, and a handful of slow servers move
+/// neither. The slack is the scale below which differences are noise: at
+/// 100,000 real servers estimates wandering a millisecond past the median
+/// flipped 38,000 servers between 100 and 90 in five minutes. None
+/// without estimates.
+pub fn slow_threshold_ns(members: &[Member], slack_ns: f64) -> Option<f64> {
     let mut latencies: Vec<f64> = members
         .iter()
         .filter(|m| m.up)
@@ -147,7 +152,7 @@ pub fn slow_threshold_ns(members: &[Member]) -> Option<f64> {
         *l = (*l - median).abs();
     }
     let deviation = *latencies.select_nth_unstable_by(middle, f64::total_cmp).1;
-    Some(median + SLOW_BEYOND_MADS * deviation)
+    Some(median + (SLOW_BEYOND_MADS * deviation).max(slack_ns))
 }
 
 /// The weights a pool should have now.
@@ -159,7 +164,7 @@ pub fn pool_weights(members: &[Member], policy: &WeightPolicy, now: Instant) -> 
         };
     }
     let slack = policy.latency_slack.as_nanos() as f64;
-    let fast_enough = slow_threshold_ns(members).map(|t| t + slack);
+    let fast_enough = slow_threshold_ns(members, slack).map(|t| t + slack);
     let weights = members
         .iter()
         .map(|m| {
@@ -271,17 +276,20 @@ mod tests {
         let now = Instant::now();
         // (pool's latencies in ms, slack, the weights they settle to)
         let table: &[(&[f64], Duration, &[u32])] = &[
-            // The median 1 ms, no spread: (1 + 5) / (11 + 5) and the floor.
+            // The median 1 ms, no spread: past it by more than the 5 ms
+            // slack, (1 + 5 + 5) / (11 + 5) and the floor.
             (
                 &[1.0, 1.0, 1.0, 1.0, 1.0, 11.0, 101.0],
                 Duration::from_millis(5),
-                &[100, 100, 100, 100, 100, 38, 10],
+                &[100, 100, 100, 100, 100, 69, 10],
             ),
+            // Within the slack of the typical server: noise.
+            (&[1.0, 1.0, 5.5], Duration::from_millis(5), &[100, 100, 100]),
             // Without slack: 1 / 2 of the weight for twice the latency.
             (&[1.0, 1.0, 2.0], Duration::ZERO, &[100, 100, 50]),
             // The demo's pool: a fast server, one 40 ms behind.
-            (&[0.1, 40.0], Duration::from_millis(5), &[100, 11]),
-            (&[0.1, 0.2, 40.0], Duration::from_millis(5), &[100, 100, 13]),
+            (&[0.1, 40.0], Duration::from_millis(5), &[100, 22]),
+            (&[0.1, 0.2, 40.0], Duration::from_millis(5), &[100, 100, 23]),
             // Twice as slow as the typical server, but as far from it as
             // the fastest is: spread, not slowness.
             (&[1.0, 10.0, 20.0], Duration::ZERO, &[100, 100, 100]),
@@ -427,11 +435,11 @@ mod tests {
         back.up_since = Some(now);
         let out = pool_weights(&[member(1.0, 100), back], &policy, now);
         assert_eq!(out.weights, vec![100, 100], "not 25 % steps");
-        let mut slower = member(2.0, 0);
+        let mut slower = member(20.0, 0);
         slower.up_since = Some(now);
         let out = pool_weights(&[member(1.0, 100), slower], &policy, now);
-        // (1 ms + 5 ms slack) / (2 ms + 5 ms) of 100.
-        assert_eq!(out.weights[1], 86, "its latency share at once");
+        // (1 ms + 5 ms slack + 5 ms) / (20 ms + 5 ms) of 100.
+        assert_eq!(out.weights[1], 44, "its latency share at once");
     }
 
     #[test]

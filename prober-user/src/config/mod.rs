@@ -39,7 +39,7 @@
 //! latency_aware = true     # false: only health moves weights
 //! decay = "10s"            # latency EWMA time constant
 //! peak_ewma = false        # true: a slow reply counts at once (Finagle)
-//! latency_slack = "5ms"    # added to latencies before comparing them
+//! latency_slack = "5ms"    # differences below it are noise; added before comparing
 //! floor = 0.1              # least share of its weight a slow server keeps
 //! hysteresis = 0.1         # smaller changes are not written
 //! max_step = 0.25          # most change per interval

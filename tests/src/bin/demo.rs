@@ -37,9 +37,6 @@ discovery = "1s"
 [weights]
 decay = "3s"
 slow_start = "5s"
-# Emulation in the guest adds a millisecond or two of jitter between
-# equally fast servers: a 10 ms slack let one fall to 87.
-latency_slack = "20ms"
 
 [alerts]
 notify = ["/bin/sh", "-c", "cat >> EVENTS"]
