@@ -6,6 +6,8 @@
 
 use std::{collections::HashMap, net::IpAddr};
 
+use rustc_hash::FxHashMap;
+
 use prober_ipvs::{
     Destination, DestinationKey, Forwarding as IpvsForwarding, Protocol, ServiceKey, TunnelType,
     VirtualService,
@@ -129,24 +131,63 @@ pub struct Plan {
     /// Hosts left without their L3 diagnosis probe to fit the capacity.
     pub undiagnosed: usize,
     /// Indexes into `bindings` by probe: who is affected when a probe's
-    /// state changes, without a scan of every binding (50,000 at scale).
-    pub by_probe: HashMap<ProbeSpec, Vec<usize>>,
+    /// state changes, without a scan of every binding (100,000 at scale).
+    /// A range of `probe_bindings` each, not a list each: most probes have
+    /// one binding, and a list of one cost 100 bytes a probe.
+    by_probe: FxHashMap<ProbeSpec, (u32, u32)>,
+    probe_bindings: Vec<u32>,
     /// Indexes into `bindings` by service, in service order: each pool's
     /// members, and the order pools are recomputed in.
     pub by_service: Vec<(ServiceKey, Vec<usize>)>,
 }
 
 impl Plan {
+    /// The indexes into `bindings` of the bindings `probe` checks.
+    pub fn bindings_of(&self, probe: &ProbeSpec) -> impl Iterator<Item = usize> + '_ {
+        let (start, len) = self.by_probe.get(probe).copied().unwrap_or_default();
+        self.probe_bindings[start as usize..(start + len) as usize]
+            .iter()
+            .map(|&i| i as usize)
+    }
+
     /// The names of the services whose bindings use `probe`, sorted.
     pub fn services_of_probe(&self, probe: &ProbeSpec) -> Vec<String> {
         let names: std::collections::BTreeSet<String> = self
-            .by_probe
-            .get(probe)
-            .into_iter()
-            .flatten()
-            .map(|&i| self.bindings[i].service.to_string())
+            .bindings_of(probe)
+            .map(|i| self.bindings[i].service.to_string())
             .collect();
         names.into_iter().collect()
+    }
+
+    /// Indexes the bindings by probe and by service (after `fit`).
+    fn index(&mut self) {
+        let mut order: Vec<u32> = (0..self.bindings.len() as u32).collect();
+        order.sort_unstable_by_key(|&i| self.bindings[i as usize].probe);
+        let mut by_probe = FxHashMap::default();
+        by_probe.reserve(self.probes.len());
+        let mut start = 0;
+        for run in order
+            .chunk_by(|a, b| self.bindings[*a as usize].probe == self.bindings[*b as usize].probe)
+        {
+            by_probe.insert(
+                self.bindings[run[0] as usize].probe,
+                (start, run.len() as u32),
+            );
+            start += run.len() as u32;
+        }
+        self.by_probe = by_probe;
+        self.probe_bindings = order;
+        let mut by_service: std::collections::BTreeMap<ServiceKey, Vec<usize>> = Default::default();
+        for (i, binding) in self.bindings.iter().enumerate() {
+            by_service.entry(binding.service).or_default().push(i);
+        }
+        self.by_service = by_service
+            .into_iter()
+            .map(|(service, mut members)| {
+                members.shrink_to_fit();
+                (service, members)
+            })
+            .collect();
     }
 }
 
@@ -179,6 +220,8 @@ pub fn capacity_for(needed: usize) -> u32 {
 /// order) are left unchecked, with the reason, never silently.
 pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize) -> Plan {
     let mut plan = Plan::default();
+    plan.bindings
+        .reserve_exact(services.iter().map(|vs| vs.destinations.len()).sum());
     for vs in services {
         let key = vs.service.key;
         let settings = config.service(&key);
@@ -290,12 +333,8 @@ pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize
         plan.probes.entry(*probe).or_insert(host_settings);
     }
     fit(&mut plan, capacity);
-    let mut by_service: std::collections::BTreeMap<ServiceKey, Vec<usize>> = Default::default();
-    for (i, binding) in plan.bindings.iter().enumerate() {
-        plan.by_probe.entry(binding.probe).or_default().push(i);
-        by_service.entry(binding.service).or_default().push(i);
-    }
-    plan.by_service = by_service.into_iter().collect();
+    plan.bindings.shrink_to_fit();
+    plan.index();
     plan
 }
 

@@ -658,7 +658,7 @@ fn touch_pools_of_probe(
     spec: &ProbeSpec,
     wanted: impl Fn(&ServiceKey) -> bool,
 ) {
-    for &i in plan.by_probe.get(spec).into_iter().flatten() {
+    for i in plan.bindings_of(spec) {
         let service = plan.bindings[i].service;
         if wanted(&service) {
             touched.insert(service);

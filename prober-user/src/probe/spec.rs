@@ -10,13 +10,13 @@ use std::{fmt, net::IpAddr, str::FromStr};
 
 use thiserror::Error;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ProbeKind {
     IcmpEcho,
     TcpSyn { port: u16 },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Forwarding {
     /// The probe goes to the destination's own address (NAT real servers,
     /// L3 checks).
@@ -27,7 +27,7 @@ pub enum Forwarding {
     Tunnel { real_server: IpAddr },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProbeSpec {
     pub kind: ProbeKind,
     /// Destination of the probe packet: the real server, or the VIP.
