@@ -93,7 +93,9 @@ pub struct Passive {
     ids: HashMap<Server, u32>,
     /// Who holds each id (the reverse of `ids`).
     servers: Vec<Option<Server>>,
-    last: HashMap<u32, Delta>,
+    /// By id: the counters as last read (a map of them cost 100 bytes a
+    /// server).
+    last: Vec<Delta>,
     /// PASSIVE_SEEN and the PASSIVE_STATS read from it at the last
     /// `take_deltas`, and the zeros that clear the flags (buffers reused).
     seen: ArraySnapshot<u8>,
@@ -110,7 +112,7 @@ impl Passive {
             maps,
             ids: HashMap::new(),
             servers: Vec::new(),
-            last: HashMap::new(),
+            last: Vec::new(),
             seen: ArraySnapshot::default(),
             stats: ArraySnapshot::default(),
             zeros: Vec::new(),
@@ -144,7 +146,9 @@ impl Passive {
         for server in gone {
             let _ = self.maps.servers.remove(&Self::key(&server));
             if let Some(id) = self.ids.remove(&server) {
-                self.last.remove(&id);
+                if let Some(last) = self.last.get_mut(id as usize) {
+                    *last = Delta::default();
+                }
                 if let Some(slot) = self.servers.get_mut(id as usize) {
                     *slot = None;
                 }
@@ -173,7 +177,10 @@ impl Passive {
                 .stats
                 .set(id, zeros, 0)
                 .context("clearing PASSIVE_STATS")?;
-            self.last.insert(id, Delta::default());
+            if self.last.len() <= id as usize {
+                self.last.resize(id as usize + 1, Delta::default());
+            }
+            self.last[id as usize] = Delta::default();
             self.maps
                 .servers
                 .insert(Self::key(server), id, 0)
@@ -267,7 +274,10 @@ impl Passive {
                     .context("reading PASSIVE_STATS")?;
             }
             let now = total(self.stats.per_cpu(id as usize));
-            let before = self.last.insert(id, now).unwrap_or_default();
+            let before = match self.last.get_mut(id as usize) {
+                Some(last) => std::mem::replace(last, now),
+                None => Delta::default(),
+            };
             let delta = minus(now, before);
             if delta != Delta::default() {
                 out.push((server, delta));

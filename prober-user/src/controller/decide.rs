@@ -70,8 +70,7 @@ impl Controller {
                     || agent.is_some()
                     || ramping
                     || !probe.evidence
-                    || probe.response.is_some()
-                    || probe.passive_rtt.is_some();
+                    || probe.clients.is_some();
                 let why = Reason::of(&ReasonInputs {
                     probe_down: probe.health.state() == State::Down,
                     failing_check: failing,
@@ -116,7 +115,9 @@ impl Controller {
             // servers are compared on one measure.
             let fresh = |probe: &ProbeTrack| {
                 probe
-                    .response_at
+                    .clients
+                    .as_ref()
+                    .and_then(|c| c.response_at)
                     .is_some_and(|at| now.duration_since(at) < self.config.policy.decay)
             };
             let use_responses = members_idx.iter().all(|&i| {
@@ -128,7 +129,11 @@ impl Controller {
             if use_responses {
                 for m in &mut members {
                     let probe = &self.probes[&self.plan.bindings[m.index].probe];
-                    m.member.latency_ns = probe.response.map(|r| r.value_ns());
+                    m.member.latency_ns = probe
+                        .clients
+                        .as_ref()
+                        .and_then(|c| c.response)
+                        .map(|r| r.value_ns());
                 }
             }
             let (latency_aware, policy) = self.config.weights_for(&service);

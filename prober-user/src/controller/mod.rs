@@ -79,20 +79,29 @@ struct ProbeTrack {
     latency: Option<LatencyEwma>,
     /// The datapath's RTT estimate as last reported, ns.
     active_rtt_ns: Option<f64>,
-    /// Client handshakes' RTT (NAT servers, passive measurement).
-    passive_rtt: Option<LatencyEwma>,
+    /// What clients' traffic showed (NAT servers measured passively):
+    /// boxed, as most servers have none and each probe's track is kept
+    /// for every one of 100,000 real servers.
+    clients: Option<Box<ClientTimes>>,
     /// What the datapath was last told of this target.
     expected: Option<prober_common::Expectation>,
-    /// Response time (request -> first response byte) from passive
-    /// measurement, and when it last had a sample.
-    response: Option<LatencyEwma>,
-    response_at: Option<Instant>,
     /// When its next hop's MAC was last missing at its slot (settled
     /// as a timeout then).
     unresolved_settled_at: Option<Instant>,
     /// When it last came up in this run (slow start).
     came_up_at: Option<Instant>,
     latency_saved_at: Instant,
+}
+
+/// A server's times as its clients see them (passive measurement).
+#[derive(Default)]
+struct ClientTimes {
+    /// Client handshakes' RTT.
+    handshake: Option<LatencyEwma>,
+    /// Response time (request -> first response byte), and when it last
+    /// had a sample.
+    response: Option<LatencyEwma>,
+    response_at: Option<Instant>,
 }
 
 struct CheckTrack {

@@ -594,11 +594,12 @@ impl Controller {
         };
         // Its pools weigh client times from now on (and keep recomputing
         // while they do): a settled pool must hear of the first.
-        let first = track.passive_rtt.is_none() && track.response.is_none();
+        let first = track.clients.is_none();
         if let Some(handshake) = passive.mean_handshake_ns() {
-            match &mut track.passive_rtt {
+            let clients = track.clients.get_or_insert_default();
+            match &mut clients.handshake {
                 Some(ewma) => ewma.observe(handshake, now, decay, peak),
-                None => track.passive_rtt = Some(LatencyEwma::new(handshake, now)),
+                None => clients.handshake = Some(LatencyEwma::new(handshake, now)),
             }
             track.latency = combined_latency(track, now);
         }
@@ -612,13 +613,14 @@ impl Controller {
             );
         }
         if let Some(response) = passive.mean_response_ns() {
-            match &mut track.response {
+            let clients = track.clients.get_or_insert_default();
+            match &mut clients.response {
                 Some(ewma) => ewma.observe(response, now, decay, peak),
-                None => track.response = Some(LatencyEwma::new(response, now)),
+                None => clients.response = Some(LatencyEwma::new(response, now)),
             }
-            track.response_at = Some(now);
+            clients.response_at = Some(now);
         }
-        if first && (track.passive_rtt.is_some() || track.response.is_some()) {
+        if first && track.clients.is_some() {
             touch_pools_of_probe(&mut self.touched, &self.plan, &spec, |_| true);
         }
     }
@@ -631,7 +633,11 @@ fn micros(d: Duration) -> u32 {
 /// A probe's latency: the datapath's estimate from its probes and the one
 /// from client handshakes (NAT servers), averaged when both exist.
 fn combined_latency(track: &ProbeTrack, now: Instant) -> Option<LatencyEwma> {
-    let passive = track.passive_rtt.map(|l| l.value_ns());
+    let passive = track
+        .clients
+        .as_ref()
+        .and_then(|c| c.handshake)
+        .map(|l| l.value_ns());
     let value = match (track.active_rtt_ns, passive) {
         (Some(a), Some(p)) => (a + p) / 2.0,
         (Some(v), None) | (None, Some(v)) => v,

@@ -306,6 +306,11 @@ impl Prober {
                 .insert(target.local_port);
         }
         let mut added = Vec::new();
+        // Grown once, to size: pushed one by one, the table of 200-byte
+        // targets doubled its way to up to twice what it holds.
+        let free = self.targets.iter().filter(|t| t.is_none()).count();
+        let new = specs.len().saturating_sub(self.ids.len());
+        self.targets.reserve_exact(new.saturating_sub(free));
         // Free ids are searched from where the last one was found.
         let mut free_from = 0;
         for spec in specs {
