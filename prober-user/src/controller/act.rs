@@ -77,9 +77,9 @@ impl Controller {
     /// changes that waited for it.
     pub(super) fn record_written(&mut self, outcome: ChangeOutcome) {
         let updates = std::mem::take(&mut self.writing);
-        // IPVS may now hold what the last dump did not: the next one is
-        // worked through in full.
-        self.dump_fingerprint = None;
+        // IPVS now holds weights the last dump did not: the next dump's
+        // weights are compared one by one (see `reconcile_weights`); its
+        // services and destinations are what they were.
         let Some(store) = self.store.as_mut() else {
             return;
         };
