@@ -208,6 +208,8 @@ struct SlotsLeft {
     first: u32,
     count: u32,
     left: u32,
+    /// When the next part goes.
+    resume_at: Instant,
 }
 
 pub struct Controller {
@@ -487,8 +489,13 @@ impl Controller {
     /// (with `full` false if the regular tick is not due).
     pub fn next_wake(&self) -> Option<Instant> {
         let since = self.slot_len().as_nanos() * u128::from(self.next_slot);
-        self.epoch
-            .checked_add(Duration::from_nanos(u64::try_from(since).ok()?))
+        let next_slot = self
+            .epoch
+            .checked_add(Duration::from_nanos(u64::try_from(since).ok()?))?;
+        Some(match &self.slot_left {
+            Some(part) => part.resume_at.min(next_slot),
+            None => next_slot,
+        })
     }
 
     /// The shortest probe interval: how often `tick` should run.

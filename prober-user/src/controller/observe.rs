@@ -28,15 +28,21 @@ impl Controller {
             }
             self.next_slot = current;
         }
-        // The rest of the slots a full ring stopped goes first.
+        // The rest of the slots walked in part (or that a full ring
+        // stopped) goes first, when its time comes.
         if let Some(stopped) = self.slot_left.take() {
+            if now < stopped.resume_at && current < self.next_slot {
+                self.slot_left = Some(stopped);
+                return;
+            }
             let sent = self.walk(stopped.first, stopped.count, stopped.left, false, now);
             if sent.left > 0 {
                 self.slot_left = Some(SlotsLeft {
                     left: sent.left,
+                    resume_at: self.part_resumes_at(sent.left, now),
                     ..stopped
                 });
-                return; // the ring is still full
+                return;
             }
         }
         let mut walked = 0;
@@ -55,15 +61,25 @@ impl Controller {
             self.next_slot += u64::from(count);
             walked += count;
             if sent.left > 0 {
-                // A full ring: the rest of these slots at the next tick.
+                // Walked in part (or a full ring): the rest of these slots
+                // over what is left of their time.
                 self.slot_left = Some(SlotsLeft {
                     first,
                     count,
                     left: sent.left,
+                    resume_at: self.part_resumes_at(sent.left, now),
                 });
                 break;
             }
         }
+    }
+
+    /// When the next part of slots with `left` entries still to walk goes.
+    fn part_resumes_at(&self, left: u32, now: Instant) -> Instant {
+        let next_slot_in = self
+            .next_wake()
+            .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+        now + schedule::part_gap(next_slot_in, left)
     }
 
     /// Walks the last `tail` entries (all of them: u32::MAX) of `count`
@@ -76,7 +92,10 @@ impl Controller {
         late: bool,
         now: Instant,
     ) -> crate::probe::Sent {
-        let sent = match self.prober.send_slots(first, count, tail) {
+        let sent = match self
+            .prober
+            .send_slots(first, count, tail, schedule::MOST_PER_WALK)
+        {
             Ok(sent) => sent,
             Err(e) => {
                 warn!("sending probes: {e:#}");

@@ -22,6 +22,20 @@ pub const SLOTS: u32 = 100;
 /// worth, not one per slot), never with a burst of everything due.
 pub const MOST_SLOTS_PER_TICK: u32 = 4;
 
+/// Wheel entries one walk takes at most: half a veth peer's 256-frame
+/// ring. A slot holding more is walked in parts spread over the slot
+/// (see [`part_gap`]): at 100,000 real servers a slot holds 1,000, and
+/// sent at once they overflowed the ring on every slot, losing the same
+/// targets' probes turn after turn.
+pub const MOST_PER_WALK: u32 = 128;
+
+/// How long after a part of a slot the next part goes: what is left of
+/// the time until `next_slot_in`, shared among the parts still to walk
+/// (`left` entries, [`MOST_PER_WALK`] a part) and the next slot.
+pub fn part_gap(next_slot_in: std::time::Duration, left: u32) -> std::time::Duration {
+    next_slot_in / (left.div_ceil(MOST_PER_WALK) + 1)
+}
+
 /// Which of the [`SLOTS`] of an interval probe `id` goes out in.
 pub fn slot_of(id: u32) -> u32 {
     // The golden ratio's fractional part spreads consecutive blocks
@@ -40,6 +54,20 @@ pub fn most_in_a_slot(targets: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_larger_than_a_walk_goes_in_parts_spread_over_its_time() {
+        use std::time::Duration;
+        let slot = Duration::from_millis(100);
+        // 1,000 entries (100,000 real servers at 10 s): the first part
+        // goes at the slot's start, the 872 left in 7 more parts, so 8
+        // parts share the slot and the next slot comes last.
+        assert_eq!(part_gap(slot, 1_000 - MOST_PER_WALK), slot / 8);
+        // Each part takes its share of what is left.
+        assert_eq!(part_gap(slot / 2, 4 * MOST_PER_WALK), slot / 10);
+        // A last part shorter than a walk: halfway to the next slot.
+        assert_eq!(part_gap(slot, 1), slot / 2);
+    }
 
     #[test]
     fn slots_are_spread_over_the_interval_at_every_size() {

@@ -83,18 +83,21 @@ impl Prober {
         self.send_range(0..len)
     }
 
-    /// Walks the last `tail` entries (all of them: u32::MAX) of `count`
-    /// consecutive slots of the send wheel from `first` (one range of
-    /// `PROBE_BATCH`; not past the wheel's last slot): `probe_tx` sends
-    /// each target that is due and has a path, until the probing
-    /// interface drops frames (its ring full: the director's loss;
-    /// [`Sent::left`] says what is left).
-    pub fn send_slots(&mut self, first: u32, count: u32, tail: u32) -> Result<Sent> {
+    /// Walks at most `most` of the last `tail` entries (all of them:
+    /// u32::MAX) of `count` consecutive slots of the send wheel from
+    /// `first` (one range of `PROBE_BATCH`; not past the wheel's last
+    /// slot): `probe_tx` sends each target that is due and has a path,
+    /// until the probing interface drops frames (its ring full: the
+    /// director's loss). [`Sent::left`] says what is left of the slots.
+    pub fn send_slots(&mut self, first: u32, count: u32, tail: u32, most: u32) -> Result<Sent> {
         self.wheel_len()?;
         let last = (first + count.max(1) - 1).min(super::schedule::SLOTS - 1);
         let (start, end) = (self.wheel.slot(first).start, self.wheel.slot(last).end);
         let start = end.saturating_sub(tail).max(start);
-        self.send_range(start..end)
+        let stop = end.min(start.saturating_add(most));
+        let mut sent = self.send_range(start..stop)?;
+        sent.left += end - stop;
+        Ok(sent)
     }
 
     fn send_range(&mut self, range: std::ops::Range<u32>) -> Result<Sent> {
