@@ -451,9 +451,6 @@ impl Controller {
     }
 }
 
-/// What a discovery works from in a dump, hashed: every service and
-/// destination with its settings and weight, not the counters that change
-/// from one dump to the next.
 /// Compares the weight IPVS holds for a managed destination with what
 /// prober expects there (what it wrote, else what IPVS held before): a
 /// write of unknown outcome found there is prober's own; any other
@@ -478,8 +475,10 @@ fn reconcile_weight(
     Ok(())
 }
 
-/// What a dump's services and destinations are, not their weights (those
-/// are compared one by one, see [`reconcile_weight`]) nor counters.
+/// What a discovery works from in a dump, hashed: every service and
+/// destination with its settings, not their weights (compared one by one,
+/// see [`reconcile_weight`]) nor the counters that change from one dump
+/// to the next.
 fn dump_fingerprint(services: &[prober_ipvs::VirtualService]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();

@@ -82,8 +82,8 @@ impl Controller {
         now + schedule::part_gap(next_slot_in, left)
     }
 
-    /// Walks the last `tail` entries (all of them: u32::MAX) of `count`
-    /// slots from `first`.
+    /// Walks at most [`schedule::MOST_PER_WALK`] of the last `tail` entries
+    /// (all of them: u32::MAX) of `count` slots from `first`.
     fn walk(
         &mut self,
         first: u32,
