@@ -722,11 +722,11 @@ mod tests {
             remote_addr: [u8; 16], remote_port: u16, local_port: u16, family: u8, protocol: u8,
             _pad: [u8; 2],
         });
-        assert_no_holes!(ProbeState, 88, {
+        assert_no_holes!(ProbeState, 96, {
             sent: u64, timed_out: u64, last_sent_ns: u64, last_reply_ns: u64,
             misses_in_row: u32, reset_nonce: u32, successes_in_row: u32, failures_in_row: u32,
             rtt_ewma_ns: u64, rtt_ewma_at_ns: u64, rtt_reported_ns: u64, next_send_ns: u64,
-            excused_nonce: u32, _pad: u32,
+            excused_nonce: u32, rtt_last_us: u32, rtt_before_last_us: u32, _pad: u32,
         });
         assert_no_holes!(Expectation, 16, {
             state: u8, _pad: [u8; 3], timeout_us: u32, interval_us: u32, lossy_nonce: u32,
