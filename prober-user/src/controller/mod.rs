@@ -12,6 +12,7 @@ mod decide;
 mod discover;
 mod ipvs_worker;
 mod observe;
+mod send;
 mod status;
 
 use std::{
