@@ -512,6 +512,7 @@ impl Drop for Daemon {
 }
 pub mod http;
 pub mod packets;
+pub mod procfs;
 
 /// prober's ingress XDP program attached to an interface in a namespace by
 /// this process, for as long as the value lives. On veth, frames that XDP

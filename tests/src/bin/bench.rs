@@ -26,7 +26,11 @@ use prober_common::{
     cookie::probe_cookie, map_names, program_names, BatchCursor, DatapathCounters, ProbeConfig,
     PROBE_FRAME_MAX,
 };
-use prober_tests::{packets::*, run, NetNs, PeerXdp, VethPair, VETH};
+use prober_tests::{
+    packets::*,
+    procfs::{processes, stat_cpu_seconds},
+    run, NetNs, PeerXdp, VethPair, VETH,
+};
 use prober_user::{
     datapath::{load_programs, program_fd, take_probe_maps},
     preflight::interface_index,
@@ -385,35 +389,18 @@ fn threaded_napi(netns: &NetNs, interface: &str) -> Result<Vec<u32>> {
 
 /// The kernel's threaded-NAPI threads now.
 fn napi_threads() -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|comm| comm.starts_with("napi/"))
-        })
+    processes()
+        .into_iter()
+        .filter(|(_, comm)| comm.starts_with("napi/"))
+        .map(|(pid, _)| pid)
         .collect()
 }
 
 /// User and system CPU time of `pids` so far, in ns.
 fn threads_cpu_ns(pids: &[u32]) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            let rest = stat[stat.rfind(')')? + 1..].to_string();
-            let fields: Vec<f64> = rest
-                .split_whitespace()
-                .map(|f| f.parse().unwrap_or(0.0))
-                .collect();
-            // utime and stime: fields 14 and 15 of stat, 11 and 12 after
-            // the command name.
-            Some((fields.get(11)? + fields.get(12)?) / ticks * 1e9)
-        })
+        .filter_map(|pid| stat_cpu_seconds(&format!("/proc/{pid}/stat")))
+        .map(|(_, user, system)| (user + system) * 1e9)
         .sum()
 }
 

@@ -42,7 +42,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use prober_ipvs::{IpvsClient, Protocol, ServiceKey};
-use prober_tests::{prober_bin, run, unique_name, NetNs, PeerXdp, PinDir, READY_LINE};
+use prober_tests::{
+    prober_bin,
+    procfs::{processes, stat_cpu_seconds},
+    run, unique_name, NetNs, PeerXdp, PinDir, READY_LINE,
+};
 
 /// Real servers per virtual service.
 const PER_SERVICE: usize = 50;
@@ -321,21 +325,6 @@ fn set_affinity(pid: u32, cpus: &[usize]) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Every process and kernel thread: pid and command name.
-fn processes() -> Vec<(u32, String)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            Some((pid, comm.trim().to_string()))
-        })
-        .collect()
 }
 
 /// The director and the real servers, built once per size.
@@ -1047,29 +1036,6 @@ fn process_cpu_seconds(pids: Vec<u32>) -> (f64, f64) {
     pids.into_iter()
         .filter_map(|pid| stat_cpu_seconds(&format!("/proc/{pid}/stat")))
         .fold((0.0, 0.0), |(u, s), (_, du, ds)| (u + du, s + ds))
-}
-
-/// A process's or thread's command name and user and system CPU seconds
-/// so far, from its `stat` file at `path`.
-fn stat_cpu_seconds(path: &str) -> Option<(String, f64, f64)> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    // utime and stime: fields 14 and 15 of stat, 11 and 12 after the
-    // command name.
-    Some((
-        stat[open + 1..close].to_string(),
-        field(11) / ticks,
-        field(12) / ticks,
-    ))
 }
 
 /// /proc/PID/stat after the command name: field 3 (state) onwards.
