@@ -294,6 +294,10 @@ pub struct DatapathCounters {
     /// ARP replies that reached the interface: a neighbour answered, so
     /// the director's own path works (see the director-fault rule).
     pub arp_replies: u64,
+    /// Due targets the walk passed over because their last probe, sent
+    /// late, is unanswered and still inside its timeout: never judged
+    /// before it, they go at their next turn.
+    pub sends_held_for_timeout: u64,
 }
 
 impl DatapathCounters {
@@ -322,6 +326,9 @@ impl DatapathCounters {
             entries_not_due: self.entries_not_due.saturating_add(o.entries_not_due),
             timeouts_excused: self.timeouts_excused.saturating_add(o.timeouts_excused),
             arp_replies: self.arp_replies.saturating_add(o.arp_replies),
+            sends_held_for_timeout: self
+                .sends_held_for_timeout
+                .saturating_add(o.sends_held_for_timeout),
         }
     }
 }
@@ -706,12 +713,12 @@ mod tests {
 
     #[test]
     fn layouts_have_no_holes() {
-        assert_no_holes!(DatapathCounters, 144, {
+        assert_no_holes!(DatapathCounters, 152, {
             packets: u64, bytes: u64, replies_matched: u64, replies_rejected: u64,
             replies_late: u64, resets_sent: u64, probes_built: u64, probe_errors: u64, agent_reports: u64,
             agent_malformed: u64, agent_unknown: u64, agent_unauthenticated: u64,
             agent_replayed: u64, resets_before_probe: u64, events_lost: u64, entries_not_due: u64,
-            timeouts_excused: u64, arp_replies: u64,
+            timeouts_excused: u64, arp_replies: u64, sends_held_for_timeout: u64,
         });
         assert_no_holes!(ProbeTarget, 88, {
             dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, _pad0: u8,

@@ -4,8 +4,9 @@
 //! and runs the program over it in BPF_PROG_TEST_RUN calls (live frames),
 //! each run on the same scratch frame of `PROBE_FRAME_MAX` bytes, until
 //! the cursor reaches the end. A run sends the next target that is due
-//! (its interval nearly gone by since its last send) and has a path: the
-//! daemon does nothing per target.
+//! (its interval nearly gone by since its last send, and its last probe
+//! answered or past its timeout) and has a path: the daemon does nothing
+//! per target.
 //!
 //! A SYN whose probe went unanswered is followed by a RST for it first
 //! (one run that leaves the cursor where it is): if it was the SYN-ACK
@@ -22,7 +23,7 @@ use aya_ebpf::{
 };
 use prober_common::{
     cookie::probe_cookie, encap, family, outcome, probe_kind, BatchCursor, Expectation,
-    ProbeConfig, ProbeTarget,
+    ProbeConfig, ProbeState, ProbeTarget,
 };
 
 use crate::{
@@ -170,6 +171,7 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
 #[inline(always)]
 fn next_due(cursor: &mut BatchCursor, now: u64) -> Result<Option<(u32, u32)>, ()> {
     let mut passed = 0;
+    let mut held = 0;
     let mut found = None;
     for _ in 0..WALK {
         let index = cursor.next;
@@ -181,17 +183,40 @@ fn next_due(cursor: &mut BatchCursor, now: u64) -> Result<Option<(u32, u32)>, ()
             return Err(());
         };
         let has_path = PROBE_TARGETS.get(id).is_some_and(|t| t.kind != 0);
-        let due = PROBE_STATE.get(id).is_some_and(|s| s.next_send_ns <= now);
-        if has_path && due {
-            found = Some((index, id));
-            break;
+        match PROBE_STATE.get(id) {
+            Some(s) if has_path && s.next_send_ns <= now => {
+                if awaiting_answer(id, s, now) {
+                    held += 1;
+                } else {
+                    found = Some((index, id));
+                    break;
+                }
+            }
+            _ => passed += 1,
         }
-        passed += 1;
     }
     if let Some(c) = counters() {
         c.entries_not_due += passed;
+        c.sends_held_for_timeout += held;
     }
     Ok(found)
+}
+
+/// Whether the target's last probe is unanswered and still well inside
+/// its timeout: a send now would judge it timed out early. That happens
+/// when the last send came late (a stalled walk) and this turn comes on
+/// time; the target goes at its next turn instead. An eighth of the
+/// timeout is given to the jitter of walks, which would otherwise hold
+/// every silent target a turn whenever this walk is a little less late
+/// than the last.
+#[inline(always)]
+fn awaiting_answer(target_id: u32, state: &ProbeState, now: u64) -> bool {
+    let sent = state.last_sent_ns;
+    if sent == 0 || state.last_reply_ns >= sent {
+        return false;
+    }
+    let timeout = verdict::expectation(target_id).timeout_us as u64 * 1000;
+    now < sent + timeout - timeout / 8
 }
 
 /// When a target just sent is next due: its interval on, less half a

@@ -54,7 +54,7 @@ pub fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
     }
     let stats = &all.counters;
     println!(
-        "ingress: {} frames, {} bytes; replies matched {}, late {}, rejected {}; resets sent {} (and {} for unanswered SYNs); probes built {}, errors {}; wheel entries not due {}; events lost {}; timeouts excused (lost in the director's ring) {}; ARP replies {}",
+        "ingress: {} frames, {} bytes; replies matched {}, late {}, rejected {}; resets sent {} (and {} for unanswered SYNs); probes built {}, errors {}; wheel entries not due {}, held inside their last probe's timeout {}; events lost {}; timeouts excused (lost in the director's ring) {}; ARP replies {}",
         stats.packets,
         stats.bytes,
         stats.replies_matched,
@@ -65,6 +65,7 @@ pub fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
         stats.probes_built,
         stats.probe_errors,
         stats.entries_not_due,
+        stats.sends_held_for_timeout,
         stats.events_lost,
         stats.timeouts_excused,
         stats.arp_replies

@@ -1384,6 +1384,56 @@ fn the_walk_sends_the_targets_due_and_passes_over_the_rest() {
 }
 
 #[test]
+fn a_turn_that_comes_early_after_a_late_send_waits_out_the_timeout() {
+    use prober_common::outcome::*;
+    let mut f = verdict_fixture();
+    let every_second = Expectation {
+        state: expected::UP,
+        timeout_us: 1_000_000,
+        interval_us: 1_000_000,
+        ..Default::default()
+    };
+    f.maps.expect.set(TCP_TARGET, every_second, 0).unwrap();
+    send_tcp_probe(&mut f);
+    let _ = events(&mut f);
+    // The wheel's next turn reaches the target 500 ms after its send (that
+    // send was late): due by the interval, yet its probe has had half its
+    // timeout. Nothing goes, nothing is judged.
+    let sent_ago = |f: &mut Fixture, ago_ns: u64| {
+        let mut state = f.maps.state.get(&TCP_TARGET, 0).unwrap();
+        state.last_sent_ns = monotonic_ns() - ago_ns;
+        state.last_reply_ns = state.last_reply_ns.min(state.last_sent_ns - 1);
+        state.next_send_ns = 0;
+        f.maps.state.set(TCP_TARGET, state, 0).unwrap();
+        f.maps
+            .cursor
+            .set(0, BatchCursor { next: 0, len: 1 }, 0)
+            .unwrap();
+    };
+    sent_ago(&mut f, 500_000_000);
+    let (action, _) = run_tx(&f);
+    assert_eq!(action, XDP_DROP, "held");
+    assert_eq!(f.counters().sends_held_for_timeout, 1);
+    assert_eq!(f.maps.state.get(&TCP_TARGET, 0).unwrap().sent, 1);
+    assert_eq!(events(&mut f), [], "not judged before its timeout");
+    // Answered meanwhile: nothing to wait for, it goes.
+    answer_tcp_probe(&mut f, Some(400_000_000));
+    sent_ago(&mut f, 500_000_000);
+    let mut state = f.maps.state.get(&TCP_TARGET, 0).unwrap();
+    state.last_reply_ns = state.last_sent_ns + 1;
+    f.maps.state.set(TCP_TARGET, state, 0).unwrap();
+    assert_eq!(run_tx(&f).0, XDP_REDIRECT);
+    assert_eq!(f.maps.state.get(&TCP_TARGET, 0).unwrap().sent, 2);
+    // Unanswered, and its timeout all but gone (inside the eighth left to
+    // the walks' jitter): judged, and the next probe goes.
+    let _ = events(&mut f);
+    sent_ago(&mut f, 900_000_000);
+    send_tcp_probe(&mut f);
+    assert_eq!(events(&mut f), [(TIMED_OUT, 1, 2)]);
+    assert_eq!(f.counters().sends_held_for_timeout, 1);
+}
+
+#[test]
 fn a_probe_lost_in_the_directors_ring_is_excused_once_in_a_row() {
     use prober_common::outcome::*;
     let mut f = verdict_fixture();

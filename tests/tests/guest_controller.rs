@@ -439,8 +439,9 @@ fn a_slow_discovery_neither_shortens_a_timeout_nor_sends_a_probe_early() {
     let window = begun.elapsed();
     let sent = field(&last, &probe, "sent") - field(&first, &probe, "sent");
     let answered = field(&last, &probe, "answered") - field(&first, &probe, "answered");
+    let held = last["sends_held_for_timeout"].as_u64().unwrap_or(0);
     println!(
-        "{sent} probes sent and {answered} answered in {window:?} at 200 ms with 150 ms stalls; {watched} looks at IPVS"
+        "{sent} probes sent and {answered} answered in {window:?} at 200 ms with 150 ms stalls; {watched} looks at IPVS; {held} turns held for an answer still inside its timeout"
     );
     let log = daemon.log();
     assert!(!log[log_before..].contains("real server DOWN"), "{log}");
