@@ -17,6 +17,19 @@ use prober_common::{map_names, IpvsChanges, IPVS_CONFIG_CALLS};
 /// way the probes do not see, such as a network namespace going away).
 pub const FALLBACK_DISCOVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Destinations up to which the fallback dump comes every
+/// [`FALLBACK_DISCOVERY`].
+const FALLBACK_SIZE: usize = 10_000;
+
+/// The fallback dump's period for `destinations`: [`FALLBACK_DISCOVERY`]
+/// up to 10,000, then in proportion to their number, so its cost a second
+/// at rest stays what it is at 10,000 (a dump of 100,000 took seconds of
+/// the IPVS thread; every minute it was a tenth of the daemon at rest).
+pub fn fallback_discovery(destinations: usize) -> std::time::Duration {
+    let scale = destinations.max(FALLBACK_SIZE) as f64 / FALLBACK_SIZE as f64;
+    FALLBACK_DISCOVERY.mul_f64(scale)
+}
+
 pub struct IpvsChangeSignal {
     changes: Array<MapData, IpvsChanges>,
     seen: u64,
@@ -79,5 +92,29 @@ impl IpvsChangeSignal {
             last_pid: now.last_tgid,
             last_command: String::from_utf8_lossy(name).into_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::fallback_discovery;
+
+    #[test]
+    fn the_fallback_dump_slows_with_size_past_ten_thousand() {
+        for (destinations, secs) in [
+            (0, 60),
+            (1_000, 60),
+            (10_000, 60),
+            (20_000, 120),
+            (100_000, 600),
+        ] {
+            assert_eq!(
+                fallback_discovery(destinations),
+                Duration::from_secs(secs),
+                "{destinations}"
+            );
+        }
     }
 }

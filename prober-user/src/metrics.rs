@@ -453,6 +453,12 @@ impl Collector for Snapshot {
         )?;
         counter(
             &mut e,
+            "prober_sends_held_for_timeout",
+            "Turns of the send wheel that passed over a target whose last probe, sent late, was unanswered and still inside its timeout",
+            &[(vec![], d.sends_held_for_timeout)],
+        )?;
+        counter(
+            &mut e,
             "prober_probe_events_lost",
             "Probe outcomes the datapath's event ring had no room for (the daemon behind); a lost outcome delays a verdict, never makes one",
             &[(vec![], d.events_lost)],

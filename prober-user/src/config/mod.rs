@@ -85,8 +85,9 @@ pub struct Config {
     pub timeout: Duration,
     pub limits: RiseFall,
     /// How often IPVS is dumped in full; None: when the change signal
-    /// fires and every [`FALLBACK_DISCOVERY`](crate::ipvs_changes::FALLBACK_DISCOVERY),
-    /// or every [`DEFAULT_DISCOVERY`] where there is no signal.
+    /// fires and every [`fallback_discovery`](crate::ipvs_changes::fallback_discovery)
+    /// (60 s up to 10,000 destinations, longer past them), or every
+    /// [`DEFAULT_DISCOVERY`] where there is no signal.
     pub discovery: Option<Duration>,
     pub manual_weights: ManualWeights,
     pub latency_aware: bool,

@@ -70,11 +70,14 @@ impl Controller {
     }
 
     /// How often IPVS is dumped in full when nothing signals a change.
+    /// With the signal the dump is only a safety net, and its period
+    /// grows with the destinations past 10,000 (10 minutes at 100,000),
+    /// so that at rest it costs the same a second at every size.
     pub(super) fn discovery_period(&self) -> Duration {
         self.config
             .discovery
             .unwrap_or(if self.ipvs_changes.is_some() {
-                FALLBACK_DISCOVERY
+                fallback_discovery(self.dests.len())
             } else {
                 DEFAULT_DISCOVERY
             })

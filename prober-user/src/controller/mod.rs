@@ -40,7 +40,7 @@ use crate::{
     director_fault::{self, DirectorPath},
     events::{sink::Sink, Alerts},
     health::{Cause, Health, Observations, State},
-    ipvs_changes::{Changed, IpvsChangeSignal, FALLBACK_DISCOVERY},
+    ipvs_changes::{fallback_discovery, Changed, IpvsChangeSignal},
     passive::{self, Passive},
     probe::{
         schedule::{self, MOST_SLOTS_PER_TICK},
