@@ -23,8 +23,8 @@ const FALLBACK_SIZE: usize = 10_000;
 
 /// The fallback dump's period for `destinations`: [`FALLBACK_DISCOVERY`]
 /// up to 10,000, then in proportion to their number, so its cost a second
-/// at rest stays what it is at 10,000 (a dump of 100,000 took seconds of
-/// the IPVS thread; every minute it was a tenth of the daemon at rest).
+/// at rest stays what it is at 10,000 (a dump of 100,000 took 4 s of the
+/// IPVS thread under emulation, every minute).
 pub fn fallback_discovery(destinations: usize) -> std::time::Duration {
     let scale = destinations.max(FALLBACK_SIZE) as f64 / FALLBACK_SIZE as f64;
     FALLBACK_DISCOVERY.mul_f64(scale)
