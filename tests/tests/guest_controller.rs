@@ -356,21 +356,30 @@ fn every_real_server_silent_while_its_host_answers_arp_goes_to_zero() {
     // hangs or a firewall change goes wrong), while the hosts still answer
     // ARP: the director's path works, so this is no director fault and
     // every weight goes to 0, as keepalived would have it.
+    // "At once" is four `ip` runs under emulation (400 ms apart each on a
+    // busy host): fall 15 at 200 ms gives them 3 s to all go silent before
+    // the first server's fall is spent, and they run side by side.
     let (lan, _listeners) = service(4);
     let pin_dir = PinDir::new();
     let daemon = start(
         &lan,
         &pin_dir,
-        &format!("{FAST}\n[weights]\nlatency_aware = false\n"),
+        &format!(
+            "{}\n[weights]\nlatency_aware = false\n",
+            FAST.replace("fall = 3", "fall = 15")
+        ),
     );
     thread::sleep(Duration::from_secs(2));
     assert_eq!(lan.weights(VS).unwrap(), all(100, 4), "{}", daemon.log());
     let director = format!("{}/32", Lan::director_addr());
-    for server in &lan.servers {
-        server
-            .ip(&["route", "add", "blackhole", &director])
-            .unwrap();
-    }
+    thread::scope(|scope| {
+        for server in &lan.servers {
+            let director = &director;
+            scope.spawn(move || {
+                server.ip(&["route", "add", "blackhole", director]).unwrap();
+            });
+        }
+    });
     wait_for(Duration::from_secs(20), || {
         let w = lan.weights(VS)?;
         Ok((w == all(0, 4)).then_some(()))
