@@ -34,7 +34,9 @@ impl Controller {
                 let b = &self.plan.bindings[i];
                 let (Some(dest), Some(probe)) = (
                     self.dests.get(&(b.service, b.destination.key())),
-                    self.probes.get(&b.probe),
+                    self.prober
+                        .id_of(&b.probe)
+                        .and_then(|id| self.probes.get(id)),
                 ) else {
                     continue;
                 };
@@ -113,7 +115,7 @@ impl Controller {
             // Clients' response times weigh a pool when every server in it
             // that is up has a fresh one; else probe RTTs for all, so the
             // servers are compared on one measure.
-            let fresh = |probe: &ProbeTrack| {
+            let fresh = |probe: &tracks::ProbeTrack| {
                 probe
                     .clients
                     .as_ref()
@@ -122,16 +124,19 @@ impl Controller {
             };
             let use_responses = members_idx.iter().all(|&i| {
                 let b = &self.plan.bindings[i];
-                self.probes
-                    .get(&b.probe)
+                self.prober
+                    .id_of(&b.probe)
+                    .and_then(|id| self.probes.get(id))
                     .is_none_or(|p| p.health.state() == State::Down || fresh(p))
             });
             if use_responses {
                 for m in &mut members {
-                    let probe = &self.probes[&self.plan.bindings[m.index].probe];
+                    let probe = self
+                        .prober
+                        .id_of(&self.plan.bindings[m.index].probe)
+                        .and_then(|id| self.probes.get(id));
                     m.member.latency_ns = probe
-                        .clients
-                        .as_ref()
+                        .and_then(|p| p.clients.as_ref())
                         .and_then(|c| c.response)
                         .map(|r| r.value_ns());
                 }

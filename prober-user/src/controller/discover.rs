@@ -4,6 +4,43 @@
 use super::*;
 
 impl Controller {
+    /// Gives each of the plan's probes its track (new: from what an
+    /// earlier run saved, else up as IPVS has it) and its settings, once
+    /// the prober has given it an id.
+    fn track_probes(&mut self, plan: &Plan, now: Instant) {
+        self.probes.reserve(self.prober.targets_len());
+        for (spec, settings) in &plan.probes {
+            let Some(id) = self.prober.id_of(spec) else {
+                continue;
+            };
+            // A new interval or timeout (a reload) reaches the datapath
+            // with its expectation (see `discover`).
+            if let Some(track) = self.probes.get_mut(id) {
+                track.settings = *settings;
+                continue;
+            }
+            let remembered = self
+                .store
+                .as_ref()
+                .and_then(|store| store.health(&health_key(spec)));
+            let state = match remembered.map(|r| r.state) {
+                Some(2) => State::Down,
+                _ => State::Up,
+            };
+            let latency = remembered
+                .filter(|r| r.latency_ns > 0)
+                .map(|r| LatencyEwma::new(r.latency_ns as f64, now));
+            let health = Health::new(state, now);
+            let track = tracks::ProbeTrack::new(*settings, health, latency, now);
+            self.probes.insert(id, track);
+        }
+        self.up_probes = self
+            .probes
+            .iter()
+            .filter(|(_, t)| t.health.state() == State::Up)
+            .count();
+    }
+
     /// Takes what IPVS answered since the last tick, in order: dumps
     /// become the plan, written batches are recorded (and the changes
     /// that waited for them go out).
@@ -244,54 +281,19 @@ impl Controller {
             self.ipvs.restore(restores);
         }
 
-        for (spec, settings) in &plan.probes {
-            match self.probes.get_mut(spec) {
-                // A new interval or timeout (a reload) reaches the datapath
-                // with its expectation below.
-                Some(track) => track.settings = *settings,
-                None => {
-                    let remembered = store.health(&health_key(spec));
-                    let state = match remembered.map(|r| r.state) {
-                        Some(2) => State::Down,
-                        _ => State::Up,
-                    };
-                    let latency = remembered
-                        .filter(|r| r.latency_ns > 0)
-                        .map(|r| LatencyEwma::new(r.latency_ns as f64, now));
-                    self.probes.insert(
-                        *spec,
-                        ProbeTrack {
-                            settings: *settings,
-                            health: Health::new(state, now),
-                            evidence: false,
-                            latency,
-                            active_rtt_ns: None,
-                            clients: None,
-                            expected: None,
-                            unresolved_settled_at: None,
-                            came_up_at: None,
-                            latency_saved_at: now,
-                        },
-                    );
-                }
-            }
-        }
-        let dropped: Vec<ProbeSpec> = self
-            .probes
-            .keys()
-            .filter(|s| !plan.probes.contains_key(s))
-            .copied()
+        // Dropped probes' tracks go before the prober frees their ids (see
+        // `tracks::ProbeTracks`); new probes get theirs once it gives ids.
+        let dropped: Vec<(u32, ProbeSpec)> = self
+            .prober
+            .targets()
+            .filter(|(_, t)| !plan.probes.contains_key(&t.spec))
+            .map(|(id, t)| (id, t.spec))
             .collect();
         self.path.retain(|p| plan.probes.contains_key(p));
-        for spec in dropped {
-            self.probes.remove(&spec);
+        for (id, spec) in dropped {
+            self.probes.remove(id);
             store.remove_health(&health_key(&spec));
         }
-        self.up_probes = self
-            .probes
-            .values()
-            .filter(|t| t.health.state() == State::Up)
-            .count();
         // An operator must not believe these are checked: each is said
         // once at warn level (an explicit `probe = "none"` at debug), the
         // first few by name and the rest in one line.
@@ -338,6 +340,7 @@ impl Controller {
         self.alerts.set_topology(topology, &subjects);
         let specs: Vec<ProbeSpec> = plan.probes.keys().copied().collect();
         self.prober.sync_targets(&specs)?;
+        self.track_probes(&plan, now);
         // NAT real servers: the director sees both directions of their traffic.
         let nat: Vec<passive::Server> = plan
             .bindings

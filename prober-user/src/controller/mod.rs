@@ -14,6 +14,7 @@ mod ipvs_worker;
 mod observe;
 mod send;
 mod status;
+mod tracks;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -47,7 +48,7 @@ use crate::{
         MonotonicClock, ProbeSpec, Prober,
     },
     state::{health_key, weight_key, StateStore},
-    targets::{self, CheckSettings, Plan, ProbeSettings},
+    targets::{self, CheckSettings, Plan},
     weights::{pool_weights, LatencyEwma, Member},
 };
 
@@ -68,42 +69,6 @@ const NEIGHBOUR_ASK_EVERY: Duration = Duration::from_millis(250);
 const UNCHECKED_NAMED: usize = 20;
 /// Batches of IPVS writes this large are logged with their duration.
 const LARGE_BATCH: usize = 100;
-
-struct ProbeTrack {
-    settings: ProbeSettings,
-    health: Health,
-    /// Whether this run has seen any result yet: until then the weights
-    /// this probe decides are left as IPVS has them.
-    evidence: bool,
-    /// The latency weights use: the datapath's RTT estimate and the
-    /// client handshakes' (see `observe::combined_latency`).
-    latency: Option<LatencyEwma>,
-    /// The datapath's RTT estimate as last reported, ns.
-    active_rtt_ns: Option<f64>,
-    /// What clients' traffic showed (NAT servers measured passively):
-    /// boxed, as most servers have none and each probe's track is kept
-    /// for every one of 100,000 real servers.
-    clients: Option<Box<ClientTimes>>,
-    /// What the datapath was last told of this target.
-    expected: Option<prober_common::Expectation>,
-    /// When its next hop's MAC was last missing at its slot (settled
-    /// as a timeout then).
-    unresolved_settled_at: Option<Instant>,
-    /// When it last came up in this run (slow start).
-    came_up_at: Option<Instant>,
-    latency_saved_at: Instant,
-}
-
-/// A server's times as its clients see them (passive measurement).
-#[derive(Default)]
-struct ClientTimes {
-    /// Client handshakes' RTT.
-    handshake: Option<LatencyEwma>,
-    /// Response time (request -> first response byte), and when it last
-    /// had a sample.
-    response: Option<LatencyEwma>,
-    response_at: Option<Instant>,
-}
 
 struct CheckTrack {
     settings: CheckSettings,
@@ -233,7 +198,7 @@ pub struct Controller {
     passive: Passive,
     store: Option<StateStore>,
     plan: Plan,
-    probes: FxHashMap<ProbeSpec, ProbeTrack>,
+    probes: tracks::ProbeTracks,
     checker: Checker,
     check_reports: mpsc::UnboundedReceiver<CheckReport>,
     checks: FxHashMap<CheckSpec, CheckTrack>,
@@ -385,7 +350,7 @@ impl Controller {
             neighbours_asked_at: None,
             store: None,
             plan: Plan::default(),
-            probes: FxHashMap::default(),
+            probes: tracks::ProbeTracks::default(),
             dests: FxHashMap::default(),
             panicking: HashSet::new(),
             path: DirectorPath::new(),
@@ -577,17 +542,17 @@ impl Controller {
         // Asked only about hosts whose L3 probe is down: the hosts with an
         // L4 probe up are gathered once, on the first question of a tick.
         let probes = &self.probes;
+        let prober = &self.prober;
         let l4_up_hosts = std::cell::OnceCell::new();
         let l4_alive = |host: IpAddr| {
             l4_up_hosts
                 .get_or_init(|| {
                     probes
                         .iter()
-                        .filter(|(spec, track)| {
-                            matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. })
-                                && track.health.state() == State::Up
-                        })
-                        .map(|(spec, _)| spec.real_server())
+                        .filter(|(_, track)| track.health.state() == State::Up)
+                        .filter_map(|(id, _)| prober.spec_of(id))
+                        .filter(|spec| matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. }))
+                        .map(|spec| spec.real_server())
                         .collect::<HashSet<IpAddr>>()
                 })
                 .contains(&host)

@@ -172,7 +172,7 @@ impl Controller {
         let Some(spec) = self.prober.spec_of(id) else {
             return; // a slot freed since
         };
-        let Some(track) = self.probes.get_mut(&spec) else {
+        let Some(track) = self.probes.get_mut(id) else {
             return;
         };
         let mut seen = Observations::default();
@@ -211,9 +211,9 @@ impl Controller {
                 warn!(probe = %spec, "asking the kernel to check the neighbour: {e:#}");
             }
         }
-        let track = self.probes.get_mut(&spec).expect("looked up above");
-        if event.rtt_ewma_ns > 0 && track.active_rtt_ns != Some(event.rtt_ewma_ns as f64) {
-            track.active_rtt_ns = Some(event.rtt_ewma_ns as f64);
+        let track = self.probes.get_mut(id).expect("looked up above");
+        if event.rtt_ewma_ns > 0 && track.active_rtt_ns != event.rtt_ewma_ns {
+            track.active_rtt_ns = event.rtt_ewma_ns;
             track.latency = combined_latency(track, now);
             // A move beyond the band: the latency-aware pools it weighs
             // in follow at the next regular tick.
@@ -239,7 +239,7 @@ impl Controller {
             self.save_health(spec, false, now);
             return; // excused: no evidence either way
         }
-        let track = self.probes.get_mut(&spec).expect("looked up above");
+        let track = self.probes.get_mut(id).expect("looked up above");
         track.evidence = true;
         let transition =
             track
@@ -254,7 +254,11 @@ impl Controller {
 
     /// A probe's state changed: its pools are recomputed, logs and alerts.
     fn on_transition(&mut self, spec: ProbeSpec, t: crate::health::Transition, now: Instant) {
-        let Some(track) = self.probes.get_mut(&spec) else {
+        let Some(track) = self
+            .prober
+            .id_of(&spec)
+            .and_then(|id| self.probes.get_mut(id))
+        else {
             return;
         };
         if t.to == State::Up {
@@ -333,12 +337,13 @@ impl Controller {
         // A scan of the probes, only while a check of this host waits.
         let l4: u64 = self
             .probes
-            .keys()
+            .iter()
+            .filter_map(|(id, _)| self.prober.spec_of(id))
             .filter(|spec| {
                 spec.real_server() == host
                     && matches!(spec.kind, crate::probe::ProbeKind::TcpSyn { .. })
             })
-            .filter_map(state)
+            .filter_map(|spec| state(&spec))
             .map(|s| s.sent)
             .sum();
         if let Some(at) = l3.and_then(|s| clock.instant_of(s.last_reply_ns)) {
@@ -351,7 +356,11 @@ impl Controller {
     /// Saves the probe's health and latency for restarts: on a change of
     /// state, and its latency at most every `LATENCY_SAVE`.
     fn save_health(&mut self, spec: ProbeSpec, changed: bool, now: Instant) {
-        let (Some(store), Some(track)) = (self.store.as_mut(), self.probes.get_mut(&spec)) else {
+        let track = self
+            .prober
+            .id_of(&spec)
+            .and_then(|id| self.probes.get_mut(id));
+        let (Some(store), Some(track)) = (self.store.as_mut(), track) else {
             return;
         };
         if !changed && now.duration_since(track.latency_saved_at) < LATENCY_SAVE {
@@ -377,7 +386,10 @@ impl Controller {
     /// first outcome is reported), and the timeout past which an answer
     /// is slow.
     pub(super) fn write_expectation(&mut self, spec: ProbeSpec) {
-        let (Some(id), Some(track)) = (self.prober.id_of(&spec), self.probes.get_mut(&spec)) else {
+        let Some(id) = self.prober.id_of(&spec) else {
+            return;
+        };
+        let Some(track) = self.probes.get_mut(id) else {
             return;
         };
         let wanted = Expectation {
@@ -419,7 +431,11 @@ impl Controller {
         };
         let decay = self.config.policy.decay;
         let peak = self.config.policy.peak_ewma;
-        let Some(track) = self.probes.get_mut(&spec) else {
+        let Some(track) = self
+            .prober
+            .id_of(&spec)
+            .and_then(|id| self.probes.get_mut(id))
+        else {
             return;
         };
         // Its pools weigh client times from now on (and keep recomputing
@@ -462,13 +478,14 @@ fn micros(d: Duration) -> u32 {
 
 /// A probe's latency: the datapath's estimate from its probes and the one
 /// from client handshakes (NAT servers), averaged when both exist.
-fn combined_latency(track: &ProbeTrack, now: Instant) -> Option<LatencyEwma> {
+fn combined_latency(track: &tracks::ProbeTrack, now: Instant) -> Option<LatencyEwma> {
     let passive = track
         .clients
         .as_ref()
         .and_then(|c| c.handshake)
         .map(|l| l.value_ns());
-    let value = match (track.active_rtt_ns, passive) {
+    let active = (track.active_rtt_ns > 0).then_some(track.active_rtt_ns as f64);
+    let value = match (active, passive) {
         (Some(a), Some(p)) => (a + p) / 2.0,
         (Some(v), None) | (None, Some(v)) => v,
         (None, None) => return track.latency,

@@ -128,11 +128,7 @@ impl Controller {
         );
         let turn = self.tick_interval();
         for &id in &ids {
-            let Some(track) = self
-                .prober
-                .spec_of(id)
-                .and_then(|spec| self.probes.get_mut(&spec))
-            else {
+            let Some(track) = self.probes.get_mut(id) else {
                 continue;
             };
             // As the datapath does: due half a turn short of its interval.

@@ -21,8 +21,9 @@ impl Controller {
             let Some(dest) = self.dests.get(&(b.service, b.destination.key())) else {
                 continue;
             };
-            let probe = self.probes.get(&b.probe);
-            let report = match (self.prober.id_of(&b.probe), &reports) {
+            let probe_id = self.prober.id_of(&b.probe);
+            let probe = probe_id.and_then(|id| self.probes.get(id));
+            let report = match (probe_id, &reports) {
                 (Some(id), Ok(reports)) => reports.get(id),
                 _ => Default::default(),
             };
@@ -40,7 +41,8 @@ impl Controller {
                 .plan
                 .hosts
                 .get(&b.destination.addr)
-                .and_then(|spec| self.probes.get(spec))
+                .and_then(|spec| self.prober.id_of(spec))
+                .and_then(|id| self.probes.get(id))
                 .map(|t| state_name(t.health.state()));
             let l7: Vec<CheckStatus> = b
                 .checks

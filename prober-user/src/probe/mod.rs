@@ -95,8 +95,12 @@ pub struct Target {
     pub local_port: u16,
     /// The kernel's route to the real server, or why there is none usable.
     pub path: Result<Path, String>,
-    /// The entry written to `PROBE_TARGETS`, once its path is known.
-    pub entry: Option<ProbeTarget>,
+    /// The next hop's MAC in the entry written to `PROBE_TARGETS`, once
+    /// its path is known (the rest of the entry follows from the spec, the
+    /// path and the interface's MAC: a copy of it cost 88 bytes a target).
+    pub written_mac: Option<[u8; 6]>,
+    /// The path changed since the entry was written.
+    pub path_changed: bool,
     /// Why the probe cannot be sent (route, neighbour), if it cannot.
     pub problem: Option<String>,
     /// The route is fine but the next hop's MAC is not known: the host does
@@ -164,6 +168,9 @@ pub struct Prober {
     /// What `PROBE_EXPECT` holds, by target id (it has two writers here:
     /// the controller's expectation, the send path's lossy nonce).
     expectations: Vec<Expectation>,
+    /// The probing interface's MAC as last read (the source of every
+    /// entry written).
+    src_mac: Option<[u8; 6]>,
     /// Sends ARP requests while every probe is silent (opened then).
     arp_socket: Option<transmit::PacketSocket>,
 }
@@ -228,6 +235,7 @@ impl Prober {
             unresolved: Vec::new(),
             expectations: Vec::new(),
             arp_socket: None,
+            src_mac: None,
         };
         prober
             .maps
@@ -249,6 +257,11 @@ impl Prober {
             .iter()
             .enumerate()
             .filter_map(|(id, t)| Some((id as u32, t.as_ref()?)))
+    }
+
+    /// One past the highest target id in use (or freed and not reused).
+    pub fn targets_len(&self) -> usize {
+        self.targets.len()
     }
 
     /// The interface probes leave by.
@@ -341,7 +354,8 @@ impl Prober {
                 spec: *spec,
                 local_port,
                 path: Err("not looked up yet".into()),
-                entry: None,
+                written_mac: None,
+                path_changed: false,
                 problem: None,
                 neighbour_unresolved: false,
             });
@@ -360,7 +374,7 @@ impl Prober {
     /// Frees a target id: no entry, no reply index, counters back to zero.
     fn clear_slot(&mut self, id: u32) -> Result<()> {
         if let Some(target) = self.targets.get_mut(id as usize).and_then(Option::take) {
-            if target.entry.is_some() {
+            if target.written_mac.is_some() {
                 let _ = self
                     .maps
                     .reply_index

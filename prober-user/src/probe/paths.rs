@@ -176,7 +176,9 @@ impl Prober {
             else {
                 continue;
             };
-            let (Ok(path), Some(entry)) = (&target.path, &target.entry) else {
+            let (Ok(path), Some(_), Some(src_mac)) =
+                (&target.path, target.written_mac, self.src_mac)
+            else {
                 continue;
             };
             let (IpAddr::V4(source), IpAddr::V4(next_hop)) = (path.source, path.next_hop) else {
@@ -193,7 +195,7 @@ impl Prober {
             socket.frame.clear();
             socket
                 .frame
-                .extend_from_slice(&arp_request(entry.src_mac, source, next_hop));
+                .extend_from_slice(&arp_request(src_mac, source, next_hop));
             socket
                 .send(path.ifindex)
                 .with_context(|| format!("sending an ARP request for {next_hop}"))?;
@@ -288,7 +290,7 @@ impl Prober {
                 .targets
                 .iter()
                 .flatten()
-                .filter(|t| t.entry.is_some())
+                .filter(|t| t.written_mac.is_some())
                 .filter_map(|t| t.path.as_ref().ok())
                 .map(|p| (p.ifindex, p.next_hop))
                 .collect();
@@ -330,7 +332,7 @@ impl Prober {
                         .map_err(|e| format!("{e:#}"))
                 })
                 .clone();
-            target.path = match (path, target.spec.forwarding) {
+            let path = match (path, target.spec.forwarding) {
                 (Ok(path), Forwarding::DirectRouting { .. }) if path.next_hop != server => {
                     Err(format!(
                         "direct-routing real server {server} is not on-link (route via {})",
@@ -339,6 +341,8 @@ impl Prober {
                 }
                 (path, _) => path,
             };
+            target.path_changed |= path != target.path;
+            target.path = path;
         }
     }
 
@@ -352,6 +356,8 @@ impl Prober {
             .filter_map(|n| Some(((n.ifindex, n.addr), n.mac?)))
             .collect();
         let src_mac = self.routes.link_mac(self.ifindex)?;
+        // A new interface MAC: every entry is written again.
+        let src_mac_changed = self.src_mac.replace(src_mac) != Some(src_mac);
         let now = Instant::now();
         // A hop resolved again starts its backoff afresh next time.
         for (_, addr) in neighbours.keys() {
@@ -367,13 +373,7 @@ impl Prober {
             let resolved = match &target.path {
                 Err(problem) => Err(problem.clone()),
                 Ok(path) => match neighbours.get(&(path.ifindex, path.next_hop)) {
-                    Some(mac) => Ok(probe_entry(
-                        &target.spec,
-                        target.local_port,
-                        path,
-                        src_mac,
-                        *mac,
-                    )),
+                    Some(mac) => Ok((*mac, path)),
                     None => {
                         if resolution_requested.insert(path.next_hop)
                             && self.resolutions.allow(path.next_hop, now, self.ids.len())
@@ -394,7 +394,10 @@ impl Prober {
             };
             let unresolved = matches!(&target.path, Ok(path) if !neighbours.contains_key(&(path.ifindex, path.next_hop)));
             let (entry, problem) = match resolved {
-                Ok(entry) => (Some(entry), None),
+                Ok((mac, path)) => {
+                    let entry = probe_entry(&target.spec, target.local_port, path, src_mac, mac);
+                    (Some((mac, entry)), None)
+                }
                 Err(problem) => (None, Some(problem)),
             };
             let Some(target) = &mut self.targets[id] else {
@@ -407,8 +410,10 @@ impl Prober {
                 let said = said.entry(problem.clone()).or_insert((0, target.spec));
                 said.0 += 1;
             }
-            if entry != target.entry {
-                let written = entry.unwrap_or_default(); // kind 0: slot unused
+            let mac = entry.map(|(mac, _)| mac);
+            let stale = target.path_changed || src_mac_changed;
+            if mac != target.written_mac || (mac.is_some() && stale) {
+                let written = entry.map(|(_, e)| e).unwrap_or_default(); // kind 0: slot unused
                 self.maps
                     .targets
                     .set(id as u32, written, 0)
@@ -419,11 +424,12 @@ impl Prober {
                         .reply_index
                         .insert(key, id as u32, 0)
                         .context("writing REPLY_INDEX")?;
-                } else if target.entry.is_some() {
+                } else if target.written_mac.is_some() {
                     let _ = self.maps.reply_index.remove(&key);
                 }
-                target.entry = entry;
+                target.written_mac = mac;
             }
+            target.path_changed = false;
             target.problem = problem;
         }
         for (problem, (targets, example)) in said {

@@ -135,7 +135,7 @@ impl Prober {
         if live && self.delivery.watching() {
             let sample: Vec<(u64, bool)> = self
                 .targets()
-                .filter(|(_, t)| t.entry.is_some())
+                .filter(|(_, t)| t.written_mac.is_some())
                 .take(delivery::SAMPLE)
                 .filter_map(|(id, _)| self.maps.state.get(&id, 0).ok())
                 .map(|s| (s.sent, s.last_reply_ns != 0))
