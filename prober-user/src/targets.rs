@@ -6,7 +6,7 @@
 
 use std::{collections::HashMap, net::IpAddr};
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use prober_ipvs::{
     Destination, DestinationKey, Forwarding as IpvsForwarding, Protocol, ServiceKey, TunnelType,
@@ -105,9 +105,45 @@ impl CheckSettings {
     }
 }
 
+/// A probe of the plan: how it runs, and which bindings it checks (a
+/// range of `Plan::probe_bindings`, set by `Plan::index`: most probes
+/// have one binding, and a list of one cost 100 bytes a probe).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlannedProbe {
+    pub settings: ProbeSettings,
+    bindings_start: u32,
+    bindings_len: u32,
+}
+
+impl PlannedProbe {
+    fn new(settings: ProbeSettings) -> Self {
+        Self {
+            settings,
+            bindings_start: 0,
+            bindings_len: 0,
+        }
+    }
+
+    fn strictest(self, other: Self) -> Self {
+        Self {
+            settings: self.settings.strictest(other.settings),
+            ..self
+        }
+    }
+}
+
+/// The L3 (ICMP) probe that diagnoses real server host `host`.
+pub fn host_probe(host: IpAddr) -> ProbeSpec {
+    ProbeSpec {
+        kind: ProbeKind::IcmpEcho,
+        destination: host,
+        forwarding: Forwarding::Direct,
+    }
+}
+
 /// Adds `settings` for `key`, merged with what other services asked.
-fn merge_into<K: std::hash::Hash + Eq, S: Copy>(
-    map: &mut HashMap<K, S>,
+fn merge_into<K: std::hash::Hash + Eq, S: Copy, H: std::hash::BuildHasher>(
+    map: &mut HashMap<K, S, H>,
     key: K,
     settings: S,
     strictest: fn(S, S) -> S,
@@ -120,21 +156,21 @@ fn merge_into<K: std::hash::Hash + Eq, S: Copy>(
 #[derive(Debug, Default)]
 pub struct Plan {
     pub bindings: Vec<Binding>,
-    /// Every probe to send: those of the bindings and the hosts' L3 probes.
-    pub probes: HashMap<ProbeSpec, ProbeSettings>,
+    /// Every probe to send: those of the bindings and the hosts' L3
+    /// probes. Keyed by what IPVS names, never by what the network sends:
+    /// a fast unkeyed hash is safe.
+    pub probes: FxHashMap<ProbeSpec, PlannedProbe>,
     pub checks: HashMap<CheckSpec, CheckSettings>,
-    /// Each real server host's L3 (ICMP) probe, for root-cause diagnosis
-    /// (empty when `diagnose` is off).
-    pub hosts: HashMap<IpAddr, ProbeSpec>,
+    /// The real server hosts that have their L3 probe ([`host_probe`]), for
+    /// root-cause diagnosis (none when `diagnose` is off).
+    pub hosts: FxHashSet<IpAddr>,
     /// Destinations left alone, and why.
     pub skipped: Vec<(ServiceKey, DestinationKey, &'static str)>,
     /// Hosts left without their L3 diagnosis probe to fit the capacity.
     pub undiagnosed: usize,
-    /// Indexes into `bindings` by probe: who is affected when a probe's
-    /// state changes, without a scan of every binding (100,000 at scale).
-    /// A range of `probe_bindings` each, not a list each: most probes have
-    /// one binding, and a list of one cost 100 bytes a probe.
-    by_probe: FxHashMap<ProbeSpec, (u32, u32)>,
+    /// Indexes into `bindings`, grouped by probe (see [`PlannedProbe`]):
+    /// who is affected when a probe's state changes, without a scan of
+    /// every binding (100,000 at scale).
     probe_bindings: Vec<u32>,
     /// Indexes into `bindings` by service, in service order: each pool's
     /// members, and the order pools are recomputed in.
@@ -144,10 +180,18 @@ pub struct Plan {
 impl Plan {
     /// The indexes into `bindings` of the bindings `probe` checks.
     pub fn bindings_of(&self, probe: &ProbeSpec) -> impl Iterator<Item = usize> + '_ {
-        let (start, len) = self.by_probe.get(probe).copied().unwrap_or_default();
+        let (start, len) = self
+            .probes
+            .get(probe)
+            .map_or((0, 0), |p| (p.bindings_start, p.bindings_len));
         self.probe_bindings[start as usize..(start + len) as usize]
             .iter()
             .map(|&i| i as usize)
+    }
+
+    /// The L3 probe diagnosing `host`, if it has one.
+    pub fn host_probe(&self, host: IpAddr) -> Option<ProbeSpec> {
+        self.hosts.contains(&host).then(|| host_probe(host))
     }
 
     /// The names of the services whose bindings use `probe`, sorted.
@@ -163,19 +207,18 @@ impl Plan {
     fn index(&mut self) {
         let mut order: Vec<u32> = (0..self.bindings.len() as u32).collect();
         order.sort_unstable_by_key(|&i| self.bindings[i as usize].probe);
-        let mut by_probe = FxHashMap::default();
-        by_probe.reserve(self.probes.len());
         let mut start = 0;
         for run in order
             .chunk_by(|a, b| self.bindings[*a as usize].probe == self.bindings[*b as usize].probe)
         {
-            by_probe.insert(
-                self.bindings[run[0] as usize].probe,
-                (start, run.len() as u32),
-            );
+            let probe = self.bindings[run[0] as usize].probe;
+            if let Some(planned) = self.probes.get_mut(&probe) {
+                planned.bindings_start = start;
+                planned.bindings_len = run.len() as u32;
+            }
             start += run.len() as u32;
         }
-        self.by_probe = by_probe;
+        self.probes.shrink_to_fit();
         self.probe_bindings = order;
         let mut by_service: std::collections::BTreeMap<ServiceKey, Vec<usize>> = Default::default();
         for (i, binding) in self.bindings.iter().enumerate() {
@@ -253,8 +296,8 @@ pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize
                     merge_into(
                         &mut plan.probes,
                         probe,
-                        probe_settings,
-                        ProbeSettings::strictest,
+                        PlannedProbe::new(probe_settings),
+                        PlannedProbe::strictest,
                     );
                     // Direct routing: the real server answers on the VIP,
                     // at the service's port, whatever the L4 probe is.
@@ -305,11 +348,7 @@ pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize
                         })
                         .collect();
                     if config.diagnose {
-                        plan.hosts.entry(dest.addr).or_insert(ProbeSpec {
-                            kind: ProbeKind::IcmpEcho,
-                            destination: dest.addr,
-                            forwarding: Forwarding::Direct,
-                        });
+                        plan.hosts.insert(dest.addr);
                     }
                     plan.bindings.push(Binding {
                         service: key,
@@ -329,8 +368,10 @@ pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize
         timeout: config.timeout.min(config.interval),
         limits: config.limits,
     };
-    for probe in plan.hosts.values() {
-        plan.probes.entry(*probe).or_insert(host_settings);
+    for &host in &plan.hosts {
+        plan.probes
+            .entry(host_probe(host))
+            .or_insert(PlannedProbe::new(host_settings));
     }
     fit(&mut plan, capacity);
     plan.bindings.shrink_to_fit();
@@ -345,12 +386,12 @@ fn fit(plan: &mut Plan, capacity: usize) {
     }
     let checked: std::collections::HashSet<ProbeSpec> =
         plan.bindings.iter().map(|b| b.probe).collect();
-    let mut hosts: Vec<IpAddr> = plan.hosts.keys().copied().collect();
+    let mut hosts: Vec<IpAddr> = plan.hosts.iter().copied().collect();
     hosts.sort();
     // The last hosts in address order lose their diagnosis first.
     while plan.probes.len() > capacity {
         let Some(host) = hosts.pop() else { break };
-        let spec = plan.hosts[&host];
+        let spec = host_probe(host);
         if !checked.contains(&spec) {
             plan.probes.remove(&spec);
             plan.hosts.remove(&host);
@@ -367,7 +408,8 @@ fn fit(plan: &mut Plan, capacity: usize) {
     for spec in &dropped {
         plan.probes.remove(spec);
     }
-    plan.hosts.retain(|_, spec| !dropped.contains(spec));
+    plan.hosts
+        .retain(|&host| !dropped.contains(&host_probe(host)));
     let (keep, over): (Vec<Binding>, Vec<Binding>) = std::mem::take(&mut plan.bindings)
         .into_iter()
         .partition(|b| !dropped.contains(&b.probe));
@@ -511,7 +553,11 @@ mod tests {
         ];
         let plan = plan(&services, &Config::default());
         let probes: Vec<String> = plan.bindings.iter().map(|b| b.probe.to_string()).collect();
-        let mut hosts: Vec<String> = plan.hosts.values().map(|p| p.to_string()).collect();
+        let mut hosts: Vec<String> = plan
+            .hosts
+            .iter()
+            .map(|&h| host_probe(h).to_string())
+            .collect();
         hosts.sort();
         assert_eq!(
             hosts,
@@ -591,7 +637,11 @@ mod tests {
         assert_eq!((plan.bindings.len(), plan.undiagnosed), (8, 10));
         assert_eq!(plan.skipped.len(), 2);
         assert!(plan.skipped.iter().all(|s| s.2 == OVER_CAPACITY));
-        assert_eq!(plan.by_probe.len(), 8);
+        let indexed = plan
+            .probes
+            .keys()
+            .filter(|p| plan.bindings_of(p).count() == 1);
+        assert_eq!(indexed.count(), 8, "each kept probe finds its binding");
     }
 
     #[test]
@@ -634,7 +684,7 @@ mod tests {
         let plan = plan(&services, &config);
         assert_eq!(plan.bindings.len(), 1);
         assert_eq!(plan.bindings[0].probe.to_string(), "tcp:192.0.2.3:9000");
-        assert_eq!(plan.probes[&plan.bindings[0].probe].limits.fall, 7);
+        assert_eq!(plan.probes[&plan.bindings[0].probe].settings.limits.fall, 7);
     }
 
     #[test]
@@ -677,9 +727,9 @@ fall = 6
         let forward = plan(&[a.clone(), b.clone()], &config);
         let backward = plan(&[b, a], &config);
         let probe = forward.bindings[0].probe;
-        let settings = forward.probes[&probe];
+        let settings = forward.probes[&probe].settings;
         assert_eq!(
-            settings, backward.probes[&probe],
+            settings, backward.probes[&probe].settings,
             "IPVS order changes nothing"
         );
         assert_eq!(

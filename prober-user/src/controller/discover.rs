@@ -9,7 +9,8 @@ impl Controller {
     /// the prober has given it an id.
     fn track_probes(&mut self, plan: &Plan, now: Instant) {
         self.probes.reserve(self.prober.targets_len());
-        for (spec, settings) in &plan.probes {
+        for (spec, planned) in &plan.probes {
+            let settings = &planned.settings;
             let Some(id) = self.prober.id_of(spec) else {
                 continue;
             };

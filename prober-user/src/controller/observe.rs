@@ -223,7 +223,7 @@ impl Controller {
             });
         }
         let host = spec.real_server();
-        let diagnoses_host = self.plan.hosts.get(&host) == Some(&spec);
+        let diagnoses_host = self.plan.host_probe(host) == Some(spec);
         if diagnoses_host {
             // What the host answered before this outcome (down L3 needs a
             // host that answered once) and with it.
@@ -270,7 +270,7 @@ impl Controller {
         let recovery = track.settings.interval * (track.settings.limits.rise + 1);
         touch_pools_of_probe(&mut self.touched, &self.plan, &spec, |_| true);
         let host = spec.real_server();
-        let diagnoses_host = self.plan.hosts.get(&host) == Some(&spec);
+        let diagnoses_host = self.plan.host_probe(host) == Some(spec);
         let names = self.plan.services_of_probe(&spec);
         let layer = layer_of(&spec);
         // While the director is suspected its one alert stands for every
@@ -333,7 +333,7 @@ impl Controller {
                 .id_of(spec)
                 .and_then(|id| self.prober.state_of(id))
         };
-        let l3 = self.plan.hosts.get(&host).and_then(state);
+        let l3 = self.plan.host_probe(host).and_then(|spec| state(&spec));
         // A scan of the probes, only while a check of this host waits.
         let l4: u64 = self
             .probes

@@ -39,9 +39,8 @@ impl Controller {
             });
             let l3 = self
                 .plan
-                .hosts
-                .get(&b.destination.addr)
-                .and_then(|spec| self.prober.id_of(spec))
+                .host_probe(b.destination.addr)
+                .and_then(|spec| self.prober.id_of(&spec))
                 .and_then(|id| self.probes.get(id))
                 .map(|t| state_name(t.health.state()));
             let l7: Vec<CheckStatus> = b
