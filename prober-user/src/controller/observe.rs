@@ -389,7 +389,7 @@ impl Controller {
         let Some(id) = self.prober.id_of(&spec) else {
             return;
         };
-        let Some(track) = self.probes.get_mut(id) else {
+        let Some(track) = self.probes.get(id) else {
             return;
         };
         let wanted = Expectation {
@@ -403,12 +403,8 @@ impl Controller {
             interval_us: micros(track.settings.interval),
             lossy_nonce: 0, // the prober's own (see `Prober::set_expectation`)
         };
-        if track.expected == Some(wanted) {
-            return;
-        }
-        match self.prober.set_expectation(id, wanted) {
-            Ok(()) => track.expected = Some(wanted),
-            Err(e) => warn!(probe = %spec, "{e:#}"),
+        if let Err(e) = self.prober.set_expectation(id, wanted) {
+            warn!(probe = %spec, "{e:#}");
         }
     }
 

@@ -22,8 +22,6 @@ pub(super) struct ProbeTrack {
     /// boxed, as most servers have none and each probe's track is kept
     /// for every one of 100,000 real servers.
     pub(super) clients: Option<Box<ClientTimes>>,
-    /// What the datapath was last told of this target.
-    pub(super) expected: Option<prober_common::Expectation>,
     /// When its next hop's MAC was last missing at its slot (settled
     /// as a timeout then).
     pub(super) unresolved_settled_at: Option<Instant>,
@@ -48,7 +46,6 @@ impl ProbeTrack {
             latency,
             active_rtt_ns: 0,
             clients: None,
-            expected: None,
             unresolved_settled_at: None,
             came_up_at: None,
             latency_saved_at: now,

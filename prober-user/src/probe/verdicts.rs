@@ -28,21 +28,22 @@ impl Prober {
         while self.maps.events.next().is_some() {}
     }
 
-    /// Tells the datapath what the controller holds of target `id` (its
-    /// lossy nonce is the prober's own: kept).
+    /// Tells the datapath what the controller holds of target `id`, when
+    /// that changed (its lossy nonce is the prober's own: kept).
     pub fn set_expectation(&mut self, id: u32, expectation: Expectation) -> Result<()> {
         let index = id as usize;
         if self.expectations.len() <= index {
             self.expectations.resize(index + 1, Expectation::default());
         }
-        let lossy_nonce = self.expectations[index].lossy_nonce;
-        self.write_expectation(
-            id,
-            Expectation {
-                lossy_nonce,
-                ..expectation
-            },
-        )
+        let held = self.expectations[index];
+        let wanted = Expectation {
+            lossy_nonce: held.lossy_nonce,
+            ..expectation
+        };
+        if wanted == held {
+            return Ok(());
+        }
+        self.write_expectation(id, wanted)
     }
 
     fn write_expectation(&mut self, id: u32, expectation: Expectation) -> Result<()> {
