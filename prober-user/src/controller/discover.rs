@@ -4,20 +4,16 @@
 use super::*;
 
 impl Controller {
-    /// Gives each of the plan's probes its track (new: from what an
-    /// earlier run saved, else up as IPVS has it) and its settings, once
-    /// the prober has given it an id.
-    fn track_probes(&mut self, plan: &Plan, now: Instant) {
+    /// Gives each of the plan's new probes its track (from what an
+    /// earlier run saved, else up as IPVS has it), once the prober has
+    /// given it an id.
+    fn track_probes(&mut self, now: Instant) {
         self.probes.reserve(self.prober.targets_len());
-        for (spec, planned) in &plan.probes {
-            let settings = &planned.settings;
+        for spec in self.plan.probes.keys() {
             let Some(id) = self.prober.id_of(spec) else {
                 continue;
             };
-            // A new interval or timeout (a reload) reaches the datapath
-            // with its expectation (see `discover`).
-            if let Some(track) = self.probes.get_mut(id) {
-                track.settings = *settings;
+            if self.probes.get(id).is_some() {
                 continue;
             }
             let remembered = self
@@ -32,7 +28,7 @@ impl Controller {
                 .filter(|r| r.latency_ns > 0)
                 .map(|r| LatencyEwma::new(r.latency_ns as f64, now));
             let health = Health::new(state, now);
-            let track = tracks::ProbeTrack::new(*settings, health, latency, now);
+            let track = tracks::ProbeTrack::new(health, latency, now);
             self.probes.insert(id, track);
         }
         self.up_probes = self
@@ -339,9 +335,6 @@ impl Controller {
             .chain(plan.bindings.iter().map(|b| b.probe.to_string()))
             .collect();
         self.alerts.set_topology(topology, &subjects);
-        let specs: Vec<ProbeSpec> = plan.probes.keys().copied().collect();
-        self.prober.sync_targets(&specs)?;
-        self.track_probes(&plan, now);
         // NAT real servers: the director sees both directions of their traffic.
         let nat: Vec<passive::Server> = plan
             .bindings
@@ -350,13 +343,17 @@ impl Controller {
             .map(|b| (b.destination.addr, b.destination.port))
             .collect();
         self.passive.sync(&nat)?;
+        let specs: Vec<ProbeSpec> = plan.probes.keys().copied().collect();
+        self.prober.sync_targets(&specs)?;
+        // From here the plan, its probes' ids and their tracks agree.
+        self.plan = plan;
+        self.track_probes(now);
         // The datapath learns what is held of new targets, and of those
         // whose interval or timeout changed (a write each; the rest cost a
         // comparison). New ones go out at their slot's next turn.
         for spec in &specs {
             self.write_expectation(*spec);
         }
-        self.plan = plan;
         self.pool_settled.clear();
         self.dump_fingerprint = Some(fingerprint);
         if let Some(store) = &self.store {

@@ -239,12 +239,15 @@ impl Controller {
             self.save_health(spec, false, now);
             return; // excused: no evidence either way
         }
+        let Some(planned) = self.plan.probes.get(&spec) else {
+            return; // in the datapath, not (yet) in the plan
+        };
         let track = self.probes.get_mut(id).expect("looked up above");
         track.evidence = true;
         let transition =
             track
                 .health
-                .observe_settled(seen, event.in_row, track.settings.limits, now);
+                .observe_settled(seen, event.in_row, planned.settings.limits, now);
         if let Some(t) = transition {
             self.on_transition(spec, t, now);
         }
@@ -267,7 +270,9 @@ impl Controller {
         } else {
             self.up_probes = self.up_probes.saturating_sub(1);
         }
-        let recovery = track.settings.interval * (track.settings.limits.rise + 1);
+        let recovery = self.plan.probes.get(&spec).map_or(Duration::ZERO, |p| {
+            p.settings.interval * (p.settings.limits.rise + 1)
+        });
         touch_pools_of_probe(&mut self.touched, &self.plan, &spec, |_| true);
         let host = spec.real_server();
         let diagnoses_host = self.plan.host_probe(host) == Some(spec);
@@ -389,9 +394,11 @@ impl Controller {
         let Some(id) = self.prober.id_of(&spec) else {
             return;
         };
-        let Some(track) = self.probes.get(id) else {
+        let (Some(track), Some(planned)) = (self.probes.get(id), self.plan.probes.get(&spec))
+        else {
             return;
         };
+        let settings = planned.settings;
         let wanted = Expectation {
             state: match (track.evidence, track.health.state()) {
                 (false, _) => expected::UNKNOWN,
@@ -399,8 +406,8 @@ impl Controller {
                 (true, State::Down) => expected::DOWN,
             },
             _pad: [0; 3],
-            timeout_us: micros(track.settings.timeout),
-            interval_us: micros(track.settings.interval),
+            timeout_us: micros(settings.timeout),
+            interval_us: micros(settings.interval),
             lossy_nonce: 0, // the prober's own (see `Prober::set_expectation`)
         };
         if let Err(e) = self.prober.set_expectation(id, wanted) {

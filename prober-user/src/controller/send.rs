@@ -128,11 +128,16 @@ impl Controller {
         );
         let turn = self.tick_interval();
         for &id in &ids {
-            let Some(track) = self.probes.get_mut(id) else {
+            let Some(spec) = self.prober.spec_of(id) else {
+                continue;
+            };
+            let (Some(track), Some(planned)) =
+                (self.probes.get_mut(id), self.plan.probes.get(&spec))
+            else {
                 continue;
             };
             // As the datapath does: due half a turn short of its interval.
-            let interval = track.settings.interval;
+            let interval = planned.settings.interval;
             let due_after = interval - turn.min(interval) / 2;
             if track
                 .unresolved_settled_at

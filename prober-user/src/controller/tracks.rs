@@ -5,10 +5,10 @@
 
 use std::time::Instant;
 
-use crate::{health::Health, targets::ProbeSettings, weights::LatencyEwma};
+use crate::{health::Health, weights::LatencyEwma};
 
+/// A probe's health and latency (its settings are the plan's).
 pub(super) struct ProbeTrack {
-    pub(super) settings: ProbeSettings,
     pub(super) health: Health,
     /// Whether this run has seen any result yet: until then the weights
     /// this probe decides are left as IPVS has them.
@@ -33,14 +33,8 @@ pub(super) struct ProbeTrack {
 impl ProbeTrack {
     /// A probe first seen in this run: `health` as IPVS or an earlier run
     /// left it, nothing heard yet.
-    pub(super) fn new(
-        settings: ProbeSettings,
-        health: Health,
-        latency: Option<LatencyEwma>,
-        now: Instant,
-    ) -> Self {
+    pub(super) fn new(health: Health, latency: Option<LatencyEwma>, now: Instant) -> Self {
         Self {
-            settings,
             health,
             evidence: false,
             latency,
@@ -121,12 +115,7 @@ mod tests {
     use crate::health::State;
 
     fn track(now: Instant) -> ProbeTrack {
-        let settings = ProbeSettings {
-            interval: std::time::Duration::from_secs(1),
-            timeout: std::time::Duration::from_secs(1),
-            limits: crate::health::RiseFall { rise: 2, fall: 3 },
-        };
-        ProbeTrack::new(settings, Health::new(State::Up, now), None, now)
+        ProbeTrack::new(Health::new(State::Up, now), None, now)
     }
 
     #[test]
