@@ -177,7 +177,7 @@ impl Controller {
                     track.current,
                     update.weight
                 );
-                track.last_change = Some(change(track.current, update.weight, why));
+                track.last_change = Some(Box::new(change(track.current, update.weight, why)));
                 track.current = update.weight;
                 track.written = Some(update.weight);
                 track.unsure = None;

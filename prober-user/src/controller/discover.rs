@@ -289,6 +289,7 @@ impl Controller {
         self.path.retain(|p| plan.probes.contains_key(p));
         for (id, spec) in dropped {
             self.probes.remove(id);
+            self.unresolved_settled.remove(&id);
             store.remove_health(&health_key(&spec));
         }
         // An operator must not believe these are checked: each is said

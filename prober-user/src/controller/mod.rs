@@ -97,7 +97,8 @@ struct DestTrack {
     /// A weight prober tried to write when the socket failed mid-batch:
     /// found in IPVS, it is prober's own, not an operator's.
     unsure: Option<u32>,
-    last_change: Option<crate::status::Change>,
+    /// Boxed: most destinations of a large director never change.
+    last_change: Option<Box<crate::status::Change>>,
 }
 
 impl DestTrack {
@@ -238,6 +239,9 @@ pub struct Controller {
     slot_left: Option<SlotsLeft>,
     /// This tick's unresolved targets of a slot (kept to reuse).
     due_ids: Vec<u32>,
+    /// When each target waiting for its next hop's MAC was last settled
+    /// as a timeout, by target id: few at a time, so not in every track.
+    unresolved_settled: FxHashMap<u32, Instant>,
     probe_events: Vec<prober_common::ProbeEvent>,
     /// This tick's passive samples (kept to reuse).
     passive_deltas: Vec<(passive::Server, passive::Delta)>,
@@ -370,6 +374,7 @@ impl Controller {
             next_slot: 0,
             slot_left: None,
             due_ids: Vec::new(),
+            unresolved_settled: FxHashMap::default(),
             touched: HashSet::new(),
             latency_touched: HashSet::new(),
             pool_cursor: 0,

@@ -126,26 +126,32 @@ impl Controller {
                 .copied()
                 .filter(|&id| schedule::slot_of(id) == slot),
         );
+        // Targets resolved since are forgotten (the list is in id order).
+        let unresolved = self.prober.unresolved_targets();
+        if self.unresolved_settled.len() > 2 * unresolved.len() + 64 {
+            self.unresolved_settled
+                .retain(|id, _| unresolved.binary_search(id).is_ok());
+        }
         let turn = self.tick_interval();
         for &id in &ids {
             let Some(spec) = self.prober.spec_of(id) else {
                 continue;
             };
-            let (Some(track), Some(planned)) =
-                (self.probes.get_mut(id), self.plan.probes.get(&spec))
+            let (Some(_), Some(planned)) = (self.probes.get(id), self.plan.probes.get(&spec))
             else {
                 continue;
             };
             // As the datapath does: due half a turn short of its interval.
             let interval = planned.settings.interval;
             let due_after = interval - turn.min(interval) / 2;
-            if track
-                .unresolved_settled_at
-                .is_some_and(|at| now < at + due_after)
+            if self
+                .unresolved_settled
+                .get(&id)
+                .is_some_and(|&at| now < at + due_after)
             {
                 continue;
             }
-            track.unresolved_settled_at = Some(now);
+            self.unresolved_settled.insert(id, now);
             let timeout = ProbeEvent {
                 target_id: id,
                 outcome: outcome::TIMED_OUT,

@@ -108,7 +108,7 @@ impl Controller {
                     ipvs: dest.current,
                 },
                 rtt,
-                last_change: dest.last_change.clone(),
+                last_change: dest.last_change.as_deref().cloned(),
             });
         }
         let _ = now;

@@ -22,9 +22,6 @@ pub(super) struct ProbeTrack {
     /// boxed, as most servers have none and each probe's track is kept
     /// for every one of 100,000 real servers.
     pub(super) clients: Option<Box<ClientTimes>>,
-    /// When its next hop's MAC was last missing at its slot (settled
-    /// as a timeout then).
-    pub(super) unresolved_settled_at: Option<Instant>,
     /// When it last came up in this run (slow start).
     pub(super) came_up_at: Option<Instant>,
     pub(super) latency_saved_at: Instant,
@@ -40,7 +37,6 @@ impl ProbeTrack {
             latency,
             active_rtt_ns: 0,
             clients: None,
-            unresolved_settled_at: None,
             came_up_at: None,
             latency_saved_at: now,
         }
