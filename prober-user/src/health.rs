@@ -44,7 +44,7 @@ pub struct Transition {
 }
 
 /// Consecutive results needed to change state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RiseFall {
     /// Successes in a row that bring a down target up.
     pub rise: u32,

@@ -64,7 +64,7 @@ pub struct Binding {
 
 /// How often and how strictly one probe runs: the strictest settings of the
 /// services that use it (see [`ProbeSettings::strictest`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProbeSettings {
     pub interval: std::time::Duration,
     pub timeout: std::time::Duration,
@@ -105,30 +105,59 @@ impl CheckSettings {
     }
 }
 
-/// A probe of the plan: how it runs, and which bindings it checks (a
-/// range of `Plan::probe_bindings`, set by `Plan::index`: most probes
-/// have one binding, and a list of one cost 100 bytes a probe).
+/// A probe of the plan: how it runs (an index into
+/// `Plan::probe_settings`: a large director has 100,000 probes and a few
+/// distinct settings), and which bindings it checks (a range of
+/// `Plan::probe_bindings`, set by `Plan::index`: most probes have one
+/// binding, and a list of one cost 100 bytes a probe).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlannedProbe {
-    pub settings: ProbeSettings,
+    settings: u32,
     bindings_start: u32,
     bindings_len: u32,
 }
 
 impl PlannedProbe {
-    fn new(settings: ProbeSettings) -> Self {
+    fn new(settings: u32) -> Self {
         Self {
             settings,
             bindings_start: 0,
             bindings_len: 0,
         }
     }
+}
 
-    fn strictest(self, other: Self) -> Self {
-        Self {
-            settings: self.settings.strictest(other.settings),
-            ..self
-        }
+/// The distinct probe settings of a plan being built, each once.
+#[derive(Default)]
+struct SettingsTable {
+    list: Vec<ProbeSettings>,
+    index: FxHashMap<ProbeSettings, u32>,
+}
+
+impl SettingsTable {
+    fn intern(&mut self, settings: ProbeSettings) -> u32 {
+        *self.index.entry(settings).or_insert_with(|| {
+            self.list.push(settings);
+            (self.list.len() - 1) as u32
+        })
+    }
+
+    /// Adds `settings` for `probe`, merged with what other services asked.
+    fn merge_into(
+        &mut self,
+        probes: &mut FxHashMap<ProbeSpec, PlannedProbe>,
+        probe: ProbeSpec,
+        settings: ProbeSettings,
+    ) {
+        let merged = match probes.get(&probe) {
+            Some(p) => self.list[p.settings as usize].strictest(settings),
+            None => settings,
+        };
+        let index = self.intern(merged);
+        probes
+            .entry(probe)
+            .or_insert(PlannedProbe::new(index))
+            .settings = index;
     }
 }
 
@@ -142,8 +171,8 @@ pub fn host_probe(host: IpAddr) -> ProbeSpec {
 }
 
 /// Adds `settings` for `key`, merged with what other services asked.
-fn merge_into<K: std::hash::Hash + Eq, S: Copy, H: std::hash::BuildHasher>(
-    map: &mut HashMap<K, S, H>,
+fn merge_into<K: std::hash::Hash + Eq, S: Copy>(
+    map: &mut HashMap<K, S>,
     key: K,
     settings: S,
     strictest: fn(S, S) -> S,
@@ -160,6 +189,8 @@ pub struct Plan {
     /// probes. Keyed by what IPVS names, never by what the network sends:
     /// a fast unkeyed hash is safe.
     pub probes: FxHashMap<ProbeSpec, PlannedProbe>,
+    /// The distinct settings of `probes`.
+    probe_settings: Vec<ProbeSettings>,
     pub checks: HashMap<CheckSpec, CheckSettings>,
     /// The real server hosts that have their L3 probe ([`host_probe`]), for
     /// root-cause diagnosis (none when `diagnose` is off).
@@ -187,6 +218,11 @@ impl Plan {
         self.probe_bindings[start as usize..(start + len) as usize]
             .iter()
             .map(|&i| i as usize)
+    }
+
+    /// How the plan runs `probe`, if it is one of its probes.
+    pub fn settings_of(&self, probe: &ProbeSpec) -> Option<ProbeSettings> {
+        Some(self.probe_settings[self.probes.get(probe)?.settings as usize])
     }
 
     /// The L3 probe diagnosing `host`, if it has one.
@@ -263,6 +299,7 @@ pub fn capacity_for(needed: usize) -> u32 {
 /// order) are left unchecked, with the reason, never silently.
 pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize) -> Plan {
     let mut plan = Plan::default();
+    let mut settings_table = SettingsTable::default();
     plan.bindings
         .reserve_exact(services.iter().map(|vs| vs.destinations.len()).sum());
     for vs in services {
@@ -293,12 +330,7 @@ pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize
         for dest in &vs.destinations {
             match probe_for(&key, dest, choice, settings.and_then(|s| s.port)) {
                 Ok(probe) => {
-                    merge_into(
-                        &mut plan.probes,
-                        probe,
-                        PlannedProbe::new(probe_settings),
-                        PlannedProbe::strictest,
-                    );
+                    settings_table.merge_into(&mut plan.probes, probe, probe_settings);
                     // Direct routing: the real server answers on the VIP,
                     // at the service's port, whatever the L4 probe is.
                     let vip = match (dest.forwarding, key) {
@@ -371,8 +403,9 @@ pub fn plan_within(services: &[VirtualService], config: &Config, capacity: usize
     for &host in &plan.hosts {
         plan.probes
             .entry(host_probe(host))
-            .or_insert(PlannedProbe::new(host_settings));
+            .or_insert(PlannedProbe::new(settings_table.intern(host_settings)));
     }
+    plan.probe_settings = settings_table.list;
     fit(&mut plan, capacity);
     plan.bindings.shrink_to_fit();
     plan.index();
@@ -684,7 +717,8 @@ mod tests {
         let plan = plan(&services, &config);
         assert_eq!(plan.bindings.len(), 1);
         assert_eq!(plan.bindings[0].probe.to_string(), "tcp:192.0.2.3:9000");
-        assert_eq!(plan.probes[&plan.bindings[0].probe].settings.limits.fall, 7);
+        let settings = plan.settings_of(&plan.bindings[0].probe).unwrap();
+        assert_eq!(settings.limits.fall, 7);
     }
 
     #[test]
@@ -727,9 +761,10 @@ fall = 6
         let forward = plan(&[a.clone(), b.clone()], &config);
         let backward = plan(&[b, a], &config);
         let probe = forward.bindings[0].probe;
-        let settings = forward.probes[&probe].settings;
+        let settings = forward.settings_of(&probe).unwrap();
         assert_eq!(
-            settings, backward.probes[&probe].settings,
+            Some(settings),
+            backward.settings_of(&probe),
             "IPVS order changes nothing"
         );
         assert_eq!(

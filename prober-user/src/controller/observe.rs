@@ -239,15 +239,14 @@ impl Controller {
             self.save_health(spec, false, now);
             return; // excused: no evidence either way
         }
-        let Some(planned) = self.plan.probes.get(&spec) else {
+        let Some(settings) = self.plan.settings_of(&spec) else {
             return; // in the datapath, not (yet) in the plan
         };
         let track = self.probes.get_mut(id).expect("looked up above");
         track.evidence = true;
-        let transition =
-            track
-                .health
-                .observe_settled(seen, event.in_row, planned.settings.limits, now);
+        let transition = track
+            .health
+            .observe_settled(seen, event.in_row, settings.limits, now);
         if let Some(t) = transition {
             self.on_transition(spec, t, now);
         }
@@ -270,9 +269,10 @@ impl Controller {
         } else {
             self.up_probes = self.up_probes.saturating_sub(1);
         }
-        let recovery = self.plan.probes.get(&spec).map_or(Duration::ZERO, |p| {
-            p.settings.interval * (p.settings.limits.rise + 1)
-        });
+        let recovery = self
+            .plan
+            .settings_of(&spec)
+            .map_or(Duration::ZERO, |s| s.interval * (s.limits.rise + 1));
         touch_pools_of_probe(&mut self.touched, &self.plan, &spec, |_| true);
         let host = spec.real_server();
         let diagnoses_host = self.plan.host_probe(host) == Some(spec);
@@ -394,11 +394,10 @@ impl Controller {
         let Some(id) = self.prober.id_of(&spec) else {
             return;
         };
-        let (Some(track), Some(planned)) = (self.probes.get(id), self.plan.probes.get(&spec))
+        let (Some(track), Some(settings)) = (self.probes.get(id), self.plan.settings_of(&spec))
         else {
             return;
         };
-        let settings = planned.settings;
         let wanted = Expectation {
             state: match (track.evidence, track.health.state()) {
                 (false, _) => expected::UNKNOWN,

@@ -137,12 +137,12 @@ impl Controller {
             let Some(spec) = self.prober.spec_of(id) else {
                 continue;
             };
-            let (Some(_), Some(planned)) = (self.probes.get(id), self.plan.probes.get(&spec))
+            let (Some(_), Some(settings)) = (self.probes.get(id), self.plan.settings_of(&spec))
             else {
                 continue;
             };
             // As the datapath does: due half a turn short of its interval.
-            let interval = planned.settings.interval;
+            let interval = settings.interval;
             let due_after = interval - turn.min(interval) / 2;
             if self
                 .unresolved_settled
