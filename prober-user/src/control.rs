@@ -197,6 +197,12 @@ impl std::fmt::Display for NotRunning {
 
 impl std::error::Error for NotRunning {}
 
+/// How long a CLI call waits for the daemon's answer: the status of
+/// 100,000 real servers is built between ticks and took over 15 s on a
+/// loaded emulated director (a debug build); giving up sooner showed an
+/// operator nothing.
+const ANSWER_WAIT: Duration = Duration::from_secs(120);
+
 /// Sends one request to the daemon owning `socket` (a CLI call).
 pub fn request(socket: &Path, request: Request) -> Result<Response> {
     let mut stream = match StdUnixStream::connect(socket) {
@@ -217,14 +223,29 @@ pub fn request(socket: &Path, request: Request) -> Result<Response> {
             return Err(e).with_context(|| format!("connecting to {}", socket.display()));
         }
     };
-    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    stream.set_read_timeout(Some(ANSWER_WAIT))?;
     let mut text = serde_json::to_string(&request)?;
     text.push('\n');
     stream.write_all(text.as_bytes())?;
     let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .with_context(|| format!("reading the answer from {}", socket.display()))?;
+    match BufReader::new(stream).read_line(&mut line) {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            bail!(
+                "the daemon on {} did not answer within {} s (stalled or overloaded: its log says why)",
+                socket.display(),
+                ANSWER_WAIT.as_secs()
+            );
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading the answer from {}", socket.display()));
+        }
+    }
     if line.is_empty() {
         bail!("the daemon closed {} without answering", socket.display());
     }
