@@ -101,8 +101,9 @@ pub struct Target {
     pub written_mac: Option<[u8; 6]>,
     /// The path changed since the entry was written.
     pub path_changed: bool,
-    /// Why the probe cannot be sent (route, neighbour), if it cannot.
-    pub problem: Option<String>,
+    /// Why the probe cannot be sent (route, neighbour), hashed (0: it
+    /// can): enough to say each change once, without a string a target.
+    pub problem: u32,
     /// The route is fine but the next hop's MAC is not known: the host does
     /// not answer ARP, which counts against it.
     pub neighbour_unresolved: bool,
@@ -356,7 +357,7 @@ impl Prober {
                 path: Err("not looked up yet".into()),
                 written_mac: None,
                 path_changed: false,
-                problem: None,
+                problem: 0,
                 neighbour_unresolved: false,
             });
             self.ids.insert(*spec, id as u32);

@@ -404,7 +404,8 @@ impl Prober {
                 continue;
             };
             target.neighbour_unresolved = unresolved;
-            if target.problem != problem {
+            let problem_hash = problem.as_deref().map_or(0, problem_hash);
+            if target.problem != problem_hash {
                 // Said once per problem (a dead next hop can hold
                 // thousands of targets), with a count and one example.
                 let said = said.entry(problem.clone()).or_insert((0, target.spec));
@@ -430,7 +431,7 @@ impl Prober {
                 target.written_mac = mac;
             }
             target.path_changed = false;
-            target.problem = problem;
+            target.problem = problem_hash;
         }
         for (problem, (targets, example)) in said {
             match problem {
@@ -448,6 +449,14 @@ impl Prober {
         );
         Ok(())
     }
+}
+
+/// A problem's text hashed, never 0 (which stands for none).
+fn problem_hash(problem: &str) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = rustc_hash::FxHasher::default();
+    problem.hash(&mut hasher);
+    (hasher.finish() as u32).max(1)
 }
 
 /// A broadcast ARP request from `source` (at `mac`) for `target`.
