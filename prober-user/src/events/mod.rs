@@ -105,8 +105,6 @@ struct CheckDown {
 struct HostState {
     down: bool,
     reported: bool,
-    /// When L3 last answered (the diagnosis probe's last success).
-    answered_at: Option<Instant>,
     /// When the host last came back up (at L3, or at L4 first).
     up_at: Option<Instant>,
     /// When L3 last went down.
@@ -177,6 +175,11 @@ pub struct Alerts {
     settle_probes: u64,
     /// Whether hosts are probed at L3 at all.
     diagnose: bool,
+    /// When each host's L3 probe last answered: every host has one, so
+    /// apart from the few hosts with more to say (`hosts`), which a poll
+    /// goes through (a record each cost 120 bytes a host, and a scan of
+    /// 100,000 a tick).
+    answered: rustc_hash::FxHashMap<IpAddr, Instant>,
     hosts: HashMap<IpAddr, HostState>,
     checks: HashMap<String, CheckDown>,
     /// Every service using each host, for host events.
@@ -195,6 +198,7 @@ impl Alerts {
             settle: diagnosis.unwrap_or_default(),
             settle_probes: 0,
             diagnose: diagnosis.is_some(),
+            answered: Default::default(),
             hosts: HashMap::new(),
             checks: HashMap::new(),
             topology: Topology::default(),
@@ -246,6 +250,7 @@ impl Alerts {
     /// IPVS discovery): what is gone is forgotten.
     pub fn set_topology(&mut self, topology: Topology, checks: &HashSet<String>) {
         self.hosts.retain(|h, _| topology.has_host(*h));
+        self.answered.retain(|h, _| topology.has_host(*h));
         self.checks
             .retain(|subject, c| topology.has_host(c.host) && checks.contains(subject));
         self.empty_services
@@ -310,25 +315,27 @@ impl Alerts {
 
     /// The L3 probe of a host answered (`answered`) or went down/up.
     pub fn host_answered(&mut self, host: IpAddr, at: Instant) {
-        let answered = &mut self.hosts.entry(host).or_default().answered_at;
-        *answered = Some(answered.map_or(at, |before| before.max(at)));
+        self.answered
+            .entry(host)
+            .and_modify(|before| *before = (*before).max(at))
+            .or_insert(at);
     }
 
     /// The host's L3 probe went down; reported once L4 agrees (`poll`).
     pub fn host_down(&mut self, host: IpAddr, reason: String, now: Instant) {
-        let state = self.hosts.entry(host).or_default();
-        if state.answered_at.is_none() {
+        if !self.answered.contains_key(&host) {
             return; // never answered L3: it says nothing about the host
         }
+        let state = self.hosts.entry(host).or_default();
         state.down = true;
         state.reason = reason;
         state.down_since = Some(now);
     }
 
     pub fn host_up(&mut self, host: IpAddr, now: Instant) {
+        self.answered.insert(host, now);
         let state = self.hosts.entry(host).or_default();
         state.down = false;
-        state.answered_at = Some(now);
         state.up_at = Some(now);
         if !std::mem::take(&mut state.reported) {
             return;
@@ -489,9 +496,10 @@ impl Alerts {
             if recovering {
                 continue;
             }
-            let host_alive = host
-                .and_then(|h| h.answered_at)
-                .is_some_and(|at| at > down.since);
+            let host_alive = self
+                .answered
+                .get(&down.host)
+                .is_some_and(|&at| at > down.since);
             // Each of the host's probes that reports has had its chance
             // (an L4 check does not wait for itself).
             let had_chance = |i: usize| {
@@ -512,11 +520,13 @@ impl Alerts {
             let (layer, reason, services) =
                 (down.layer, down.reason.clone(), down.services.clone());
             // What L3 says about the host, in words.
-            let host = match self.hosts.get(&down.host) {
+            let answered = self.answered.contains_key(&down.host);
+            let l3_down = self.hosts.get(&down.host).is_some_and(|h| h.down);
+            let host = match (answered, l3_down) {
                 _ if !self.diagnose => "",
-                Some(h) if h.answered_at.is_some() && h.down => ", host down at L3 but up at L4",
-                Some(h) if h.answered_at.is_some() => ", host up",
-                _ => ", host never answered L3",
+                (true, true) => ", host down at L3 but up at L4",
+                (true, false) => ", host up",
+                (false, _) => ", host never answered L3",
             };
             let message = format!(
                 "RS {subject} down at {layer} ({reason}){host}: {} service{} affected ({})",
