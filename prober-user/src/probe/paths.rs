@@ -356,8 +356,9 @@ impl Prober {
             .filter_map(|n| Some(((n.ifindex, n.addr), n.mac?)))
             .collect();
         let src_mac = self.routes.link_mac(self.ifindex)?;
-        // A new interface MAC: every entry is written again.
-        let src_mac_changed = self.src_mac.replace(src_mac) != Some(src_mac);
+        // A new interface MAC: every entry is written again (remembered
+        // once all are, so a failed write leaves the rest to the next read).
+        let src_mac_changed = self.src_mac != Some(src_mac);
         let now = Instant::now();
         // A hop resolved again starts its backoff afresh next time.
         for (_, addr) in neighbours.keys() {
@@ -433,6 +434,7 @@ impl Prober {
             target.path_changed = false;
             target.problem = problem_hash;
         }
+        self.src_mac = Some(src_mac);
         for (problem, (targets, example)) in said {
             match problem {
                 Some(p) => warn!(targets, example = %example, "cannot probe: {p}"),
