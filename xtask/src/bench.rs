@@ -109,6 +109,7 @@ fn scale(args: &[String]) -> Result<()> {
         name: "scale".into(),
         path: release.join("scale"),
         args: program_args.clone(),
+        alone: true,
     };
     let started = std::time::Instant::now();
     let outcome = vm::run_programs(&[program], Duration::from_secs(4 * 3600), SCALE_GUEST);

@@ -37,6 +37,7 @@ pub fn run() -> Result<()> {
         name: "demo".into(),
         path: target.join("debug").join("demo"),
         args: Vec::new(),
+        alone: true,
     };
     let results = vm::run_programs(&[demo], Duration::from_secs(600), vm::GuestShape::TESTS)?;
     if results.iter().any(|r| r.status != Some(0)) {

@@ -40,17 +40,33 @@ const VM_PACKAGES: &[&str] = &[
 ];
 
 /// Test targets (of the `prober-tests` crate, feature `guest`) that need
-/// the guest; `cargo xtask test` runs all of them.
+/// the guest; `cargo xtask test` runs all of them. Side by side (see
+/// [`ALONE`]) they start in this order, the longest first, so that the
+/// lanes end together.
 pub const GUEST_TESTS: &[&str] = &[
-    "guest_ipvs",
-    "guest_probe",
-    "guest_controller",
-    "guest_passive",
-    "guest_checks",
-    "guest_operator",
-    "guest_faults",
     "guest_scale",
+    "guest_controller",
+    "guest_faults",
+    "guest_operator",
+    "guest_checks",
+    "guest_probe",
+    "guest_passive",
     "guest_pair",
+    "guest_ipvs",
+];
+
+/// What a full run gives the guest to itself, before the rest runs side
+/// by side (a lane per vCPU: most guest tests wait on probe intervals,
+/// so two at a time take about half the time): a test target and the one
+/// test of it that must be alone, or all of them.
+const ALONE: &[(&str, Option<&str>)] = &[
+    // Unloads ip_vs, which every other IPVS test uses.
+    (
+        "guest_faults",
+        Some("without_the_ip_vs_module_it_waits_and_follows_ipvs_once_loaded"),
+    ),
+    // 70,200 probes from a debug build keep both vCPUs busy.
+    ("guest_scale", None),
 ];
 
 /// Modules the initramfs loads to mount the host's root over virtio 9p
@@ -96,12 +112,33 @@ pub fn test_in_guest(options: &VmTestOptions) -> Result<()> {
     };
     // The guest tests run `prober` itself too.
     run_command(cargo().args(["build", "--package", "prober-user"]))?;
-    let mut binaries = build_test_binaries(&tests)?;
-    let mut args = vec!["--test-threads=1".to_string(), "--show-output".to_string()];
+    let built = build_test_binaries(&tests)?;
+    // Per-test times in the output (libtest's unstable --report-time,
+    // allowed at run time by RUSTC_BOOTSTRAP, set in the guest script).
+    let mut args: Vec<String> = [
+        "--test-threads=1",
+        "--show-output",
+        "-Z",
+        "unstable-options",
+        "--report-time",
+    ]
+    .map(String::from)
+    .to_vec();
     args.extend(options.test_args.iter().cloned());
-    for binary in &mut binaries {
-        binary.args = args.clone();
-    }
+    let full_run = options.tests.is_empty() && options.test_args.is_empty();
+    let mut binaries = if full_run {
+        side_by_side(built, &args)
+    } else {
+        // Chosen tests run one after another, as asked.
+        built
+            .into_iter()
+            .map(|binary| GuestProgram {
+                args: args.clone(),
+                alone: true,
+                ..binary
+            })
+            .collect()
+    };
     // The demo checks that it shows what the README says: part of every
     // full run, in the same boot.
     if options.tests.is_empty() {
@@ -110,6 +147,7 @@ pub fn test_in_guest(options: &VmTestOptions) -> Result<()> {
             name: "demo".into(),
             path: target_dir().join("debug").join("demo"),
             args: Vec::new(),
+            alone: !full_run,
         });
     }
     let results = run_guest(&guest, &binaries, options.timeout, GuestShape::TESTS)?;
@@ -456,10 +494,14 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 // -------------------------------------------------------------- test binaries
 
+#[derive(Clone)]
 pub struct GuestProgram {
     pub name: String,
     pub path: PathBuf,
     pub args: Vec<String>,
+    /// Runs with the guest to itself; programs that need not run side by
+    /// side, a lane per vCPU.
+    pub alone: bool,
 }
 
 /// `cargo test --no-run` for the guest targets; their paths from cargo's
@@ -505,6 +547,7 @@ fn build_test_binaries(tests: &[String]) -> Result<Vec<GuestProgram>> {
                 name: name.to_string(),
                 path: PathBuf::from(path),
                 args: Vec::new(),
+                alone: true,
             });
         }
     }
@@ -527,6 +570,49 @@ pub struct BinaryResult {
 /// Quotes for sh: the guest script runs host paths and arguments.
 fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// A full run's programs: [`ALONE`]'s tests first, each by itself, then
+/// every target (less what ran alone) side by side in [`GUEST_TESTS`]'
+/// order.
+fn side_by_side(built: Vec<GuestProgram>, args: &[String]) -> Vec<GuestProgram> {
+    let mut programs = Vec::new();
+    for (name, only) in ALONE {
+        if let Some(binary) = built.iter().find(|b| b.name == *name) {
+            let mut args = args.to_vec();
+            if let Some(test) = only {
+                args.extend(["--exact".to_string(), test.to_string()]);
+            }
+            programs.push(GuestProgram {
+                args,
+                alone: true,
+                ..binary.clone()
+            });
+        }
+    }
+    for name in GUEST_TESTS {
+        let Some(binary) = built.iter().find(|b| b.name == *name) else {
+            continue;
+        };
+        match ALONE.iter().find(|(alone, _)| alone == name) {
+            Some((_, None)) => {} // all of it ran alone
+            Some((_, Some(test))) => {
+                let mut args = args.to_vec();
+                args.extend(["--skip".to_string(), test.to_string()]);
+                programs.push(GuestProgram {
+                    args,
+                    alone: false,
+                    ..binary.clone()
+                });
+            }
+            None => programs.push(GuestProgram {
+                args: args.to_vec(),
+                alone: false,
+                ..binary.clone()
+            }),
+        }
+    }
+    programs
 }
 
 /// The guest's vCPUs and memory.
@@ -603,14 +689,39 @@ fn run_guest(
         "cd {}",
         shell_quote(&workspace_root().join("tests").to_string_lossy())
     );
+    // Libtest's unstable options (--report-time) for the test binaries.
+    let _ = writeln!(script, "export RUSTC_BOOTSTRAP=1");
     for (i, binary) in binaries.iter().enumerate() {
         let quoted_args: Vec<String> = binary.args.iter().map(|a| shell_quote(a)).collect();
         let _ = writeln!(
             script,
-            "{} {} > {out_q}/{i}.log 2>&1; echo $? > {out_q}/{i}.status",
+            "run_{i}() {{ {} {} > {out_q}/{i}.log 2>&1; echo $? > {out_q}/{i}.status; }}",
             shell_quote(&binary.path.to_string_lossy()),
             quoted_args.join(" ")
         );
+    }
+    // Programs alone run in order; a stretch of the others runs in a lane
+    // per vCPU, each lane taking the next program not yet taken (mkdir is
+    // the atomic claim).
+    let mut i = 0;
+    while i < binaries.len() {
+        if binaries[i].alone {
+            let _ = writeln!(script, "run_{i}");
+            i += 1;
+            continue;
+        }
+        let stretch: Vec<String> = (i..binaries.len())
+            .take_while(|&j| !binaries[j].alone)
+            .map(|j| j.to_string())
+            .collect();
+        let _ = writeln!(
+            script,
+            "lane_{i}() {{ for j in {}; do mkdir {out_q}/claim-$j 2>/dev/null && run_$j; done; }}",
+            stretch.join(" ")
+        );
+        let lanes = vec![format!("lane_{i} &"); shape.cpus.max(1)].join(" ");
+        let _ = writeln!(script, "{lanes} wait");
+        i += stretch.len();
     }
     let _ = writeln!(script, "sync\necho b > /proc/sysrq-trigger");
     fs::write(out.join("run.sh"), script)?;
