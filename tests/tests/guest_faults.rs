@@ -899,6 +899,9 @@ fn without_the_ip_vs_module_it_waits_and_follows_ipvs_once_loaded() {
         .filter(|m| m.starts_with("ip_vs"))
         .collect();
     ipvs_modules.sort_by_key(|m| *m == "ip_vs");
+    // What the daemon needs besides IPVS is loaded first (clsact and the
+    // BPF classifier): this test may be the first of a boot.
+    run(Command::new("modprobe").args(["-a", "sch_ingress", "cls_bpf"])).unwrap();
     let blocked = ModprobePath::set("/bin/false");
     for module in &ipvs_modules {
         let _ = Command::new("rmmod").arg(module).status();
