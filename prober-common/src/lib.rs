@@ -239,6 +239,13 @@ pub mod encap {
     pub const IPIP: u8 = 1;
 }
 
+/// [`ProbeTarget::flags`] bits.
+pub mod target_flags {
+    /// Not sent while set (the entry is kept, so replies still match): a
+    /// host's L3 diagnosis probe while every check of the host answers.
+    pub const PAUSED: u8 = 1;
+}
+
 /// Address family codes in map entries.
 pub mod family {
     pub const IPV4: u8 = 4;
@@ -348,7 +355,8 @@ pub struct ProbeTarget {
     pub family: u8,
     /// [`encap`].
     pub encap: u8,
-    pub _pad0: u8,
+    /// [`target_flags`].
+    pub flags: u8,
     /// Destination port, network byte order (TCP).
     pub dst_port: u16,
     /// Source port (TCP) or echo identifier (ICMP), network byte order:
@@ -721,7 +729,7 @@ mod tests {
             timeouts_excused: u64, arp_replies: u64, sends_held_for_timeout: u64,
         });
         assert_no_holes!(ProbeTarget, 88, {
-            dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, _pad0: u8,
+            dst_mac: [u8; 6], src_mac: [u8; 6], kind: u8, family: u8, encap: u8, flags: u8,
             dst_port: u16, src_port: u16, ifindex: u32, src_addr: [u8; 16], dst_addr: [u8; 16],
             outer_src: [u8; 16], real_server: [u8; 16],
         });

@@ -22,8 +22,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use prober_common::{
-    cookie::probe_cookie, encap, family, outcome, probe_kind, BatchCursor, Expectation,
-    ProbeConfig, ProbeState, ProbeTarget,
+    cookie::probe_cookie, encap, family, outcome, probe_kind, target_flags, BatchCursor,
+    Expectation, ProbeConfig, ProbeState, ProbeTarget,
 };
 
 use crate::{
@@ -165,9 +165,10 @@ pub fn try_probe_tx(ctx: &XdpContext) -> Result<u32, ()> {
     Ok(action as u32)
 }
 
-/// The next entry of the walk whose target is due and has a path, with
-/// its index, the cursor left after it; None when `WALK` entries (or the
-/// rest of the walk) have none; an error for a walk past the batch map.
+/// The next entry of the walk whose target is due, has a path and is not
+/// paused, with its index, the cursor left after it; None when `WALK`
+/// entries (or the rest of the walk) have none; an error for a walk past
+/// the batch map.
 #[inline(always)]
 fn next_due(cursor: &mut BatchCursor, now: u64) -> Result<Option<(u32, u32)>, ()> {
     let mut passed = 0;
@@ -182,7 +183,9 @@ fn next_due(cursor: &mut BatchCursor, now: u64) -> Result<Option<(u32, u32)>, ()
         let Some(&id) = PROBE_BATCH.get(index) else {
             return Err(());
         };
-        let has_path = PROBE_TARGETS.get(id).is_some_and(|t| t.kind != 0);
+        let has_path = PROBE_TARGETS
+            .get(id)
+            .is_some_and(|t| t.kind != 0 && t.flags & target_flags::PAUSED == 0);
         match PROBE_STATE.get(id) {
             Some(s) if has_path && s.next_send_ns <= now => {
                 if awaiting_answer(id, s, now) {

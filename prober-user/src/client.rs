@@ -87,7 +87,10 @@ pub fn print_stats(pin_dir: &Path, json: bool) -> Result<()> {
             "id", "probe", "sent", "answered", "refused", "unreach", "timeout", "last rtt"
         );
         for t in &all.targets {
-            let rtt = if t.last_rtt_ns == 0 {
+            let rtt = if t.paused {
+                // A host's L3 probe, sent only while its checks fail.
+                "paused".to_string()
+            } else if t.last_rtt_ns == 0 {
                 "-".to_string()
             } else {
                 format!("{:.3} ms", t.last_rtt_ns as f64 / 1e6)

@@ -10,8 +10,8 @@ use aya::{
 };
 use prober_common::{
     cookie::probe_cookie, encap, expected, family, map_names, probe_kind, program_names,
-    BatchCursor, DatapathCounters, Expectation, ProbeConfig, ProbeEvent, ProbeResults, ProbeState,
-    ProbeTarget,
+    target_flags, BatchCursor, DatapathCounters, Expectation, ProbeConfig, ProbeEvent,
+    ProbeResults, ProbeState, ProbeTarget,
 };
 use prober_tests::packets::*;
 use prober_user::{
@@ -714,7 +714,7 @@ fn tx_target(kind: u8, encapsulation: u8, dst: [u8; 4], port: u16, local_port: u
         kind,
         family: family::IPV4,
         encap: encapsulation,
-        _pad0: 0,
+        flags: 0,
         dst_port: port.to_be(),
         src_port: local_port.to_be(),
         ifindex: 1,
@@ -905,6 +905,32 @@ fn probe_tx_writes_an_echo_request_carrying_the_cookie() {
 }
 
 #[test]
+fn a_paused_target_is_walked_past_and_sent_again_once_resumed() {
+    let mut f = fixture();
+    let mut target = tx_target(probe_kind::ICMP_ECHO, encap::NONE, RS, 0, 4242);
+    let (action, _) = transmit(&mut f, target);
+    assert_eq!(action, XDP_REDIRECT);
+    mark_answered(&mut f);
+    // Paused: nothing goes out, the walk counts it as not due, and its
+    // counts stay as they were.
+    target.flags = target_flags::PAUSED;
+    let not_due = f.counters().entries_not_due;
+    let (action, _) = transmit(&mut f, target);
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(f.counters().entries_not_due, not_due + 1);
+    assert_eq!(f.counters().probe_errors, 0);
+    let state = f.maps.state.get(&5, 0).unwrap();
+    assert_eq!((state.sent, state.timed_out), (1, 0));
+    // Resumed: its next probe goes, the answered one no timeout.
+    target.flags = 0;
+    let (action, frame) = transmit(&mut f, target);
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(frame[23], 1, "an ICMP echo");
+    let state = f.maps.state.get(&5, 0).unwrap();
+    assert_eq!((state.sent, state.timed_out), (2, 0));
+}
+
+#[test]
 fn probe_tx_past_the_end_of_the_batch_sends_nothing() {
     let mut f = fixture();
     f.maps
@@ -946,7 +972,7 @@ fn probe_tx_survives_random_target_entries_and_batch_cursors() {
             ),
             family: pick(&[family::IPV4, family::IPV6, 0, 99], next()),
             encap: pick(&[encap::NONE, encap::IPIP, 2, 255], next()),
-            _pad0: next() as u8,
+            flags: next() as u8,
             dst_port: next() as u16,
             src_port: next() as u16,
             ifindex: 1,

@@ -13,6 +13,7 @@ use std::{
 };
 
 use prober_tests::{
+    field, find_target,
     http::{HttpServer, Route},
     prober_bin, unique_name, wait_for, Daemon, Lan, PinDir, LAN_IF,
 };
@@ -236,7 +237,42 @@ fn an_unplugged_host_is_one_root_cause_event_naming_every_service() {
     );
     let pin_dir = PinDir::new();
     let daemon = start(&lan, &pin_dir, &config);
-    thread::sleep(Duration::from_secs(2));
+    // Each host's L3 probe answers once, then rests while its checks
+    // answer; the TCP probes go on.
+    let l3 = |i: usize| format!("icmp:{}", Lan::server_addr(i));
+    let tcp = format!("tcp:{}", Lan::server_addr(0));
+    let paused = |stats: &serde_json::Value, i: usize| {
+        find_target(stats, &l3(i)).is_some_and(|t| t["paused"] == true)
+    };
+    let rested = wait_for(Duration::from_secs(20), || {
+        let stats = daemon.stats()?;
+        Ok((paused(&stats, 0) && paused(&stats, 1)).then_some(stats))
+    })
+    .unwrap_or_else(|e| panic!("L3 probes paused: {e}\n{}", daemon.log()));
+    thread::sleep(Duration::from_secs(2)); // ten intervals
+    let stats = daemon.stats().unwrap();
+    for i in 0..2 {
+        assert_eq!(
+            field(&stats, &l3(i), "sent"),
+            field(&rested, &l3(i), "sent"),
+            "{} paused sends nothing: {stats}",
+            l3(i)
+        );
+        assert!(field(&stats, &l3(i), "answered") > 0, "answered once");
+    }
+    let tcp_sent = |stats: &serde_json::Value| {
+        stats["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["probe"].as_str().unwrap().starts_with(&tcp))
+            .map(|t| t["sent"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert!(
+        tcp_sent(&stats) >= tcp_sent(&rested) + 5,
+        "the checks go on"
+    );
     assert!(events(&events_file).is_empty(), "no events while healthy");
 
     lan.servers[0].ip(&["link", "set", LAN_IF, "down"]).unwrap();
@@ -291,6 +327,11 @@ fn an_unplugged_host_is_one_root_cause_event_naming_every_service() {
     let body: serde_json::Value = serde_json::from_str(&posted.body).unwrap();
     assert_eq!(body["kind"], "host_down");
     assert_eq!(body["services"].as_array().unwrap().len(), 3);
+    // The dead host's L3 probe went out again to say so; the other rests.
+    let stats = daemon.stats().unwrap();
+    assert!(!paused(&stats, 0), "{stats}");
+    assert!(field(&stats, &l3(0), "timed_out") >= 3, "{stats}");
+    assert!(paused(&stats, 1), "{stats}");
 
     lan.servers[0].ip(&["link", "set", LAN_IF, "up"]).unwrap();
     for vs in services {
@@ -304,6 +345,11 @@ fn an_unplugged_host_is_one_root_cause_event_naming_every_service() {
     let seen = events(&events_file);
     assert_eq!(seen.len(), 2, "{seen:#?}");
     assert_eq!(seen[1]["kind"], "host_up");
+    // Back up, the host's L3 probe rests again.
+    wait_for(Duration::from_secs(20), || {
+        Ok(paused(&daemon.stats()?, 0).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("L3 probe paused again: {e}\n{}", daemon.log()));
 }
 
 #[test]

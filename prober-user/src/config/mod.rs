@@ -12,8 +12,9 @@
 //!                          # when it changes, and every 60 s; every 5 s
 //!                          # where the kernel refuses the change signal)
 //! manual_weights = "respect"   # or "overwrite": a weight changed by hand
-//! diagnose = true          # ICMP-probe each real server host, to tell a
-//!                          # dead host from a dead service in alerts
+//! diagnose = true          # ICMP-probe each real server host while its
+//!                          # checks fail, to tell a dead host from a dead
+//!                          # service in alerts
 //! max_checks = 256         # L7 checks and commands running at once
 //! max_probes = 131072      # probes the datapath holds (default: sized at
 //!                          # start from IPVS with room to grow, at least
@@ -93,7 +94,8 @@ pub struct Config {
     pub latency_aware: bool,
     pub policy: WeightPolicy,
     pub services: Vec<ServiceConfig>,
-    /// ICMP-probe every real server host for root-cause diagnosis.
+    /// ICMP-probe every real server host for root-cause diagnosis (sent
+    /// while its checks fail: see `controller::diagnosis`).
     pub diagnose: bool,
     /// L7 checks and commands running at once.
     pub max_checks: usize,

@@ -288,7 +288,9 @@ impl Controller {
             .collect();
         self.path.retain(|p| plan.probes.contains_key(p));
         for (id, spec) in dropped {
-            self.probes.remove(id);
+            if let Some(track) = self.probes.remove(id) {
+                self.failing_hosts.forget(&spec, &track);
+            }
             self.unresolved_settled.remove(&id);
             store.remove_health(&health_key(&spec));
         }
@@ -349,6 +351,11 @@ impl Controller {
         // From here the plan, its probes' ids and their tracks agree.
         self.plan = plan;
         self.track_probes(now);
+        // A host's L3 probe may have become a check, or one of many.
+        let hosts: Vec<IpAddr> = self.plan.hosts.iter().copied().collect();
+        for host in hosts {
+            self.pace_host_probe(host);
+        }
         // The datapath learns what is held of new targets, and of those
         // whose interval or timeout changed (a write each; the rest cost a
         // comparison). New ones go out at their slot's next turn.

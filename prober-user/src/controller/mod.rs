@@ -9,6 +9,7 @@
 
 mod act;
 mod decide;
+mod diagnosis;
 mod discover;
 mod ipvs_worker;
 mod observe;
@@ -245,8 +246,12 @@ pub struct Controller {
     probe_events: Vec<prober_common::ProbeEvent>,
     /// This tick's passive samples (kept to reuse).
     passive_deltas: Vec<(passive::Server, passive::Delta)>,
-    /// Hosts whose failed checks wait for their diagnosis, this tick.
+    /// Hosts whose failed checks wait for their diagnosis, this tick
+    /// (sorted), and last tick (kept to reuse).
     diagnosis_hosts: Vec<IpAddr>,
+    diagnosis_before: Vec<IpAddr>,
+    /// Hosts whose L3 probe goes out because another of their probes fails.
+    failing_hosts: diagnosis::FailingHosts,
     /// What the datapath had heard (matched replies, ARP replies) at the
     /// last tick.
     heard: crate::probe::Heard,
@@ -350,6 +355,8 @@ impl Controller {
             probe_events: Vec::new(),
             passive_deltas: Vec::new(),
             diagnosis_hosts: Vec::new(),
+            diagnosis_before: Vec::new(),
+            failing_hosts: Default::default(),
             heard: Default::default(),
             neighbours_asked_at: None,
             store: None,

@@ -252,6 +252,7 @@ impl Controller {
         }
         self.save_health(spec, transition.is_some(), now);
         self.write_expectation(spec);
+        self.steer_diagnosis(id, spec, seen.answered == 0);
     }
 
     /// A probe's state changed: its pools are recomputed, logs and alerts.
@@ -317,22 +318,7 @@ impl Controller {
         }
     }
 
-    /// Tells the alerts what the probes of hosts with a failed check did
-    /// (the datapath's counts, read for those hosts only): whether the
-    /// host still answers, and whether its probes had their chance.
-    pub(super) fn feed_diagnosis(&mut self) {
-        let mut hosts = std::mem::take(&mut self.diagnosis_hosts);
-        self.alerts.hosts_awaiting_diagnosis(&mut hosts);
-        if !hosts.is_empty() {
-            let clock = MonotonicClock::now();
-            for &host in &hosts {
-                self.feed_host_probes(host, &clock);
-            }
-        }
-        self.diagnosis_hosts = hosts;
-    }
-
-    fn feed_host_probes(&mut self, host: IpAddr, clock: &MonotonicClock) {
+    pub(super) fn feed_host_probes(&mut self, host: IpAddr, clock: &MonotonicClock) {
         let state = |spec: &ProbeSpec| {
             self.prober
                 .id_of(spec)

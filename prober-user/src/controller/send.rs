@@ -115,7 +115,7 @@ impl Controller {
 
     /// Settles, as timeouts, the probes of slot `slot` that cannot be sent
     /// for want of their next hop's MAC (the host does not answer ARP),
-    /// once per interval each.
+    /// once per interval each; paused ones are not due.
     fn settle_unresolved(&mut self, slot: u32, now: Instant) {
         let mut ids = std::mem::take(&mut self.due_ids);
         ids.clear();
@@ -124,7 +124,7 @@ impl Controller {
                 .unresolved_targets()
                 .iter()
                 .copied()
-                .filter(|&id| schedule::slot_of(id) == slot),
+                .filter(|&id| schedule::slot_of(id) == slot && !self.prober.paused(id)),
         );
         // Targets resolved since are forgotten (the list is in id order).
         let unresolved = self.prober.unresolved_targets();

@@ -13,6 +13,8 @@ pub(super) struct ProbeTrack {
     /// Whether this run has seen any result yet: until then the weights
     /// this probe decides are left as IPVS has them.
     pub(super) evidence: bool,
+    /// Its last settled outcome was a failure (see `diagnosis`).
+    pub(super) failing: bool,
     /// The latency weights use: the datapath's RTT estimate and the
     /// client handshakes' (see `observe::combined_latency`).
     pub(super) latency: Option<LatencyEwma>,
@@ -34,6 +36,7 @@ impl ProbeTrack {
         Self {
             health,
             evidence: false,
+            failing: false,
             latency,
             active_rtt_ns: 0,
             clients: None,

@@ -26,8 +26,8 @@ use aya::{
     programs::ProgramFd,
 };
 use prober_common::{
-    encap, family, probe_kind, BatchCursor, Expectation, ProbeConfig, ProbeResults, ProbeState,
-    ProbeTarget, ReplyKey, RttHistogram, PROBE_FRAME_MAX,
+    encap, family, probe_kind, target_flags, BatchCursor, Expectation, ProbeConfig, ProbeResults,
+    ProbeState, ProbeTarget, ReplyKey, RttHistogram, PROBE_FRAME_MAX,
 };
 use tracing::{info, warn};
 
@@ -107,6 +107,8 @@ pub struct Target {
     /// The route is fine but the next hop's MAC is not known: the host does
     /// not answer ARP, which counts against it.
     pub neighbour_unresolved: bool,
+    /// Not sent for now (see [`Prober::set_paused`]).
+    pub paused: bool,
 }
 
 /// The part of a route a probe frame needs.
@@ -280,6 +282,43 @@ impl Prober {
         Some(self.targets.get(id as usize)?.as_ref()?.spec)
     }
 
+    /// Whether probe `id` is paused (see [`Prober::set_paused`]).
+    pub fn paused(&self, id: u32) -> bool {
+        self.targets
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|t| t.paused)
+    }
+
+    /// Stops sending probe `id` (its entry stays, so a reply to its last
+    /// probe still counts) or sends it again from its next turn: its
+    /// counts and state carry on. A change of an entry not yet written
+    /// goes with its first write.
+    pub fn set_paused(&mut self, id: u32, paused: bool) -> Result<()> {
+        let Some(target) = self.targets.get_mut(id as usize).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        if target.paused == paused {
+            return Ok(());
+        }
+        target.paused = paused;
+        // A changed path is written with its new MAC by the next
+        // neighbour read, flag and all.
+        if let (Some(mac), Ok(path), Some(src_mac), false) = (
+            target.written_mac,
+            &target.path,
+            self.src_mac,
+            target.path_changed,
+        ) {
+            let entry = probe_entry(target, path, src_mac, mac);
+            self.maps
+                .targets
+                .set(id, entry, 0)
+                .context("writing PROBE_TARGETS")?;
+        }
+        Ok(())
+    }
+
     /// Makes the target set exactly `specs`: a probe already there keeps
     /// its id, local port and counters; a new one gets a free id and a local
     /// port no other probe to the same address and port uses; a dropped one
@@ -359,6 +398,7 @@ impl Prober {
                 path_changed: false,
                 problem: 0,
                 neighbour_unresolved: false,
+                paused: false,
             });
             self.ids.insert(*spec, id as u32);
             free_from = id + 1;
@@ -477,8 +517,23 @@ pub fn reply_key(spec: &ProbeSpec, local_port: u16) -> ReplyKey {
     }
 }
 
-/// The `PROBE_TARGETS` entry of a probe whose path and next-hop MAC are known.
+/// The `PROBE_TARGETS` entry of a target whose path and next-hop MAC are
+/// known.
 pub fn probe_entry(
+    target: &Target,
+    path: &Path,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> ProbeTarget {
+    let mut entry = spec_entry(&target.spec, target.local_port, path, src_mac, dst_mac);
+    if target.paused {
+        entry.flags |= target_flags::PAUSED;
+    }
+    entry
+}
+
+/// The `PROBE_TARGETS` entry of probe `spec` sent from `local_port`.
+pub fn spec_entry(
     spec: &ProbeSpec,
     local_port: u16,
     path: &Path,
@@ -498,7 +553,7 @@ pub fn probe_entry(
             Forwarding::Tunnel { .. } => encap::IPIP,
             _ => encap::NONE,
         },
-        _pad0: 0,
+        flags: 0,
         dst_port,
         src_port: local_port.to_be(),
         ifindex: path.ifindex,

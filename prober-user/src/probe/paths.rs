@@ -396,7 +396,7 @@ impl Prober {
             let unresolved = matches!(&target.path, Ok(path) if !neighbours.contains_key(&(path.ifindex, path.next_hop)));
             let (entry, problem) = match resolved {
                 Ok((mac, path)) => {
-                    let entry = probe_entry(&target.spec, target.local_port, path, src_mac, mac);
+                    let entry = probe_entry(target, path, src_mac, mac);
                     (Some((mac, entry)), None)
                 }
                 Err(problem) => (None, Some(problem)),

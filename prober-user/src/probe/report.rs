@@ -6,7 +6,8 @@ use std::{net::IpAddr, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use prober_common::{
-    encap, map_names, probe_kind, ProbeResults, ProbeState, ProbeTarget, RttHistogram, RTT_BUCKETS,
+    encap, map_names, probe_kind, target_flags, ProbeResults, ProbeState, ProbeTarget,
+    RttHistogram, RTT_BUCKETS,
 };
 use serde::Serialize;
 
@@ -26,6 +27,9 @@ pub struct TargetReport {
     pub rtt_log2_us: Vec<u64>,
     pub last_sent_ns: u64,
     pub last_reply_ns: u64,
+    /// Not sent for now: a host's L3 diagnosis probe while the host's
+    /// checks answer.
+    pub paused: bool,
 }
 
 /// Opens the map `name` pinned in `pin_dir`, as a typed map; a missing pin
@@ -76,6 +80,7 @@ pub fn read_pinned(pin_dir: &Path) -> Result<Vec<TargetReport>> {
             rtt_log2_us: vec![0; RTT_BUCKETS],
             last_sent_ns: state.last_sent_ns,
             last_reply_ns: state.last_reply_ns,
+            paused: target.flags & target_flags::PAUSED != 0,
         };
         let mut newest = 0;
         for cpu in per_cpu.iter() {

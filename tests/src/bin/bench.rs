@@ -34,7 +34,7 @@ use prober_tests::{
 use prober_user::{
     datapath::{load_programs, program_fd, take_probe_maps},
     preflight::interface_index,
-    probe::{addr16, probe_entry, reply_key, Path, ProbeMaps, ProbeSpec},
+    probe::{addr16, reply_key, spec_entry, Path, ProbeMaps, ProbeSpec},
     test_run::{run_xdp, run_xdp_live},
 };
 
@@ -155,7 +155,7 @@ fn bench_probe() -> Result<()> {
     };
     let sink_mac = mac_bytes(&sink.server.mac(VETH)?)?;
     for id in 0..prober_common::MAX_TARGETS {
-        let entry = probe_entry(
+        let entry = spec_entry(
             &spec,
             61000 + (id % 4536) as u16,
             &sink_path,
@@ -185,7 +185,7 @@ fn bench_probe() -> Result<()> {
         let port = 61000 + id as u16;
         director.maps.targets.set(
             id,
-            probe_entry(&spec, port, &path, client_mac, server_mac),
+            spec_entry(&spec, port, &path, client_mac, server_mac),
             0,
         )?;
         director
