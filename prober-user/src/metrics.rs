@@ -222,6 +222,13 @@ impl Collector for Snapshot {
         )?;
         gauge(
             &mut e,
+            "prober_l3_probes_paused",
+            "hosts' L3 diagnosis probes resting while their checks answer",
+            None,
+            &[(vec![], s.l3_probes_paused as f64)],
+        )?;
+        gauge(
+            &mut e,
             "prober_director_fault_suspected",
             "1 while the evidence points at the director's own path (weights kept)",
             None,

@@ -148,6 +148,9 @@ pub struct Status {
     /// is full (their destinations are still checked).
     #[serde(default)]
     pub undiagnosed_hosts: usize,
+    /// Hosts' L3 diagnosis probes resting while their checks answer.
+    #[serde(default)]
+    pub l3_probes_paused: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -298,6 +301,13 @@ pub fn table(status: &Status) -> String {
     );
     if let Some(problem) = &status.ipvs_problem {
         let _ = writeln!(out, "IPVS: {problem}");
+    }
+    if status.l3_probes_paused > 0 {
+        let _ = writeln!(
+            out,
+            "L3 diagnosis: {} hosts' ICMP probes resting while their checks answer",
+            status.l3_probes_paused
+        );
     }
     if status.undiagnosed_hosts > 0 {
         let _ = writeln!(

@@ -332,6 +332,7 @@ fn an_unplugged_host_is_one_root_cause_event_naming_every_service() {
     assert!(!paused(&stats, 0), "{stats}");
     assert!(field(&stats, &l3(0), "timed_out") >= 3, "{stats}");
     assert!(paused(&stats, 1), "{stats}");
+    assert_eq!(daemon.status().unwrap()["l3_probes_paused"], 1);
 
     lan.servers[0].ip(&["link", "set", LAN_IF, "up"]).unwrap();
     for vs in services {

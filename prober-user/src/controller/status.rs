@@ -144,6 +144,7 @@ impl Controller {
                 })
                 .collect(),
             undiagnosed_hosts: self.plan.undiagnosed,
+            l3_probes_paused: self.prober.paused_count(),
             ..Default::default()
         }
     }

@@ -130,6 +130,8 @@ pub struct Prober {
     interface: String,
     /// Indexed by target id; None: a free id.
     targets: Vec<Option<Target>>,
+    /// How many of them are paused.
+    paused: usize,
     ids: rustc_hash::FxHashMap<ProbeSpec, u32>,
     config: ProbeConfig,
     last_rotation: Instant,
@@ -213,6 +215,7 @@ impl Prober {
             ifindex,
             interface: interface.to_string(),
             targets: Vec::new(),
+            paused: 0,
             ids: rustc_hash::FxHashMap::default(),
             config,
             last_rotation: Instant::now(),
@@ -282,6 +285,11 @@ impl Prober {
         Some(self.targets.get(id as usize)?.as_ref()?.spec)
     }
 
+    /// How many probes are paused.
+    pub fn paused_count(&self) -> usize {
+        self.paused
+    }
+
     /// Whether probe `id` is paused (see [`Prober::set_paused`]).
     pub fn paused(&self, id: u32) -> bool {
         self.targets
@@ -302,6 +310,11 @@ impl Prober {
             return Ok(());
         }
         target.paused = paused;
+        if paused {
+            self.paused += 1;
+        } else {
+            self.paused -= 1;
+        }
         // A changed path is written with its new MAC by the next
         // neighbour read, flag and all.
         if let (Some(mac), Ok(path), Some(src_mac), false) = (
@@ -415,6 +428,9 @@ impl Prober {
     /// Frees a target id: no entry, no reply index, counters back to zero.
     fn clear_slot(&mut self, id: u32) -> Result<()> {
         if let Some(target) = self.targets.get_mut(id as usize).and_then(Option::take) {
+            if target.paused {
+                self.paused -= 1;
+            }
             if target.written_mac.is_some() {
                 let _ = self
                     .maps
