@@ -125,33 +125,11 @@ impl RouteSocket {
         let replies = self
             .request(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, &body)
             .context("dumping the neighbour table")?;
-        let mut out = Vec::new();
-        for (kind, payload) in replies {
-            if kind != RTM_NEWNEIGH || payload.len() < 12 {
-                continue;
-            }
-            let ifindex = i32::from_ne_bytes(payload[4..8].try_into()?) as u32;
-            let state = u16::from_ne_bytes(payload[8..10].try_into()?);
-            let mut addr = None;
-            let mut mac = None;
-            for (attr, data) in attrs(&payload[12..]) {
-                match attr {
-                    NDA_DST => addr = ip_from_bytes(data),
-                    NDA_LLADDR if data.len() == 6 => mac = Some(<[u8; 6]>::try_from(data)?),
-                    _ => {}
-                }
-            }
-            if let Some(addr) = addr {
-                let mac = mac.filter(|_| state & NUD_USABLE != 0);
-                out.push(Neighbour {
-                    ifindex,
-                    addr,
-                    mac,
-                    state,
-                });
-            }
-        }
-        Ok(out)
+        Ok(replies
+            .into_iter()
+            .filter(|(kind, _)| *kind == RTM_NEWNEIGH)
+            .filter_map(|(_, payload)| parse_neighbour(&payload, false))
+            .collect())
     }
 
     /// Asks the kernel to resolve `addr` on `ifindex` (NTF_USE: it sends an
@@ -255,8 +233,12 @@ impl RouteSocket {
 pub struct Changes {
     /// Routes, addresses or links: every path must be looked up again.
     pub routes: bool,
-    /// Neighbour entries: MACs must be read again.
+    /// Neighbour entries changed: those [`ChangeWatch::take_neighbours`]
+    /// gives, or any of them when `all_neighbours`.
     pub neighbours: bool,
+    /// More neighbour changes than are worth following one by one, or
+    /// some lost: the table must be read again.
+    pub all_neighbours: bool,
     /// Notifications were lost (ENOBUFS: more changes than the socket
     /// buffer holds), so everything counts as changed.
     pub lost: bool,
@@ -268,6 +250,8 @@ pub struct ChangeWatch {
     socket: Socket,
     /// The receive buffer, reused from read to read.
     buf: Vec<u8>,
+    /// The neighbour entries the last poll was told of, in order.
+    neighbours: Vec<Neighbour>,
 }
 
 impl ChangeWatch {
@@ -303,13 +287,25 @@ impl ChangeWatch {
         Ok(Self {
             socket,
             buf: Vec::with_capacity(64 * 1024),
+            neighbours: Vec::new(),
         })
     }
 
-    /// Drains the pending notifications. A lost notification (ENOBUFS)
-    /// reports everything as changed.
+    /// The neighbour entries the last [`ChangeWatch::poll`] was told of,
+    /// oldest first (taken: the next poll starts afresh).
+    pub fn take_neighbours(&mut self, into: &mut Vec<Neighbour>) {
+        into.clear();
+        std::mem::swap(into, &mut self.neighbours);
+    }
+
+    /// Drains the pending notifications. A lost notification (ENOBUFS), or
+    /// more neighbour changes than are worth following one by one, reports
+    /// everything as changed.
     pub fn poll(&mut self) -> Changes {
+        /// Past this many in one poll a dump of the table is cheaper.
+        const MOST_NEIGHBOURS: usize = 4096;
         let mut changes = Changes::default();
+        self.neighbours.clear();
         // Bounded: the queue drains; 10k reads is far more than one tick's.
         for _ in 0..10_000 {
             self.buf.clear();
@@ -322,7 +318,17 @@ impl ChangeWatch {
                             break;
                         }
                         match u16::from_ne_bytes([rest[4], rest[5]]) {
-                            RTM_NEWNEIGH | RTM_DELNEIGH => changes.neighbours = true,
+                            kind @ (RTM_NEWNEIGH | RTM_DELNEIGH) => {
+                                changes.neighbours = true;
+                                let payload = &rest[16..len];
+                                match parse_neighbour(payload, kind == RTM_DELNEIGH) {
+                                    Some(n) if self.neighbours.len() < MOST_NEIGHBOURS => {
+                                        self.neighbours.push(n)
+                                    }
+                                    Some(_) => changes.all_neighbours = true,
+                                    None => {}
+                                }
+                            }
                             RTM_NEWLINK | RTM_DELLINK | RTM_NEWADDR | RTM_DELADDR
                             | RTM_NEWROUTE | RTM_DELROUTE => changes.routes = true,
                             _ => {}
@@ -335,6 +341,7 @@ impl ChangeWatch {
                     return Changes {
                         routes: true,
                         neighbours: true,
+                        all_neighbours: true,
                         lost: true,
                     };
                 }
@@ -342,6 +349,32 @@ impl ChangeWatch {
         }
         changes
     }
+}
+
+/// A neighbour message (RTM_NEWNEIGH, or RTM_DELNEIGH when `deleted`:
+/// the entry is gone, no MAC); None when it is malformed or names no
+/// address.
+fn parse_neighbour(payload: &[u8], deleted: bool) -> Option<Neighbour> {
+    if payload.len() < 12 {
+        return None;
+    }
+    let ifindex = i32::from_ne_bytes(payload[4..8].try_into().ok()?) as u32;
+    let state = u16::from_ne_bytes(payload[8..10].try_into().ok()?);
+    let mut addr = None;
+    let mut mac = None;
+    for (attr, data) in attrs(&payload[12..]) {
+        match attr {
+            NDA_DST => addr = ip_from_bytes(data),
+            NDA_LLADDR if data.len() == 6 => mac = <[u8; 6]>::try_from(data).ok(),
+            _ => {}
+        }
+    }
+    Some(Neighbour {
+        ifindex,
+        addr: addr?,
+        mac: mac.filter(|_| !deleted && state & NUD_USABLE != 0),
+        state,
+    })
 }
 
 fn align4(n: usize) -> usize {
@@ -410,6 +443,37 @@ mod tests {
         bad[0] = 200;
         assert_eq!(attrs(&bad).count(), 0);
         assert_eq!(attrs(&buf[..3]).count(), 0);
+    }
+
+    #[test]
+    fn a_neighbour_message_gives_its_mac_only_while_usable_and_present() {
+        const NUD_REACHABLE: u16 = 0x02;
+        const NUD_INCOMPLETE: u16 = 0x01;
+        let message = |state: u16, mac: Option<[u8; 6]>| {
+            // struct ndmsg: family, pad, ifindex, state, flags, type.
+            let mut buf = vec![libc::AF_INET as u8, 0, 0, 0];
+            buf.extend_from_slice(&7i32.to_ne_bytes());
+            buf.extend_from_slice(&state.to_ne_bytes());
+            buf.extend_from_slice(&[0, 0]);
+            push_attr(&mut buf, NDA_DST, &[192, 0, 2, 10]);
+            if let Some(mac) = mac {
+                push_attr(&mut buf, NDA_LLADDR, &mac);
+            }
+            buf
+        };
+        let mac = [2, 0, 0, 0, 0, 10];
+        let reachable = parse_neighbour(&message(NUD_REACHABLE, Some(mac)), false).unwrap();
+        assert_eq!(
+            (reachable.ifindex, reachable.addr, reachable.mac),
+            (7, "192.0.2.10".parse().unwrap(), Some(mac))
+        );
+        let deleted = parse_neighbour(&message(NUD_REACHABLE, Some(mac)), true).unwrap();
+        assert_eq!(deleted.mac, None, "a deleted entry has no MAC");
+        let incomplete = parse_neighbour(&message(NUD_INCOMPLETE, None), false).unwrap();
+        assert_eq!(incomplete.mac, None);
+        // Cut short or without an address: nothing, never a panic.
+        assert!(parse_neighbour(&message(NUD_REACHABLE, Some(mac))[..10], false).is_none());
+        assert!(parse_neighbour(&message(NUD_REACHABLE, Some(mac))[..12], false).is_none());
     }
 
     #[test]

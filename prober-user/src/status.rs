@@ -137,6 +137,14 @@ pub struct Status {
     pub ipvs_dumps: u64,
     #[serde(default)]
     pub ipvs_changes_signalled: Option<u64>,
+    /// Reads of the whole neighbour table (after paths were read, while a
+    /// next hop is unresolved, or when notifications were lost or too
+    /// many), and neighbour entries followed one by one from the kernel's
+    /// notifications.
+    #[serde(default)]
+    pub neighbour_table_reads: u64,
+    #[serde(default)]
+    pub neighbour_changes_followed: u64,
     /// Alerts raised, by kind.
     pub events: BTreeMap<String, u64>,
     pub services: Vec<ServiceStatus>,

@@ -131,6 +131,8 @@ impl Controller {
                 .ipvs_changes
                 .as_ref()
                 .map(|_| self.totals.ipvs_changes_signalled),
+            neighbour_table_reads: self.prober.neighbour_reads().0,
+            neighbour_changes_followed: self.prober.neighbour_reads().1,
             events: self.totals.events.clone(),
             services: services.into_values().collect(),
             unchecked: self

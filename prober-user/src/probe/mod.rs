@@ -153,6 +153,10 @@ pub struct Prober {
     last_unresolved_refresh: Option<Instant>,
     /// Times rtnetlink notifications were lost, and when that was logged.
     notifications_lost: u64,
+    /// Whole neighbour table reads, and neighbour entries followed one by
+    /// one (see `paths`).
+    neighbour_table_reads: u64,
+    neighbour_changes_followed: u64,
     lost_logged: Option<Instant>,
     /// When the window of acceptable agent sequences was last moved.
     agent_window_at: Option<Instant>,
@@ -168,8 +172,14 @@ pub struct Prober {
     counters: Option<PerCpuArray<MapData, prober_common::DatapathCounters>>,
     /// Every target, by the slot it is sent in (see `wheel`).
     wheel: wheel::Wheel,
-    /// Targets whose next hop has no MAC, from the last neighbour read.
+    /// Targets whose next hop has no MAC, in id order.
     unresolved: Vec<u32>,
+    /// Target ids by next hop (sorted), and whether a path changed since
+    /// it was built: neighbour notifications find their targets by it.
+    by_hop: Vec<((u32, IpAddr), u32)>,
+    hops_stale: bool,
+    /// The neighbour entries the last notifications told of (kept to reuse).
+    neighbours_told: Vec<crate::rtnetlink::Neighbour>,
     /// What `PROBE_EXPECT` holds, by target id (it has two writers here:
     /// the controller's expectation, the send path's lossy nonce).
     expectations: Vec<Expectation>,
@@ -228,6 +238,8 @@ impl Prober {
             resolutions: Nudges::new(RESOLUTION_BACKOFF),
             last_unresolved_refresh: None,
             notifications_lost: 0,
+            neighbour_table_reads: 0,
+            neighbour_changes_followed: 0,
             lost_logged: None,
             agent_window_at: None,
             delivery: delivery::DeliveryWatch::new(interface),
@@ -239,6 +251,9 @@ impl Prober {
             counters: None,
             wheel: wheel::Wheel::default(),
             unresolved: Vec::new(),
+            by_hop: Vec::new(),
+            hops_stale: true,
+            neighbours_told: Vec::new(),
             expectations: Vec::new(),
             arp_socket: None,
             src_mac: None,
@@ -283,6 +298,12 @@ impl Prober {
     /// The probe with target id `id`.
     pub fn spec_of(&self, id: u32) -> Option<ProbeSpec> {
         Some(self.targets.get(id as usize)?.as_ref()?.spec)
+    }
+
+    /// Whole neighbour table reads, and neighbour entries followed one by
+    /// one from the kernel's notifications, so far.
+    pub fn neighbour_reads(&self) -> (u64, u64) {
+        (self.neighbour_table_reads, self.neighbour_changes_followed)
     }
 
     /// How many probes are paused.
@@ -431,6 +452,12 @@ impl Prober {
             if target.paused {
                 self.paused -= 1;
             }
+            if target.neighbour_unresolved {
+                if let Ok(i) = self.unresolved.binary_search(&id) {
+                    self.unresolved.remove(i);
+                }
+            }
+            self.hops_stale = true;
             if target.written_mac.is_some() {
                 let _ = self
                     .maps

@@ -205,8 +205,10 @@ impl Prober {
 
     /// Follows the kernel: routes again after route, address or link
     /// changes (and every `ROUTE_REFRESH` in case a notification was
-    /// missed), MACs again after neighbour changes or while some are
-    /// unresolved. Cheap when nothing changed: one non-blocking read.
+    /// missed), the MACs of the next hops the kernel says changed, and all
+    /// MACs after paths were read, while some are unresolved or when
+    /// notifications were lost. Cheap when nothing changed: one
+    /// non-blocking read.
     pub fn follow_kernel(&mut self) -> Result<()> {
         let changes = self.changes.poll();
         if changes.lost {
@@ -257,8 +259,10 @@ impl Prober {
         if unresolved_due {
             self.last_unresolved_refresh = Some(Instant::now());
         }
-        if paths_read || changes.neighbours || unresolved_due {
+        if paths_read || changes.all_neighbours || unresolved_due {
             self.refresh_neighbours()?;
+        } else if changes.neighbours {
+            self.follow_neighbour_changes()?;
         }
         self.keep_neighbours_alive();
         Ok(())
@@ -341,7 +345,10 @@ impl Prober {
                 }
                 (path, _) => path,
             };
-            target.path_changed |= path != target.path;
+            if path != target.path {
+                target.path_changed = true;
+                self.hops_stale = true;
+            }
             target.path = path;
         }
     }
@@ -355,19 +362,93 @@ impl Prober {
             .into_iter()
             .filter_map(|n| Some(((n.ifindex, n.addr), n.mac?)))
             .collect();
+        self.neighbour_table_reads += 1;
         let src_mac = self.routes.link_mac(self.ifindex)?;
         // A new interface MAC: every entry is written again (remembered
         // once all are, so a failed write leaves the rest to the next read).
         let src_mac_changed = self.src_mac != Some(src_mac);
-        let now = Instant::now();
         // A hop resolved again starts its backoff afresh next time.
         for (_, addr) in neighbours.keys() {
             self.resolutions.forget(addr);
         }
+        self.rewrite_entries(&neighbours, 0..self.targets.len(), src_mac, src_mac_changed)?;
+        self.src_mac = Some(src_mac);
+        Ok(())
+    }
+
+    /// Follows the neighbour entries the kernel just told of: only the
+    /// targets behind those next hops are looked at (on-link real servers'
+    /// entries change all the time, and a read of the whole table and a
+    /// pass over every target each time cost a director with 100,000 of
+    /// them more than its probes).
+    fn follow_neighbour_changes(&mut self) -> Result<()> {
+        let Some(src_mac) = self.src_mac else {
+            return self.refresh_neighbours();
+        };
+        let mut told = std::mem::take(&mut self.neighbours_told);
+        self.changes.take_neighbours(&mut told);
+        if self.hops_stale {
+            self.index_hops();
+        }
+        // The latest word on each next hop (none: gone or not usable).
+        let mut neighbours: HashMap<(u32, IpAddr), [u8; 6]> = HashMap::new();
+        let mut ids = Vec::new();
+        for n in &told {
+            let hop = (n.ifindex, n.addr);
+            match n.mac {
+                Some(mac) => {
+                    neighbours.insert(hop, mac);
+                    self.resolutions.forget(&n.addr);
+                }
+                None => {
+                    neighbours.remove(&hop);
+                }
+            }
+            let from = self.by_hop.partition_point(|(h, _)| *h < hop);
+            ids.extend(
+                self.by_hop[from..]
+                    .iter()
+                    .take_while(|(h, _)| *h == hop)
+                    .map(|&(_, id)| id as usize),
+            );
+        }
+        self.neighbour_changes_followed += told.len() as u64;
+        self.neighbours_told = told;
+        ids.sort_unstable();
+        ids.dedup();
+        self.rewrite_entries(&neighbours, ids.into_iter(), src_mac, false)
+    }
+
+    /// Target ids by next hop, for [`Prober::follow_neighbour_changes`].
+    fn index_hops(&mut self) {
+        self.by_hop.clear();
+        self.by_hop
+            .extend(self.targets.iter().enumerate().filter_map(|(id, t)| {
+                let path = t.as_ref()?.path.as_ref().ok()?;
+                Some(((path.ifindex, path.next_hop), id as u32))
+            }));
+        self.by_hop.sort_unstable();
+        self.hops_stale = false;
+    }
+
+    /// Writes the entries of targets `ids` from `neighbours` (their next
+    /// hops' MACs, as the kernel has them; a hop missing is unresolved and
+    /// its resolution is asked for), where the MAC, the path or the
+    /// interface's MAC changed.
+    fn rewrite_entries(
+        &mut self,
+        neighbours: &HashMap<(u32, IpAddr), [u8; 6]>,
+        ids: impl Iterator<Item = usize>,
+        src_mac: [u8; 6],
+        src_mac_changed: bool,
+    ) -> Result<()> {
+        let now = Instant::now();
         let mut resolution_requested = std::collections::HashSet::new();
         let mut said: std::collections::BTreeMap<Option<String>, (usize, ProbeSpec)> =
             Default::default();
-        for id in 0..self.targets.len() {
+        // Targets whose next hop became resolved or unresolved.
+        let mut flipped = Vec::new();
+        for id in ids {
             let Some(target) = &self.targets[id] else {
                 continue;
             };
@@ -404,7 +485,10 @@ impl Prober {
             let Some(target) = &mut self.targets[id] else {
                 continue;
             };
-            target.neighbour_unresolved = unresolved;
+            if target.neighbour_unresolved != unresolved {
+                target.neighbour_unresolved = unresolved;
+                flipped.push(id as u32);
+            }
             let problem_hash = problem.as_deref().map_or(0, problem_hash);
             if target.problem != problem_hash {
                 // Said once per problem (a dead next hop can hold
@@ -434,21 +518,33 @@ impl Prober {
             target.path_changed = false;
             target.problem = problem_hash;
         }
-        self.src_mac = Some(src_mac);
         for (problem, (targets, example)) in said {
             match problem {
                 Some(p) => warn!(targets, example = %example, "cannot probe: {p}"),
                 None => info!(targets, example = %example, "paths resolved"),
             }
         }
-        self.unresolved.clear();
-        self.unresolved.extend(
-            self.targets
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| t.as_ref().is_some_and(|t| t.neighbour_unresolved))
-                .map(|(id, _)| id as u32),
-        );
+        // The unresolved list stays in id order: a few changes in place,
+        // many (a link that went down or came back) by a pass over all.
+        if flipped.len() > 64 {
+            self.unresolved.clear();
+            self.unresolved.extend(
+                self.targets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| t.as_ref().is_some_and(|t| t.neighbour_unresolved))
+                    .map(|(id, _)| id as u32),
+            );
+        } else {
+            for id in flipped {
+                match self.unresolved.binary_search(&id) {
+                    Ok(i) => {
+                        self.unresolved.remove(i);
+                    }
+                    Err(i) => self.unresolved.insert(i, id),
+                }
+            }
+        }
         Ok(())
     }
 }
