@@ -135,19 +135,61 @@ impl RouteSocket {
     /// Asks the kernel to resolve `addr` on `ifindex` (NTF_USE: it sends an
     /// ARP request or neighbour solicitation as it would for traffic).
     pub fn request_resolution(&mut self, ifindex: u32, addr: IpAddr) -> Result<()> {
-        let (family, bytes) = family_and_bytes(addr);
-        let mut body = vec![family, 0, 0, 0];
-        body.extend_from_slice(&(ifindex as i32).to_ne_bytes());
-        body.extend_from_slice(&0u16.to_ne_bytes()); // state: left to the kernel
-        body.extend_from_slice(&[NTF_USE, 0]);
-        push_attr(&mut body, NDA_DST, &bytes);
         self.request(
             RTM_NEWNEIGH,
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
-            &body,
+            &resolution_body(ifindex, addr),
         )
         .with_context(|| format!("asking the kernel to resolve {addr} on interface {ifindex}"))?;
         Ok(())
+    }
+
+    /// [`RouteSocket::request_resolution`] for each of `hops` (interface
+    /// index, address), in one datagram and without acknowledgements: the
+    /// kernel handles the batch within the send, so its refusals are
+    /// waiting on the socket when it returns. Returns how many it refused
+    /// (all, when more refusals came than the socket holds: each echoes
+    /// its request).
+    pub fn request_resolutions(&mut self, hops: &[(u32, IpAddr)]) -> Result<usize> {
+        let mut batch = Vec::with_capacity(hops.len() * 40);
+        for &(ifindex, addr) in hops {
+            self.seq = self.seq.wrapping_add(1);
+            let body = resolution_body(ifindex, addr);
+            batch.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+            batch.extend_from_slice(&RTM_NEWNEIGH.to_ne_bytes());
+            batch.extend_from_slice(&(NLM_F_REQUEST | NLM_F_CREATE).to_ne_bytes());
+            batch.extend_from_slice(&self.seq.to_ne_bytes());
+            batch.extend_from_slice(&0u32.to_ne_bytes());
+            batch.extend_from_slice(&body);
+        }
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        self.socket
+            .send(&batch, 0)
+            .context("asking the kernel to resolve next hops")?;
+        let mut refused = 0;
+        let mut overflowed = false;
+        let mut buf = Vec::with_capacity(4096);
+        // Bounded: at most one refusal per request, and one overflow.
+        for _ in 0..hops.len() + 2 {
+            buf.clear();
+            match self.socket.recv(&mut buf, libc::MSG_DONTWAIT) {
+                Ok(_) => {
+                    refused += messages(&buf)
+                        .filter(|(kind, payload)| {
+                            *kind == NLMSG_ERROR && payload.get(0..4) != Some(&[0; 4][..])
+                        })
+                        .count();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => overflowed = true,
+                Err(e) => {
+                    return Err(e).context("reading the kernel's answers to resolution requests")
+                }
+            }
+        }
+        Ok(if overflowed { hops.len() } else { refused })
     }
 
     /// An interface's MAC address (`ip link show`).
@@ -227,6 +269,11 @@ impl RouteSocket {
         bail!("netlink answer did not end")
     }
 }
+
+/// Resolution requests sent in one datagram by the neighbour keepalive:
+/// their refusals (should every one be refused) still fit the socket's
+/// receive queue.
+pub const KEEPALIVE_BATCH: usize = 128;
 
 /// What changed since the last look, as far as probe paths care.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -311,16 +358,10 @@ impl ChangeWatch {
             self.buf.clear();
             match self.socket.recv(&mut self.buf, 0) {
                 Ok(_) => {
-                    let mut rest = &self.buf[..];
-                    while rest.len() >= 16 {
-                        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                        if len < 16 || len > rest.len() {
-                            break;
-                        }
-                        match u16::from_ne_bytes([rest[4], rest[5]]) {
-                            kind @ (RTM_NEWNEIGH | RTM_DELNEIGH) => {
+                    for (kind, payload) in messages(&self.buf) {
+                        match kind {
+                            RTM_NEWNEIGH | RTM_DELNEIGH => {
                                 changes.neighbours = true;
-                                let payload = &rest[16..len];
                                 match parse_neighbour(payload, kind == RTM_DELNEIGH) {
                                     Some(n) if self.neighbours.len() < MOST_NEIGHBOURS => {
                                         self.neighbours.push(n)
@@ -333,7 +374,6 @@ impl ChangeWatch {
                             | RTM_NEWROUTE | RTM_DELROUTE => changes.routes = true,
                             _ => {}
                         }
-                        rest = &rest[align4(len).min(rest.len())..];
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -374,6 +414,34 @@ fn parse_neighbour(payload: &[u8], deleted: bool) -> Option<Neighbour> {
         addr: addr?,
         mac: mac.filter(|_| !deleted && state & NUD_USABLE != 0),
         state,
+    })
+}
+
+/// The body of an NTF_USE request for `addr` on `ifindex`.
+fn resolution_body(ifindex: u32, addr: IpAddr) -> Vec<u8> {
+    let (family, bytes) = family_and_bytes(addr);
+    let mut body = vec![family, 0, 0, 0];
+    body.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    body.extend_from_slice(&0u16.to_ne_bytes()); // state: left to the kernel
+    body.extend_from_slice(&[NTF_USE, 0]);
+    push_attr(&mut body, NDA_DST, &bytes);
+    body
+}
+
+/// The (type, payload) of each whole message in a netlink datagram.
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        if rest.len() < 16 {
+            return None;
+        }
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len < 16 || len > rest.len() {
+            return None;
+        }
+        let message = (u16::from_ne_bytes([rest[4], rest[5]]), &rest[16..len]);
+        rest = &rest[align4(len).min(rest.len())..];
+        Some(message)
     })
 }
 
@@ -474,6 +542,24 @@ mod tests {
         // Cut short or without an address: nothing, never a panic.
         assert!(parse_neighbour(&message(NUD_REACHABLE, Some(mac))[..10], false).is_none());
         assert!(parse_neighbour(&message(NUD_REACHABLE, Some(mac))[..12], false).is_none());
+    }
+
+    #[test]
+    fn a_batch_of_resolution_requests_counts_each_refusal_and_leaves_the_socket_usable() {
+        let mut socket = RouteSocket::open().unwrap();
+        // No such interfaces: the kernel refuses each request of a batch
+        // (as many as the keepalive sends at once), and of one too large
+        // for its refusals to fit the socket.
+        for n in [KEEPALIVE_BATCH, 2000] {
+            let hops: Vec<(u32, IpAddr)> = (0..n as u32)
+                .map(|i| (999_000 + i, IpAddr::V4(Ipv4Addr::new(192, 0, 2, i as u8))))
+                .collect();
+            assert_eq!(socket.request_resolutions(&hops).unwrap(), n);
+        }
+        assert_eq!(socket.request_resolutions(&[]).unwrap(), 0);
+        // Nothing of the batch is left to confuse the next request.
+        let err = socket.route_to("127.0.0.1".parse().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("address of this host"), "{err}");
     }
 
     #[test]

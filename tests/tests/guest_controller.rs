@@ -739,7 +739,10 @@ fn three_hundred_on_link_real_servers_stay_resolved_through_neighbour_gc() {
     // says of each, not by reading all 300 again each time (nothing here
     // asks for a whole read: no path changed, none unresolved, none lost).
     assert!(followed > 0, "the kernel's notifications were followed");
-    assert!(table_reads <= 1, "{table_reads} whole-table reads:\n{later}");
+    assert!(
+        table_reads <= 1,
+        "{table_reads} whole-table reads:\n{later}"
+    );
 }
 
 #[test]

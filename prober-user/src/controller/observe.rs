@@ -34,7 +34,9 @@ impl Controller {
     /// Decides, from this tick's probe results and the link, whether the
     /// director itself is the likely fault; says so once each way.
     pub(super) fn judge_director_path(&mut self, now: Instant) {
-        let up = self.up_probes;
+        // Probes that must all go silent: those up and sent (a paused L3
+        // probe is up and says nothing, see `diagnosis`).
+        let up = self.up_probes.saturating_sub(self.prober.paused_count());
         let link_up = director_fault::link_up(self.prober.interface());
         if link_up && !std::mem::replace(&mut self.link_was_up, link_up) {
             // The kernel flushed its neighbours with the carrier: resolve
@@ -243,14 +245,16 @@ impl Controller {
             return; // in the datapath, not (yet) in the plan
         };
         let track = self.probes.get_mut(id).expect("looked up above");
-        track.evidence = true;
+        let first_evidence = !std::mem::replace(&mut track.evidence, true);
         let transition = track
             .health
             .observe_settled(seen, event.in_row, settings.limits, now);
         if let Some(t) = transition {
             self.on_transition(spec, t, now);
         }
-        self.save_health(spec, transition.is_some(), now);
+        // Saved once known in this run (a paused L3 probe says nothing
+        // more), then on each change.
+        self.save_health(spec, transition.is_some() || first_evidence, now);
         self.write_expectation(spec);
         self.steer_diagnosis(id, spec, seen.answered == 0);
     }

@@ -304,11 +304,15 @@ impl Prober {
         let len = self.keepalive.hops.len();
         let budget = ((since.as_secs_f64() / period.as_secs_f64()) * len as f64).ceil() as usize;
         let end = (self.keepalive.cursor + budget.max(1)).min(len);
+        // In batches: one system call for many hops (100,000 on-link real
+        // servers are 5,000 requests a second at a 60 s gc_stale_time).
         let mut failed = 0;
-        for i in self.keepalive.cursor..end {
-            let (ifindex, hop) = self.keepalive.hops[i];
-            if self.routes.request_resolution(ifindex, hop).is_err() {
-                failed += 1;
+        for batch in self.keepalive.hops[self.keepalive.cursor..end]
+            .chunks(crate::rtnetlink::KEEPALIVE_BATCH)
+        {
+            match self.routes.request_resolutions(batch) {
+                Ok(refused) => failed += refused,
+                Err(_) => failed += batch.len(),
             }
         }
         self.keepalive.cursor = end;
