@@ -62,8 +62,9 @@ enum Command {
         /// guest tests.
         #[arg(long = "test", value_name = "NAME")]
         tests: Vec<String>,
-        /// Kill the guest after this many seconds.
-        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+        /// Kill the guest after this many seconds (a full run takes about
+        /// half of the default here).
+        #[arg(long, default_value_t = 3000, value_name = "SECONDS")]
         timeout: u64,
         /// Arguments for each test binary, e.g. a test name filter.
         #[arg(last = true)]
