@@ -246,6 +246,19 @@ fn seventy_thousand_probes_are_all_sent_spread_and_only_the_dead_server_goes_out
             "{probe}: {delta} probes sent in {span:?}, at most {most} at one an interval"
         );
     }
+    // At rest the hosts' L3 probes rest too: one probe per check goes
+    // out, not one more per host (three intervals of every L3 probe would
+    // be 3 x {N}).
+    let l3_sent: u64 = second_sent
+        .iter()
+        .filter(|(probe, _)| probe.starts_with("icmp:"))
+        .map(|(probe, n)| n - first_sent.get(probe).copied().unwrap_or(0))
+        .sum();
+    let paused = daemon.status().unwrap()["l3_probes_paused"]
+        .as_u64()
+        .unwrap();
+    println!("at rest: {paused} of {N} hosts' L3 probes paused, {l3_sent} L3 probes sent over three intervals");
+    assert!(l3_sent <= N as u64 / 2, "{l3_sent} L3 probes sent at rest");
 
     // The first real server dies while an operator lists IPVS over and
     // over (each listing holds IPVS's lock for a while at this size).
