@@ -462,8 +462,13 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// The daemon's log so far, whole lines only: a line being written
+    /// (the logger may write it in parts) is left for the next read, so a
+    /// test never matches half of one.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        let mut log = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+        log.truncate(log.rfind('\n').map_or(0, |end| end + 1));
+        log
     }
 
     /// Sends `signal` and waits (at most 10 s) for the daemon to exit.
