@@ -736,11 +736,12 @@ fn three_hundred_on_link_real_servers_stay_resolved_through_neighbour_gc() {
     assert_eq!((unresolved, down), (0, 0), "{later}");
     assert_eq!(full, N);
     // The entries' comings and goings are followed by what the kernel
-    // says of each, not by reading all 300 again each time (nothing here
-    // asks for a whole read: no path changed, none unresolved, none lost).
+    // says of each, not by reading all 300 again at each wake that brings
+    // some (hundreds of reads in 45 s): a whole read only when
+    // notifications were lost (a GC run's burst can overflow the socket).
     assert!(followed > 0, "the kernel's notifications were followed");
     assert!(
-        table_reads <= 1,
+        table_reads <= 10,
         "{table_reads} whole-table reads:\n{later}"
     );
 }
